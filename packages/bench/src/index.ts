@@ -1,1 +1,8 @@
-export {};
+export { main } from './cli.js';
+export * from './profiles.js';
+export * from './workload.js';
+export * from './stats.js';
+export * from './report.js';
+export * from './daemon.js';
+export { runBench, strategyOf, type RunnerOptions } from './runner.js';
+export { Progress } from './progress.js';

@@ -1,2 +1,10 @@
 export * from './types.js';
 export * from './options.js';
+export { GannetError, isGannetError, type GannetErrorCode } from './errors.js';
+export { InvariantError } from './assert.js';
+export { ReplicatedVolume, metaDirName, _internal } from './volume.js';
+export { VolumeView, type ViewRole, type ViewMode } from './view.js';
+export { checkpointGroup, groupCheckpoint, epochLeaseCount, type GroupCheckpointable } from './checkpoint.js';
+export { openVolume } from './open.js';
+export { parseVolumeOptions } from './parse.js';
+export type { Backing, BackingOp } from './backing.js';

@@ -1,1 +1,9 @@
-export {};
+export * from './config.js';
+export * from './registry.js';
+export * from './control.js';
+export * from './events.js';
+export * from './metrics.js';
+export * from './qemu.js';
+export * from './client.js';
+export { Daemon, ensureToken, nbdShutdownGraceMs, controlShutdownGraceMs, type ControlAddress } from './daemon.js';
+export { main, buildProgram, startupLines, readyLine, exitOk, exitRefused, exitUsage } from './cli.js';

@@ -1,0 +1,279 @@
+/**
+ * Engine micro-benchmark (`pnpm bench:core`): the gannet strategy in process, no NBD, on a temporary
+ * directory of the local disk. It measures what the design promises and prints each figure next to its
+ * target:
+ *   - checkpoint foreground latency (checkpoint() call until its promise resolves) with 64 MiB, 256 MiB
+ *     and 1 GiB buffered in the primary view; target p99 <= 1 ms at 1 GiB;
+ *   - flush throughput (checkpoint until the 'flushed' event) against a raw sequential write of the same
+ *     size to the same disk (writeSync in 4 MiB pieces + fdatasync), measured in the same run, as a
+ *     ratio; target >= 0.8x raw;
+ *   - buffered write throughput, 64 KiB and 4 KiB writes into the primary view;
+ *   - RSS against buffered bytes, RSS / (buffered + 64 MiB); target <= 1.1.
+ * `--quick` runs tiny sizes (a smoke test); `--dir DIR` picks the disk (default: the OS temp dir).
+ * Run with --expose-gc (the root script does) so RSS is measured after a full collection.
+ */
+import { once } from 'node:events';
+import { closeSync, fdatasyncSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { openVolume, type Volume } from '@gannet/core';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const GiB = 1024 * MiB;
+
+interface BenchPlan {
+  /** Buffered sizes for checkpoint latency and RSS, and how many checkpoints to time at each. */
+  readonly checkpointSizes: readonly { readonly bytes: number; readonly samples: number }[];
+  readonly flushBytes: number;
+  /** Alternating rounds of raw write and flush; the median of each is reported. */
+  readonly flushRounds: number;
+  readonly writeBytes: number;
+}
+
+const fullPlan: BenchPlan = {
+  checkpointSizes: [
+    { bytes: 64 * MiB, samples: 32 },
+    { bytes: 256 * MiB, samples: 16 },
+    { bytes: 1 * GiB, samples: 8 },
+  ],
+  flushBytes: 256 * MiB,
+  flushRounds: 3,
+  writeBytes: 256 * MiB,
+};
+
+const quickPlan: BenchPlan = {
+  checkpointSizes: [
+    { bytes: 4 * MiB, samples: 4 },
+    { bytes: 8 * MiB, samples: 4 },
+    { bytes: 16 * MiB, samples: 4 },
+  ],
+  flushBytes: 16 * MiB,
+  flushRounds: 1,
+  writeBytes: 16 * MiB,
+};
+
+/** Fill requests: the size a guest's large sequential I/O reaches the primary view in. */
+const fillWriteBytes = 64 * KiB;
+/** Requests in flight while filling or measuring write throughput. */
+const queueDepth = 16;
+const rawPieceBytes = 4 * MiB;
+/** The allowance for Node itself in the RSS ratio. */
+const rssBaseBytes = 64 * MiB;
+/** How long one flush may take before the bench gives up (a 1 GiB flush on a slow disk fits). */
+const flushWaitMsMax = 300_000;
+
+const targets = {
+  checkpointP99MsMax: 1,
+  flushRatioMin: 0.8,
+  rssRatioMax: 1.1,
+};
+
+interface Row {
+  readonly metric: string;
+  readonly value: string;
+  readonly target: string;
+  /** undefined: no target for this row. */
+  readonly ok?: boolean;
+}
+
+function formatBytes(n: number): string {
+  return n >= GiB ? `${n / GiB} GiB` : `${n / MiB} MiB`;
+}
+
+function percentile(sorted: readonly number[], p: number): number {
+  if (sorted.length === 0) throw new Error('percentile of nothing');
+  const rank = Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1);
+  return sorted[Math.max(0, rank)];
+}
+
+function median(values: readonly number[]): number {
+  return percentile([...values].sort((a, b) => a - b), 50);
+}
+
+const nowMs = (): number => Number(process.hrtime.bigint()) / 1e6;
+
+function collectGarbage(): void {
+  const gc = (globalThis as { gc?: () => void }).gc;
+  if (gc) {
+    gc();
+    gc();
+  }
+}
+
+/** Writes [0, bytes) of the primary view in order, `queueDepth` requests in flight, data varying with `stamp`. */
+async function fill(vol: Volume, bytes: number, requestBytes: number, stamp: number): Promise<void> {
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    const buf = new Uint8Array(requestBytes);
+    while (next < bytes) {
+      const offset = next;
+      next += requestBytes;
+      buf.fill((stamp + offset / requestBytes) & 0xff);
+      await vol.primary.write(buf, offset);
+    }
+  };
+  await Promise.all(Array.from({ length: queueDepth }, worker));
+}
+
+async function waitFlushed(vol: Volume, epoch: number): Promise<void> {
+  const signal = AbortSignal.timeout(flushWaitMsMax);
+  while (vol.stats().durableEpoch < epoch) await once(vol, 'flushed', { signal });
+}
+
+function openBenchVolume(dir: string, name: string, sizeBytes: number): Promise<Volume> {
+  return openVolume({
+    path: join(dir, `${name}.img`),
+    dataDir: join(dir, `${name}.meta`),
+    sizeBytes,
+    strategy: 'gannet',
+    // Room for P and one C of the same size, so nothing spills: this measures the in-memory path.
+    memoryBytesMax: Math.max(1 * GiB, 3 * sizeBytes),
+    committedBytesMax: Math.max(2 * GiB, 3 * sizeBytes),
+  });
+}
+
+async function benchCheckpoints(dir: string, plan: BenchPlan, rows: Row[]): Promise<void> {
+  const last = plan.checkpointSizes[plan.checkpointSizes.length - 1];
+  for (const { bytes, samples } of plan.checkpointSizes) {
+    const vol = await openBenchVolume(dir, `ckpt-${bytes}`, bytes);
+    const latencies: number[] = [];
+    let rss = 0;
+    try {
+      for (let i = 0; i < samples; i++) {
+        await fill(vol, bytes, fillWriteBytes, i);
+        if (i === 0) {
+          collectGarbage();
+          rss = process.memoryUsage.rss();
+        }
+        const t0 = nowMs();
+        const epoch = await vol.checkpoint();
+        latencies.push(nowMs() - t0);
+        // The next sample starts with exactly `bytes` buffered: the previous epoch is on disk.
+        await waitFlushed(vol, epoch);
+      }
+    } finally {
+      await vol.close();
+    }
+    latencies.sort((a, b) => a - b);
+    const p99 = percentile(latencies, 99);
+    const isLast = bytes === last.bytes;
+    rows.push({ metric: `checkpoint p50, ${formatBytes(bytes)} buffered (${samples} checkpoints)`, value: `${percentile(latencies, 50).toFixed(3)} ms`, target: '' });
+    rows.push({
+      metric: `checkpoint p99, ${formatBytes(bytes)} buffered (${samples} checkpoints)`,
+      value: `${p99.toFixed(3)} ms`,
+      target: isLast ? `<= ${targets.checkpointP99MsMax} ms` : '',
+      ok: isLast ? p99 <= targets.checkpointP99MsMax : undefined,
+    });
+    const ratio = rss / (bytes + rssBaseBytes);
+    rows.push({
+      metric: `RSS / (buffered + 64 MiB), ${formatBytes(bytes)} buffered`,
+      value: `${ratio.toFixed(3)} (RSS ${(rss / MiB).toFixed(0)} MiB)`,
+      target: `<= ${targets.rssRatioMax}`,
+      ok: ratio <= targets.rssRatioMax,
+    });
+  }
+}
+
+function rawWrite(path: string, bytes: number): number {
+  const piece = new Uint8Array(rawPieceBytes).fill(0x5c);
+  const fd = openSync(path, 'w');
+  try {
+    const t0 = nowMs();
+    for (let offset = 0; offset < bytes; offset += rawPieceBytes) {
+      const n = Math.min(rawPieceBytes, bytes - offset);
+      const written = writeSync(fd, piece, 0, n, offset);
+      if (written !== n) throw new Error(`raw write: short write ${written} of ${n}`);
+    }
+    fdatasyncSync(fd);
+    return nowMs() - t0;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+async function benchFlush(dir: string, plan: BenchPlan, rows: Row[]): Promise<void> {
+  const bytes = plan.flushBytes;
+  const rawMs: number[] = [];
+  const flushMs: number[] = [];
+  const vol = await openBenchVolume(dir, 'flush', bytes);
+  try {
+    for (let round = 0; round < plan.flushRounds; round++) {
+      rawMs.push(rawWrite(join(dir, 'raw.img'), bytes));
+      await fill(vol, bytes, fillWriteBytes, round);
+      const t0 = nowMs();
+      const epoch = await vol.checkpoint();
+      await waitFlushed(vol, epoch);
+      flushMs.push(nowMs() - t0);
+    }
+  } finally {
+    await vol.close();
+  }
+  const mbps = (ms: number) => bytes / 1e6 / (ms / 1000);
+  const flush = mbps(median(flushMs));
+  const raw = mbps(median(rawMs));
+  const ratio = flush / raw;
+  rows.push({ metric: `flush ${formatBytes(bytes)}, checkpoint to 'flushed'`, value: `${flush.toFixed(0)} MB/s`, target: '' });
+  rows.push({ metric: `raw sequential write ${formatBytes(bytes)} + fdatasync`, value: `${raw.toFixed(0)} MB/s`, target: '' });
+  rows.push({ metric: 'flush / raw', value: `${ratio.toFixed(2)}x`, target: `>= ${targets.flushRatioMin}x`, ok: ratio >= targets.flushRatioMin });
+}
+
+async function benchWrites(dir: string, plan: BenchPlan, rows: Row[]): Promise<void> {
+  for (const requestBytes of [64 * KiB, 4 * KiB]) {
+    const vol = await openBenchVolume(dir, `write-${requestBytes}`, plan.writeBytes);
+    try {
+      const t0 = nowMs();
+      await fill(vol, plan.writeBytes, requestBytes, 1);
+      const ms = nowMs() - t0;
+      rows.push({
+        metric: `buffered write ${requestBytes / KiB}K, QD${queueDepth}, ${formatBytes(plan.writeBytes)} into the primary view`,
+        value: `${(plan.writeBytes / 1e6 / (ms / 1000)).toFixed(0)} MB/s`,
+        target: '',
+      });
+    } finally {
+      await vol.close();
+    }
+  }
+}
+
+function printTable(rows: readonly Row[]): void {
+  const header: Row = { metric: 'metric', value: 'value', target: 'target' };
+  const all = [header, ...rows];
+  const w = {
+    metric: Math.max(...all.map((r) => r.metric.length)),
+    value: Math.max(...all.map((r) => r.value.length)),
+    target: Math.max(...all.map((r) => r.target.length)),
+  };
+  const line = (r: Row, ok: string) => `| ${r.metric.padEnd(w.metric)} | ${r.value.padStart(w.value)} | ${r.target.padEnd(w.target)} | ${ok.padEnd(4)} |`;
+  console.log(line(header, 'ok'));
+  console.log(`|${'-'.repeat(w.metric + 2)}|${'-'.repeat(w.value + 2)}|${'-'.repeat(w.target + 2)}|------|`);
+  for (const r of rows) console.log(line(r, r.ok === undefined ? '' : r.ok ? 'yes' : 'NO'));
+}
+
+async function main(argv: readonly string[]): Promise<void> {
+  const { values } = parseArgs({
+    args: [...argv],
+    options: { quick: { type: 'boolean', default: false }, dir: { type: 'string' } },
+    strict: true,
+  });
+  const plan = values.quick ? quickPlan : fullPlan;
+  const dir = mkdtempSync(join(values.dir ?? tmpdir(), 'gannet-core-bench-'));
+  const rows: Row[] = [];
+  const started = nowMs();
+  try {
+    console.log(`core bench${values.quick ? ' (quick)' : ''}: node ${process.version}, dir ${dir}, gc ${'gc' in globalThis ? 'exposed' : 'not exposed'}`);
+    await benchCheckpoints(dir, plan, rows);
+    await benchFlush(dir, plan, rows);
+    await benchWrites(dir, plan, rows);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+  printTable(rows);
+  console.log(`core bench done in ${((nowMs() - started) / 1000).toFixed(1)} s`);
+}
+
+main(process.argv.slice(2)).catch((err: unknown) => {
+  console.error(err);
+  process.exitCode = 1;
+});

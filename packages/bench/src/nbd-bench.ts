@@ -1,0 +1,476 @@
+/**
+ * `pnpm bench:nbd`: fio's nbd engine against the nbd-server-js CLI and nbdkit, same machine, same run,
+ * same backing (a preallocated file, or a memory disk prefilled with data), so the ratio column says
+ * how far our server is from a mature C server on this box.
+ *
+ * Rows: 4 KiB random read and write at queue depth 32, 1 MiB sequential read and write at depth 8, for
+ * the file and the memory backend. Each fio run is time-based with a ramp and a bounded runtime, and
+ * the order alternates (ours, nbdkit) per row so drift hurts both alike. Every process it starts is
+ * stopped, also on failure or Ctrl-C.
+ *
+ * Usage: node packages/bench/dist/nbd-bench.js [--runtime S] [--ramp S] [--size SIZE] [--json FILE]
+ *        [--backends file,memory] [--profile DIR]
+ * --profile runs our CLI under `node --cpu-prof` and prints the top functions by self time.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { once } from 'node:events';
+import { existsSync, watch } from 'node:fs';
+import { copyFile, mkdir, mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+/** Upper bound on one fio run beyond its own runtime (startup, connect, final stats). */
+const fioSlackMs = 60_000;
+/** How long a server gets to become ready. */
+const serverReadyTimeoutMs = 20_000;
+/** How long a server gets to exit after SIGTERM before SIGKILL. */
+const serverStopGraceMs = 10_000;
+/** Largest runtime per row we accept, so a typo cannot start an hours-long run. */
+const runtimeSecondsMax = 600;
+/** Buffer for writing the preallocated file. */
+const fillChunkBytes = 4 * MiB;
+
+const ourCli = fileURLToPath(new URL('../../nbd-server-js/bin/nbd-server-js.js', import.meta.url));
+
+export interface Workload {
+  readonly name: string;
+  readonly rw: 'randread' | 'randwrite' | 'read' | 'write';
+  readonly bs: string;
+  readonly iodepth: number;
+}
+
+export const workloads: readonly Workload[] = [
+  { name: 'randread 4k qd32', rw: 'randread', bs: '4k', iodepth: 32 },
+  { name: 'randwrite 4k qd32', rw: 'randwrite', bs: '4k', iodepth: 32 },
+  { name: 'seqread 1M qd8', rw: 'read', bs: '1M', iodepth: 8 },
+  { name: 'seqwrite 1M qd8', rw: 'write', bs: '1M', iodepth: 8 },
+];
+
+export type Backend = 'file' | 'memory';
+
+export interface Measurement {
+  readonly iops: number;
+  readonly mbPerSec: number;
+  readonly p99Us: number;
+}
+
+export interface Row {
+  readonly row: string;
+  readonly backend: Backend;
+  readonly workload: string;
+  readonly ours: Measurement;
+  readonly nbdkit: Measurement;
+  /** ours.iops / nbdkit.iops */
+  readonly ratio: number;
+}
+
+interface Options {
+  runtimeS: number;
+  rampS: number;
+  sizeBytes: number;
+  jsonPath?: string;
+  backends: Backend[];
+  profileDir?: string;
+}
+
+function parseSize(s: string): number {
+  const m = /^(\d+)([KMG]?)$/i.exec(s);
+  if (!m) throw new Error(`bad size ${s} (e.g. 256M)`);
+  const mult = { '': 1, K: KiB, M: MiB, G: 1024 * MiB }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G'];
+  return Number(m[1]) * mult;
+}
+
+function parseOptions(argv: string[]): Options {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      runtime: { type: 'string', default: '10' },
+      ramp: { type: 'string' },
+      size: { type: 'string', default: '256M' },
+      json: { type: 'string' },
+      backends: { type: 'string', default: 'file,memory' },
+      profile: { type: 'string' },
+      help: { type: 'boolean', default: false },
+    },
+    strict: true,
+  });
+  if (values.help) {
+    process.stdout.write(
+      'usage: nbd-bench [--runtime S (10)] [--ramp S] [--size SIZE (256M)] [--json FILE] [--backends file,memory] [--profile DIR]\n',
+    );
+    process.exit(0);
+  }
+  const runtimeS = Number(values.runtime);
+  if (!Number.isInteger(runtimeS) || runtimeS < 1 || runtimeS > runtimeSecondsMax) {
+    throw new Error(`--runtime must be an integer in [1, ${runtimeSecondsMax}] seconds`);
+  }
+  const rampS = values.ramp === undefined ? Math.min(2, Math.floor(runtimeS / 5)) : Number(values.ramp);
+  if (!Number.isInteger(rampS) || rampS < 0 || rampS > runtimeS) throw new Error('--ramp must be an integer in [0, runtime]');
+  const backends = values.backends!.split(',').map((b) => {
+    if (b !== 'file' && b !== 'memory') throw new Error(`unknown backend ${b}`);
+    return b as Backend;
+  });
+  const sizeBytes = parseSize(values.size!);
+  if (sizeBytes < 16 * MiB || sizeBytes % MiB !== 0) throw new Error('--size must be a multiple of 1M, at least 16M');
+  return {
+    runtimeS,
+    rampS,
+    sizeBytes,
+    jsonPath: values.json,
+    backends,
+    profileDir: values.profile === undefined ? undefined : resolve(values.profile),
+  };
+}
+
+// ---- processes ----
+
+const started = new Set<ChildProcess>();
+
+function stopProcess(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) {
+    started.delete(child);
+    return Promise.resolve();
+  }
+  const exited = once(child, 'exit').then(() => undefined);
+  child.kill('SIGTERM');
+  const timer = setTimeout(() => child.kill('SIGKILL'), serverStopGraceMs);
+  return exited.finally(() => {
+    clearTimeout(timer);
+    started.delete(child);
+  });
+}
+
+async function stopAll(): Promise<void> {
+  await Promise.all([...started].map(stopProcess));
+}
+
+function track(child: ChildProcess, what: string): { stderr: () => string } {
+  started.add(child);
+  let err = '';
+  child.stderr?.setEncoding('utf8');
+  child.stderr?.on('data', (c: string) => {
+    err = (err + c).slice(-64 * KiB);
+  });
+  child.once('error', (e) => {
+    err += `\n${what}: ${e.message}`;
+  });
+  return { stderr: () => err };
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolvePort, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const addr = srv.address();
+      if (addr === null || typeof addr === 'string') return reject(new Error('no TCP address'));
+      srv.close(() => resolvePort(addr.port));
+    });
+  });
+}
+
+interface Server {
+  readonly name: string;
+  readonly uri: string;
+  readonly child: ChildProcess;
+  stderr(): string;
+  stop(): Promise<void>;
+}
+
+/** Our CLI on port 0; ready when it prints its URI. */
+async function startOurs(target: { file: string } | { memory: number }, profileDir?: string): Promise<Server> {
+  if (!existsSync(ourCli)) throw new Error(`${ourCli} missing`);
+  const nodeArgs = profileDir ? ['--cpu-prof', `--cpu-prof-dir=${profileDir}`] : [];
+  const dev = 'file' in target ? [target.file] : ['--memory', String(target.memory)];
+  const child = spawn(process.execPath, [...nodeArgs, ourCli, '--host', '127.0.0.1', '--port', '0', ...dev], {
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const t = track(child, 'nbd-server-js');
+  const uri = await new Promise<string>((resolveUri, reject) => {
+    let buf = '';
+    const timer = setTimeout(() => fail('not ready in time'), serverReadyTimeoutMs);
+    function fail(why: string) {
+      clearTimeout(timer);
+      reject(new Error(`nbd-server-js: ${why}\n${t.stderr()}`));
+    }
+    child.once('exit', (code, signal) => fail(`exited early (code ${code}, signal ${signal})`));
+    child.stdout!.setEncoding('utf8');
+    child.stdout!.on('data', (c: string) => {
+      buf += c;
+      const m = /^nbd-server-js: serving (nbd:\/\/\S+)/m.exec(buf);
+      if (m) {
+        clearTimeout(timer);
+        child.removeAllListeners('exit');
+        resolveUri(m[1]);
+      }
+    });
+  }).catch(async (err) => {
+    await stopProcess(child);
+    throw err;
+  });
+  return { name: 'nbd-server-js', uri, child, stderr: t.stderr, stop: () => stopProcess(child) };
+}
+
+/** nbdkit in the foreground on a free port; ready when it writes its pidfile (after it listens). */
+async function startNbdkit(target: { file: string } | { memory: number }, dir: string): Promise<Server> {
+  const port = await freePort();
+  const pidfile = join(dir, `nbdkit-${port}.pid`);
+  const plugin = 'file' in target ? ['file', target.file] : ['memory', String(target.memory)];
+  const watcher = watch(dir);
+  try {
+    const child = spawn('nbdkit', ['-f', '--exit-with-parent', '-p', String(port), '-i', '127.0.0.1', '-P', pidfile, ...plugin], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
+    const t = track(child, 'nbdkit');
+    await new Promise<void>((resolveReady, reject) => {
+      const timer = setTimeout(() => fail('not ready in time'), serverReadyTimeoutMs);
+      function done() {
+        clearTimeout(timer);
+        child.removeListener('exit', onExit);
+        resolveReady();
+      }
+      function fail(why: string) {
+        clearTimeout(timer);
+        void stopProcess(child).then(() => reject(new Error(`nbdkit: ${why}\n${t.stderr()}`)));
+      }
+      function onExit(code: number | null) {
+        fail(`exited early (code ${code}); is nbdkit installed? apt-get install nbdkit`);
+      }
+      child.once('exit', onExit);
+      watcher.on('change', () => {
+        if (existsSync(pidfile)) done();
+      });
+      if (existsSync(pidfile)) done();
+    });
+    return { name: 'nbdkit', uri: `nbd://127.0.0.1:${port}/`, child, stderr: t.stderr, stop: () => stopProcess(child) };
+  } finally {
+    watcher.close();
+  }
+}
+
+// ---- fio ----
+
+interface FioRun {
+  stdout: string;
+  stderr: string;
+  code: number | null;
+}
+
+/** fio runs in the bench's temporary directory, so any state file it writes goes away with it. */
+function runFio(args: string[], timeoutMs: number, cwd: string): Promise<FioRun> {
+  const child = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'], cwd });
+  started.add(child);
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.setEncoding('utf8');
+  child.stderr!.setEncoding('utf8');
+  child.stdout!.on('data', (c: string) => (stdout += c));
+  child.stderr!.on('data', (c: string) => (stderr += c));
+  const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs);
+  return new Promise((resolveRun, reject) => {
+    child.once('error', (e) => {
+      clearTimeout(timer);
+      started.delete(child);
+      reject(new Error(`fio: cannot run (${e.message}); apt-get install fio`));
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      started.delete(child);
+      resolveRun({ stdout, stderr, code });
+    });
+  });
+}
+
+interface FioSide {
+  iops: number;
+  bw_bytes: number;
+  clat_ns: { percentile?: Record<string, number> };
+}
+
+async function fioMeasure(server: Server, w: Workload, o: Options, cwd: string): Promise<Measurement> {
+  const args = [
+    `--name=${w.rw}`,
+    '--ioengine=nbd',
+    `--uri=${server.uri}`,
+    `--rw=${w.rw}`,
+    `--bs=${w.bs}`,
+    `--iodepth=${w.iodepth}`,
+    `--size=${o.sizeBytes}`,
+    '--time_based',
+    `--runtime=${o.runtimeS}`,
+    `--ramp_time=${o.rampS}`,
+    '--norandommap',
+    '--randrepeat=0',
+    '--output-format=json',
+  ];
+  const r = await runFio(args, (o.runtimeS + o.rampS) * 1000 + fioSlackMs, cwd);
+  if (r.code !== 0) {
+    const state = server.child.exitCode === null && server.child.signalCode === null ? 'still running' : `exited (${server.child.exitCode ?? server.child.signalCode})`;
+    throw new Error(
+      `fio ${args.join(' ')} against ${server.name} failed (exit ${r.code}):\n${r.stderr}\n--- ${server.name} ${state}, stderr:\n${server.stderr()}`,
+    );
+  }
+  const json = JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))) as { jobs: ({ error: number } & Record<'read' | 'write', FioSide>)[] };
+  const job = json.jobs[0];
+  if (job.error !== 0) throw new Error(`fio job error ${job.error}: ${r.stderr}`);
+  const side = w.rw === 'randread' || w.rw === 'read' ? job.read : job.write;
+  const p99 = side.clat_ns.percentile?.['99.000000'];
+  return { iops: side.iops, mbPerSec: side.bw_bytes / 1e6, p99Us: p99 === undefined ? Number.NaN : p99 / 1000 };
+}
+
+/** Fills a memory disk with data so reads are of real bytes, not holes. */
+async function prefill(uri: string, o: Options, cwd: string): Promise<void> {
+  const args = ['--name=prefill', '--ioengine=nbd', `--uri=${uri}`, '--rw=write', '--bs=1M', '--iodepth=8', `--size=${o.sizeBytes}`, '--output-format=terse'];
+  const r = await runFio(args, fioSlackMs * 5, cwd);
+  if (r.code !== 0) throw new Error(`prefill failed: ${r.stderr}`);
+}
+
+async function writeDataFile(path: string, sizeBytes: number): Promise<void> {
+  const fh = await open(path, 'w');
+  try {
+    const chunk = Buffer.alloc(fillChunkBytes);
+    for (let i = 0; i < chunk.length; i += 4) chunk.writeUInt32LE((i * 2654435761) >>> 0, i);
+    for (let off = 0; off < sizeBytes; off += chunk.length) {
+      await fh.write(chunk, 0, Math.min(chunk.length, sizeBytes - off), off);
+    }
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+// ---- report ----
+
+function fmt(n: number, digits = 0): string {
+  return Number.isFinite(n) ? n.toFixed(digits) : '-';
+}
+
+export function formatTable(rows: readonly Row[]): string {
+  const header = ['row', 'ours IOPS', 'ours MB/s', 'ours p99 us', 'nbdkit IOPS', 'nbdkit MB/s', 'nbdkit p99 us', 'ratio'];
+  const body = rows.map((r) => [
+    r.row,
+    fmt(r.ours.iops),
+    fmt(r.ours.mbPerSec, 1),
+    fmt(r.ours.p99Us),
+    fmt(r.nbdkit.iops),
+    fmt(r.nbdkit.mbPerSec, 1),
+    fmt(r.nbdkit.p99Us),
+    `${fmt(r.ratio, 2)}x`,
+  ]);
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ');
+  return [line(header), line(widths.map((w) => '-'.repeat(w))), ...body.map(line)].join('\n');
+}
+
+interface ProfileNode {
+  id: number;
+  callFrame: { functionName: string; url: string; lineNumber: number };
+  hitCount?: number;
+}
+
+/** Top functions by self time from the .cpuprofile files Node wrote into `dir`. */
+export async function summarizeProfiles(dir: string, topCount = 20): Promise<string> {
+  const files = (await readdir(dir)).filter((f) => f.endsWith('.cpuprofile'));
+  if (files.length === 0) return `no .cpuprofile in ${dir} (did the CLI exit cleanly on SIGTERM?)`;
+  const self = new Map<string, number>();
+  let total = 0;
+  for (const f of files) {
+    const prof = JSON.parse(await readFile(join(dir, f), 'utf8')) as { nodes: ProfileNode[]; samples: number[]; timeDeltas: number[] };
+    const byId = new Map(prof.nodes.map((n) => [n.id, n]));
+    prof.samples.forEach((id, i) => {
+      const n = byId.get(id)!;
+      const url = n.callFrame.url.replace(/^file:\/\/.*\/(packages|node_modules)\//, '$1/');
+      const key = `${n.callFrame.functionName || '(anonymous)'} ${url}${url ? `:${n.callFrame.lineNumber + 1}` : ''}`;
+      const dt = prof.timeDeltas[i] ?? 0;
+      self.set(key, (self.get(key) ?? 0) + dt);
+      total += dt;
+    });
+  }
+  const top = [...self.entries()].sort((a, b) => b[1] - a[1]).slice(0, topCount);
+  return [
+    `CPU profile of nbd-server-js (${files.length} file(s), ${fmt(total / 1000)} ms sampled), top ${topCount} by self time:`,
+    ...top.map(([k, us]) => `${fmt((100 * us) / total, 1).padStart(5)}%  ${fmt(us / 1000).padStart(7)} ms  ${k}`),
+  ].join('\n');
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const o = parseOptions(argv);
+  const dir = await mkdtemp(join(tmpdir(), 'nbd-bench-'));
+  const onSignal = () => {
+    void stopAll().then(() => process.exit(130));
+  };
+  process.once('SIGINT', onSignal);
+  process.once('SIGTERM', onSignal);
+  const rows: Row[] = [];
+  try {
+    if (o.profileDir) await mkdir(o.profileDir, { recursive: true });
+    for (const backend of o.backends) {
+      let ours: Server;
+      let theirs: Server;
+      if (backend === 'file') {
+        const oursFile = join(dir, 'ours.img');
+        const theirFile = join(dir, 'nbdkit.img');
+        await writeDataFile(oursFile, o.sizeBytes);
+        await copyFile(oursFile, theirFile);
+        ours = await startOurs({ file: oursFile }, o.profileDir);
+        theirs = await startNbdkit({ file: theirFile }, dir);
+      } else {
+        ours = await startOurs({ memory: o.sizeBytes }, o.profileDir);
+        theirs = await startNbdkit({ memory: o.sizeBytes }, dir);
+        await prefill(ours.uri, o, dir);
+        await prefill(theirs.uri, o, dir);
+      }
+      try {
+        for (const [i, w] of workloads.entries()) {
+          // Alternate who goes first, so slow drift (page cache, thermal) does not favour one side.
+          let a: Measurement;
+          let b: Measurement;
+          if (i % 2 === 0) {
+            a = await fioMeasure(ours, w, o, dir);
+            b = await fioMeasure(theirs, w, o, dir);
+          } else {
+            b = await fioMeasure(theirs, w, o, dir);
+            a = await fioMeasure(ours, w, o, dir);
+          }
+          const row: Row = { row: `${backend} ${w.name}`, backend, workload: w.name, ours: a, nbdkit: b, ratio: a.iops / b.iops };
+          rows.push(row);
+          process.stderr.write(`nbd-bench: ${row.row}: ours ${fmt(a.iops)} IOPS, nbdkit ${fmt(b.iops)} IOPS (${fmt(row.ratio, 2)}x)\n`);
+        }
+      } finally {
+        await Promise.all([ours.stop(), theirs.stop()]);
+      }
+    }
+  } finally {
+    await stopAll();
+    await rm(dir, { recursive: true, force: true });
+    process.removeListener('SIGINT', onSignal);
+    process.removeListener('SIGTERM', onSignal);
+  }
+  process.stdout.write(
+    `nbd-bench: fio nbd engine, runtime ${o.runtimeS} s (+${o.rampS} s ramp) per row, size ${o.sizeBytes / MiB} MiB, ratio = ours IOPS / nbdkit IOPS\n`,
+  );
+  process.stdout.write(`${formatTable(rows)}\n`);
+  if (o.jsonPath) {
+    await writeFile(o.jsonPath, `${JSON.stringify({ runtimeS: o.runtimeS, rampS: o.rampS, sizeBytes: o.sizeBytes, rows }, null, 2)}\n`);
+  }
+  if (o.profileDir) process.stdout.write(`${await summarizeProfiles(o.profileDir)}\n`);
+  return 0;
+}
+
+const invokedDirectly = process.argv[1] !== undefined && resolve(process.argv[1]) === fileURLToPath(import.meta.url);
+if (invokedDirectly) {
+  main(process.argv.slice(2)).then(
+    (code) => process.exit(code),
+    async (err: unknown) => {
+      await stopAll();
+      process.stderr.write(`nbd-bench: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+      process.exit(1);
+    },
+  );
+}

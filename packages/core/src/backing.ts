@@ -1,0 +1,132 @@
+import { open, stat, type FileHandle } from 'node:fs/promises';
+import { BlockDeviceError } from 'nbd-server-js';
+import { GannetError } from './errors.js';
+
+export type BackingOp = 'read' | 'write' | 'sync';
+
+/** Zeroes written per writev entry when a range must read back as zeroes on the file itself. */
+const zeroChunkBytes = 1024 * 1024;
+/** Entries per writev call (IOV_MAX on Linux). */
+export const iovecCountMax = 1024;
+
+/**
+ * The backing file: positional reads, vectored positional writes, fdatasync. Short reads and writes are
+ * continued, never returned. `setFault` is the fault-injection seam (the nbdkit "error filter" idea):
+ * tests make one kind of I/O fail without mocking the file system.
+ */
+export class Backing {
+  readonly path: string;
+  readonly sizeBytes: number;
+  private readonly fh: FileHandle;
+  private readonly faults = new Map<BackingOp, Error>();
+  private zeroChunk: Buffer | null = null;
+
+  private constructor(path: string, sizeBytes: number, fh: FileHandle) {
+    this.path = path;
+    this.sizeBytes = sizeBytes;
+    this.fh = fh;
+  }
+
+  /** Opens `path`, creating it sparse at `sizeBytes` when missing; an existing file must have that size. */
+  static async open(path: string, sizeBytes: number, options: { create: boolean }): Promise<Backing> {
+    let fh: FileHandle;
+    try {
+      fh = await open(path, 'r+');
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT' || !options.create) {
+        throw new GannetError('EMISMATCH', `backing file ${path} cannot be opened`, { cause: err });
+      }
+      fh = await open(path, 'wx+');
+      await fh.truncate(sizeBytes);
+      return new Backing(path, sizeBytes, fh);
+    }
+    const { size } = await stat(path);
+    if (size !== sizeBytes) {
+      await fh.close();
+      throw new GannetError('EMISMATCH', `backing file ${path} is ${size} bytes, options say sizeBytes ${sizeBytes}`);
+    }
+    return new Backing(path, sizeBytes, fh);
+  }
+
+  /** Makes every later `op` fail with `error` (null clears). Test seam. */
+  setFault(op: BackingOp, error: Error | null): void {
+    if (error === null) this.faults.delete(op);
+    else this.faults.set(op, error);
+  }
+
+  private check(op: BackingOp): void {
+    const fault = this.faults.get(op);
+    if (fault !== undefined) throw fault;
+  }
+
+  async read(buf: Uint8Array, position: number): Promise<void> {
+    this.check('read');
+    let done = 0;
+    while (done < buf.length) {
+      const { bytesRead } = await this.fh.read(buf, done, buf.length - done, position + done);
+      if (bytesRead === 0) {
+        buf.fill(0, done);
+        return;
+      }
+      done += bytesRead;
+    }
+  }
+
+  async write(data: Uint8Array, position: number): Promise<void> {
+    await this.writev([data], position);
+  }
+
+  /** Writes `buffers` back to back at `position`, continuing short writes. */
+  async writev(buffers: Uint8Array[], position: number): Promise<void> {
+    this.check('write');
+    let pending = buffers;
+    let pos = position;
+    while (pending.length > 0) {
+      const batch = pending.length > iovecCountMax ? pending.slice(0, iovecCountMax) : pending;
+      const rest = pending.length > iovecCountMax ? pending.slice(iovecCountMax) : [];
+      let total = 0;
+      for (const b of batch) total += b.length;
+      const { bytesWritten } = await this.fh.writev(batch, pos);
+      pos += bytesWritten;
+      if (bytesWritten === total) {
+        pending = rest;
+        continue;
+      }
+      if (bytesWritten === 0) throw new BlockDeviceError('EIO', `short write to ${this.path} at ${pos}`);
+      pending = [...skipBytes(batch, bytesWritten), ...rest];
+    }
+  }
+
+  /** Writes zeroes over [position, position + length). */
+  async writeZeroes(position: number, length: number): Promise<void> {
+    this.zeroChunk ??= Buffer.alloc(zeroChunkBytes);
+    const buffers: Uint8Array[] = [];
+    for (let left = length; left > 0; left -= zeroChunkBytes) {
+      buffers.push(left >= zeroChunkBytes ? this.zeroChunk : this.zeroChunk.subarray(0, left));
+    }
+    await this.writev(buffers, position);
+  }
+
+  async datasync(): Promise<void> {
+    this.check('sync');
+    await this.fh.datasync();
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}
+
+function skipBytes(buffers: Uint8Array[], skip: number): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  let left = skip;
+  for (const b of buffers) {
+    if (left >= b.length) {
+      left -= b.length;
+      continue;
+    }
+    out.push(left > 0 ? b.subarray(left) : b);
+    left = 0;
+  }
+  return out;
+}

@@ -1,0 +1,224 @@
+import { Level } from 'level';
+import { GannetError } from './errors.js';
+import { decodeRanges, encodeRanges } from './ranges.js';
+import type { ByteRange, FailoverTarget } from './types.js';
+
+/**
+ * The volume's LevelDB (one per volume, in dataDir): metadata, the failover journal and spilled blocks.
+ * Every state change is one batch; batches that a restart relies on are written with `sync: true`.
+ *
+ * Keys: m/<name> metadata; j/<block> journal (block data, empty value = zero block);
+ * s/<layer id>/<block> spilled blocks (never valid across a restart: cleared on open).
+ */
+type Db = Level<string, Uint8Array>;
+type BatchOp = { type: 'put'; key: string; value: Uint8Array } | { type: 'del'; key: string };
+
+export type PersistedState = 'replicating' | 'failing-over' | 'failed-over';
+
+export interface PersistedMeta {
+  identity: { sizeBytes: number; blockBytes: number } | null;
+  state: PersistedState;
+  target: FailoverTarget | null;
+  durableEpoch: number;
+  epochCeiling: number;
+  flushing: ByteRange[];
+  torn: ByteRange[];
+}
+
+const key = {
+  identity: 'm/identity',
+  state: 'm/state',
+  target: 'm/target',
+  durableEpoch: 'm/durable-epoch',
+  epochCeiling: 'm/epoch-ceiling',
+  flushing: 'm/flushing',
+  torn: 'm/torn',
+};
+const journalPrefix = 'j/';
+const spillPrefix = 's/';
+const hex = (n: number, width: number) => n.toString(16).padStart(width, '0');
+const blockKey = (b: number) => hex(b, 13);
+const spillLayerPrefix = (layerId: number) => `${spillPrefix}${hex(layerId, 8)}/`;
+const text = (s: string) => Buffer.from(s);
+const str = (v: Uint8Array | undefined) => (v === undefined ? undefined : Buffer.from(v).toString());
+const num = (v: Uint8Array | undefined) => (v === undefined ? 0 : Number(str(v)));
+/** The key just past every key starting with `prefix` (prefixes end in '/', and '0' follows '/'). */
+const prefixEnd = (prefix: string) => `${prefix.slice(0, -1)}0`;
+
+export interface JournalEntry {
+  block: number;
+  /** Block content (blockBytes), or null for a zero block. */
+  data: Uint8Array | null;
+}
+
+export class MetaStore {
+  private readonly db: Db;
+
+  private constructor(db: Db) {
+    this.db = db;
+  }
+
+  static async open(location: string): Promise<MetaStore> {
+    const db: Db = new Level<string, Uint8Array>(location, { keyEncoding: 'utf8', valueEncoding: 'view' });
+    try {
+      await db.open();
+    } catch (err) {
+      throw new GannetError('EMISMATCH', `cannot open the volume metadata store ${location}`, { cause: err });
+    }
+    return new MetaStore(db);
+  }
+
+  async load(): Promise<PersistedMeta> {
+    const [identity, state, target, durable, ceiling, flushing, torn] = await this.db.getMany([
+      key.identity,
+      key.state,
+      key.target,
+      key.durableEpoch,
+      key.epochCeiling,
+      key.flushing,
+      key.torn,
+    ]);
+    return {
+      identity: identity === undefined ? null : JSON.parse(str(identity)!),
+      state: (str(state) as PersistedState | undefined) ?? 'replicating',
+      target: (str(target) as FailoverTarget | undefined) ?? null,
+      durableEpoch: num(durable),
+      epochCeiling: num(ceiling),
+      flushing: decodeRanges(flushing),
+      torn: decodeRanges(torn),
+    };
+  }
+
+  /** First open: the identity, state and first epoch lease in one batch. */
+  async create(identity: { sizeBytes: number; blockBytes: number }, epochCeiling: number): Promise<void> {
+    await this.db.batch(
+      [
+        { type: 'put', key: key.identity, value: text(JSON.stringify(identity)) },
+        { type: 'put', key: key.state, value: text('replicating') },
+        { type: 'put', key: key.durableEpoch, value: text('0') },
+        { type: 'put', key: key.epochCeiling, value: text(String(epochCeiling)) },
+      ],
+      { sync: true },
+    );
+  }
+
+  /** Reopen after a flush was interrupted: its ranges become torn ranges, and a new epoch lease. */
+  async reopen(torn: readonly ByteRange[], epochCeiling: number): Promise<void> {
+    await this.db.batch(
+      [
+        tornOp(torn),
+        { type: 'del', key: key.flushing },
+        { type: 'put', key: key.epochCeiling, value: text(String(epochCeiling)) },
+      ],
+      { sync: true },
+    );
+  }
+
+  async putEpochCeiling(epochCeiling: number): Promise<void> {
+    await this.db.put(key.epochCeiling, text(String(epochCeiling)), { sync: true });
+  }
+
+  /** Before a flush writes anything: the ranges it may leave torn if the process dies mid-write. */
+  async recordFlushing(ranges: readonly ByteRange[]): Promise<void> {
+    await this.db.put(key.flushing, encodeRanges(ranges), { sync: true });
+  }
+
+  /** After the flush's fdatasync: the durable epoch advances and nothing is in flight any more. */
+  async recordDurable(durableEpoch: number, torn: readonly ByteRange[]): Promise<void> {
+    await this.db.batch(
+      [
+        { type: 'put', key: key.durableEpoch, value: text(String(durableEpoch)) },
+        { type: 'del', key: key.flushing },
+        tornOp(torn),
+      ],
+      { sync: true },
+    );
+  }
+
+  async putSpill(entries: { layerId: number; block: number; data: Uint8Array }[]): Promise<void> {
+    await this.db.batch(
+      entries.map((e) => ({
+        type: 'put' as const,
+        key: spillLayerPrefix(e.layerId) + blockKey(e.block),
+        value: e.data,
+      })),
+    );
+  }
+
+  async getSpill(layerId: number, block: number): Promise<Uint8Array | undefined> {
+    return this.db.get(spillLayerPrefix(layerId) + blockKey(block));
+  }
+
+  async clearLayerSpill(layerId: number): Promise<void> {
+    const prefix = spillLayerPrefix(layerId);
+    await this.db.clear({ gte: prefix, lt: prefixEnd(prefix) });
+  }
+
+  async clearAllSpill(): Promise<void> {
+    await this.db.clear({ gte: spillPrefix, lt: prefixEnd(spillPrefix) });
+  }
+
+  /**
+   * Journal blocks are written in synced chunks before the state record; until that record lands they
+   * are not a journal (a restart discards them), so the chunks and the record act as one batch without
+   * holding the whole buffer twice in memory.
+   */
+  async putJournal(entries: readonly JournalEntry[]): Promise<void> {
+    const ops: BatchOp[] = entries.map((e) => ({
+      type: 'put',
+      key: journalPrefix + blockKey(e.block),
+      value: e.data ?? new Uint8Array(0),
+    }));
+    await this.db.batch(ops, { sync: true });
+  }
+
+  async clearJournal(): Promise<void> {
+    await this.db.clear({ gte: journalPrefix, lt: prefixEnd(journalPrefix) });
+  }
+
+  async recordFailingOver(target: FailoverTarget): Promise<void> {
+    await this.db.batch(
+      [
+        { type: 'put', key: key.state, value: text('failing-over') },
+        { type: 'put', key: key.target, value: text(target) },
+      ],
+      { sync: true },
+    );
+  }
+
+  /** Journal entries in block order, in chunks of at most `chunkBytes`. */
+  async *readJournal(chunkBytes: number): AsyncGenerator<JournalEntry[]> {
+    let chunk: JournalEntry[] = [];
+    let bytes = 0;
+    for await (const [k, v] of this.db.iterator({ gte: journalPrefix, lt: prefixEnd(journalPrefix) })) {
+      chunk.push({ block: parseInt(k.slice(journalPrefix.length), 16), data: v.length === 0 ? null : v });
+      bytes += v.length;
+      if (bytes >= chunkBytes) {
+        yield chunk;
+        chunk = [];
+        bytes = 0;
+      }
+    }
+    if (chunk.length > 0) yield chunk;
+  }
+
+  /** Failover done: the state, and the journal deleted, in one batch. */
+  async recordFailedOver(target: FailoverTarget, journalBlocks: Iterable<number>, torn: readonly ByteRange[]): Promise<void> {
+    const ops: BatchOp[] = [
+      { type: 'put', key: key.state, value: text('failed-over') },
+      { type: 'put', key: key.target, value: text(target) },
+      { type: 'del', key: key.flushing },
+      tornOp(torn),
+    ];
+    for (const b of journalBlocks) ops.push({ type: 'del', key: journalPrefix + blockKey(b) });
+    await this.db.batch(ops, { sync: true });
+  }
+
+  async close(): Promise<void> {
+    await this.db.close();
+  }
+}
+
+function tornOp(torn: readonly ByteRange[]): BatchOp {
+  return torn.length === 0 ? { type: 'del', key: key.torn } : { type: 'put', key: key.torn, value: encodeRanges(torn) };
+}

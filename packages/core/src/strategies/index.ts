@@ -1,0 +1,2 @@
+export { openColoVolume, coloCopyChunkBytes } from './colo.js';
+export { openPassthroughVolume } from './passthrough.js';

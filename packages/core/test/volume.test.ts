@@ -1,0 +1,475 @@
+/**
+ * ReplicatedVolume: the GANNET engine. Goal: every view is a conforming BlockDevice in every state, and the
+ * engine keeps the rules of DESIGN.md (views, checkpoint atomicity, failover contents, durability, errors).
+ * Method: the shared conformance suite on both views (fresh, with committed buffers, after each failover
+ * target), then explicit cases that check bytes read back through the views and from the backing file
+ * itself (with fs, not through the engine), error codes, states and events.
+ */
+import { once } from 'node:events';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { runBlockDeviceSuite } from 'nbd-server-js/conformance';
+import { BlockDeviceError, EXTENT_ZERO, type BlockDevice } from 'nbd-server-js';
+import {
+  GannetError,
+  ReplicatedVolume,
+  _internal,
+  checkpointGroup,
+  openVolume,
+  type FailoverTarget,
+  type VolumeOptions,
+} from '@gannet/core';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+const root = mkdtempSync(join(tmpdir(), 'gannet-volume-test-'));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+let dirCount = 0;
+
+function volumeOptions(sizeBytes: number, extra: Partial<VolumeOptions> = {}): VolumeOptions {
+  const dir = join(root, `v${dirCount++}`);
+  return { path: join(dir, 'disk.img'), dataDir: join(dir, 'meta'), sizeBytes, ...extra };
+}
+
+/** Deterministic bytes: distinct per (seed, position). */
+function pattern(length: number, seed: number): Buffer {
+  const out = Buffer.alloc(length);
+  for (let i = 0; i < length; i++) out[i] = (seed * 131 + i * 7 + (i >> 8)) & 0xff || 1;
+  return out;
+}
+
+async function readAll(device: BlockDevice, offset: number, length: number): Promise<Buffer> {
+  const buf = Buffer.alloc(length);
+  await device.read(buf, offset);
+  return buf;
+}
+
+async function flushed(volume: ReplicatedVolume, epoch: number): Promise<void> {
+  while (volume.stats().durableEpoch < epoch) await once(volume, 'flushed');
+}
+
+async function expectCode(promise: Promise<unknown>, code: string): Promise<void> {
+  await expect(promise).rejects.toSatisfy((err: unknown) => (err as { code?: string }).code === code);
+}
+
+// ---- conformance ----------------------------------------------------------------------------------
+
+const opened: ReplicatedVolume[] = [];
+const cleanupVolume = (volume: ReplicatedVolume) => async () => {
+  await volume.close();
+};
+
+function suiteOn(name: string, prepare: (volume: ReplicatedVolume, size: number) => Promise<void>, view: 'primary' | 'secondary') {
+  runBlockDeviceSuite({
+    name: `ReplicatedVolume ${view} view, ${name}`,
+    factory: async (sizeBytes) => {
+      const volume = await ReplicatedVolume.open(volumeOptions(sizeBytes, { blockBytes: 4096 }));
+      opened.push(volume);
+      await prepare(volume, sizeBytes);
+      return { device: volume[view], cleanup: cleanupVolume(volume) };
+    },
+  });
+}
+
+/** Leaves non-empty committed buffers that read as zeroes, so the suite runs over C, not just B. */
+async function committedZeroes(volume: ReplicatedVolume, size: number): Promise<void> {
+  await volume.primary.write(pattern(size, 1), 0);
+  await volume.checkpoint();
+  await volume.primary.writeZeroes(0, Math.floor(size / 2));
+  await volume.primary.write(Buffer.alloc(size - Math.floor(size / 2)), Math.floor(size / 2));
+  await volume.checkpoint();
+}
+
+/** Writes to the side the failover drops, then fails over: the kept side and the disk read as zeroes. */
+function failedOver(to: FailoverTarget) {
+  return async (volume: ReplicatedVolume, size: number) => {
+    if (to !== 'primary') await volume.primary.write(pattern(size, 2), 0);
+    if (to !== 'secondary') await volume.secondary.write(pattern(size, 3), 0);
+    await volume.failover({ to });
+  };
+}
+
+for (const view of ['primary', 'secondary'] as const) {
+  suiteOn('fresh', async () => undefined, view);
+  suiteOn('over committed buffers', committedZeroes, view);
+  for (const to of ['secondary', 'checkpoint', 'primary'] as const) suiteOn(`after failover to ${to}`, failedOver(to), view);
+}
+
+// ---- explicit cases -------------------------------------------------------------------------------
+
+describe('ReplicatedVolume', () => {
+  it('rejects invalid options with EOPTIONS naming the field', async () => {
+    const bad = { ...volumeOptions(MiB), blockBytes: 1000 };
+    await expect(ReplicatedVolume.open(bad)).rejects.toSatisfy(
+      (err: unknown) => err instanceof GannetError && err.code === 'EOPTIONS' && err.message.includes('blockBytes'),
+    );
+    await expect(ReplicatedVolume.open({ ...volumeOptions(MiB), sizeBytes: -1 })).rejects.toThrow(/sizeBytes/);
+  });
+
+  it('creates a sparse backing file of the given size', async () => {
+    const options = volumeOptions(3 * MiB + 7);
+    const volume = await ReplicatedVolume.open(options);
+    expect(readFileSync(options.path).length).toBe(3 * MiB + 7);
+    expect(volume.stats()).toMatchObject({ strategy: 'gannet', state: 'replicating', epoch: 0, durableEpoch: 0 });
+    await volume.close();
+    await expect(ReplicatedVolume.open({ ...options, sizeBytes: 2 * MiB })).rejects.toSatisfy(
+      (err: unknown) => err instanceof GannetError && err.code === 'EMISMATCH',
+    );
+  });
+
+  it('keeps each view to its own writes until the checkpoint, then shows the primary', async () => {
+    const volume = await ReplicatedVolume.open(volumeOptions(MiB));
+    const p = pattern(4096, 10);
+    const s = pattern(4096, 20);
+    await volume.primary.write(p, 8192);
+    await volume.secondary.write(s, 8192);
+    expect(await readAll(volume.primary, 8192, 4096)).toEqual(p);
+    expect(await readAll(volume.secondary, 8192, 4096)).toEqual(s);
+    expect(volume.stats().bufferedBytes).toEqual({ primary: 4096, secondary: 4096, committed: 0 });
+    const epoch = await volume.checkpoint();
+    expect(epoch).toBe(1);
+    expect(await readAll(volume.secondary, 8192, 4096)).toEqual(p);
+    expect(volume.stats().bufferedBytes.secondary).toBe(0);
+    await flushed(volume, 1);
+    await volume.close();
+  });
+
+  it('merges a second primary write to a block in the same epoch, byte-granular, unaligned', async () => {
+    const options = volumeOptions(64 * KiB + 3);
+    const volume = await ReplicatedVolume.open(options);
+    const model = Buffer.alloc(options.sizeBytes);
+    const writes: [number, number][] = [
+      [100, 5000],
+      [4095, 2],
+      [4000, 300],
+      [12287, 8194],
+      [options.sizeBytes - 10, 10],
+      [0, 1],
+    ];
+    for (const [i, [offset, length]] of writes.entries()) {
+      const data = pattern(length, 30 + i);
+      await volume.primary.write(data, offset);
+      data.copy(model, offset);
+    }
+    expect(await readAll(volume.primary, 0, options.sizeBytes)).toEqual(model);
+    expect(await readAll(volume.secondary, 0, options.sizeBytes)).toEqual(Buffer.alloc(options.sizeBytes));
+    await flushed(volume, await volume.checkpoint());
+    expect(readFileSync(options.path)).toEqual(model);
+    await volume.close();
+  });
+
+  it('records zero and trim as markers without data, reported as zero extents', async () => {
+    const volume = await ReplicatedVolume.open(volumeOptions(MiB));
+    await volume.secondary.write(pattern(64 * KiB, 40), 0);
+    const before = volume.stats().bufferedBytes.secondary;
+    await volume.secondary.writeZeroes(0, 32 * KiB);
+    await volume.secondary.trim(32 * KiB, 16 * KiB);
+    expect(volume.stats().bufferedBytes.secondary).toBe(before - 48 * KiB);
+    await volume.secondary.writeZeroes(128 * KiB, 256 * KiB);
+    expect(volume.stats().bufferedBytes.secondary).toBe(16 * KiB);
+    expect(await readAll(volume.secondary, 0, 48 * KiB)).toEqual(Buffer.alloc(48 * KiB));
+    const extents = await volume.secondary.extents(0, 512 * KiB);
+    expect(extents).toEqual([
+      { length: 48 * KiB, flags: EXTENT_ZERO },
+      { length: 80 * KiB, flags: 0 },
+      { length: 256 * KiB, flags: EXTENT_ZERO },
+      { length: 128 * KiB, flags: 0 },
+    ]);
+    await volume.close();
+  });
+
+  it('acknowledges FLUSH and FUA without disk I/O while replicating, and fdatasyncs after failover', async () => {
+    const volume = await ReplicatedVolume.open(volumeOptions(MiB));
+    const backing = _internal.backingOf(volume);
+    backing.setFault('sync', new Error('injected fdatasync failure'));
+    backing.setFault('write', new Error('injected write failure'));
+    await volume.primary.write(pattern(4096, 1), 0, { fua: true });
+    await volume.primary.flush();
+    await volume.secondary.writeZeroes(4096, 4096, { fua: true });
+    await volume.secondary.flush();
+    backing.setFault('write', null);
+    await expect(volume.failover()).rejects.toSatisfy((err: unknown) => (err as GannetError).code === 'EIO');
+    await expectCode(volume.secondary.flush(), 'EIO');
+    await volume.close();
+  });
+
+  it('puts a write in flight when the checkpoint arrives wholly into one epoch', async () => {
+    const options = volumeOptions(4 * MiB);
+    const volume = await ReplicatedVolume.open(options);
+    // Unaligned writes read the old head and tail blocks from the file first: the checkpoint lands
+    // while they wait. Each write covers its own range, so each is all-or-nothing in the file.
+    const writes = Array.from({ length: 40 }, (_, i) => ({ offset: i * 100 * KiB + 123 + i, data: pattern(3 * 4096 + 17, 50 + i) }));
+    const pending = writes.map((w) => volume.primary.write(w.data, w.offset));
+    const epoch = await volume.checkpoint();
+    await Promise.all(pending);
+    await flushed(volume, epoch);
+    const file1 = readFileSync(options.path);
+    const landed = writes.map((w) => {
+      const got = file1.subarray(w.offset, w.offset + w.data.length);
+      if (got.equals(w.data)) return true;
+      expect(got).toEqual(Buffer.alloc(w.data.length));
+      return false;
+    });
+    expect(landed.filter((x) => !x).length).toBeGreaterThan(0);
+    for (const w of writes) expect(await readAll(volume.primary, w.offset, w.data.length)).toEqual(w.data);
+    await flushed(volume, await volume.checkpoint());
+    const file2 = readFileSync(options.path);
+    for (const w of writes) expect(file2.subarray(w.offset, w.offset + w.data.length)).toEqual(w.data);
+    await volume.close();
+  });
+
+  it('covers exactly the primary writes acknowledged before the checkpoint', async () => {
+    const options = volumeOptions(MiB);
+    const volume = await ReplicatedVolume.open(options);
+    await volume.primary.write(pattern(4096, 60), 0);
+    const epoch = await volume.checkpoint();
+    await volume.primary.write(pattern(4096, 61), 4096);
+    await flushed(volume, epoch);
+    const file = readFileSync(options.path);
+    expect(file.subarray(0, 4096)).toEqual(pattern(4096, 60));
+    expect(file.subarray(4096, 8192)).toEqual(Buffer.alloc(4096));
+    expect(volume.stats().bufferedBytes.primary).toBe(4096);
+    await volume.close();
+  });
+
+  describe('failover leaves exactly the expected bytes in the backing file', () => {
+    for (const to of ['secondary', 'checkpoint', 'primary'] as const) {
+      it(`to ${to}`, async () => {
+        const options = volumeOptions(256 * KiB + 100);
+        const volume = await ReplicatedVolume.open(options);
+        const size = options.sizeBytes;
+        const expected = Buffer.alloc(size);
+        const put = (model: Buffer | null, offset: number, data: Buffer) => model !== null && data.copy(model, offset);
+        // Epoch 0, flushed: the durable base.
+        const base = pattern(64 * KiB, 70);
+        await volume.primary.write(base, 0);
+        put(expected, 0, base);
+        await flushed(volume, await volume.checkpoint());
+        // Epoch 1, committed but held back from the file by a write fault: failover must apply it.
+        const backing = _internal.backingOf(volume);
+        backing.setFault('write', new Error('injected'));
+        const committed = pattern(10 * KiB, 71);
+        await volume.primary.write(committed, 30 * KiB + 5);
+        put(expected, 30 * KiB + 5, committed);
+        const errors: Error[] = [];
+        volume.on('error', (err) => errors.push(err));
+        await volume.checkpoint();
+        while (errors.length === 0) await once(volume, 'error');
+        backing.setFault('write', null);
+        // Epoch 2: both sides write, overlapping each other and the committed data.
+        const p = pattern(20 * KiB, 72);
+        const s = pattern(20 * KiB + 3, 73);
+        await volume.primary.write(p, 35 * KiB);
+        await volume.secondary.write(s, 33 * KiB + 1);
+        await volume.secondary.writeZeroes(0, 8 * KiB);
+        await volume.primary.write(pattern(99, 74), size - 99);
+        if (to === 'primary') {
+          put(expected, 35 * KiB, p);
+          put(expected, size - 99, pattern(99, 74));
+        }
+        if (to === 'secondary') {
+          put(expected, 33 * KiB + 1, s);
+          expected.fill(0, 0, 8 * KiB);
+        }
+        const events: unknown[] = [];
+        volume.on('failover', (ev) => events.push(ev));
+        await volume.failover({ to });
+        expect(readFileSync(options.path)).toEqual(expected);
+        expect(volume.stats()).toMatchObject({
+          state: 'failed-over',
+          failoverTarget: to,
+          bufferedBytes: { primary: 0, secondary: 0, committed: 0 },
+        });
+        expect(events).toEqual([{ to, durationMs: expect.any(Number) }]);
+        expect(await readAll(volume.primary, 0, size)).toEqual(expected);
+        expect(await readAll(volume.secondary, 0, size)).toEqual(expected);
+        // A plain disk now: the secondary writes through, the primary is read-only.
+        await expectCode(volume.primary.write(Buffer.alloc(1), 0), 'EPERM');
+        expect(volume.primary.capabilities.readOnly).toBe(true);
+        const after = pattern(5000, 75);
+        await volume.secondary.write(after, 1000, { fua: true });
+        after.copy(expected, 1000);
+        expect(readFileSync(options.path)).toEqual(expected);
+        await expectCode(volume.checkpoint(), 'ESTATE');
+        await volume.close();
+        const reopened = await ReplicatedVolume.open(options);
+        expect(reopened.stats()).toMatchObject({ state: 'failed-over', failoverTarget: to });
+        expect(await readAll(reopened.secondary, 0, size)).toEqual(expected);
+        await reopened.close();
+      });
+    }
+  });
+
+  it('finishes an interrupted failover on the next open', async () => {
+    const options = volumeOptions(MiB);
+    const volume = await ReplicatedVolume.open(options);
+    const s = pattern(100 * KiB, 80);
+    await volume.secondary.write(s, 4000);
+    _internal.backingOf(volume).setFault('sync', new Error('injected'));
+    await expect(volume.failover()).rejects.toSatisfy((err: unknown) => (err as GannetError).code === 'EIO');
+    expect(volume.stats().state).toBe('failing-over');
+    await expectCode(volume.secondary.read(Buffer.alloc(1), 0), 'EIO');
+    await volume.close();
+    // The journal landed before the apply failed: the reopen applies it again.
+    const reopened = await ReplicatedVolume.open(options);
+    expect(reopened.stats()).toMatchObject({ state: 'failed-over', failoverTarget: 'secondary' });
+    const expected = Buffer.alloc(MiB);
+    s.copy(expected, 4000);
+    expect(readFileSync(options.path)).toEqual(expected);
+    await reopened.close();
+  });
+
+  it('reopens after close at the last durable checkpoint, with a higher epoch', async () => {
+    const options = volumeOptions(MiB);
+    const volume = await ReplicatedVolume.open(options);
+    const data = pattern(50 * KiB, 90);
+    await volume.primary.write(data, 10);
+    const e1 = await volume.checkpoint();
+    await volume.primary.write(pattern(10, 91), 0);
+    await volume.secondary.write(pattern(10, 92), 0);
+    await volume.close();
+    expect(volume.stats().state).toBe('closed');
+    await expectCode(volume.primary.read(Buffer.alloc(1), 0), 'ESHUTDOWN');
+    const reopened = await ReplicatedVolume.open(options);
+    const stats = reopened.stats();
+    expect(stats.durableEpoch).toBe(e1);
+    expect(stats.epoch).toBeGreaterThan(e1);
+    expect(stats.tornRanges).toEqual([]);
+    const expected = Buffer.alloc(MiB);
+    data.copy(expected, 10);
+    expect(await readAll(reopened.primary, 0, MiB)).toEqual(expected);
+    expect(await readAll(reopened.secondary, 0, MiB)).toEqual(expected);
+    const e2 = await reopened.checkpoint();
+    expect(e2).toBe(stats.epoch + 1);
+    await reopened.close();
+  });
+
+  it('reports an I/O error, refuses the next checkpoint, keeps the data, and recovers', async () => {
+    const options = volumeOptions(MiB);
+    const volume = await ReplicatedVolume.open(options);
+    const errors: Error[] = [];
+    volume.on('error', (err) => errors.push(err));
+    _internal.backingOf(volume).setFault('write', new Error('injected EIO'));
+    const data = pattern(40 * KiB, 100);
+    await volume.primary.write(data, 0);
+    await volume.checkpoint();
+    while (errors.length === 0) await once(volume, 'error');
+    expect((errors[0] as GannetError).code).toBe('EIO');
+    // The refused checkpoint starts a retry, which fails again while the fault lasts.
+    await expect(volume.checkpoint()).rejects.toSatisfy((err: unknown) => err instanceof GannetError && err.code === 'EIO');
+    while (errors.length < 2) await once(volume, 'error');
+    expect(volume.stats().durableEpoch).toBe(0);
+    expect(volume.stats().bufferedBytes.committed).toBe(40 * KiB);
+    expect(await readAll(volume.secondary, 0, 40 * KiB)).toEqual(data);
+    expect(readFileSync(options.path).subarray(0, 40 * KiB)).toEqual(Buffer.alloc(40 * KiB));
+    // With the fault gone, the retry the next refusal starts succeeds.
+    _internal.backingOf(volume).setFault('write', null);
+    await expect(volume.checkpoint()).rejects.toSatisfy((err: unknown) => (err as GannetError).code === 'EIO');
+    await flushed(volume, 1);
+    expect(await volume.checkpoint()).toBe(2);
+    expect(readFileSync(options.path).subarray(0, 40 * KiB)).toEqual(data);
+    await volume.close();
+  });
+
+  it('reports the ranges of an interrupted flush as torn after reopen', async () => {
+    const options = volumeOptions(MiB);
+    const volume = await ReplicatedVolume.open(options);
+    volume.on('error', () => undefined);
+    _internal.backingOf(volume).setFault('sync', new Error('injected'));
+    await volume.primary.write(pattern(8192, 110), 4096);
+    await volume.primary.write(pattern(100, 111), 100 * KiB);
+    await volume.checkpoint();
+    await once(volume, 'error');
+    await expect(volume.close()).rejects.toSatisfy((err: unknown) => (err as GannetError).code === 'EIO');
+    const reopened = await ReplicatedVolume.open(options);
+    expect(reopened.stats()).toMatchObject({
+      durableEpoch: 0,
+      tornRanges: [
+        { offset: 4096, length: 8192 },
+        { offset: 100 * KiB, length: 4096 },
+      ],
+    });
+    // A resync of the torn ranges through the primary, flushed, clears them.
+    await reopened.primary.write(pattern(8192, 112), 4096);
+    await flushed(reopened, await reopened.checkpoint());
+    expect(reopened.stats().tornRanges).toEqual([{ offset: 100 * KiB, length: 4096 }]);
+    await reopened.close();
+  });
+
+  it('spills the coldest blocks at the memory limit and keeps serving them', async () => {
+    const options = volumeOptions(8 * MiB, { memoryBytesMax: MiB, pressureRatio: 0.5 });
+    const volume = await ReplicatedVolume.open(options);
+    const pressure: unknown[] = [];
+    volume.on('pressure', (ev) => pressure.push(ev));
+    const p = pattern(3 * MiB, 120);
+    const s = pattern(MiB + 5, 121);
+    for (let off = 0; off < p.length; off += 256 * KiB) await volume.primary.write(p.subarray(off, off + 256 * KiB), off);
+    await volume.secondary.write(s, 2 * MiB + 11);
+    const stats = volume.stats();
+    const inMemory = stats.bufferedBytes.primary + stats.bufferedBytes.secondary;
+    expect(inMemory).toBeLessThanOrEqual(MiB);
+    expect(inMemory + stats.spilledBytes).toBe(3 * MiB + MiB + 4096);
+    expect(pressure).toEqual([{ bufferedBytes: expect.any(Number), memoryBytesMax: MiB }]);
+    expect(await readAll(volume.primary, 0, 3 * MiB)).toEqual(p);
+    expect(await readAll(volume.secondary, 2 * MiB + 11, MiB + 5)).toEqual(s);
+    // A partial write to a spilled block merges with its spilled content.
+    await volume.primary.write(Buffer.from([1, 2, 3]), 10);
+    p.set([1, 2, 3], 10);
+    expect(await readAll(volume.primary, 0, 64)).toEqual(p.subarray(0, 64));
+    await flushed(volume, await volume.checkpoint());
+    expect(readFileSync(options.path).subarray(0, 3 * MiB)).toEqual(p);
+    expect(volume.stats().spilledBytes).toBe(0);
+    await volume.close();
+  });
+
+  it('holds primary writes back while committed data exceeds committedBytesMax', async () => {
+    const volume = await ReplicatedVolume.open(volumeOptions(8 * MiB, { committedBytesMax: MiB }));
+    const order: string[] = [];
+    volume.on('flushed', () => order.push('flushed'));
+    await volume.primary.write(pattern(2 * MiB, 130), 0);
+    await volume.checkpoint();
+    const write = volume.primary.write(pattern(4096, 131), 0).then(() => order.push('write'));
+    await volume.secondary.write(pattern(4096, 132), 0).then(() => order.push('secondary write'));
+    await write;
+    expect(order).toEqual(['secondary write', 'flushed', 'write']);
+    await volume.close();
+  });
+
+  it('checkpoints a group of volumes atomically', async () => {
+    const a = await ReplicatedVolume.open(volumeOptions(MiB));
+    const b = await ReplicatedVolume.open(volumeOptions(MiB));
+    await a.checkpoint();
+    await a.primary.write(pattern(4096, 140), 0);
+    await b.primary.write(pattern(4096, 141), 0);
+    const epochs = await checkpointGroup([a, b]);
+    expect(epochs).toEqual([2, 1]);
+    expect(a.stats().bufferedBytes.primary + b.stats().bufferedBytes.primary).toBe(0);
+    await a.failover({ to: 'checkpoint' });
+    await expect(checkpointGroup([a, b])).rejects.toSatisfy((err: unknown) => (err as GannetError).code === 'ESTATE');
+    expect(b.stats().epoch).toBe(1);
+    await a.close();
+    await b.close();
+  });
+
+  it('opens through openVolume for the gannet strategy', async () => {
+    const volume = await openVolume(volumeOptions(MiB));
+    expect(volume).toBeInstanceOf(ReplicatedVolume);
+    expect(volume.stats().strategy).toBe('gannet');
+    await volume.close();
+  });
+
+  it('rejects out-of-range requests with the NBD errno', async () => {
+    const volume = await ReplicatedVolume.open(volumeOptions(MiB));
+    await expectCode(volume.primary.write(Buffer.alloc(2), MiB - 1), 'ENOSPC');
+    await expectCode(volume.secondary.read(Buffer.alloc(2), MiB - 1), 'EINVAL');
+    await expect(volume.secondary.trim(MiB, 1)).rejects.toBeInstanceOf(BlockDeviceError);
+    await volume.close();
+  });
+});
+
+afterAll(async () => {
+  await Promise.all(opened.map((v) => (v.stats().state === 'closed' ? undefined : v.close().catch(() => undefined))));
+});

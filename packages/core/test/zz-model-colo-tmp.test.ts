@@ -1,0 +1,2 @@
+import { runModelBasedTests } from './model-harness.js';
+runModelBasedTests('colo');

@@ -1,0 +1,475 @@
+/**
+ * An NBD client that is itself a BlockDevice, so the conformance suite can run against any served
+ * device through the wire. Requests are pipelined (each carries a cookie; replies complete them in any
+ * order), writes issued in one tick go out in one corked batch, and READ data is streamed by the
+ * ReplyParser straight into the caller's buffer.
+ *
+ * With `strict` (the default) the client checks ranges and capabilities before sending, like libnbd,
+ * and splits reads and writes larger than the server's maximum payload. `strict: false` sends requests
+ * exactly as asked, so tests can probe how a server handles out-of-range or unsupported requests.
+ */
+import net from 'node:net';
+import type { BlockDevice, BlockErrorCode, BlockSizes, Capabilities, Extent, WriteOptions, ZeroOptions } from './device.js';
+import { BlockDeviceError, checkRange } from './device.js';
+import type { ExportListing, Negotiated } from './client/handshake.js';
+import { clientHandshake, HandshakeReader, listExports, NbdHandshakeError } from './client/handshake.js';
+import type { PendingReply } from './client/reply-parser.js';
+import { NbdProtocolError, ReplyParser } from './client/reply-parser.js';
+import {
+  BASE_ALLOCATION,
+  CMD_BLOCK_STATUS,
+  CMD_CACHE,
+  CMD_DISC,
+  CMD_FLAG_DF,
+  CMD_FLAG_FAST_ZERO,
+  CMD_FLAG_FUA,
+  CMD_FLAG_NO_HOLE,
+  CMD_FLAG_REQ_ONE,
+  CMD_FLUSH,
+  CMD_READ,
+  CMD_TRIM,
+  CMD_WRITE,
+  CMD_WRITE_ZEROES,
+  NBD_EINVAL,
+  NBD_EIO,
+  NBD_ENOMEM,
+  NBD_ENOSPC,
+  NBD_ENOTSUP,
+  NBD_EOVERFLOW,
+  NBD_EPERM,
+  NBD_ESHUTDOWN,
+  REQUEST_HEADER_BYTES,
+  REQUEST_MAGIC,
+  TFLAG_CAN_MULTI_CONN,
+  TFLAG_READ_ONLY,
+  TFLAG_SEND_CACHE,
+  TFLAG_SEND_DF,
+  TFLAG_SEND_FAST_ZERO,
+  TFLAG_SEND_FLUSH,
+  TFLAG_SEND_FUA,
+  TFLAG_SEND_TRIM,
+  TFLAG_SEND_WRITE_ZEROES,
+} from './protocol/constants.js';
+
+export { NbdHandshakeError } from './client/handshake.js';
+export type { ExportListing } from './client/handshake.js';
+export { NbdProtocolError, ReplyParser } from './client/reply-parser.js';
+export type { PendingReply, ReplyParserOptions } from './client/reply-parser.js';
+export { ChunkCursor } from './client/chunks.js';
+
+export type NbdAddress = { host: string; port: number } | { path: string };
+
+export interface NbdClientOptions {
+  /** Export to attach; '' selects the server's default. */
+  readonly exportName?: string;
+  /** Negotiate structured replies (needed for block status and DF). Default true. */
+  readonly structuredReplies?: boolean;
+  /** Meta contexts to request when structured replies are on. Default ['base:allocation']. */
+  readonly metaContexts?: string[];
+  /** Check ranges and capabilities client-side and split oversized payloads. Default true. */
+  readonly strict?: boolean;
+}
+
+/**
+ * Largest length field we put in one TRIM, WRITE_ZEROES, CACHE or BLOCK_STATUS request: the wire field
+ * is 32 bits, and 2 GiB keeps every split aligned to any legal minimum block size.
+ */
+export const rangeRequestBytesMax = 2 ** 31;
+/** Largest zero buffer kept for emulating WRITE_ZEROES with WRITE on servers that lack it. */
+const zeroBufferBytesMax = 1024 * 1024;
+/** Block status chunks hold 8 bytes per extent; this bounds what one reply may make us buffer. */
+const chunkPayloadBytesMax = 4 * 1024 * 1024 + 64 * 1024;
+const cookieMax = Number.MAX_SAFE_INTEGER;
+
+const codeByErrno: Readonly<Record<number, BlockErrorCode>> = {
+  [NBD_EPERM]: 'EPERM',
+  [NBD_EIO]: 'EIO',
+  [NBD_ENOMEM]: 'ENOMEM',
+  [NBD_EINVAL]: 'EINVAL',
+  [NBD_ENOSPC]: 'ENOSPC',
+  [NBD_EOVERFLOW]: 'EOVERFLOW',
+  [NBD_ENOTSUP]: 'ENOTSUP',
+  [NBD_ESHUTDOWN]: 'ESHUTDOWN',
+};
+
+/** The code for a wire errno; the spec tells clients to treat values they do not know as EIO. */
+export function errnoToCode(errno: number): BlockErrorCode {
+  return codeByErrno[errno] ?? 'EIO';
+}
+
+/** A request the server answered with an error; `errno` is the value from the wire. */
+export class NbdRequestError extends BlockDeviceError {
+  readonly errno: number;
+  constructor(errno: number, message: string) {
+    super(errnoToCode(errno), message);
+    this.name = 'NbdRequestError';
+    this.errno = errno;
+  }
+}
+
+interface Pending extends PendingReply {
+  resolve(reply: PendingReply): void;
+  reject(err: Error): void;
+}
+
+type ClientState = 'open' | 'closing' | 'closed';
+
+const commandLabels: Readonly<Record<number, string>> = {
+  [CMD_READ]: 'READ',
+  [CMD_WRITE]: 'WRITE',
+  [CMD_FLUSH]: 'FLUSH',
+  [CMD_TRIM]: 'TRIM',
+  [CMD_CACHE]: 'CACHE',
+  [CMD_WRITE_ZEROES]: 'WRITE_ZEROES',
+  [CMD_BLOCK_STATUS]: 'BLOCK_STATUS',
+};
+
+function connectSocket(address: NbdAddress): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const socket = 'path' in address ? net.connect({ path: address.path }) : net.connect({ host: address.host, port: address.port });
+    const onError = (err: Error) => {
+      socket.destroy();
+      reject(err);
+    };
+    socket.once('error', onError);
+    socket.once('connect', () => {
+      socket.off('error', onError);
+      socket.setNoDelay(true);
+      resolve(socket);
+    });
+  });
+}
+
+function describe(address: NbdAddress): string {
+  return 'path' in address ? address.path : `${address.host}:${address.port}`;
+}
+
+export class NbdClient implements BlockDevice {
+  readonly size: number;
+  readonly exportName: string;
+  readonly transmissionFlags: number;
+  readonly structuredReplies: boolean;
+  readonly blockSizes: BlockSizes;
+  readonly capabilities: Capabilities;
+  /** Whether client-side checks and payload splitting are on. */
+  readonly strict: boolean;
+
+  private readonly socket: net.Socket;
+  private readonly parser: ReplyParser;
+  private readonly pending = new Map<number, Pending>();
+  private readonly metaContextId: number | undefined;
+  private nextCookie = 1;
+  private corked = false;
+  private state: ClientState = 'open';
+  private failure: Error | undefined;
+  private drained: (() => void) | undefined;
+  private readonly closed: Promise<void>;
+  private zeroBuffer: Buffer | undefined;
+
+  /** Connects, negotiates and attaches an export; rejects with NbdHandshakeError if the server refuses. */
+  static async connect(address: NbdAddress, options: NbdClientOptions = {}): Promise<NbdClient> {
+    const socket = await connectSocket(address);
+    const reader = new HandshakeReader(socket);
+    try {
+      const negotiated = await clientHandshake(reader, {
+        exportName: options.exportName ?? '',
+        structuredReplies: options.structuredReplies ?? true,
+        metaContexts: options.metaContexts ?? [BASE_ALLOCATION],
+      });
+      return new NbdClient(socket, negotiated, reader.detach(), options.strict ?? true);
+    } catch (err) {
+      reader.detach();
+      socket.destroy();
+      if (err instanceof NbdHandshakeError) {
+        err.message = `NBD handshake with ${describe(address)} failed: ${err.message}`;
+      }
+      throw err;
+    }
+  }
+
+  /** The server's exports, via NBD_OPT_LIST. */
+  static async list(address: NbdAddress): Promise<ExportListing[]> {
+    const socket = await connectSocket(address);
+    const reader = new HandshakeReader(socket);
+    try {
+      return await listExports(reader);
+    } finally {
+      reader.detach();
+      socket.destroy();
+    }
+  }
+
+  private constructor(socket: net.Socket, n: Negotiated, leftover: Buffer[], strict: boolean) {
+    this.socket = socket;
+    this.strict = strict;
+    this.size = n.size;
+    this.exportName = n.exportName;
+    this.transmissionFlags = n.transmissionFlags;
+    this.structuredReplies = n.structuredReplies;
+    this.blockSizes = Object.freeze({ ...n.blockSizes });
+    this.metaContextId = n.metaContexts.get(BASE_ALLOCATION);
+    const f = n.transmissionFlags;
+    this.capabilities = Object.freeze({
+      readOnly: (f & TFLAG_READ_ONLY) !== 0,
+      flush: (f & TFLAG_SEND_FLUSH) !== 0,
+      fua: (f & TFLAG_SEND_FUA) !== 0,
+      trim: (f & TFLAG_SEND_TRIM) !== 0,
+      zero: (f & TFLAG_SEND_WRITE_ZEROES) !== 0,
+      fastZero: (f & TFLAG_SEND_FAST_ZERO) !== 0,
+      cache: (f & TFLAG_SEND_CACHE) !== 0,
+      multiConn: (f & TFLAG_CAN_MULTI_CONN) !== 0,
+      extents: this.metaContextId !== undefined,
+    });
+    this.parser = new ReplyParser({
+      lookup: (cookie) => this.pending.get(cookie),
+      complete: (reply) => this.complete(reply as Pending),
+      structuredReplies: n.structuredReplies,
+      metaContextId: this.metaContextId,
+      chunkPayloadBytesMax,
+    });
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => this.fail(new BlockDeviceError('EIO', `NBD connection error: ${err.message}`, { cause: err })));
+    socket.on('close', () => this.fail(new BlockDeviceError(this.state === 'open' ? 'EIO' : 'ESHUTDOWN', 'NBD connection closed')));
+    for (const chunk of leftover) this.onData(chunk);
+  }
+
+  /** Requests sent and not yet answered. */
+  get inflightCount(): number {
+    return this.pending.size;
+  }
+
+  async read(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.strict) {
+      checkRange(this.size, offset, buf.length, 'read');
+      if (buf.length === 0) return;
+    }
+    await this.eachPiece(offset, buf.length, this.blockSizes.maximum, (o, n) =>
+      this.request(CMD_READ, 0, o, n, undefined, buf.subarray(o - offset, o - offset + n)),
+    );
+  }
+
+  /** Reads into a new buffer; `df` asks the server not to fragment the reply (one request, no split). */
+  async readBytes(offset: number, length: number, options: { df?: boolean } = {}): Promise<Buffer> {
+    const buf = Buffer.alloc(length);
+    if (!options.df) {
+      await this.read(buf, offset);
+      return buf;
+    }
+    if (this.strict) {
+      checkRange(this.size, offset, length, 'read');
+      this.require((this.transmissionFlags & TFLAG_SEND_DF) !== 0 && this.structuredReplies, 'ENOTSUP', 'server does not support DF');
+    }
+    await this.request(CMD_READ, CMD_FLAG_DF, offset, length, undefined, buf);
+    return buf;
+  }
+
+  async write(data: Uint8Array, offset: number, options: WriteOptions = {}): Promise<void> {
+    const fua = this.fuaFlag(options.fua);
+    if (this.strict) {
+      this.requireWritable();
+      checkRange(this.size, offset, data.length, 'write');
+      if (data.length === 0) return;
+    }
+    await this.eachPiece(offset, data.length, this.blockSizes.maximum, (o, n) =>
+      this.request(CMD_WRITE, fua, o, n, data.subarray(o - offset, o - offset + n)),
+    );
+    await this.emulatedFua(options.fua);
+  }
+
+  async flush(): Promise<void> {
+    if (this.strict) this.require(this.capabilities.flush, 'ENOTSUP', 'server does not support FLUSH');
+    await this.request(CMD_FLUSH, 0, 0, 0);
+  }
+
+  async trim(offset: number, length: number, options: WriteOptions = {}): Promise<void> {
+    const fua = this.fuaFlag(options.fua);
+    if (this.strict) {
+      this.requireWritable();
+      this.require(this.capabilities.trim, 'ENOTSUP', 'server does not support TRIM');
+      checkRange(this.size, offset, length, 'trim');
+      if (length === 0) return;
+    }
+    await this.eachPiece(offset, length, rangeRequestBytesMax, (o, n) => this.request(CMD_TRIM, fua, o, n));
+    await this.emulatedFua(options.fua);
+  }
+
+  async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
+    if (this.strict) {
+      this.requireWritable();
+      checkRange(this.size, offset, length, 'zero');
+      if (options.fastZero) this.require(this.capabilities.fastZero, 'ENOTSUP', 'server does not support FAST_ZERO');
+      if (length === 0) return;
+      if (!this.capabilities.zero) {
+        await this.writeZeroBuffers(offset, length);
+        await this.emulatedFua(options.fua);
+        return;
+      }
+    }
+    const flags = this.fuaFlag(options.fua) | (options.noHole ? CMD_FLAG_NO_HOLE : 0) | (options.fastZero ? CMD_FLAG_FAST_ZERO : 0);
+    await this.eachPiece(offset, length, rangeRequestBytesMax, (o, n) => this.request(CMD_WRITE_ZEROES, flags, o, n));
+    await this.emulatedFua(options.fua);
+  }
+
+  async cache(offset: number, length: number): Promise<void> {
+    if (this.strict) {
+      this.require(this.capabilities.cache, 'ENOTSUP', 'server does not support CACHE');
+      checkRange(this.size, offset, length, 'cache');
+      if (length === 0) return;
+    }
+    await this.eachPiece(offset, length, rangeRequestBytesMax, (o, n) => this.request(CMD_CACHE, 0, o, n));
+  }
+
+  /**
+   * base:allocation extents of [offset, offset + length), clamped to the range. Without the context
+   * (no structured replies, or the server lacks it) a strict client reports everything as data.
+   */
+  async extents(offset: number, length: number, options: { reqOne?: boolean } = {}): Promise<Extent[]> {
+    if (this.strict) {
+      checkRange(this.size, offset, length, 'extents');
+      if (length === 0) return [];
+      if (this.metaContextId === undefined) return [{ length, flags: 0 }];
+    }
+    const requested = this.strict ? Math.min(length, rangeRequestBytesMax) : length;
+    const reply = await this.request(CMD_BLOCK_STATUS, options.reqOne ? CMD_FLAG_REQ_ONE : 0, offset, requested);
+    const out: Extent[] = [];
+    let covered = 0;
+    for (const e of reply.extents ?? []) {
+      if (covered >= requested) break;
+      const n = Math.min(e.length, requested - covered);
+      out.push({ length: n, flags: e.flags });
+      covered += n;
+    }
+    return out;
+  }
+
+  /** Waits for in-flight requests, sends NBD_CMD_DISC, and ends the connection. */
+  async close(): Promise<void> {
+    if (this.state === 'open') {
+      this.state = 'closing';
+      if (this.pending.size > 0) await new Promise<void>((resolve) => (this.drained = resolve));
+      if (!this.failure && !this.socket.destroyed) {
+        this.sendHeader(CMD_DISC, 0, 0, 0, 0);
+        this.socket.end();
+      }
+    }
+    await this.closed;
+  }
+
+  /** Drops the connection at once; in-flight requests reject with ESHUTDOWN. */
+  destroy(): void {
+    if (this.state === 'open') this.state = 'closing';
+    this.fail(new BlockDeviceError('ESHUTDOWN', 'NBD client destroyed'));
+  }
+
+  private onData(chunk: Buffer): void {
+    try {
+      this.parser.push(chunk);
+    } catch (err) {
+      if (!(err instanceof NbdProtocolError)) throw err;
+      this.fail(new BlockDeviceError('EIO', `NBD protocol error from server: ${err.message}`, { cause: err }));
+    }
+  }
+
+  private request(type: number, flags: number, offset: number, length: number, payload?: Uint8Array, buf?: Uint8Array): Promise<PendingReply> {
+    if (this.state !== 'open') {
+      return Promise.reject(this.failure ?? new BlockDeviceError('ESHUTDOWN', 'NBD client is closing'));
+    }
+    if (!Number.isSafeInteger(offset) || offset < 0 || !Number.isInteger(length) || length < 0 || length > 0xffffffff) {
+      return Promise.reject(new BlockDeviceError('EINVAL', `cannot encode offset=${offset} length=${length}`));
+    }
+    const cookie = this.nextCookie;
+    this.nextCookie = cookie === cookieMax ? 1 : cookie + 1;
+    if (this.pending.has(cookie)) throw new Error(`cookie ${cookie} still in flight after wrapping`);
+    return new Promise<PendingReply>((resolve, reject) => {
+      this.pending.set(cookie, { cookie, type, offset, length, buf, errno: 0, message: '', bytesSeen: 0, resolve, reject });
+      this.sendHeader(type, flags, cookie, offset, length);
+      if (payload) this.socket.write(payload);
+    });
+  }
+
+  /** Writes a request header into the current corked batch, which is flushed at the end of the tick. */
+  private sendHeader(type: number, flags: number, cookie: number, offset: number, length: number): void {
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.socket.uncork();
+      });
+    }
+    const h = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
+    h.writeUInt32BE(REQUEST_MAGIC, 0);
+    h.writeUInt16BE(flags, 4);
+    h.writeUInt16BE(type, 6);
+    h.writeUInt32BE(Math.floor(cookie / 2 ** 32), 8);
+    h.writeUInt32BE(cookie >>> 0, 12);
+    h.writeUInt32BE(Math.floor(offset / 2 ** 32), 16);
+    h.writeUInt32BE(offset >>> 0, 20);
+    h.writeUInt32BE(length, 24);
+    this.socket.write(h);
+  }
+
+  private complete(reply: Pending): void {
+    this.pending.delete(reply.cookie);
+    if (reply.errno !== 0) {
+      const label = commandLabels[reply.type] ?? `command ${reply.type}`;
+      const detail = reply.message ? `: ${reply.message}` : '';
+      reply.reject(new NbdRequestError(reply.errno, `${label} ${reply.offset}+${reply.length} failed with ${errnoToCode(reply.errno)} (${reply.errno})${detail}`));
+    } else {
+      reply.resolve(reply);
+    }
+    if (this.pending.size === 0) this.wakeDrained();
+  }
+
+  /** Rejects every request in flight and tears the socket down; the first cause wins. */
+  private fail(err: Error): void {
+    this.failure ??= err;
+    this.state = 'closed';
+    const inflight = [...this.pending.values()];
+    this.pending.clear();
+    for (const p of inflight) p.reject(this.failure);
+    this.wakeDrained();
+    if (!this.socket.destroyed) this.socket.destroy();
+  }
+
+  private wakeDrained(): void {
+    const d = this.drained;
+    this.drained = undefined;
+    d?.();
+  }
+
+  private async eachPiece(offset: number, length: number, pieceMax: number, send: (offset: number, length: number) => Promise<unknown>): Promise<void> {
+    if (!this.strict || length <= pieceMax) {
+      await send(offset, length);
+      return;
+    }
+    const sends: Promise<unknown>[] = [];
+    for (let o = offset; o < offset + length; o += pieceMax) sends.push(send(o, Math.min(pieceMax, offset + length - o)));
+    await Promise.all(sends);
+  }
+
+  private fuaFlag(fua: boolean | undefined): number {
+    return fua && (this.capabilities.fua || !this.strict) ? CMD_FLAG_FUA : 0;
+  }
+
+  /** FUA on a server without SEND_FUA: a FLUSH after the write gives the same guarantee. */
+  private async emulatedFua(fua: boolean | undefined): Promise<void> {
+    if (fua && this.strict && !this.capabilities.fua && this.capabilities.flush) await this.flush();
+  }
+
+  private async writeZeroBuffers(offset: number, length: number): Promise<void> {
+    const pieceMax = Math.min(zeroBufferBytesMax, this.blockSizes.maximum);
+    this.zeroBuffer ??= Buffer.alloc(pieceMax);
+    const zeroes = this.zeroBuffer;
+    await this.eachPiece(offset, length, pieceMax, (o, n) => this.request(CMD_WRITE, 0, o, n, zeroes.subarray(0, n)));
+  }
+
+  private requireWritable(): void {
+    this.require(!this.capabilities.readOnly, 'EPERM', 'export is read-only');
+  }
+
+  private require(condition: boolean, code: BlockErrorCode, message: string): void {
+    if (!condition) throw new BlockDeviceError(code, message);
+  }
+}

@@ -1,0 +1,181 @@
+/**
+ * NbdServer: a registry of exports (name -> BlockDevice) served over any number of TCP and Unix socket
+ * listeners. Each connection is independent: a misbehaving client is disconnected without touching the
+ * others. `close()` stops accepting, ends negotiations, lets transmission connections finish what is in
+ * flight (new requests get ESHUTDOWN), and destroys whatever is left after the grace period.
+ */
+import { EventEmitter } from 'node:events';
+import { createServer, type Server, type Socket } from 'node:net';
+import type { BlockDevice } from '../device.js';
+import { DEFAULT_PORT } from '../protocol/constants.js';
+import { Connection, type Logger } from './connection.js';
+import type { ExportEntry, ExportRegistry } from './handshake.js';
+import { stringBytesMax } from './replies.js';
+import type { RequestEvent } from './transmission.js';
+import type { ListenAddress } from './uri.js';
+
+export type { Logger, LogLevel } from './connection.js';
+export type { RequestEvent, CommandName } from './transmission.js';
+export type { ListenAddress } from './uri.js';
+export { nbdUri } from './uri.js';
+
+const mebibyte = 1024 * 1024;
+/** Largest READ/WRITE payload: advertised as the BLOCK_SIZE maximum and enforced. */
+export const requestBytesMaxDefault = 32 * mebibyte;
+/** READ buffers, WRITE payloads and unsent replies one connection may hold before it stops reading. */
+export const inflightBytesMaxDefault = 64 * mebibyte;
+/** Largest option payload (export names and meta context queries are at most 4 KiB strings each). */
+export const optionBytesMax = 64 * 1024;
+/** How long `close()` waits for in-flight requests before destroying connections. */
+export const closeGraceMsDefault = 10_000;
+const payloadBytesLimit = 2 ** 32 - 1;
+
+export interface ExportOptions {
+  readonly description?: string;
+  readonly readOnly?: boolean;
+}
+
+export interface NbdServerOptions {
+  readonly requestBytesMax?: number;
+  readonly inflightBytesMax?: number;
+  readonly logger?: Logger;
+}
+
+const noLogger: Logger = () => {};
+
+export class NbdServer extends EventEmitter {
+  readonly requestBytesMax: number;
+  readonly inflightBytesMax: number;
+  /**
+   * An oversized WRITE (over `requestBytesMax`) is answered EINVAL and its payload read and dropped, so
+   * the stream stays in step; beyond this length the stream is taken as corrupt and the connection ends
+   * rather than reading gigabytes of what is most likely not a payload at all.
+   */
+  readonly writeSkipBytesMax: number;
+  private readonly logger: Logger;
+  private readonly exports = new Map<string, ExportEntry>();
+  private defaultName: string | null = null;
+  private readonly listeners_: Server[] = [];
+  private readonly connections = new Set<Connection>();
+  private shuttingDown = false;
+  private closing: Promise<void> | null = null;
+  private readonly registry: ExportRegistry;
+
+  constructor(options: NbdServerOptions = {}) {
+    super();
+    this.requestBytesMax = options.requestBytesMax ?? requestBytesMaxDefault;
+    this.inflightBytesMax = options.inflightBytesMax ?? inflightBytesMaxDefault;
+    this.writeSkipBytesMax = Math.min(2 * this.requestBytesMax, payloadBytesLimit);
+    this.logger = options.logger ?? noLogger;
+    if (!(Number.isSafeInteger(this.requestBytesMax) && this.requestBytesMax >= 512 && this.requestBytesMax <= payloadBytesLimit - 8)) {
+      throw new RangeError(`requestBytesMax must be an integer in [512, 2^32 - 9]: ${this.requestBytesMax}`);
+    }
+    if (!(Number.isSafeInteger(this.inflightBytesMax) && this.inflightBytesMax >= this.requestBytesMax)) {
+      throw new RangeError(`inflightBytesMax must be an integer >= requestBytesMax: ${this.inflightBytesMax}`);
+    }
+    this.registry = {
+      lookup: (name) => this.exports.get(name) ?? (name === '' && this.defaultName !== null ? this.exports.get(this.defaultName) : undefined),
+      list: () => [...this.exports.values()],
+    };
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  addExport(name: string, device: BlockDevice, options: ExportOptions = {}): void {
+    if (Buffer.byteLength(name, 'utf8') > stringBytesMax) throw new RangeError(`export name longer than ${stringBytesMax} bytes`);
+    if (name.includes('\0')) throw new RangeError('export name contains NUL');
+    if (this.exports.has(name)) throw new Error(`export ${JSON.stringify(name)} already exists`);
+    const sizes = device.blockSizes;
+    if (!(Number.isSafeInteger(device.size) && device.size >= 0)) throw new RangeError(`device size ${device.size} is not a safe integer`);
+    if (!(sizes.minimum >= 1 && sizes.minimum <= sizes.preferred && sizes.preferred <= Math.min(sizes.maximum, this.requestBytesMax))) {
+      throw new RangeError(`device block sizes ${JSON.stringify(sizes)} do not fit requestBytesMax ${this.requestBytesMax}`);
+    }
+    this.exports.set(name, {
+      name,
+      device,
+      description: options.description ?? '',
+      readOnly: options.readOnly ?? false,
+    });
+  }
+
+  /** New connections no longer see the export; connections already using it keep it. */
+  removeExport(name: string): void {
+    if (!this.exports.delete(name)) throw new Error(`no export ${JSON.stringify(name)}`);
+    if (this.defaultName === name) this.defaultName = null;
+  }
+
+  /** Makes the empty export name select `name`. */
+  setDefaultExport(name: string): void {
+    if (!this.exports.has(name)) throw new Error(`no export ${JSON.stringify(name)}`);
+    this.defaultName = name;
+  }
+
+  listen(address: { host?: string; port?: number } | { path: string }): Promise<ListenAddress> {
+    if (this.shuttingDown) return Promise.reject(new Error('server is closed'));
+    const server = createServer({ noDelay: true }, (socket) => this.accept(socket));
+    return new Promise<ListenAddress>((resolve, reject) => {
+      server.once('error', reject);
+      const onListening = () => {
+        server.off('error', reject);
+        server.on('error', (err) => this.logger('error', 'listener error', { error: err.message }));
+        this.listeners_.push(server);
+        const a = server.address();
+        if (a === null) reject(new Error('listener has no address'));
+        else if (typeof a === 'string') resolve({ path: a });
+        else resolve({ host: a.address, port: a.port });
+      };
+      if ('path' in address) server.listen(address.path, onListening);
+      else server.listen(address.port ?? DEFAULT_PORT, address.host ?? '127.0.0.1', onListening);
+    });
+  }
+
+  private accept(socket: Socket): void {
+    if (this.shuttingDown) {
+      socket.destroy();
+      return;
+    }
+    const conn = new Connection(socket, {
+      exports: this.registry,
+      requestBytesMax: this.requestBytesMax,
+      writeSkipBytesMax: this.writeSkipBytesMax,
+      optionBytesMax,
+      inflightBytesMax: this.inflightBytesMax,
+      logger: this.logger,
+      isShuttingDown: () => this.shuttingDown,
+      wantsEvents: () => this.listenerCount('request') > 0,
+      event: (ev: RequestEvent) => this.emit('request', ev),
+    });
+    this.connections.add(conn);
+    this.emit('connection', { remote: conn.remote });
+    void conn.closed.then(() => {
+      this.connections.delete(conn);
+      this.emit('close-connection', { remote: conn.remote });
+    });
+  }
+
+  close(options: { graceMs?: number } = {}): Promise<void> {
+    this.closing ??= this.doClose(options.graceMs ?? closeGraceMsDefault);
+    return this.closing;
+  }
+
+  private async doClose(graceMs: number): Promise<void> {
+    this.shuttingDown = true;
+    const stopped = this.listeners_.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
+    for (const c of this.connections) c.shutdown();
+    const drained = Promise.all([...this.connections].map((c) => c.closed));
+    let timer: NodeJS.Timeout | undefined;
+    const grace = new Promise<'timeout'>((resolve) => {
+      timer = setTimeout(() => resolve('timeout'), graceMs);
+    });
+    const outcome = await Promise.race([drained.then(() => 'drained' as const), grace]);
+    clearTimeout(timer);
+    if (outcome === 'timeout') {
+      this.logger('warn', 'close: grace period over, destroying connections', { connections: this.connections.size });
+      for (const c of this.connections) c.destroy();
+      await drained;
+    }
+    await Promise.all(stopped);
+  }
+}

@@ -1,0 +1,277 @@
+/**
+ * Goal: the simple devices (MemoryDevice, FileDevice, ReadOnlyDevice) keep the BlockDevice contract and
+ * their own promises. Method: the shared conformance suite on each (FileDevice at an odd size, the
+ * read-only layer over a pre-filled MemoryDevice so refused writes have data to spoil), then
+ * device-specific checks on state a client cannot see: chunk memory held, exact extents, bytes on disk
+ * read with plain fs, which fs calls a flush makes, and how fs errors map to codes.
+ */
+import fs, { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
+import { pattern, runBlockDeviceSuite } from '../src/conformance.js';
+import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../src/device.js';
+import { FileDevice, fileZeroChunkBytes } from '../src/devices/file.js';
+import { MemoryDevice, memoryChunkBytes } from '../src/devices/memory.js';
+import { ReadOnlyDevice } from '../src/devices/readonly.js';
+
+const hole = EXTENT_HOLE | EXTENT_ZERO;
+const tebibyte = 1024 ** 4;
+
+async function rejection(p: Promise<unknown>): Promise<BlockDeviceError> {
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  expect(err).toBeInstanceOf(BlockDeviceError);
+  return err as BlockDeviceError;
+}
+
+async function readBytes(device: { read(buf: Uint8Array, offset: number): Promise<void> }, offset: number, length: number) {
+  const buf = Buffer.alloc(length, 0xa5);
+  await device.read(buf, offset);
+  return buf;
+}
+
+function tmpDir(): { dir: string; cleanup: () => Promise<void> } {
+  const dir = mkdtempSync(join(tmpdir(), 'gannet-devices-'));
+  return { dir, cleanup: async () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+runBlockDeviceSuite({ name: 'MemoryDevice', factory: async (size) => ({ device: new MemoryDevice(size) }) });
+
+runBlockDeviceSuite({
+  name: 'MemoryDevice { readOnly }',
+  factory: async (size) => ({ device: new MemoryDevice(size, { readOnly: true }) }),
+});
+
+runBlockDeviceSuite({
+  name: 'FileDevice (odd size)',
+  factory: async (size) => {
+    const { dir, cleanup } = tmpDir();
+    return { device: await FileDevice.open(join(dir, 'disk.raw'), { create: size }), cleanup };
+  },
+});
+
+runBlockDeviceSuite({
+  name: 'ReadOnlyDevice over a pre-filled MemoryDevice',
+  factory: async (size) => {
+    const next = new MemoryDevice(size);
+    await next.write(pattern(200_000, 1), 0);
+    await next.write(pattern(5000, 2), size - 5000);
+    return { device: new ReadOnlyDevice(next) };
+  },
+});
+
+describe('MemoryDevice', () => {
+  it('memory tracks what is written, not the size (1 TiB)', async () => {
+    const before = process.memoryUsage().arrayBuffers;
+    const device = new MemoryDevice(tebibyte);
+    const middle = tebibyte / 2 + 12_345;
+    await device.write(pattern(100, 1), 0);
+    await device.write(pattern(100, 2), middle);
+    await device.write(pattern(1, 3), tebibyte - 1);
+    expect(device.allocatedBytes).toBe(3 * memoryChunkBytes);
+    expect(process.memoryUsage().arrayBuffers - before).toBeLessThan(16 * 1024 * 1024);
+    expect(await readBytes(device, middle - 1, 102)).toEqual(Buffer.concat([Buffer.alloc(1), pattern(100, 2), Buffer.alloc(1)]));
+    expect(await readBytes(device, tebibyte - 2, 2)).toEqual(Buffer.from([0, pattern(1, 3)[0]]));
+
+    const middleChunk = Math.floor(middle / memoryChunkBytes) * memoryChunkBytes;
+    expect(await device.extents(0, tebibyte)).toEqual([
+      { length: memoryChunkBytes, flags: 0 },
+      { length: middleChunk - memoryChunkBytes, flags: hole },
+      { length: memoryChunkBytes, flags: 0 },
+      { length: tebibyte - memoryChunkBytes - middleChunk - memoryChunkBytes, flags: hole },
+      { length: memoryChunkBytes, flags: 0 },
+    ]);
+
+    await device.writeZeroes(0, tebibyte);
+    expect(device.allocatedBytes).toBe(0);
+    expect(await device.extents(0, tebibyte)).toEqual([{ length: tebibyte, flags: hole }]);
+  });
+
+  it('reports never-written chunks as holes, and the cut last chunk exactly', async () => {
+    const size = 16 * memoryChunkBytes + 3;
+    const device = new MemoryDevice(size);
+    expect(await device.extents(0, size)).toEqual([{ length: size, flags: hole }]);
+    await device.write(pattern(10, 1), memoryChunkBytes + 100);
+    await device.write(pattern(1, 2), size - 1);
+    expect(await device.extents(0, size)).toEqual([
+      { length: memoryChunkBytes, flags: hole },
+      { length: memoryChunkBytes, flags: 0 },
+      { length: 14 * memoryChunkBytes, flags: hole },
+      { length: 3, flags: 0 },
+    ]);
+    expect(device.allocatedBytes).toBe(memoryChunkBytes + 3);
+    expect(await device.extents(memoryChunkBytes + 7, 10)).toEqual([{ length: 10, flags: 0 }]);
+    expect(await device.extents(5, 10)).toEqual([{ length: 10, flags: hole }]);
+  });
+
+  it('frees fully covered chunks on trim and zero, zeroes partial ones, and keeps them with noHole', async () => {
+    const device = new MemoryDevice(4 * memoryChunkBytes);
+    await device.write(pattern(4 * memoryChunkBytes, 1), 0);
+    await device.trim(100, memoryChunkBytes);
+    expect(device.allocatedBytes).toBe(4 * memoryChunkBytes);
+    expect((await readBytes(device, 100, memoryChunkBytes)).every((b) => b === 0)).toBe(true);
+    await device.writeZeroes(2 * memoryChunkBytes, memoryChunkBytes, { noHole: true });
+    expect(device.allocatedBytes).toBe(4 * memoryChunkBytes);
+    expect((await readBytes(device, 2 * memoryChunkBytes, memoryChunkBytes)).every((b) => b === 0)).toBe(true);
+    await device.trim(memoryChunkBytes, 2 * memoryChunkBytes);
+    expect(device.allocatedBytes).toBe(2 * memoryChunkBytes);
+    expect(await device.extents(0, 4 * memoryChunkBytes)).toEqual([
+      { length: memoryChunkBytes, flags: 0 },
+      { length: 2 * memoryChunkBytes, flags: hole },
+      { length: memoryChunkBytes, flags: 0 },
+    ]);
+    expect(await readBytes(device, 3 * memoryChunkBytes, 10)).toEqual(
+      Buffer.from(pattern(4 * memoryChunkBytes, 1).subarray(3 * memoryChunkBytes, 3 * memoryChunkBytes + 10)),
+    );
+  });
+
+  it('bounds one extents answer and lets the caller continue', async () => {
+    const chunks = 1100;
+    const device = new MemoryDevice(chunks * memoryChunkBytes);
+    for (let i = 0; i < chunks; i += 2) await device.write(pattern(1, i), i * memoryChunkBytes);
+    const first = await device.extents(0, device.size);
+    expect(first.length).toBeLessThanOrEqual(1024);
+    let covered = first.reduce((sum, e) => sum + e.length, 0);
+    expect(covered).toBeLessThan(device.size);
+    for (let calls = 0; covered < device.size; calls++) {
+      expect(calls).toBeLessThan(10);
+      const next = await device.extents(covered, device.size - covered);
+      covered += next.reduce((sum, e) => sum + e.length, 0);
+    }
+    expect(covered).toBe(device.size);
+  });
+
+  it('refuses work after close with ESHUTDOWN', async () => {
+    const device = new MemoryDevice(4096);
+    await device.close();
+    expect((await rejection(device.read(new Uint8Array(1), 0))).code).toBe('ESHUTDOWN');
+    expect((await rejection(device.write(new Uint8Array(1), 0))).code).toBe('ESHUTDOWN');
+  });
+});
+
+describe('FileDevice', () => {
+  let dir: string;
+  let cleanup: () => Promise<void>;
+  beforeEach(() => ({ dir, cleanup } = tmpDir()));
+  afterEach(async () => {
+    vi.restoreAllMocks();
+    await cleanup();
+  });
+
+  it('creates the file at the exact odd size, and reopens it at that size', async () => {
+    const path = join(dir, 'odd.raw');
+    const size = 3 * 1024 * 1024 + 511;
+    const device = await FileDevice.open(path, { create: size });
+    expect(statSync(path).size).toBe(size);
+    await device.write(pattern(511, 1), size - 511);
+    await device.close();
+    expect(statSync(path).size).toBe(size);
+    const again = await FileDevice.open(path, { create: size });
+    expect(again.size).toBe(size);
+    expect(await readBytes(again, size - 511, 511)).toEqual(Buffer.from(pattern(511, 1)));
+    await again.close();
+    const readOnly = await FileDevice.open(path, { readOnly: true });
+    expect(readOnly.size).toBe(size);
+    expect(readOnly.capabilities.readOnly).toBe(true);
+    expect((await rejection(readOnly.write(new Uint8Array(1), 0))).code).toBe('EPERM');
+    await readOnly.close();
+  });
+
+  it('refuses a size mismatch, create with readOnly, and a missing file', async () => {
+    const path = join(dir, 'disk.raw');
+    writeFileSync(path, Buffer.alloc(1000));
+    expect((await rejection(FileDevice.open(path, { create: 1001 }))).code).toBe('EINVAL');
+    expect((await rejection(FileDevice.open(path, { create: 1000, readOnly: true }))).code).toBe('EINVAL');
+    const missing = await rejection(FileDevice.open(join(dir, 'missing.raw')));
+    expect(missing.code).toBe('EIO');
+    expect((missing.cause as NodeJS.ErrnoException).code).toBe('ENOENT');
+    expect(statSync(path).size).toBe(1000);
+  });
+
+  it('flush and FUA reach fdatasync on the device fd, and the bytes are in the file', async () => {
+    const path = join(dir, 'disk.raw');
+    const device = await FileDevice.open(path, { create: 1024 * 1024 + 3 });
+    const sync = vi.spyOn(fs, 'fdatasync');
+    await device.write(pattern(4097, 1), 10);
+    expect(sync).not.toHaveBeenCalled();
+    await device.flush();
+    expect(sync).toHaveBeenCalledTimes(1);
+    expect(readFileSync(path).subarray(10, 10 + 4097)).toEqual(Buffer.from(pattern(4097, 1)));
+    await device.write(pattern(100, 2), 1024 * 1024 + 3 - 100, { fua: true });
+    expect(sync).toHaveBeenCalledTimes(2);
+    expect(readFileSync(path).subarray(-100)).toEqual(Buffer.from(pattern(100, 2)));
+    await device.writeZeroes(10, 4097, { fua: true });
+    expect(sync).toHaveBeenCalledTimes(3);
+    expect(readFileSync(path).subarray(0, 5000).every((b) => b === 0)).toBe(true);
+    const fds = new Set(sync.mock.calls.map((call) => call[0]));
+    expect(fds.size).toBe(1);
+    await device.close();
+  });
+
+  it('writeZeroes writes bounded chunks from one shared zero buffer', async () => {
+    const path = join(dir, 'disk.raw');
+    const size = 3 * fileZeroChunkBytes + 1001;
+    const device = await FileDevice.open(path, { create: size });
+    await device.write(pattern(size, 1), 0);
+    const write = vi.spyOn(fs, 'write');
+    await device.writeZeroes(5, size - 10);
+    const buffers = new Set(write.mock.calls.map((call) => call[1]));
+    expect(buffers.size).toBe(1);
+    for (const call of write.mock.calls) expect((call as unknown[])[3]).toBeLessThanOrEqual(fileZeroChunkBytes);
+    expect(write.mock.calls.length).toBe(4);
+    const onDisk = readFileSync(path);
+    expect(onDisk.subarray(0, 5)).toEqual(Buffer.from(pattern(size, 1).subarray(0, 5)));
+    expect(onDisk.subarray(5, size - 5).every((b) => b === 0)).toBe(true);
+    expect(onDisk.subarray(size - 5)).toEqual(Buffer.from(pattern(size, 1).subarray(size - 5)));
+    await device.close();
+  });
+
+  it('maps fs errors: ENOSPC to ENOSPC, EROFS to EPERM, others to EIO, keeping the cause', async () => {
+    const device = await FileDevice.open(join(dir, 'disk.raw'), { create: 4096 });
+    const failing = (errno: string) => {
+      const err = Object.assign(new Error(`simulated ${errno}`), { code: errno });
+      vi.spyOn(fs, 'write').mockImplementation(((...args: unknown[]) => {
+        const callback = args[args.length - 1] as (e: Error) => void;
+        process.nextTick(callback, err);
+      }) as unknown as typeof fs.write);
+      return err;
+    };
+    for (const [errno, code] of [['ENOSPC', 'ENOSPC'], ['EROFS', 'EPERM'], ['EACCES', 'EPERM'], ['EBADF', 'EIO']] as const) {
+      const cause = failing(errno);
+      const err = await rejection(device.write(pattern(10, 1), 0));
+      expect(err.code).toBe(code);
+      expect(err.cause).toBe(cause);
+      vi.restoreAllMocks();
+    }
+    await device.close();
+  });
+
+  it('close waits for in-flight I/O, then refuses with ESHUTDOWN', async () => {
+    const device = await FileDevice.open(join(dir, 'disk.raw'), { create: 1024 * 1024 });
+    const writing = device.write(pattern(512 * 1024, 1), 0);
+    const closing = device.close();
+    await writing;
+    await closing;
+    expect((await rejection(device.read(new Uint8Array(1), 0))).code).toBe('ESHUTDOWN');
+    expect(readFileSync(join(dir, 'disk.raw')).subarray(0, 512 * 1024).equals(pattern(512 * 1024, 1))).toBe(true);
+  });
+});
+
+describe('ReadOnlyDevice', () => {
+  it('passes reads, extents and capabilities through, marks readOnly, and closes next', async () => {
+    const next = new MemoryDevice(4 * memoryChunkBytes);
+    await next.write(pattern(100, 1), memoryChunkBytes);
+    const device = new ReadOnlyDevice(next);
+    expect(device.size).toBe(next.size);
+    expect(device.capabilities).toEqual({ ...next.capabilities, readOnly: true });
+    expect(await readBytes(device, memoryChunkBytes, 100)).toEqual(Buffer.from(pattern(100, 1)));
+    expect(await device.extents(0, device.size)).toEqual(await next.extents(0, next.size));
+    expect((await rejection(device.writeZeroes(0, 10))).code).toBe('EPERM');
+    expect((await rejection(device.write(new Uint8Array(1), device.size))).code).toBe('ENOSPC');
+    await device.close();
+    expect((await rejection(next.read(new Uint8Array(1), 0))).code).toBe('ESHUTDOWN');
+  });
+});

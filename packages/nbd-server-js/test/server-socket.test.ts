@@ -1,0 +1,168 @@
+/**
+ * Goal: NbdServer over real sockets: TCP and Unix listeners, pipelined requests, graceful close that
+ * drains in-flight work and answers later requests ESHUTDOWN, isolation between connections, request
+ * events, and the URIs it hands out. Method: a raw byte-level client over loopback (ephemeral ports,
+ * temp socket paths), an in-test memory device with gates; assertions on replies and data.
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { buildClientFlags, buildGoOption, buildRequest } from '../src/protocol/builders.js';
+import { CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, NBD_ESHUTDOWN } from '../src/protocol/constants.js';
+import { NbdServer, nbdUri, type RequestEvent } from '../src/server/server.js';
+import { decodeOptionReplies, Gates, RawClient, TestDevice } from './server-fixtures.js';
+
+const MiB = 1024 * 1024;
+const servers: NbdServer[] = [];
+const dirs: string[] = [];
+
+afterEach(async () => {
+  await Promise.all(servers.splice(0).map((s) => s.close({ graceMs: 1000 })));
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+async function serve(device: TestDevice, name = 'vol0/primary') {
+  const server = new NbdServer();
+  servers.push(server);
+  server.addExport(name, device);
+  server.setDefaultExport(name);
+  return server;
+}
+
+describe('NbdServer over sockets', () => {
+  it('TCP: pipelined writes then reads on a port-0 listener', async () => {
+    const device = new TestDevice(4 * MiB);
+    const server = await serve(device);
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    expect('port' in addr && addr.port > 0).toBe(true);
+    const c = await RawClient.open(addr);
+    await c.go('vol0/primary', false);
+    const n = 32;
+    const writes = Array.from({ length: n }, (_, i) => buildRequest({ type: CMD_WRITE, cookie: i, offset: i * 4096, length: 4096 }, Buffer.alloc(4096, i + 1)));
+    c.socket.write(Buffer.concat(writes));
+    expect((await c.replies(n)).every((r) => r.kind === 'simple' && r.error === 0)).toBe(true);
+    c.start = c.bytes().length;
+    const lengths = new Map<bigint, number>();
+    const reads = Array.from({ length: n }, (_, i) => {
+      lengths.set(BigInt(100 + i), 4096);
+      return buildRequest({ type: CMD_READ, cookie: 100 + i, offset: i * 4096, length: 4096 });
+    });
+    c.socket.write(Buffer.concat(reads));
+    const replies = await c.replies(n, lengths);
+    for (const r of replies) {
+      const i = Number(r.cookie) - 100;
+      expect(r.kind === 'simple' && r.data.equals(Buffer.alloc(4096, i + 1))).toBe(true);
+    }
+    expect(server.connectionCount).toBe(1);
+    c.socket.write(buildRequest({ type: CMD_DISC, cookie: 0, offset: 0, length: 0 }));
+    await c.until((b) => (c.closed ? b : undefined), 'close').catch(() => undefined);
+    expect(c.closed).toBe(true);
+  });
+
+  it('Unix socket listener, alongside TCP, with the default export', async () => {
+    const device = new TestDevice(MiB);
+    const server = await serve(device);
+    const dir = mkdtempSync(join(tmpdir(), 'nbd-server-js-'));
+    dirs.push(dir);
+    const path = join(dir, 'sock');
+    const [unixAddr, tcpAddr] = await Promise.all([server.listen({ path }), server.listen({ host: '127.0.0.1', port: 0 })]);
+    expect(unixAddr).toEqual({ path });
+    expect(nbdUri(unixAddr, 'vol0/primary')).toBe(`nbd+unix:///vol0%2Fprimary?socket=${path}`);
+    for (const addr of [unixAddr, tcpAddr]) {
+      const c = await RawClient.open(addr);
+      await c.go('');
+      c.socket.write(buildRequest({ type: CMD_FLUSH, cookie: 9, offset: 0, length: 0 }));
+      expect(await c.replies(1)).toEqual([expect.objectContaining({ kind: 'simple', error: 0, cookie: 9n })]);
+      c.socket.destroy();
+    }
+  });
+
+  it('close(): in-flight work finishes and is answered, later requests get ESHUTDOWN, then sockets close', async () => {
+    const device = new TestDevice(MiB);
+    const gates = new Gates();
+    const server = await serve(device);
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    const c = await RawClient.open(addr);
+    await c.go('vol0/primary');
+    device.gate = gates.gate;
+    c.socket.write(buildRequest({ type: CMD_WRITE, cookie: 1, offset: 0, length: 3 }, Buffer.from('abc')));
+    await gates.until(1);
+    const closing = server.close({ graceMs: 30_000 });
+    c.socket.write(buildRequest({ type: CMD_FLUSH, cookie: 2, offset: 0, length: 0 }));
+    const [refused] = await c.replies(1);
+    expect(refused.cookie).toBe(2n);
+    expect(refused.kind === 'chunk' && refused.payload.readUInt32BE(0)).toBe(NBD_ESHUTDOWN);
+    gates.release('write@0');
+    const replies = await c.replies(2);
+    expect(replies[1]).toMatchObject({ kind: 'simple', error: 0, cookie: 1n });
+    await closing;
+    expect(device.data.toString('utf8', 0, 3)).toBe('abc');
+    expect(server.connectionCount).toBe(0);
+    await expect(RawClient.open(addr)).rejects.toThrow();
+  });
+
+  it('one misbehaving connection does not disturb another', async () => {
+    const device = new TestDevice(MiB);
+    const server = await serve(device);
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    const good = await RawClient.open(addr);
+    await good.go('vol0/primary');
+    const bad = await RawClient.open(addr);
+    bad.socket.write(Buffer.concat([buildClientFlags(3), Buffer.alloc(64, 0x41)]));
+    await bad.until((b) => (bad.closed ? b : undefined), 'bad closed').catch(() => undefined);
+    expect(bad.closed).toBe(true);
+    const half = await RawClient.open(addr);
+    await half.go('vol0/primary');
+    half.socket.write(buildRequest({ type: CMD_WRITE, cookie: 1, offset: 0, length: 4096 }).subarray(0, 100));
+    half.socket.destroy();
+    good.socket.write(buildRequest({ type: CMD_WRITE, cookie: 7, offset: 10, length: 2 }, Buffer.from('hi')));
+    expect(await good.replies(1)).toEqual([expect.objectContaining({ kind: 'simple', error: 0, cookie: 7n })]);
+    expect(device.data.toString('utf8', 10, 12)).toBe('hi');
+  });
+
+  it("emits a 'request' event per completed command", async () => {
+    const device = new TestDevice(MiB);
+    const server = await serve(device);
+    const events: RequestEvent[] = [];
+    server.on('request', (ev: RequestEvent) => events.push(ev));
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    const c = await RawClient.open(addr);
+    await c.go('vol0/primary');
+    c.socket.write(buildRequest({ type: CMD_WRITE, cookie: 1, offset: 0, length: 512 }, Buffer.alloc(512)));
+    c.socket.write(buildRequest({ type: CMD_READ, cookie: 2, offset: MiB, length: 512 }));
+    await c.replies(2, new Map());
+    expect(events.map((e) => [e.exportName, e.command, e.bytes, e.error])).toEqual([
+      ['vol0/primary', 'write', 512, undefined],
+      ['vol0/primary', 'read', 512, 'EINVAL'],
+    ]);
+    expect(events.every((e) => typeof e.durationNs === 'bigint')).toBe(true);
+  });
+
+  it('export registry: duplicates and unknown defaults are refused; removed exports vanish', async () => {
+    const server = new NbdServer();
+    servers.push(server);
+    const device = new TestDevice(4096);
+    server.addExport('a', device);
+    expect(() => server.addExport('a', device)).toThrow();
+    expect(() => server.setDefaultExport('b')).toThrow();
+    server.removeExport('a');
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    const c = await RawClient.open(addr);
+    c.socket.write(Buffer.concat([buildClientFlags(3), buildGoOption('a')]));
+    const [reply] = await c.until((b) => {
+      const r = b.length > 18 ? decodeOptionReplies(b.subarray(18)).replies : [];
+      return r.length > 0 ? r : undefined;
+    }, 'GO reply');
+    expect(reply.type >>> 0).toBe(0x80000006);
+    c.socket.destroy();
+  });
+});
+
+describe('nbdUri', () => {
+  it('encodes export names and brackets IPv6 hosts', () => {
+    expect(nbdUri({ host: '127.0.0.1', port: 10809 }, 'vol0/primary')).toBe('nbd://127.0.0.1:10809/vol0%2Fprimary');
+    expect(nbdUri({ host: '::1', port: 1 }, '')).toBe('nbd://[::1]:1/');
+    expect(nbdUri({ path: '/tmp/a b.sock' }, 'x')).toBe('nbd+unix:///x?socket=/tmp/a%20b.sock');
+  });
+});

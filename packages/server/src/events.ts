@@ -1,0 +1,77 @@
+import type { ServerResponse } from 'node:http';
+
+/**
+ * Server-Sent Events fan-out. Volume events are small and rare (checkpoints, flushes, pressure,
+ * failover, errors), so each subscriber gets a plain stream; a subscriber that stops reading is cut off
+ * once its unsent backlog passes `sseBacklogBytesMax`, so a stuck client cannot grow the daemon's memory.
+ */
+
+export const sseSubscribersMax = 64;
+export const sseBacklogBytesMax = 1024 * 1024;
+export const sseHeartbeatMs = 15_000;
+
+export type EventName = 'checkpoint' | 'flushed' | 'pressure' | 'failover' | 'error';
+
+interface Subscriber {
+  readonly res: ServerResponse;
+  readonly volume?: string;
+}
+
+export class EventHub {
+  private readonly subscribers = new Set<Subscriber>();
+  private nextId = 1;
+  private readonly heartbeat: NodeJS.Timeout;
+
+  constructor() {
+    // Comments keep proxies and idle-timeouts from closing quiet streams.
+    this.heartbeat = setInterval(() => {
+      for (const subscriber of this.subscribers) this.write(subscriber, ': keep-alive\n\n');
+    }, sseHeartbeatMs);
+    this.heartbeat.unref();
+  }
+
+  get size(): number {
+    return this.subscribers.size;
+  }
+
+  /** Takes over the response; returns false when the subscriber limit is reached (nothing was written). */
+  subscribe(res: ServerResponse, volume?: string): boolean {
+    if (this.subscribers.size >= sseSubscribersMax) return false;
+    const subscriber: Subscriber = { res, volume };
+    res.writeHead(200, {
+      'content-type': 'text/event-stream; charset=utf-8',
+      'cache-control': 'no-cache',
+      connection: 'keep-alive',
+      'x-accel-buffering': 'no',
+    });
+    res.flushHeaders();
+    this.subscribers.add(subscriber);
+    res.on('close', () => this.subscribers.delete(subscriber));
+    // Sent at once so a client knows it is subscribed before it triggers anything.
+    this.write(subscriber, ': subscribed\n\n');
+    return true;
+  }
+
+  publish(event: EventName, volume: string, data: Record<string, unknown>): void {
+    const id = this.nextId++;
+    const frame = `id: ${id}\nevent: ${event}\ndata: ${JSON.stringify({ volume, ...data, time: new Date().toISOString() })}\n\n`;
+    for (const subscriber of this.subscribers) {
+      if (subscriber.volume === undefined || subscriber.volume === volume) this.write(subscriber, frame);
+    }
+  }
+
+  closeAll(): void {
+    clearInterval(this.heartbeat);
+    for (const subscriber of this.subscribers) subscriber.res.end();
+    this.subscribers.clear();
+  }
+
+  private write(subscriber: Subscriber, frame: string): void {
+    if (subscriber.res.writableLength > sseBacklogBytesMax) {
+      this.subscribers.delete(subscriber);
+      subscriber.res.destroy();
+      return;
+    }
+    subscriber.res.write(frame);
+  }
+}

@@ -1,0 +1,170 @@
+import type { Volume } from '@gannet/core';
+import type { RequestEvent } from 'nbd-server-js';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+/**
+ * Prometheus metrics of one daemon, in a registry of its own (never prom-client's global one, so two
+ * daemons in one process, as in tests, do not collide). Volume gauges are read from `stats()` at scrape
+ * time; latencies come from the engine's events and the NBD server's 'request' events.
+ */
+
+const nsPerSecond = 1e9;
+const msPerSecond = 1e3;
+
+const checkpointBucketsSeconds = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1];
+const flushBucketsSeconds = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+const requestBucketsSeconds = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1];
+
+const volumeStates = ['replicating', 'failing-over', 'failed-over', 'closed'] as const;
+const bufferNames = ['primary', 'secondary', 'committed'] as const;
+
+export class Metrics {
+  readonly registry = new Registry();
+  readonly contentType = this.registry.contentType;
+  private readonly volumes = new Map<string, Volume>();
+  private readonly checkpointPause: Histogram<'volume'>;
+  private readonly checkpoints: Counter<'volume'>;
+  private readonly flushDuration: Histogram<'volume'>;
+  private readonly flushedBytes: Counter<'volume'>;
+  private readonly failovers: Counter<'volume' | 'to'>;
+  private readonly pressureEvents: Counter<'volume'>;
+  private readonly volumeErrors: Counter<'volume'>;
+  private readonly nbdRequests: Counter<'export' | 'command' | 'result'>;
+  private readonly nbdBytes: Counter<'export' | 'command'>;
+  private readonly nbdLatency: Histogram<'command'>;
+  private readonly nbdConnectionsTotal: Counter;
+
+  constructor(connectionCount: () => number) {
+    const registers = [this.registry];
+    collectDefaultMetrics({ register: this.registry });
+    const volumes = this.volumes;
+    const perVolume = (name: string, help: string, read: (volume: Volume) => number) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['volume'],
+        registers,
+        collect() {
+          this.reset();
+          for (const [volumeName, volume] of volumes) this.set({ volume: volumeName }, read(volume));
+        },
+      });
+    perVolume('gannet_volume_epoch', 'Current epoch (checkpoints taken since creation).', (v) => v.stats().epoch);
+    perVolume('gannet_volume_durable_epoch', 'Newest epoch whose data is all in the backing file.', (v) => v.stats().durableEpoch);
+    perVolume('gannet_volume_size_bytes', 'Size of the volume.', (v) => v.stats().sizeBytes);
+    perVolume('gannet_volume_spilled_bytes', 'Buffered bytes spilled from memory to disk.', (v) => v.stats().spilledBytes);
+    perVolume('gannet_volume_torn_ranges', 'Ranges an interrupted flush may have left half-written.', (v) => v.stats().tornRanges.length);
+    new Gauge({
+      name: 'gannet_volume_buffered_bytes',
+      help: 'Bytes held in each buffer: primary (P), secondary (S), committed not yet flushed (C).',
+      labelNames: ['volume', 'buffer'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [volumeName, volume] of volumes) {
+          const buffered = volume.stats().bufferedBytes;
+          for (const buffer of bufferNames) this.set({ volume: volumeName, buffer }, buffered[buffer]);
+        }
+      },
+    });
+    new Gauge({
+      name: 'gannet_volume_state',
+      help: '1 for the state the volume is in.',
+      labelNames: ['volume', 'state'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [volumeName, volume] of volumes) {
+          const current = volume.stats().state;
+          for (const state of volumeStates) this.set({ volume: volumeName, state }, state === current ? 1 : 0);
+        }
+      },
+    });
+    new Gauge({
+      name: 'gannet_nbd_connections',
+      help: 'Open NBD connections.',
+      registers,
+      collect() {
+        this.set(connectionCount());
+      },
+    });
+    this.nbdConnectionsTotal = new Counter({ name: 'gannet_nbd_connections_total', help: 'NBD connections accepted.', registers });
+    this.checkpointPause = new Histogram({
+      name: 'gannet_checkpoint_pause_seconds',
+      help: 'Time writes were paused while a checkpoint sealed the epoch.',
+      labelNames: ['volume'],
+      buckets: checkpointBucketsSeconds,
+      registers,
+    });
+    this.checkpoints = new Counter({ name: 'gannet_checkpoints_total', help: 'Checkpoints taken.', labelNames: ['volume'], registers });
+    this.flushDuration = new Histogram({
+      name: 'gannet_flush_duration_seconds',
+      help: 'Time to write one committed epoch to the backing file and sync it.',
+      labelNames: ['volume'],
+      buckets: flushBucketsSeconds,
+      registers,
+    });
+    this.flushedBytes = new Counter({
+      name: 'gannet_flushed_bytes_total',
+      help: 'Bytes written to backing files by the flusher.',
+      labelNames: ['volume'],
+      registers,
+    });
+    this.failovers = new Counter({ name: 'gannet_failovers_total', help: 'Failovers done.', labelNames: ['volume', 'to'], registers });
+    this.pressureEvents = new Counter({
+      name: 'gannet_pressure_events_total',
+      help: 'Times buffered bytes crossed the pressure threshold.',
+      labelNames: ['volume'],
+      registers,
+    });
+    this.volumeErrors = new Counter({ name: 'gannet_volume_errors_total', help: 'Errors the engine reported.', labelNames: ['volume'], registers });
+    this.nbdRequests = new Counter({
+      name: 'gannet_nbd_requests_total',
+      help: 'NBD commands completed, by export, command and result (ok or errno).',
+      labelNames: ['export', 'command', 'result'],
+      registers,
+    });
+    this.nbdBytes = new Counter({
+      name: 'gannet_nbd_request_bytes_total',
+      help: 'Bytes covered by completed NBD commands.',
+      labelNames: ['export', 'command'],
+      registers,
+    });
+    this.nbdLatency = new Histogram({
+      name: 'gannet_nbd_request_duration_seconds',
+      help: 'NBD command latency inside the server, by command.',
+      labelNames: ['command'],
+      buckets: requestBucketsSeconds,
+      registers,
+    });
+  }
+
+  addVolume(name: string, volume: Volume): void {
+    this.volumes.set(name, volume);
+    volume.on('checkpoint', (event) => {
+      this.checkpoints.inc({ volume: name });
+      this.checkpointPause.observe({ volume: name }, event.pauseMs / msPerSecond);
+    });
+    volume.on('flushed', (event) => {
+      this.flushDuration.observe({ volume: name }, event.durationMs / msPerSecond);
+      this.flushedBytes.inc({ volume: name }, event.bytes);
+    });
+    volume.on('failover', (event) => this.failovers.inc({ volume: name, to: event.to }));
+    volume.on('pressure', () => this.pressureEvents.inc({ volume: name }));
+    volume.on('error', () => this.volumeErrors.inc({ volume: name }));
+  }
+
+  onConnection(): void {
+    this.nbdConnectionsTotal.inc();
+  }
+
+  onRequest(event: RequestEvent): void {
+    this.nbdRequests.inc({ export: event.exportName, command: event.command, result: event.error ?? 'ok' });
+    if (event.bytes > 0) this.nbdBytes.inc({ export: event.exportName, command: event.command }, event.bytes);
+    this.nbdLatency.observe({ command: event.command }, Number(event.durationNs) / nsPerSecond);
+  }
+
+  text(): Promise<string> {
+    return this.registry.metrics();
+  }
+}

@@ -1,0 +1,256 @@
+/**
+ * The benchmark harness (packages/bench). Goal: `gannet-bench --quick` produces a complete report, and
+ * its pieces (profile schema, workload generator, statistics, report writers) do what the report relies
+ * on. Method: the pieces in-process with known inputs; then the built CLI end to end against daemons it
+ * starts itself, asserting the report's shape (every profile x strategy row with its fields, the
+ * Markdown table rows, the SVG's bars), never its numbers.
+ */
+import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, describe, expect, it } from 'vitest';
+import {
+  LatencyRecorder,
+  WorkloadGenerator,
+  addRelativeFigures,
+  loadProfiles,
+  markdownTable,
+  parseNbdUri,
+  parseProfile,
+  percentile,
+  runStream,
+  selectProfiles,
+  strategyOrder,
+  svgChart,
+  type Profile,
+  type ResultRow,
+} from '@gannet/bench';
+import { describeResult, runCommand } from './helpers/process.js';
+
+const root = fileURLToPath(new URL('..', import.meta.url));
+const benchBin = join(root, 'packages/bench/bin/gannet-bench.js');
+const profilesDir = join(root, 'fixtures/profiles');
+/** The smoke run must stay well under a minute; this is its hard limit. */
+const quickRunTimeoutMs = 90_000;
+
+const tmpDirs: string[] = [];
+afterAll(async () => {
+  await Promise.all(tmpDirs.map((d) => rm(d, { recursive: true, force: true })));
+});
+
+const baseProfile: Profile = {
+  name: 'test-random',
+  description: 'test',
+  pattern: 'random',
+  requestBytes: 4096,
+  readPercent: 50,
+  flushEveryWrites: 4,
+  queueDepth: 4,
+  regionBytes: 1024 * 1024,
+};
+
+function row(profile: string, strategy: ResultRow['strategy'], opsPerSec: number): ResultRow {
+  return {
+    profile,
+    strategy,
+    opsPerSec,
+    mbPerSec: 1,
+    p50Us: 10,
+    p99Us: 100,
+    flushMs: 1,
+    flushP99Ms: 2,
+    commitFlushMs: null,
+    checkpointPauseP99Ms: strategy === 'native' ? null : 0.5,
+    checkpointApiP99Ms: null,
+    checkpoints: 0,
+    rssMiB: 50,
+    overheadVsNative: null,
+    speedupVsColo: null,
+    streams: { primaryOpsPerSec: opsPerSec, secondaryOpsPerSec: null },
+    ops: 1,
+    flushes: 0,
+    durationS: 1,
+  };
+}
+
+describe('bench pieces', () => {
+  it('loads the five fixture profiles and rejects malformed ones with the field named', async () => {
+    const profiles = await loadProfiles(profilesDir);
+    expect(profiles.map((p) => p.name).sort()).toEqual(['log-append', 'oltp-16k', 'rand-write-4k', 'read-mostly-4k', 'seq-write-64k-fsync']);
+    expect(selectProfiles(profiles, ['oltp-16k']).map((p) => p.name)).toEqual(['oltp-16k']);
+    expect(() => selectProfiles(profiles, ['nope'])).toThrow(/unknown profile "nope".*log-append/);
+    expect(() => parseProfile(JSON.stringify({ ...baseProfile, queueDepth: 0 }), 'x.json')).toThrow(/x\.json: queueDepth/);
+    expect(() => parseProfile(JSON.stringify({ ...baseProfile, extra: 1 }), 'x.json')).toThrow(/x\.json/);
+    expect(() => parseProfile(JSON.stringify({ ...baseProfile, pattern: 'append' }), 'x.json')).toThrow(/requestBytesMin/);
+    expect(() => parseProfile('{', 'x.json')).toThrow(/not valid JSON/);
+    const dir = await mkdtemp(join(tmpdir(), 'gannet-profiles-'));
+    tmpDirs.push(dir);
+    await writeFile(join(dir, 'other-name.json'), JSON.stringify(baseProfile));
+    await expect(loadProfiles(dir)).rejects.toThrow(/does not match the file name/);
+  });
+
+  it('generates the same stream for the same seed, within the region, with flushes where the profile says', () => {
+    const take = (p: Profile, seed: number, n: number) => {
+      const g = new WorkloadGenerator(p, 10 * 1024 * 1024, seed);
+      return Array.from({ length: n }, () => g.next());
+    };
+    const a = take(baseProfile, 7, 500);
+    expect(take(baseProfile, 7, 500)).toEqual(a);
+    expect(take(baseProfile, 8, 500)).not.toEqual(a);
+    let writes = 0;
+    for (const op of a) {
+      if (op.kind === 'flush') {
+        expect(writes).toBe(4);
+        writes = 0;
+        continue;
+      }
+      if (op.kind === 'write') writes++;
+      expect(op.offset % 4096).toBe(0);
+      expect(op.offset + op.length).toBeLessThanOrEqual(1024 * 1024);
+    }
+    const reads = a.filter((op) => op.kind === 'read').length;
+    expect(reads).toBeGreaterThan(150);
+    expect(reads).toBeLessThan(300);
+
+    const append: Profile = { ...baseProfile, pattern: 'append', readPercent: 0, requestBytes: 8192, requestBytesMin: 512, flushEveryWrites: 1 };
+    const ops = take(append, 1, 2000).filter((op) => op.kind !== 'flush');
+    let expected = 0;
+    for (const op of ops) {
+      if (op.kind === 'flush') continue;
+      if (expected + op.length > 1024 * 1024) expected = 0;
+      expect(op.offset).toBe(expected);
+      expect(op.length % 512).toBe(0);
+      expect(op.length).toBeGreaterThanOrEqual(512);
+      expect(op.length).toBeLessThanOrEqual(8192);
+      expected += op.length;
+    }
+  });
+
+  it('drives a device with at most queueDepth requests in flight and flushes only when drained', async () => {
+    let inFlight = 0;
+    let peak = 0;
+    const log: string[] = [];
+    const device = {
+      size: 4 * 1024 * 1024,
+      async read() {
+        inFlight++;
+        peak = Math.max(peak, inFlight);
+        await Promise.resolve();
+        inFlight--;
+        log.push('r');
+      },
+      async write() {
+        inFlight++;
+        peak = Math.max(peak, inFlight);
+        await Promise.resolve();
+        inFlight--;
+        log.push('w');
+      },
+      async flush() {
+        expect(inFlight).toBe(0);
+        log.push('f');
+      },
+    };
+    const result = await runStream(device as never, baseProfile, 3, { durationMs: 10_000, opsMax: 1000 });
+    expect(peak).toBeLessThanOrEqual(baseProfile.queueDepth);
+    expect(peak).toBeGreaterThan(1);
+    expect(result.reads + result.writes + result.flushes).toBe(1000);
+    expect(result.flushes).toBe(log.filter((x) => x === 'f').length);
+    expect(result.latency.count).toBe(result.reads + result.writes);
+    expect(result.bytes).toBe((result.reads + result.writes) * 4096);
+  });
+
+  it('computes percentiles and keeps a bounded reservoir', () => {
+    expect(percentile([5, 1, 3, 2, 4], 50)).toBe(3);
+    expect(percentile([5, 1, 3, 2, 4], 99)).toBe(5);
+    expect(percentile([5, 1, 3, 2, 4], 0)).toBe(1);
+    expect(percentile([], 50)).toBeNaN();
+    const rec = new LatencyRecorder(1, 1000);
+    for (let i = 1; i <= 100_000; i++) rec.record(i);
+    expect(rec.count).toBe(100_000);
+    expect(rec.mean).toBeCloseTo(50_000.5, 5);
+    // A uniform reservoir of 1000 from 1..100000: the median is near 50000.
+    expect(Math.abs(rec.percentile(50) - 50_000)).toBeLessThan(6_000);
+    const other = new LatencyRecorder(2, 10);
+    for (let i = 0; i < 20; i++) other.record(1);
+    rec.merge(other);
+    expect(rec.count).toBe(100_020);
+  });
+
+  it('parses nbd:// URIs with encoded export names', () => {
+    expect(parseNbdUri('nbd://127.0.0.1:4321/vol0%2Fprimary')).toEqual({ host: '127.0.0.1', port: 4321, exportName: 'vol0/primary' });
+    expect(parseNbdUri('nbd://[::1]:10809/a/secondary')).toEqual({ host: '::1', port: 10809, exportName: 'a/secondary' });
+    expect(() => parseNbdUri('http://x/y')).toThrow(/not an nbd/);
+  });
+
+  it('writes relative figures, a table row per result and a bar per result', () => {
+    const rows = addRelativeFigures([row('p1', 'native', 1000), row('p1', 'colo', 400), row('p1', 'gannet', 960), row('p2', 'gannet', 5)]);
+    expect(rows[1].overheadVsNative).toBeCloseTo(0.6);
+    expect(rows[2].overheadVsNative).toBeCloseTo(0.04);
+    expect(rows[2].speedupVsColo).toBeCloseTo(2.4);
+    expect(rows[0].speedupVsColo).toBeCloseTo(2.5);
+    expect(rows[3].overheadVsNative).toBeNull();
+    const table = markdownTable(rows).split('\n');
+    expect(table).toHaveLength(2 + rows.length);
+    expect(table[4]).toContain('| p1 | gannet | 960 |');
+    expect(table[4]).toContain('| 4.0% | 2.40x |');
+    const svg = svgChart(rows);
+    expect(svg.match(/<rect [^>]*fill="#(?:7f8c8d|e67e22|2980b9)">/g)).toHaveLength(rows.length);
+    expect(svg).toMatch(/^<svg [^>]*xmlns="http:\/\/www\.w3\.org\/2000\/svg"/);
+    expect(svg.trim().endsWith('</svg>')).toBe(true);
+  });
+});
+
+describe('gannet-bench --quick (built CLI, real daemons)', () => {
+  it('writes a complete report: every profile x strategy in results.json, report.md and chart.svg', async () => {
+    const out = await mkdtemp(join(tmpdir(), 'gannet-bench-out-'));
+    tmpDirs.push(out);
+    const r = await runCommand(process.execPath, [benchBin, '--quick', '--out', out], { timeoutMs: quickRunTimeoutMs });
+    expect(r.status, describeResult('gannet-bench --quick', r)).toBe(0);
+    expect((await readdir(out)).sort()).toEqual(['chart.svg', 'report.md', 'results.json']);
+
+    const profiles = (await loadProfiles(profilesDir)).map((p) => p.name);
+    const report = JSON.parse(await readFile(join(out, 'results.json'), 'utf8')) as { rows: ResultRow[]; machine: { nproc: number } };
+    expect(report.machine.nproc).toBeGreaterThan(0);
+    expect(report.rows).toHaveLength(profiles.length * strategyOrder.length);
+    for (const profile of profiles) {
+      for (const strategy of strategyOrder) {
+        const found = report.rows.filter((x) => x.profile === profile && x.strategy === strategy);
+        expect(found, `${profile} x ${strategy}`).toHaveLength(1);
+        const [result] = found;
+        for (const field of ['opsPerSec', 'p50Us', 'p99Us', 'mbPerSec'] as const) {
+          expect(result[field], `${profile} ${strategy} ${field}`).toBeGreaterThan(0);
+        }
+        for (const field of ['flushMs', 'checkpointPauseP99Ms', 'rssMiB', 'overheadVsNative', 'speedupVsColo'] as const) {
+          expect(result, `${profile} ${strategy} ${field}`).toHaveProperty(field);
+        }
+        expect(result.rssMiB).toBeGreaterThan(0);
+        expect(result.speedupVsColo).toBeGreaterThan(0);
+        if (strategy !== 'native') {
+          expect(result.checkpoints, `${profile} ${strategy} checkpoints`).toBeGreaterThan(0);
+          expect(result.checkpointPauseP99Ms).toBeGreaterThanOrEqual(0);
+          expect(result.streams.secondaryOpsPerSec).toBeGreaterThan(0);
+        } else {
+          expect(result.overheadVsNative).toBe(0);
+        }
+      }
+    }
+
+    const markdown = await readFile(join(out, 'report.md'), 'utf8');
+    for (const profile of profiles) {
+      for (const strategy of strategyOrder) expect(markdown).toMatch(new RegExp(`^\\| ${profile} \\| ${strategy} \\| \\d+ \\|`, 'm'));
+    }
+    expect(markdown).toMatch(/^Machine: \d+ CPUs/m);
+
+    const svg = await readFile(join(out, 'chart.svg'), 'utf8');
+    expect(svg).toMatch(/^<svg [^>]*xmlns="http:\/\/www\.w3\.org\/2000\/svg"/);
+    expect(svg.trim().endsWith('</svg>')).toBe(true);
+    // Tags balance (XML-ish): every opened element is closed or self-closing.
+    const opened = (svg.match(/<(?!\/)[a-z]+[^>]*[^/]>/g) ?? []).length;
+    const closed = (svg.match(/<\/[a-z]+>/g) ?? []).length;
+    expect(opened).toBe(closed);
+    expect(svg.match(/<rect [^>]*fill="#(?:7f8c8d|e67e22|2980b9)">/g)).toHaveLength(profiles.length * strategyOrder.length);
+    for (const profile of profiles) expect(svg).toContain(`>${profile}</text>`);
+  }, quickRunTimeoutMs + 10_000);
+});

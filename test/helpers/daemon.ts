@@ -1,0 +1,237 @@
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { accessSync, constants } from 'node:fs';
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { delimiter, join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+/**
+ * Runs the real `gannet` daemon (packages/server/bin/gannet.js, from dist: build first) as a child
+ * process on free loopback ports, waits for its `gannet ready` line and parses the addresses it printed.
+ * Every process started here is tracked so `stopAll()` (afterEach) leaves none behind.
+ */
+
+export const repoRoot = fileURLToPath(new URL('../..', import.meta.url));
+export const gannetBin = join(repoRoot, 'packages/server/bin/gannet.js');
+export const readyTimeoutMs = 30_000;
+export const stopTimeoutMs = 30_000;
+export const commandTimeoutMs = 30_000;
+
+export interface Address {
+  host: string;
+  port: number;
+}
+
+export interface Exit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+export interface DaemonHandle {
+  readonly child: ChildProcess;
+  readonly dataDir: string;
+  readonly nbd: Address;
+  readonly control: Address;
+  readonly controlUrl: string;
+  readonly token: string;
+  readonly stdoutLines: string[];
+  stderr(): string;
+  readonly exited: Promise<Exit>;
+  /** Sends `signal` (SIGTERM by default) and waits for the exit. */
+  stop(signal?: NodeJS.Signals): Promise<Exit>;
+}
+
+const running = new Set<ChildProcess>();
+const temporaryDirs = new Set<string>();
+
+/** Fails with a clear message when a tool the test needs is missing (tests never skip). */
+export function requireTool(name: string): string {
+  for (const dir of (process.env.PATH ?? '').split(delimiter).concat('/usr/bin')) {
+    const candidate = join(dir, name);
+    try {
+      accessSync(candidate, constants.X_OK);
+      return candidate;
+    } catch {
+      // not in this directory
+    }
+  }
+  throw new Error(`${name} is required by this test but is not installed (Debian: apt-get install qemu-utils / libnbd-bin)`);
+}
+
+export async function makeTempDir(prefix = 'gannet-test-'): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), prefix));
+  temporaryDirs.add(dir);
+  return dir;
+}
+
+function waitExit(child: ChildProcess): Promise<Exit> {
+  return new Promise((resolve) => {
+    if (child.exitCode !== null || child.signalCode !== null) resolve({ code: child.exitCode, signal: child.signalCode });
+    else child.once('exit', (code, signal) => resolve({ code, signal }));
+  });
+}
+
+function withTimeout<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: no result within ${ms} ms`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+export interface StartOptions {
+  dataDir?: string;
+  /** Extra arguments after `serve`; defaults give free loopback ports and one 64 MiB volume. */
+  args?: string[];
+  volumes?: string[];
+}
+
+export async function startDaemon(options: StartOptions = {}): Promise<DaemonHandle> {
+  const dataDir = options.dataDir ?? (await makeTempDir());
+  const volumes = options.volumes ?? ['vol0:64M'];
+  const args = [
+    gannetBin,
+    'serve',
+    '--data-dir',
+    dataDir,
+    '--nbd',
+    '127.0.0.1:0',
+    '--control',
+    '127.0.0.1:0',
+    '--log-level',
+    'warn',
+    ...volumes.flatMap((volume) => ['--volume', volume]),
+    ...(options.args ?? []),
+  ];
+  const child = spawn(process.execPath, args, { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
+  running.add(child);
+  const exited = waitExit(child).finally(() => running.delete(child));
+  let stderr = '';
+  child.stderr!.setEncoding('utf8').on('data', (chunk: string) => {
+    stderr += chunk;
+  });
+  const stdoutLines: string[] = [];
+  const lines = createInterface({ input: child.stdout! });
+  const ready = new Promise<void>((resolve, reject) => {
+    lines.on('line', (line) => {
+      stdoutLines.push(line);
+      if (line === 'gannet ready') resolve();
+    });
+    exited.then((exit) =>
+      reject(new Error(`gannet serve exited (${exit.code ?? exit.signal}) before ready:\n${stdoutLines.join('\n')}\n${stderr}`)),
+    );
+  });
+  try {
+    await withTimeout(ready, readyTimeoutMs, 'gannet serve ready');
+  } catch (error) {
+    child.kill('SIGKILL');
+    await exited;
+    throw error;
+  }
+  const find = (pattern: RegExp): Address => {
+    for (const line of stdoutLines) {
+      const match = pattern.exec(line);
+      if (match) return { host: match[1], port: Number(match[2]) };
+    }
+    throw new Error(`no line matching ${pattern} in:\n${stdoutLines.join('\n')}`);
+  };
+  const nbd = find(/^nbd: ([\d.]+):(\d+)$/);
+  const control = find(/^control: http:\/\/([\d.]+):(\d+) /);
+  const token = (await readFile(join(dataDir, 'control.token'), 'utf8')).trim();
+  return {
+    child,
+    dataDir,
+    nbd,
+    control,
+    controlUrl: `http://${control.host}:${control.port}`,
+    token,
+    stdoutLines,
+    stderr: () => stderr,
+    exited,
+    async stop(signal: NodeJS.Signals = 'SIGTERM') {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      return withTimeout(exited, stopTimeoutMs, `gannet serve exit after ${signal}`);
+    },
+  };
+}
+
+/** Kills whatever is still running and removes temporary directories; call from afterEach/afterAll. */
+export async function stopAll(): Promise<void> {
+  const children = [...running];
+  for (const child of children) child.kill('SIGKILL');
+  await Promise.all(children.map(waitExit));
+  for (const dir of temporaryDirs) await rm(dir, { recursive: true, force: true });
+  temporaryDirs.clear();
+}
+
+export interface RunResult {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs a program to completion; never throws on a non-zero exit (tests assert on `status`). */
+export function run(file: string, args: string[], options: { cwd?: string } = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = execFile(
+      file,
+      args,
+      { cwd: options.cwd ?? repoRoot, timeout: commandTimeoutMs, maxBuffer: 64 * 1024 * 1024, encoding: 'utf8' },
+      (error, stdout, stderr) => {
+        if (error && typeof error.code !== 'number') {
+          reject(new Error(`${file} ${args.join(' ')}: ${error.message}\n${stderr}`));
+          return;
+        }
+        resolve({ status: child.exitCode, stdout, stderr });
+      },
+    );
+  });
+}
+
+/** `gannet ARGS...` (the CLI, from dist). */
+export function gannet(args: string[]): Promise<RunResult> {
+  return run(process.execPath, [gannetBin, ...args]);
+}
+
+/** The CLI's client flags that reach `daemon`. */
+export function clientFlags(daemon: DaemonHandle): string[] {
+  return ['--control', `${daemon.control.host}:${daemon.control.port}`, '--data-dir', daemon.dataDir];
+}
+
+/** qemu-io on one export, with the same nbd driver options the daemon prints for QEMU. */
+export function qemuIo(daemon: DaemonHandle, exportName: string, commands: string[]): Promise<RunResult> {
+  const qemuIoPath = requireTool('qemu-io');
+  const image =
+    `driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=${daemon.nbd.host},` +
+    `file.server.port=${daemon.nbd.port},file.export=${exportName}`;
+  return run(qemuIoPath, ['--image-opts', image, ...commands.flatMap((command) => ['-c', command])]);
+}
+
+/** Asserts a qemu-io run did every command without error (qemu-io reports some failures only in output). */
+export function assertQemuOk(result: RunResult, what: string): void {
+  const text = result.stdout + result.stderr;
+  if (result.status !== 0 || /fail|error|mismatch/i.test(text)) {
+    throw new Error(`${what}: qemu-io status ${result.status}\n${text}`);
+  }
+}
+
+/** An authorised request to the control API. */
+export async function api(daemon: DaemonHandle, method: string, path: string, body?: unknown, token = daemon.token) {
+  const response = await fetch(`${daemon.controlUrl}${path}`, {
+    method,
+    headers: {
+      ...(token !== '' && { authorization: `Bearer ${token}` }),
+      ...(body !== undefined && { 'content-type': 'application/json' }),
+    },
+    body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+  });
+  const text = await response.text();
+  let json: any;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    json = undefined;
+  }
+  return { status: response.status, json, text, headers: response.headers };
+}
