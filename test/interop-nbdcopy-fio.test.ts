@@ -82,7 +82,7 @@ describe('fio nbd engine', () => {
         '--verify_state_save=0',
         '--output-format=json',
       ],
-      { timeoutMs: 120_000, cwd: dir },
+      { timeoutMs: 45_000, cwd: dir },
     );
     expect(r.status, describeResult('fio', r)).toBe(0);
     expect(r.stderr + r.stdout).not.toMatch(/verify: bad|crc32c: verify failed|bad magic header/i);

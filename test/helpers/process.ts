@@ -14,8 +14,8 @@ import { join } from 'node:path';
 export const readyTimeoutMs = 15_000;
 /** How long a process gets to exit after SIGTERM before SIGKILL. */
 export const stopGraceMs = 5_000;
-/** Default limit for a command run to completion. */
-export const commandTimeoutMs = 60_000;
+/** Default limit for a command run to completion; below vitest's 60 s test timeout, so a hung client fails with its output. */
+export const commandTimeoutMs = 30_000;
 /** Output kept per stream, so a chatty process cannot grow the test's memory without bound. */
 export const outputBytesMax = 16 * 1024 * 1024;
 

@@ -703,7 +703,6 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
         });
       }
       if (freed > 0) {
-        this.checkPressure();
         this.wake();
       } else {
         await this.nextWake();
@@ -729,15 +728,22 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     return true;
   }
 
+  /**
+   * 'pressure' asks the replicator for an early checkpoint, once per crossing of the threshold. Only a
+   * checkpoint or flush (dropping buffers) re-arms it: spilling keeps memory bounded but does not make
+   * the buffered data go away.
+   */
   private checkPressure(): void {
     const threshold = this.options.memoryBytesMax * this.options.pressureRatio;
     const bufferedBytes = this.buffers.memBytes;
     if (!this.overPressure && bufferedBytes > threshold) {
       this.overPressure = true;
       this.emit('pressure', { bufferedBytes, memoryBytesMax: this.options.memoryBytesMax });
-    } else if (this.overPressure && bufferedBytes <= threshold) {
-      this.overPressure = false;
     }
+  }
+
+  private rearmPressure(): void {
+    if (this.buffers.memBytes <= this.options.memoryBytesMax * this.options.pressureRatio) this.overPressure = false;
   }
 
   private nextWake(): Promise<void> {
@@ -754,7 +760,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   private dropLayer(layer: Layer): void {
     this.buffers.dropLayer(layer);
     if (layer.hasSpillKeys) this.background(this.meta.clearLayerSpill(layer.id));
-    this.checkPressure();
+    this.rearmPressure();
   }
 
   /** Housekeeping nobody waits for, except close (the store must outlive it). */

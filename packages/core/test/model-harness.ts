@@ -38,6 +38,8 @@ const batchOpsMax = 8;
 const requestBytesMax = 128 * KiB;
 /** How long a settle (waiting for the background flusher) may take before the run fails. */
 const settleMsMax = 20_000;
+/** A batch (or close, or reopen) that takes longer has hung: fail with the op list, before vitest's timeout. */
+const batchMsMax = 15_000;
 /** Ops shown in a failure message (the whole list goes to a file). */
 const failureContextOps = 40;
 /**
@@ -253,6 +255,19 @@ async function settle(vol: Volume, epoch: number): Promise<void> {
   }
 }
 
+/** `work`, or a ModelFailure naming `what` if it has not settled within batchMsMax. */
+async function withDeadline<T>(what: string, work: Promise<T>): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const hang = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => { const v: any = (globalThis as any).__vol; const b = v.buffers; console.log('HANG', { memBytes: b.memBytes, spilled: b.spilledBytes, reserved: v.reservedBytes, waiters: v.waiters.length, running: v.spiller.running !== null, state: v.state, max: v.options.memoryBytesMax, lru: b.lru.size, P: [v.P.memBlocks, v.P.spilledBlocks, v.P.pinned], S: [v.S.memBlocks, v.S.spilledBlocks, v.S.pinned], C: v.committed.map((l: any) => [l.memBlocks, l.spilledBlocks, l.pinned]) }); reject(new ModelFailure(`${what} has not finished after ${batchMsMax} ms (hang)`)); }, batchMsMax);
+  });
+  try {
+    return await Promise.race([work, hang]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 function errorCode(err: unknown): string {
   return err !== null && typeof err === 'object' && 'code' in err ? String((err as { code: unknown }).code) : String(err);
 }
@@ -362,6 +377,33 @@ async function compareWholeViews(ctx: RunContext, vol: Volume, what: string): Pr
   }
 }
 
+/** Runs one batch: an exclusive op alone, or range ops together; then checks what they returned. */
+async function runBatch(ctx: RunContext, v: Volume, batch: readonly Op[]): Promise<void> {
+  const head = batch[0];
+  if (head.kind === 'checkpoint') {
+    await runCheckpoint(ctx, v, head);
+  } else if (head.kind === 'failover') {
+    const kept = ctx.model.keptView(head.to);
+    await v.failover({ to: head.to });
+    ctx.model.failover(head.to);
+    expectBytes(`failover --to ${head.to}: plain disk`, kept, ctx.model.committedBytes());
+    // Failover reports done only once the kept bytes are durable in the backing file.
+    compareBackingFile(ctx, `after failover --to ${head.to}`, kept);
+    await compareWholeViews(ctx, v, `after failover --to ${head.to}`);
+  } else if (head.kind === 'settle') {
+    if (ctx.model.failedOver) {
+      await v.secondary.flush();
+      compareBackingFile(ctx, 'settle after failover (flush of the plain disk)', ctx.model.committedBytes());
+    } else if (ctx.profile.backingIsCheckpointView) {
+      await settle(v, ctx.model.epoch);
+      compareBackingFile(ctx, `settle at epoch ${ctx.model.epoch}`, ctx.model.committedBytes());
+    }
+  } else {
+    const checks = await Promise.all(batch.map((op) => runRangeOp(ctx, v, op)));
+    for (const check of checks) check();
+  }
+}
+
 function volumeOptions(ctx: { strategy: StrategyName; cfg: SeedConfig; backingPath: string; dataDir: string }): VolumeOptions {
   return {
     path: ctx.backingPath,
@@ -398,6 +440,7 @@ export async function runModelSeed(strategy: 'gannet' | 'colo', seed: number, op
   try {
     vol = await openVolume(volumeOptions({ strategy, cfg, backingPath, dataDir }));
     const v = vol;
+    (globalThis as any).__vol = v;
     v.on('error', (err) => errors.push(err));
     v.on('pressure', () => pressureEvents++);
     checkStats(ctx, v);
@@ -428,29 +471,7 @@ export async function runModelSeed(strategy: 'gannet' | 'colo', seed: number, op
       ctx.log.push(
         ...batch.map((op, i) => `#${done + i}${batch.length > 1 ? ` [batch of ${batch.length}]` : ''} ${describeOp(op)}`),
       );
-      const head = batch[0];
-      if (head.kind === 'checkpoint') {
-        await runCheckpoint(ctx, v, head);
-      } else if (head.kind === 'failover') {
-        const kept = ctx.model.keptView(head.to);
-        await v.failover({ to: head.to });
-        ctx.model.failover(head.to);
-        expectBytes(`failover --to ${head.to}: plain disk`, kept, ctx.model.committedBytes());
-        // Failover reports done only once the kept bytes are durable in the backing file.
-        compareBackingFile(ctx, `after failover --to ${head.to}`, kept);
-        await compareWholeViews(ctx, v, `after failover --to ${head.to}`);
-      } else if (head.kind === 'settle') {
-        if (ctx.model.failedOver) {
-          await v.secondary.flush();
-          compareBackingFile(ctx, 'settle after failover (flush of the plain disk)', ctx.model.committedBytes());
-        } else if (ctx.profile.backingIsCheckpointView) {
-          await settle(v, ctx.model.epoch);
-          compareBackingFile(ctx, `settle at epoch ${ctx.model.epoch}`, ctx.model.committedBytes());
-        }
-      } else {
-        const checks = await Promise.all(batch.map((op) => runRangeOp(ctx, v, op)));
-        for (const check of checks) check();
-      }
+      await withDeadline(`batch at op #${done}`, runBatch(ctx, v, batch));
       if (errors.length > 0) fail(`volume emitted 'error': ${errors.map(String).join('; ')}`);
       checkStats(ctx, v);
       if (spill && !ctx.model.failedOver) {
@@ -471,13 +492,13 @@ export async function runModelSeed(strategy: 'gannet' | 'colo', seed: number, op
 
     await compareWholeViews(ctx, v, 'end of run');
     vol = undefined;
-    await v.close();
+    await withDeadline('close', v.close());
     if (errors.length > 0) fail(`volume emitted 'error': ${errors.map(String).join('; ')}`);
     // A closed volume is at its checkpoint (every strategy: P and S are the replication protocol's to
     // keep) or is the plain disk after failover.
     compareBackingFile(ctx, 'after close', ctx.model.committedBytes());
 
-    const reopened = await openVolume(volumeOptions({ strategy, cfg, backingPath, dataDir }));
+    const reopened = await withDeadline('reopen', openVolume(volumeOptions({ strategy, cfg, backingPath, dataDir })));
     vol = reopened;
     reopened.on('error', (err) => errors.push(err));
     const s = reopened.stats();
@@ -497,7 +518,7 @@ export async function runModelSeed(strategy: 'gannet' | 'colo', seed: number, op
       await compareWholeViews(ctx, reopened, 'after reopen (failed over)');
     }
     vol = undefined;
-    await reopened.close();
+    await withDeadline('close after reopen', reopened.close());
     if (errors.length > 0) fail(`volume emitted 'error': ${errors.map(String).join('; ')}`);
   } catch (err) {
     const logPath = join(tmpdir(), `gannet-model-${strategy}-seed-${seed}.log`);
@@ -511,7 +532,8 @@ export async function runModelSeed(strategy: 'gannet' | 'colo', seed: number, op
       { cause: err },
     );
   } finally {
-    if (vol) await vol.close().catch(() => {});
+    // A hung volume may never close: bounded, and the failure above is what gets reported.
+    if (vol) await withDeadline('close after a failure', vol.close()).catch(() => {});
     rmSync(dir, { recursive: true, force: true });
   }
 }

@@ -200,7 +200,7 @@ export class Handshake {
     if (this.optionsLeft < 0) return this.close(`more than ${optionCountMax} options`);
     if (option === OPT_EXPORT_NAME) return this.exportName(data);
     if (!this.fixedNewstyle) return this.close(`option ${option} from a client without fixed newstyle`);
-    const shuttingDown = this.context.isShuttingDown() && option === OPT_ABORT;
+    const shuttingDown = this.context.isShuttingDown();
     if (shuttingDown && option !== OPT_ABORT) {
       return this.reply([encodeOptionError(option, REP_ERR_SHUTDOWN, 'server is shutting down')]);
     }

@@ -257,7 +257,7 @@ export class ClientStreamParser {
       if (request.length > this.limits.writeSkipBytesMax) {
         return this.fail(`write length ${request.length} exceeds ${this.limits.writeSkipBytesMax}`);
       }
-      if (request.length <= this.limits.requestBytesMax) { request.payload = this.queue.available >= request.length ? this.queue.read(request.length) : Buffer.allocUnsafe(request.length); if (this.queue.available === 0 && request.payload.length === request.length && false) return request; }
+      if (request.length <= this.limits.requestBytesMax) request.payload = Buffer.allocUnsafe(request.length);
       else request.payloadSkipped = true;
       this.pending = { request, filled: 0 };
     }

@@ -118,7 +118,7 @@ export function encodeMetaContext(contextId: number, name: string): Buffer {
 
 /** The reply to NBD_OPT_EXPORT_NAME: size, transmission flags, and the padding unless NO_ZEROES. */
 export function encodeExportNameReply(sizeBytes: number, transmissionFlags: number, noZeroes: boolean): Buffer {
-  const b = Buffer.alloc(10 + (noZeroes ? 0 : exportNamePaddingBytes - 1));
+  const b = Buffer.alloc(10 + (noZeroes ? 0 : exportNamePaddingBytes));
   writeU64(b, 0, sizeBytes);
   b.writeUInt16BE(transmissionFlags, 8);
   return b;

@@ -124,7 +124,7 @@ export function validateRequest(session: Session, req: Request, shuttingDown: bo
       break;
   }
   if (offset + length > size) {
-    const code = type === CMD_WRITE ? 'ENOSPC' : 'EINVAL';
+    const code = type === CMD_WRITE || type === CMD_WRITE_ZEROES ? 'ENOSPC' : 'EINVAL';
     return requestError(code, `range ${offset}+${length} is past the end (size ${size})`);
   }
   if (type === CMD_READ && length > session.payloadBytesMax) {
@@ -337,7 +337,7 @@ export class Transmission {
         throw new Error(`device returned an extent of length ${e.length} at ${offset + at}`);
       }
       // Clipped to the request: every descriptor, the last included, stays within it.
-      const n = e.length;
+      const n = Math.min(e.length, length - at);
       const last = lengths.length - 1;
       if (last >= 0 && flags[last] === e.flags) lengths[last] += n;
       else if (lengths.length === limit) break;
