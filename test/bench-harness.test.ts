@@ -16,6 +16,7 @@ import {
   addRelativeFigures,
   loadProfiles,
   markdownTable,
+  medianRun,
   parseNbdUri,
   parseProfile,
   percentile,
@@ -176,6 +177,14 @@ describe('bench pieces', () => {
     for (let i = 0; i < 20; i++) other.record(1);
     rec.merge(other);
     expect(rec.count).toBe(100_020);
+  });
+
+  it('keeps the median run of repeated runs, with every run\'s throughput', () => {
+    const runs = [row('p', 'colo', 30), row('p', 'colo', 10), row('p', 'colo', 20)];
+    runs[2].p99Us = 777;
+    expect(medianRun(runs)).toMatchObject({ opsPerSec: 20, p99Us: 777, opsPerSecRuns: [30, 10, 20] });
+    expect(medianRun([row('p', 'colo', 5), row('p', 'colo', 9)]).opsPerSec).toBe(5);
+    expect(() => medianRun([])).toThrow(/no runs/);
   });
 
   it('parses nbd:// URIs with encoded export names', () => {

@@ -4,7 +4,9 @@
  * Method: spawn the CLI on an ephemeral port (or a Unix socket), run nbdinfo, parse its JSON, and change
  * the disk with qemu-io between maps. Every assertion is on what the client printed.
  */
+import { connect } from 'node:net';
 import { join } from 'node:path';
+import { NbdClient } from 'nbd-server-js';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { startNbdCli } from './helpers/nbd-cli.js';
 import {
@@ -205,5 +207,30 @@ describe('nbdinfo --map', () => {
     expect([...typesIn(cleared, 4 * MiB, 2 * MiB)]).toEqual([3]);
     const check = await runOk('qemu-io', ['-f', 'raw', cli.uri, '-c', `read -P 0 ${4 * MiB} ${2 * MiB}`, '-c', `read -P 0 ${40 * MiB} 64k`]);
     expect(check.stdout).not.toMatch(/Pattern verification failed/);
+  });
+});
+
+describe('CLI lifecycle', () => {
+  it('exits 0 on SIGTERM, promptly, also with idle clients still connected', async () => {
+    const idle = await startNbdCli({ memory: MiB });
+    expect(await idle.stop()).toEqual({ code: 0, signal: null });
+
+    const busy = await startNbdCli({ memory: MiB });
+    await runOk('nbdinfo', ['--size', busy.uri]);
+    // One client attached and idle in transmission, one stopped mid-handshake; both read what they get,
+    // as real clients do, so they see the server's FIN.
+    const attached = await NbdClient.connect(busy.address);
+    await attached.write(Buffer.alloc(512, 1), 0);
+    const addr = busy.address as { host: string; port: number };
+    const handshaking = connect(addr.port, addr.host);
+    handshaking.on('error', () => {});
+    handshaking.resume();
+    await new Promise<void>((resolve) => handshaking.once('connect', () => resolve()));
+    const started = Date.now();
+    // stop() sends SIGKILL after its grace period, which would show up here as signal SIGKILL.
+    expect(await busy.stop()).toEqual({ code: 0, signal: null });
+    expect(Date.now() - started).toBeLessThan(5_000);
+    attached.destroy();
+    handshaking.destroy();
   });
 });

@@ -25,6 +25,7 @@ export const volumeBytesDefault = 1024 * MiB;
 export const quickDurationS = 1.5;
 export const quickCheckpointMs = 250;
 export const quickVolumeBytes = 64 * MiB;
+export const repeatMax = 100;
 
 const usage = `usage: gannet-bench [options]
 
@@ -39,6 +40,7 @@ volumes of a gannet daemon through NBD, and writes results.json, report.md and c
   --strategies A,B      among native,colo,gannet (default all)
   --size MIB            volume size in MiB (default ${volumeBytesDefault / MiB})
   --seed N              workload seed (default 1)
+  --repeat N            runs per profile and strategy, interleaved; the report keeps the median (default 1)
   --profiles-dir DIR    profiles directory (default fixtures/profiles)
   --work-dir DIR        where started daemons keep their data (default: a fresh temporary directory, removed after)
   --gannet PATH         the gannet CLI script (default packages/server/bin/gannet.js)
@@ -106,6 +108,7 @@ export async function main(argv: readonly string[]): Promise<number> {
         strategies: { type: 'string' },
         size: { type: 'string' },
         seed: { type: 'string' },
+        repeat: { type: 'string' },
         'profiles-dir': { type: 'string' },
         'work-dir': { type: 'string' },
         gannet: { type: 'string' },
@@ -128,6 +131,8 @@ export async function main(argv: readonly string[]): Promise<number> {
     const volumeBytes = values.size === undefined ? (quick ? quickVolumeBytes : volumeBytesDefault) : positiveNumber(values.size, '--size', 0) * MiB;
     if (!Number.isInteger(volumeBytes / 4096)) throw new UsageError('--size: the volume must be a multiple of 4 KiB');
     const seed = Math.floor(positiveNumber(values.seed, '--seed', 1));
+    const repeat = positiveNumber(values.repeat, '--repeat', 1, repeatMax);
+    if (!Number.isInteger(repeat)) throw new UsageError('--repeat: expected a whole number');
     const strategies = (list(values.strategies) ?? [...strategyOrder]).map((s) => {
       if (!(strategyOrder as readonly string[]).includes(s)) throw new UsageError(`--strategies: unknown "${s}" (native, colo, gannet)`);
       return s as BenchStrategy;
@@ -158,7 +163,8 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.on('SIGTERM', onSignal);
     const machine = await machineInfo(workDir);
     progress.line(
-      `gannet-bench: ${profiles.length} profile(s) x ${strategies.join(', ')}, ${durationS} s each, checkpoint every ${checkpointMs} ms`,
+      `gannet-bench: ${profiles.length} profile(s) x ${strategies.join(', ')}, ${durationS} s each` +
+        `${repeat > 1 ? `, ${repeat} rounds` : ''}, checkpoint every ${checkpointMs} ms`,
     );
     const rows = await runBench({
       profiles,
@@ -167,6 +173,7 @@ export async function main(argv: readonly string[]): Promise<number> {
       checkpointMs,
       volumeBytes,
       seed,
+      repeat,
       workDir,
       progress,
       gannetBin: values.gannet,
@@ -180,7 +187,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     const files = await writeReport(out, {
       generatedAt: new Date().toISOString(),
       machine,
-      settings: { durationS, checkpointMs, volumeBytes, seed, quick, daemon: daemon?.url ?? 'started per strategy' },
+      settings: { durationS, checkpointMs, volumeBytes, seed, repeat, quick, daemon: daemon?.url ?? 'started per strategy' },
       rows,
     });
     process.stdout.write(`${markdownTable(rows)}\n\nreport: ${files.markdown}\nresults: ${files.json}\nchart: ${files.svg}\n`);

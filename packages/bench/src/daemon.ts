@@ -122,6 +122,8 @@ export interface StartedDaemon {
   readonly pid: number;
   readonly control: ControlClient;
   readonly dataDir: string;
+  /** The tail of its stderr (its log), for error messages. */
+  stderr(): string;
   stop(): Promise<void>;
 }
 
@@ -206,7 +208,7 @@ export async function startDaemon(options: {
     });
   });
   const token = (await readFile(join(options.dataDir, 'control.token'), 'utf8')).trim();
-  return { pid: child.pid!, control: new ControlClient(controlUrl, token), dataDir: options.dataDir, stop };
+  return { pid: child.pid!, control: new ControlClient(controlUrl, token), dataDir: options.dataDir, stderr: () => err, stop };
 }
 
 /** VmRSS of a Linux process in bytes, or undefined if it cannot be read (not Linux, process gone). */

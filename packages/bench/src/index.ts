@@ -4,5 +4,5 @@ export * from './workload.js';
 export * from './stats.js';
 export * from './report.js';
 export * from './daemon.js';
-export { runBench, strategyOf, type RunnerOptions } from './runner.js';
+export { runBench, medianRun, strategyOf, type RunnerOptions } from './runner.js';
 export { Progress } from './progress.js';

@@ -39,6 +39,8 @@ export interface ResultRow {
   ops: number;
   flushes: number;
   durationS: number;
+  /** ops/s of every run with --repeat (this row is the median one). */
+  opsPerSecRuns?: number[];
 }
 
 export interface MachineInfo {
@@ -55,6 +57,7 @@ export interface BenchSettings {
   checkpointMs: number;
   volumeBytes: number;
   seed: number;
+  repeat: number;
   quick: boolean;
   daemon: string;
 }
@@ -127,7 +130,8 @@ export function markdownReport(report: BenchReport): string {
     '',
     `Generated ${report.generatedAt}. ${s.quick ? '**Quick run (smoke test): numbers are not meaningful.** ' : ''}` +
       `Each profile ran ${s.durationS} s per strategy on a ${Math.round(s.volumeBytes / 2 ** 20)} MiB volume, ` +
-      `checkpoint every ${s.checkpointMs} ms (colo, gannet), seed ${s.seed}, daemon: ${s.daemon}.`,
+      `checkpoint every ${s.checkpointMs} ms (colo, gannet), seed ${s.seed}, ` +
+      `${s.repeat > 1 ? `median of ${s.repeat} runs, ` : ''}daemon: ${s.daemon}.`,
     '',
     `Machine: ${m.nproc} CPUs (${m.cpuModel}), ${m.memTotalGiB.toFixed(1)} GiB RAM, ${m.platform}, Node ${m.node}; data dir on ${m.dataDirFs}.`,
     '',
@@ -145,10 +149,13 @@ const escapeXml = (text: string): string =>
 
 const strategyColors: Record<BenchStrategy, string> = { native: '#7f8c8d', colo: '#e67e22', gannet: '#2980b9' };
 
+/** Bars above this (relative to native) are clipped, with a break mark, so one outlier does not flatten the rest. */
+export const chartPercentMax = 400;
+
 /**
  * Grouped bars: one group per profile, one bar per strategy, height = throughput relative to native
  * (native = 100%), so profiles of very different ops/s share one axis. Absent native: relative to the
- * group's largest bar.
+ * group's largest bar. Every bar is labelled with its value.
  */
 export function svgChart(rows: readonly ResultRow[]): string {
   const profiles = [...new Set(rows.map((r) => r.profile))];
@@ -167,16 +174,17 @@ export function svgChart(rows: readonly ResultRow[]): string {
     const base = group.find((x) => x.strategy === 'native')?.opsPerSec ?? Math.max(...group.map((x) => x.opsPerSec));
     return base > 0 ? (r.opsPerSec / base) * 100 : 0;
   };
-  const top100 = Math.max(100, ...rows.map(relative));
-  const yMax = Math.ceil(top100 / 25) * 25;
-  const y = (value: number) => top + plotHeight - (value / yMax) * plotHeight;
+  const highest = Math.min(chartPercentMax, Math.max(100, ...rows.map(relative)));
+  const tickStep = highest <= 200 ? 25 : 50;
+  const yMax = Math.ceil(highest / tickStep) * tickStep;
+  const y = (value: number) => top + plotHeight - (Math.min(value, yMax) / yMax) * plotHeight;
   const parts: string[] = [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="11">`,
     `<title>Throughput relative to native, per profile</title>`,
     `<rect x="0" y="0" width="${width}" height="${height}" fill="#ffffff"/>`,
     `<text x="${left}" y="22" font-size="14" font-weight="bold">Throughput relative to native (ops/s, native = 100%)</text>`,
   ];
-  for (let tick = 0; tick <= yMax; tick += 25) {
+  for (let tick = 0; tick <= yMax; tick += tickStep) {
     parts.push(
       `<line x1="${left}" y1="${y(tick).toFixed(1)}" x2="${width - 20}" y2="${y(tick).toFixed(1)}" stroke="${tick === 100 ? '#555' : '#ddd'}" stroke-width="1"${tick === 100 ? ' stroke-dasharray="4 3"' : ''}/>`,
       `<text x="${left - 6}" y="${(y(tick) + 4).toFixed(1)}" text-anchor="end" fill="#333">${tick}%</text>`,
@@ -194,6 +202,9 @@ export function svgChart(rows: readonly ResultRow[]): string {
           `<title>${escapeXml(`${profile} ${strategy}: ${Math.round(row.opsPerSec)} ops/s (${value.toFixed(1)}%)`)}</title></rect>`,
         `<text x="${(x + bar / 2).toFixed(1)}" y="${(y(value) - 4).toFixed(1)}" text-anchor="middle" font-size="9" fill="#333">${Math.round(value)}</text>`,
       );
+      if (value > yMax) {
+        parts.push(`<path d="M${x - 2} ${y(yMax) + 10} l${bar + 4} -6 m0 5 l-${bar + 4} 6" stroke="#ffffff" stroke-width="2" fill="none"/>`);
+      }
     });
     parts.push(
       `<text x="${(x0 + groupWidth / 2).toFixed(1)}" y="${top + plotHeight + 16}" text-anchor="middle" fill="#111">${escapeXml(profile)}</text>`,

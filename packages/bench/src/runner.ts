@@ -1,15 +1,15 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { NbdClient } from 'nbd-server-js';
 import type { Profile } from './profiles.js';
-import { ControlClient, parseNbdUri, rssBytes, startDaemon, type StrategyName, type VolumeInfo } from './daemon.js';
+import { ControlClient, parseNbdUri, rssBytes, startDaemon, type StartedDaemon, type StrategyName, type VolumeInfo } from './daemon.js';
 import type { Progress } from './progress.js';
 import type { BenchStrategy, ResultRow } from './report.js';
 import { percentile } from './stats.js';
 import { runStream, type StreamProgress, type StreamResult } from './workload.js';
 
 /**
- * Runs every (strategy, profile) pair. Per strategy one daemon (so its RSS is that strategy's), with one
- * fresh volume per profile; per pair: the primary stream into `<vol>/primary` and, for colo and gannet,
+ * Runs every (strategy, profile) pair. Per strategy one daemon (so its RSS is that strategy's), all
+ * started up front, with one fresh volume per profile; pairs run profile by profile; per pair: the primary stream into `<vol>/primary` and, for colo and gannet,
  * the same stream (same seed) into `<vol>/secondary` at the same time, with a checkpoint every
  * `checkpointMs` through the control API. Native runs the primary stream alone on a passthrough volume.
  * After a pair the volume is checkpointed and its commit waited for (untimed), so the next pair does
@@ -21,6 +21,10 @@ export const streamOpsMax = 50_000_000;
 export const rssSampleMs = 100;
 /** How long to wait for events (checkpoint pauses, the last commit) after the streams stop. */
 export const eventsSettleMsMax = 60_000;
+/** A stream still running this long after its deadline has a request the daemon never answered. */
+export const streamStallMs = 30_000;
+/** Daemon log lines shown when a run fails. */
+const daemonLogTailChars = 4_000;
 
 export const strategyOf: Record<BenchStrategy, StrategyName> = { native: 'passthrough', colo: 'colo', gannet: 'gannet' };
 
@@ -31,6 +35,8 @@ export interface RunnerOptions {
   readonly checkpointMs: number;
   readonly volumeBytes: number;
   readonly seed: number;
+  /** Runs per (profile, strategy); the report keeps the median. */
+  readonly repeat?: number;
   readonly workDir: string;
   readonly progress: Progress;
   readonly gannetBin?: string;
@@ -44,6 +50,7 @@ interface Target {
   readonly control: ControlClient;
   readonly pid: number | undefined;
   readonly volume: VolumeInfo;
+  readonly daemon?: StartedDaemon;
 }
 
 /** Waits for a condition re-checked on every event, or fails after `ms`. */
@@ -74,44 +81,72 @@ function pickVolume(volumes: readonly VolumeInfo[], name: string): VolumeInfo {
 }
 
 export async function runBench(options: RunnerOptions): Promise<ResultRow[]> {
-  const rows: ResultRow[] = [];
-  const total = options.strategies.length * options.profiles.length;
-  let step = 0;
-  for (const strategy of options.strategies) {
-    if (options.daemon) {
-      const control = new ControlClient(options.daemon.url, options.daemon.token);
-      const volumes = await control.volumes();
-      const wanted = options.daemon.volumes[strategy] ?? volumes.find((v) => v.strategy === strategyOf[strategy])?.name;
-      if (wanted === undefined) throw new Error(`the daemon at ${options.daemon.url} has no ${strategyOf[strategy]} volume for ${strategy}`);
-      const volume = pickVolume(volumes, wanted);
-      if (volume.strategy !== strategyOf[strategy]) {
-        throw new Error(`volume ${volume.name} has strategy ${volume.strategy}, ${strategy} needs ${strategyOf[strategy]}`);
+  const repeat = options.repeat ?? 1;
+  const targets = new Map<BenchStrategy, (profile: Profile) => Target>();
+  const daemons: StartedDaemon[] = [];
+  try {
+    for (const strategy of options.strategies) {
+      if (options.daemon) {
+        const control = new ControlClient(options.daemon.url, options.daemon.token);
+        const volumes = await control.volumes();
+        const wanted = options.daemon.volumes[strategy] ?? volumes.find((v) => v.strategy === strategyOf[strategy])?.name;
+        if (wanted === undefined) throw new Error(`the daemon at ${options.daemon.url} has no ${strategyOf[strategy]} volume for ${strategy}`);
+        const volume = pickVolume(volumes, wanted);
+        if (volume.strategy !== strategyOf[strategy]) {
+          throw new Error(`volume ${volume.name} has strategy ${volume.strategy}, ${strategy} needs ${strategyOf[strategy]}`);
+        }
+        const pid = options.daemon.pid;
+        targets.set(strategy, () => ({ control, pid, volume }));
+        continue;
       }
-      for (const profile of options.profiles) {
-        step++;
-        rows.push(await runPair(options, strategy, profile, { control, pid: options.daemon.pid, volume }, `[${step}/${total}]`));
-      }
-      continue;
-    }
-    options.progress.line(`starting gannet serve with ${options.profiles.length} ${strategyOf[strategy]} volume(s)`);
-    const daemon = await startDaemon({
-      dataDir: `${options.workDir}/${strategy}`,
-      volumes: options.profiles.map((p) => ({ name: p.name, strategy: strategyOf[strategy], sizeBytes: options.volumeBytes })),
-      gannetBin: options.gannetBin,
-    });
-    options.onStop?.(daemon.stop);
-    try {
+      options.progress.line(`starting gannet serve with ${options.profiles.length} ${strategyOf[strategy]} volume(s)`);
+      const daemon = await startDaemon({
+        dataDir: `${options.workDir}/${strategy}`,
+        volumes: options.profiles.map((p) => ({ name: p.name, strategy: strategyOf[strategy], sizeBytes: options.volumeBytes })),
+        gannetBin: options.gannetBin,
+      });
+      daemons.push(daemon);
+      options.onStop?.(daemon.stop);
       const volumes = await daemon.control.volumes();
-      for (const profile of options.profiles) {
-        step++;
-        const target = { control: daemon.control, pid: daemon.pid, volume: pickVolume(volumes, profile.name) };
-        rows.push(await runPair(options, strategy, profile, target, `[${step}/${total}]`));
-      }
-    } finally {
-      await daemon.stop();
+      targets.set(strategy, (profile) => ({ control: daemon.control, pid: daemon.pid, volume: pickVolume(volumes, profile.name), daemon }));
     }
+
+    // Profile-major, strategies side by side: load that drifts over minutes hits all strategies of a profile alike.
+    const runs = new Map<string, ResultRow[]>();
+    const total = repeat * options.profiles.length * options.strategies.length;
+    let step = 0;
+    for (let round = 0; round < repeat; round++) {
+      for (const profile of options.profiles) {
+        for (const strategy of options.strategies) {
+          step++;
+          const target = targets.get(strategy)!(profile);
+          let row: ResultRow;
+          try {
+            row = await runPair(options, strategy, profile, target, `[${step}/${total}]`);
+          } catch (error) {
+            const log = target.daemon?.stderr().slice(-daemonLogTailChars) ?? '';
+            throw new Error(`${strategy}: ${(error as Error).message}${log === '' ? '' : `\n--- daemon log (tail)\n${log}`}`, { cause: error });
+          }
+          const key = `${profile.name}\0${strategy}`;
+          runs.set(key, [...(runs.get(key) ?? []), row]);
+        }
+      }
+    }
+    const rows: ResultRow[] = [];
+    for (const profile of options.profiles) {
+      for (const strategy of options.strategies) rows.push(medianRun(runs.get(`${profile.name}\0${strategy}`)!));
+    }
+    return rows;
+  } finally {
+    await Promise.all(daemons.map((d) => d.stop()));
   }
-  return rows;
+}
+
+/** The run with the median throughput (the lower middle for an even count), with every run's ops/s attached. */
+export function medianRun(rows: readonly ResultRow[]): ResultRow {
+  if (rows.length === 0) throw new Error('medianRun: no runs');
+  const sorted = [...rows].sort((a, b) => a.opsPerSec - b.opsPerSec);
+  return { ...sorted[Math.floor((sorted.length - 1) / 2)], opsPerSecRuns: rows.map((r) => r.opsPerSec) };
 }
 
 async function connect(uri: string | undefined, what: string): Promise<NbdClient> {
@@ -182,6 +217,13 @@ async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile:
   const live = setInterval(() => {
     options.progress.live(`${label} ${strategy} ${profile.name}: ${progressP.ops + progressS.ops} ops, ${apiMs.length} checkpoints`);
   }, 200);
+  let stalled = false;
+  const watchdog = setTimeout(() => {
+    // Destroying the connections fails the requests still waiting, so the run ends with an error.
+    stalled = true;
+    primary.destroy();
+    secondary?.destroy();
+  }, options.durationMs + streamStallMs);
   let results: StreamResult[];
   try {
     const limits = { durationMs: options.durationMs, opsMax: streamOpsMax };
@@ -189,7 +231,15 @@ async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile:
       runStream(primary, profile, options.seed, limits, progressP),
       ...(secondary ? [runStream(secondary, profile, options.seed, limits, progressS)] : []),
     ]);
+  } catch (error) {
+    if (!stalled) throw error;
+    throw new Error(
+      `${strategy} ${profile.name}: a request got no reply ${streamStallMs} ms after the run's end ` +
+        `(${progressP.ops} + ${progressS.ops} ops done); the daemon stopped answering`,
+      { cause: error },
+    );
   } finally {
+    clearTimeout(watchdog);
     clearInterval(live);
     stopCheckpoints.abort();
     await checkpointLoop.catch(() => {});

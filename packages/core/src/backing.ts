@@ -20,6 +20,7 @@ export class Backing {
   private readonly fh: FileHandle;
   private readonly faults = new Map<BackingOp, Error>();
   private zeroChunk: Buffer | null = null;
+  private readHold: { waiting: number; release: Promise<void>; arrivals: (() => void)[] } | null = null;
 
   private constructor(path: string, sizeBytes: number, fh: FileHandle) {
     this.path = path;
@@ -54,6 +55,27 @@ export class Backing {
     else this.faults.set(op, error);
   }
 
+  /**
+   * Test seam: reads wait until `release()`; `arrived(n)` resolves once n reads are waiting. Lets a test
+   * put a checkpoint exactly between a partial-block write's read of the old block and its apply.
+   */
+  holdReads(): { arrived(count: number): Promise<void>; release(): void } {
+    let release!: () => void;
+    const hold = { waiting: 0, release: new Promise<void>((resolve) => (release = resolve)), arrivals: [] as (() => void)[] };
+    this.readHold = hold;
+    return {
+      arrived: (count) =>
+        new Promise<void>((resolve) => {
+          const check = () => (hold.waiting >= count ? resolve() : hold.arrivals.push(check));
+          check();
+        }),
+      release: () => {
+        if (this.readHold === hold) this.readHold = null;
+        release();
+      },
+    };
+  }
+
   private check(op: BackingOp): void {
     const fault = this.faults.get(op);
     if (fault !== undefined) throw fault;
@@ -61,6 +83,12 @@ export class Backing {
 
   async read(buf: Uint8Array, position: number): Promise<void> {
     this.check('read');
+    const hold = this.readHold;
+    if (hold !== null) {
+      hold.waiting++;
+      for (const arrival of hold.arrivals.splice(0)) arrival();
+      await hold.release;
+    }
     let done = 0;
     while (done < buf.length) {
       const { bytesRead } = await this.fh.read(buf, done, buf.length - done, position + done);

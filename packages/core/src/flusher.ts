@@ -12,17 +12,68 @@ import type { ByteRange } from './types.js';
  */
 export const runBytesMax = 4 * 1024 * 1024;
 
-/** The newest entry of every block over `layers` (oldest first), blocks in offset order. */
-export function mergeLayers(layers: readonly Layer[]): { blocks: Float64Array; owner: Map<number, Layer> } {
+/** Work done between yields to the event loop while preparing a flush (keys gathered, sorted, merged). */
+export const prepareStepEntries = 32 * 1024;
+
+const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+/**
+ * Every block held by `layers`, in offset order, without duplicates. A GiB of 4 KiB blocks is a quarter
+ * million keys: gathering and sorting them in one go would stall the event loop (and every NBD request)
+ * for tens of milliseconds, so the keys are sorted in chunks and merged bottom-up, yielding in between.
+ */
+export async function sortedBlocks(layers: readonly Layer[]): Promise<Float64Array> {
+  let total = 0;
+  for (const layer of layers) total += layer.map.size;
+  let keys = new Float64Array(total);
+  let n = 0;
+  for (const layer of layers) {
+    for (const b of layer.map.keys()) {
+      keys[n++] = b;
+      if (n % prepareStepEntries === 0) await yieldToEventLoop();
+    }
+  }
+  assert(n === total, 'layers do not change while their flush is prepared');
+  for (let start = 0; start < n; start += prepareStepEntries) {
+    keys.subarray(start, Math.min(n, start + prepareStepEntries)).sort();
+    if (start + prepareStepEntries < n) await yieldToEventLoop();
+  }
+  let spare = new Float64Array(n);
+  for (let width = prepareStepEntries; width < n; width *= 2) {
+    let done = 0;
+    for (let left = 0; left < n; left += 2 * width) {
+      const mid = Math.min(n, left + width);
+      const right = Math.min(n, left + 2 * width);
+      let i = left;
+      let j = mid;
+      let k = left;
+      while (i < mid && j < right) spare[k++] = keys[i] <= keys[j] ? keys[i++] : keys[j++];
+      while (i < mid) spare[k++] = keys[i++];
+      while (j < right) spare[k++] = keys[j++];
+      done += right - left;
+      if (done >= 4 * prepareStepEntries) {
+        done = 0;
+        await yieldToEventLoop();
+      }
+    }
+    [keys, spare] = [spare, keys];
+  }
+  if (layers.length === 1) return keys;
+  let unique = 0;
+  for (let i = 0; i < n; i++) if (unique === 0 || keys[unique - 1] !== keys[i]) keys[unique++] = keys[i];
+  return keys.subarray(0, unique);
+}
+
+/** The layer whose entry for a block wins: the newest of `layers` (oldest first) that holds it. */
+export function newestHolder(layers: readonly Layer[]): (block: number) => Layer | undefined {
   if (layers.length === 1) {
     const only = layers[0];
-    const owner = new Map<number, Layer>();
-    for (const b of only.map.keys()) owner.set(b, only);
-    return { blocks: Float64Array.from(only.map.keys()).sort(), owner };
+    return (b) => (only.map.has(b) ? only : undefined);
   }
-  const owner = new Map<number, Layer>();
-  for (const layer of layers) for (const b of layer.map.keys()) owner.set(b, layer);
-  return { blocks: Float64Array.from(owner.keys()).sort(), owner };
+  return (b) => {
+    for (let i = layers.length - 1; i >= 0; i--) if (layers[i].map.has(b)) return layers[i];
+    return undefined;
+  };
 }
 
 export interface Run {
@@ -96,9 +147,10 @@ export async function writeRuns(
  * The content of a block of a pinned layer (flush and failover pin what they write, so slots stay put
  * and spilled blocks stay in LevelDB until the layer is dropped).
  */
-export function layerSource(buffers: BlockBuffers, meta: MetaStore, owner: Map<number, Layer>): BlockSource {
+export function layerSource(buffers: BlockBuffers, meta: MetaStore, layers: readonly Layer[]): BlockSource {
+  const holder = newestHolder(layers);
   return (b) => {
-    const layer = owner.get(b);
+    const layer = holder(b);
     assert(layer !== undefined && layer.pinned && !layer.dropped, `block ${b} comes from a pinned layer`);
     const entry = layer.map.get(b);
     assert(entry !== undefined, `block ${b} is in layer ${layer.id}`);

@@ -36,11 +36,14 @@ export class Spiller {
     if (this.running !== null) await this.running.catch(() => undefined);
   }
 
-  /** Spills up to `bytes` (at most one batch); resolves with the bytes freed (0: nothing spillable now). */
+  /**
+   * Spills up to `bytes` (at most one batch). Resolves with the bytes freed, or -1 when nothing is
+   * spillable now (everything in memory is pinned by a flush); 0 means the victims changed meanwhile.
+   */
   async spill(bytes: number): Promise<number> {
     if (this.running !== null) {
-      await this.running;
-      return this.buffers.blockBytes;
+      await this.running.catch(() => undefined);
+      return 0;
     }
     this.running = this.spillBatch(Math.min(Math.max(bytes, this.buffers.blockBytes), spillBatchBytesMax));
     try {
@@ -52,7 +55,7 @@ export class Spiller {
 
   private async spillBatch(bytes: number): Promise<number> {
     const victims = this.pickVictims(Math.ceil(bytes / this.buffers.blockBytes));
-    if (victims.length === 0) return 0;
+    if (victims.length === 0) return -1;
     for (const v of victims) v.layer.hasSpillKeys = true;
     await this.meta.putSpill(
       victims.map((v) => ({ layerId: v.layer.id, block: v.block, data: this.buffers.slotBytes(v.slot) })),

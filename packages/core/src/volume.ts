@@ -8,7 +8,7 @@ import { Backing } from './backing.js';
 import { BlockBuffers, isSlot, isSpilled, ZERO, type Layer } from './buffer.js';
 import { EpochLease, epochLeaseCount, groupCheckpoint, type GroupCheckpointable } from './checkpoint.js';
 import { GannetError } from './errors.js';
-import { layerSource, mergeLayers, planRuns, runRanges, writeRuns, type BlockSource } from './flusher.js';
+import { layerSource, planRuns, runRanges, sortedBlocks, writeRuns, type BlockSource } from './flusher.js';
 import { MetaStore, type JournalEntry, type PersistedMeta } from './meta.js';
 import { parseVolumeOptions } from './parse.js';
 import type { ResolvedVolumeOptions, VolumeOptions } from './options.js';
@@ -261,13 +261,13 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   private kickFlusher(): void {
     if (this.flushing !== null || this.flushError !== null || this.state !== 'replicating') return;
     if (this.committed.length === 0) return;
-    this.flushing = this.flushLoop().finally(() => {
-      this.flushing = null;
-      this.wake();
-    });
+    this.flushing = this.flushLoop();
   }
 
   private async flushLoop(): Promise<void> {
+    // Started on the next turn of the event loop: nothing of the flush runs inside checkpoint().
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    let failure: GannetError | null = null;
     while (this.committed.length > 0 && this.flushError === null && this.state === 'replicating') {
       const layers = this.committed.slice();
       try {
@@ -275,11 +275,15 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
       } catch (err) {
         for (const layer of layers) layer.pinned = false;
         this.flushError = err instanceof Error ? err : new Error(String(err));
-        this.reportError(new GannetError('EIO', `flush of epochs up to ${layers.at(-1)!.sealedEpoch} failed: ${this.flushError.message}`, {
+        failure = new GannetError('EIO', `flush of epochs up to ${layers.at(-1)!.sealedEpoch} failed: ${this.flushError.message}`, {
           cause: err,
-        }));
+        });
       }
     }
+    // Idle before anyone hears of the failure, so a listener's checkpoint() can start the retry.
+    this.flushing = null;
+    this.wake();
+    if (failure !== null) this.reportError(failure);
   }
 
   /**
@@ -290,11 +294,11 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   private async flushPass(layers: Layer[]): Promise<void> {
     const start = performance.now();
     for (const layer of layers) layer.pinned = true;
-    const { blocks, owner } = mergeLayers(layers);
+    const blocks = await sortedBlocks(layers);
     const runs = planRuns(blocks, this.blockBytes);
     const ranges = runRanges(runs, this.blockBytes, this.sizeBytes);
     if (ranges.length > 0) await this.meta.recordFlushing(ranges);
-    const bytes = await writeRuns(this.backing, runs, layerSource(this.buffers, this.meta, owner), this.geometry());
+    const bytes = await writeRuns(this.backing, runs, layerSource(this.buffers, this.meta, layers), this.geometry());
     if (bytes > 0) await this.backing.datasync();
     const durable = layers.at(-1)!.sealedEpoch;
     assert(durable > this.durableEpoch && durable <= this.epoch, 'the durable epoch only grows, up to the epoch');
@@ -357,8 +361,8 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     const kept = to === 'secondary' ? this.S : to === 'primary' ? this.P : null;
     const layers = kept === null ? this.committed.slice() : [...this.committed, kept];
     for (const layer of this.liveLayers()) layer.pinned = true;
-    const { blocks, owner } = mergeLayers(layers);
-    const source = layerSource(this.buffers, this.meta, owner);
+    const blocks = await sortedBlocks(layers);
+    const source = layerSource(this.buffers, this.meta, layers);
     await this.meta.clearJournal();
     let chunk: JournalEntry[] = [];
     let chunkBytes = 0;
@@ -702,11 +706,10 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
           cause: err,
         });
       }
-      if (freed > 0) {
-        this.wake();
-      } else {
-        await this.nextWake();
-      }
+      // Nothing spillable (pinned by a flush, or reserved by other writes): wait for a release, unless
+      // memory moved while the spill looked.
+      if (freed > 0) this.wake();
+      else if (freed < 0 && this.buffers.memBytes + this.reservedBytes >= used) await this.nextWake();
     }
   }
 
@@ -729,13 +732,12 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   }
 
   /**
-   * 'pressure' asks the replicator for an early checkpoint, once per crossing of the threshold. Only a
-   * checkpoint or flush (dropping buffers) re-arms it: spilling keeps memory bounded but does not make
-   * the buffered data go away.
+   * 'pressure' asks the replicator for an early checkpoint, once per crossing of the threshold by the
+   * buffered data (in memory or spilled). Only a checkpoint or flush (dropping buffers) re-arms it.
    */
   private checkPressure(): void {
     const threshold = this.options.memoryBytesMax * this.options.pressureRatio;
-    const bufferedBytes = this.buffers.memBytes;
+    const bufferedBytes = this.buffers.memBytes + this.buffers.spilledBytes;
     if (!this.overPressure && bufferedBytes > threshold) {
       this.overPressure = true;
       this.emit('pressure', { bufferedBytes, memoryBytesMax: this.options.memoryBytesMax });
@@ -743,7 +745,8 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   }
 
   private rearmPressure(): void {
-    if (this.buffers.memBytes <= this.options.memoryBytesMax * this.options.pressureRatio) this.overPressure = false;
+    const bufferedBytes = this.buffers.memBytes + this.buffers.spilledBytes;
+    if (bufferedBytes <= this.options.memoryBytesMax * this.options.pressureRatio) this.overPressure = false;
   }
 
   private nextWake(): Promise<void> {

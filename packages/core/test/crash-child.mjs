@@ -23,7 +23,7 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 
 export const crashScenarios = ['flush', 'failover-secondary', 'failover-checkpoint', 'failover-primary'];
-export const crashVolumeBytes = 8 * MiB;
+export const crashVolumeBytes = 4 * MiB;
 export const crashBlockBytes = 4096;
 /** Bound on critical-phase ticks: a flush or failover of a few MiB takes far fewer. */
 export const ticksMax = 100_000;
@@ -81,7 +81,7 @@ export function crashPlan(seed, scenario) {
   }
   // The last epoch is big and scattered, so its flush (or the failover's) has many pieces to interrupt.
   const lastWrites = r.between(40, 80);
-  for (let i = 0; i < lastWrites; i++) steps.push(write(r, r.chance(0.6) ? 'primary' : 'secondary', 128 * KiB));
+  for (let i = 0; i < lastWrites; i++) steps.push(write(r, r.chance(0.6) ? 'primary' : 'secondary', 96 * KiB));
   if (scenario === 'flush') {
     steps.push({ kind: 'final-flush' });
   } else {

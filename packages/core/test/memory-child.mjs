@@ -1,8 +1,9 @@
 /**
  * Child program of memory.test.ts: writes `totalBytes` of distinct patterned data into the primary view
  * of a volume whose memoryBytesMax is far smaller, with no checkpoint, then reads every byte back and
- * checks it. Prints one JSON line with what the parent asserts, including the peak RSS (VmHWM) of this
- * process, so the whole run (writes, spill, read-back) is covered by one kernel-measured figure.
+ * checks it. Prints one JSON line with what the parent asserts: the peak anonymous RSS (RssAnon +
+ * RssShmem, sampled after every MiB written or read), which is the memory the process itself holds, and
+ * the kernel's peak total RSS (VmHWM), which also counts the file pages LevelDB maps to read its tables.
  * Usage: node memory-child.mjs <dir> <memoryBytesMax> <totalBytes>
  */
 import { readFileSync } from 'node:fs';
@@ -21,11 +22,23 @@ function pattern(buf, offset) {
   for (let i = 0; i < words.length; i++) words[i] = (first + i) ^ salt;
 }
 
-function peakRssBytes() {
-  const m = /^VmHWM:\s+(\d+)\s+kB$/m.exec(readFileSync('/proc/self/status', 'utf8'));
-  if (!m) throw new Error('no VmHWM in /proc/self/status');
+function statusBytes(status, field) {
+  const m = new RegExp(`^${field}:\\s+(\\d+)\\s+kB$`, 'm').exec(status);
+  if (!m) throw new Error(`no ${field} in /proc/self/status`);
   return Number(m[1]) * 1024;
 }
+
+let peakAnon = 0;
+/** Private memory now (anonymous + shared-memory pages), folded into the running peak. */
+function sampleAnon() {
+  const status = readFileSync('/proc/self/status', 'utf8');
+  const anon = statusBytes(status, 'RssAnon') + statusBytes(status, 'RssShmem');
+  peakAnon = Math.max(peakAnon, anon);
+  return anon;
+}
+
+const peakRssBytes = () => statusBytes(readFileSync('/proc/self/status', 'utf8'), 'VmHWM');
+const sampleEveryBytes = 1024 * 1024;
 
 async function main([dir, limitText, totalText]) {
   const memoryBytesMax = Number(limitText);
@@ -37,7 +50,7 @@ async function main([dir, limitText, totalText]) {
   const errors = [];
   vol.on('pressure', () => pressure++);
   vol.on('error', (err) => errors.push(String(err)));
-  const rssBaseline = peakRssBytes();
+  const anonBaseline = sampleAnon();
 
   const started = performance.now();
   let next = 0;
@@ -48,12 +61,13 @@ async function main([dir, limitText, totalText]) {
       next += writeBytes;
       pattern(buf, offset);
       await vol.primary.write(buf, offset);
+      if ((offset + writeBytes) % sampleEveryBytes === 0) sampleAnon();
     }
   };
   await Promise.all(Array.from({ length: writeDepth }, writer));
   const writeMs = performance.now() - started;
   const afterWrite = vol.stats();
-  const rssAfterWrite = peakRssBytes();
+  const anonPeakWrite = peakAnon;
 
   const readStarted = performance.now();
   const got = new Uint8Array(readBytes);
@@ -61,6 +75,7 @@ async function main([dir, limitText, totalText]) {
   let firstMismatch = -1;
   for (let offset = 0; offset < totalBytes && firstMismatch < 0; offset += readBytes) {
     await vol.primary.read(got, offset);
+    sampleAnon();
     pattern(want, offset);
     if (!Buffer.from(got.buffer).equals(Buffer.from(want.buffer))) {
       for (let i = 0; i < readBytes; i++) {
@@ -88,8 +103,9 @@ async function main([dir, limitText, totalText]) {
       errors,
       bufferedBytes: afterWrite.bufferedBytes,
       spilledBytes: afterWrite.spilledBytes,
-      rssBaseline,
-      rssAfterWrite,
+      anonBaseline,
+      anonPeakWrite,
+      anonPeak: peakAnon,
       peakRss: peakRssBytes(),
       firstMismatch,
       secondaryLeak,

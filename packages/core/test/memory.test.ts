@@ -3,7 +3,9 @@
  * distinct data into its primary view with no checkpoint: it must fire 'pressure', spill the excess, keep
  * the process's peak RSS under the limit plus a stated margin, and read every byte back.
  * Method: memory-child.mjs does the work in its own process (so RSS is that of the volume alone, not of
- * vitest) and reports VmHWM, the kernel's peak resident size, in one JSON line.
+ * vitest) and reports its peak RSS in one JSON line. The bound applies to private memory (RssAnon +
+ * RssShmem): LevelDB reads its tables through mmap, so reading back 192 MiB of spilled blocks maps up to
+ * that much clean, reclaimable page cache into the process (RssFile). That is printed, not bounded.
  */
 import { execFile } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
@@ -32,8 +34,9 @@ interface MemoryReport {
   errors: string[];
   bufferedBytes: { primary: number; secondary: number; committed: number };
   spilledBytes: number;
-  rssBaseline: number;
-  rssAfterWrite: number;
+  anonBaseline: number;
+  anonPeakWrite: number;
+  anonPeak: number;
   peakRss: number;
   firstMismatch: number;
   secondaryLeak: number;
@@ -45,7 +48,7 @@ describe('memory bound', () => {
   const dir = mkdtempSync(join(tmpdir(), 'gannet-memory-'));
   afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-  it(`256 MiB into a 64 MiB volume buffer: spills, RSS <= limit + ${rssMarginBytes / MiB} MiB, reads back`, async () => {
+  it(`256 MiB into a 64 MiB volume buffer: spills, private RSS <= limit + ${rssMarginBytes / MiB} MiB, reads back`, async () => {
     if (!existsSync(coreDist)) {
       throw new Error(`${coreDist} is missing: the memory child runs the built package; run \`npx -y pnpm@9 run build\` first`);
     }
@@ -61,7 +64,8 @@ describe('memory bound', () => {
     const report = JSON.parse(stdout.trim().split('\n').pop()!) as MemoryReport;
     const mib = (n: number) => `${(n / MiB).toFixed(1)} MiB`;
     console.log(
-      `memory: peak RSS ${mib(report.peakRss)} (baseline ${mib(report.rssBaseline)}, after writes ${mib(report.rssAfterWrite)}), ` +
+      `memory: peak private RSS ${mib(report.anonPeak)} (baseline ${mib(report.anonBaseline)}, during writes ${mib(report.anonPeakWrite)}), ` +
+        `peak total RSS incl. LevelDB's mapped tables ${mib(report.peakRss)}, ` +
         `spilled ${mib(report.spilledBytes)}, pressure events ${report.pressure}, write ${report.writeMs} ms, read ${report.readMs} ms`,
     );
     expect(report.errors, "'error' events").toEqual([]);
@@ -69,7 +73,7 @@ describe('memory bound', () => {
     expect(report.secondaryLeak, 'first non-zero byte of the secondary view (-1: none)').toBe(-1);
     expect(report.pressure, "'pressure' events").toBeGreaterThan(0);
     expect(report.spilledBytes, 'spilledBytes: at least what does not fit under the limit').toBeGreaterThanOrEqual(totalBytes - memoryBytesMax);
-    expect(report.peakRss, `peak RSS (limit ${mib(memoryBytesMax)} + margin ${mib(rssMarginBytes)})`).toBeLessThanOrEqual(
+    expect(report.anonPeak, `peak private RSS (limit ${mib(memoryBytesMax)} + margin ${mib(rssMarginBytes)})`).toBeLessThanOrEqual(
       memoryBytesMax + rssMarginBytes,
     );
   }, childTimeoutMs + 10_000);

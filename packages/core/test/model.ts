@@ -265,9 +265,10 @@ export function differingRanges(a: Uint8Array, b: Uint8Array): { offset: number;
   return out;
 }
 
-/** A short hex dump around `at`, for failure messages. */
+/** A short hex dump around `at`, for failure messages; the byte at `at` is in brackets. */
 export function hexAround(bytes: Uint8Array, at: number, span = 8): string {
   const from = Math.max(0, at - span);
   const to = Math.min(bytes.length, at + span);
-  return Array.from(bytes.subarray(from, to), (b) => b.toString(16).padStart(2, '0')).join(' ');
+  const hex = (b: number, i: number) => (from + i === at ? `[${b.toString(16).padStart(2, '0')}]` : b.toString(16).padStart(2, '0'));
+  return Array.from(bytes.subarray(from, to), hex).join(' ');
 }

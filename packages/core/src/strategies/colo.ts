@@ -47,8 +47,9 @@ import { VolumeFile } from './volume-file.js';
  *
  * Concurrency: a range lock over clusters. Writes take their clusters exclusively (a copy-before-write
  * must not interleave with another write or a secondary read of the same cluster); reads take them
- * shared. Checkpoint, failover and close take the whole volume exclusively, after the requests already
- * in flight, which is the checkpoint's foreground pause.
+ * shared. Flushes take a slot past the last cluster, shared, so they never hold up requests. Checkpoint,
+ * failover and close take the whole volume exclusively, after the requests already in flight, which is
+ * the checkpoint's foreground pause.
  */
 
 /** Copies during failover and copy-before-write go through buffers of at most this size. */
@@ -105,6 +106,11 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
       zero: (offset, length, fua) => this.secondaryWrite({ zeroes: true }, offset, length, fua),
       flush: () => this.secondaryFlush(),
     }, closed);
+  }
+
+  /** The flushes' lock slot: past every cluster, so only whole-volume claims conflict with it. */
+  private get flushSlot(): number {
+    return this.inHidden.clusters;
   }
 
   private clusterStart(cluster: number): number {
@@ -187,7 +193,7 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
   }
 
   private async primaryFlush(): Promise<void> {
-    const release = await this.lock.acquire(0, Infinity, false);
+    const release = await this.lock.acquire(this.flushSlot, this.flushSlot + 1, false);
     try {
       if (this.state === 'closed') throw new BlockDeviceError('ESHUTDOWN', 'colo: volume closed');
       await this.syncPrimaryFiles();
@@ -279,7 +285,7 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
   }
 
   private async secondaryFlush(): Promise<void> {
-    const release = await this.lock.acquire(0, Infinity, false);
+    const release = await this.lock.acquire(this.flushSlot, this.flushSlot + 1, false);
     try {
       if (this.state === 'closed') throw new BlockDeviceError('ESHUTDOWN', 'colo: volume closed');
       await (this.state === 'failed-over' ? this.backing.sync() : this.active.sync());
@@ -299,8 +305,7 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
     const release = await this.lock.acquire(0, Infinity, true);
     try {
       if (this.state !== 'replicating') throw new GannetError('ESTATE', `colo: cannot checkpoint a volume that is ${this.state}`);
-      await this.active.empty();
-      await this.hidden.empty();
+      await Promise.all([this.active.empty(), this.hidden.empty()]);
       this.inActive.clear();
       this.inHidden.clear();
       this.epoch++;

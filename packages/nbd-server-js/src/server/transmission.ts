@@ -99,10 +99,12 @@ export function validateRequest(session: Session, req: Request, shuttingDown: bo
   const tflags = session.transmissionFlags;
   const size = session.export.device.size;
   if (type > CMD_BLOCK_STATUS || type === CMD_DISC) return requestError('EINVAL', `unknown command ${type}`);
-  const bad = flags & ~flagsAllowed(type, tflags);
-  if (bad !== 0) return requestError('EINVAL', `flags 0x${bad.toString(16)} not valid for ${commandName(type)}`);
+  // A read-only export refuses every mutating command with EPERM, whatever flags came with it (the
+  // flags a writable export would accept, such as FUA, are not advertised there).
   const writes = type === CMD_WRITE || type === CMD_TRIM || type === CMD_WRITE_ZEROES;
   if (writes && !isWritable(session.export)) return requestError('EPERM', 'export is read-only');
+  const bad = flags & ~flagsAllowed(type, tflags);
+  if (bad !== 0) return requestError('EINVAL', `flags 0x${bad.toString(16)} not valid for ${commandName(type)}`);
   if (shuttingDown) return requestError('ESHUTDOWN', 'server is shutting down');
   switch (type) {
     case CMD_FLUSH:

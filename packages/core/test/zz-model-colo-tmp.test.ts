@@ -1,2 +1,0 @@
-import { runModelBasedTests } from './model-harness.js';
-runModelBasedTests('colo');
