@@ -14,7 +14,7 @@
  */
 import { once } from 'node:events';
 import { closeSync, fdatasyncSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { openVolume, type Volume } from '@gannet/core';
@@ -159,7 +159,11 @@ async function benchCheckpoints(dir: string, plan: BenchPlan, rows: Row[]): Prom
     latencies.sort((a, b) => a - b);
     const p99 = percentile(latencies, 99);
     const isLast = bytes === last.bytes;
-    rows.push({ metric: `checkpoint p50, ${formatBytes(bytes)} buffered (${samples} checkpoints)`, value: `${percentile(latencies, 50).toFixed(3)} ms`, target: '' });
+    rows.push({
+      metric: `checkpoint p50, ${formatBytes(bytes)} buffered (${samples} checkpoints)`,
+      value: `${percentile(latencies, 50).toFixed(3)} ms`,
+      target: '',
+    });
     rows.push({
       metric: `checkpoint p99, ${formatBytes(bytes)} buffered (${samples} checkpoints)`,
       value: `${p99.toFixed(3)} ms`,
@@ -216,7 +220,12 @@ async function benchFlush(dir: string, plan: BenchPlan, rows: Row[]): Promise<vo
   const ratio = flush / raw;
   rows.push({ metric: `flush ${formatBytes(bytes)}, checkpoint to 'flushed'`, value: `${flush.toFixed(0)} MB/s`, target: '' });
   rows.push({ metric: `raw sequential write ${formatBytes(bytes)} + fdatasync`, value: `${raw.toFixed(0)} MB/s`, target: '' });
-  rows.push({ metric: 'flush / raw', value: `${ratio.toFixed(2)}x`, target: `>= ${targets.flushRatioMin}x`, ok: ratio >= targets.flushRatioMin });
+  rows.push({
+    metric: 'flush / raw',
+    value: `${ratio.toFixed(2)}x`,
+    target: `>= ${targets.flushRatioMin}x`,
+    ok: ratio >= targets.flushRatioMin,
+  });
 }
 
 async function benchWrites(dir: string, plan: BenchPlan, rows: Row[]): Promise<void> {
@@ -245,7 +254,8 @@ function printTable(rows: readonly Row[]): void {
     value: Math.max(...all.map((r) => r.value.length)),
     target: Math.max(...all.map((r) => r.target.length)),
   };
-  const line = (r: Row, ok: string) => `| ${r.metric.padEnd(w.metric)} | ${r.value.padStart(w.value)} | ${r.target.padEnd(w.target)} | ${ok.padEnd(4)} |`;
+  const line = (r: Row, ok: string) =>
+    `| ${r.metric.padEnd(w.metric)} | ${r.value.padStart(w.value)} | ${r.target.padEnd(w.target)} | ${ok.padEnd(4)} |`;
   console.log(line(header, 'ok'));
   console.log(`|${'-'.repeat(w.metric + 2)}|${'-'.repeat(w.value + 2)}|${'-'.repeat(w.target + 2)}|------|`);
   for (const r of rows) console.log(line(r, r.ok === undefined ? '' : r.ok ? 'yes' : 'NO'));
@@ -262,7 +272,10 @@ async function main(argv: readonly string[]): Promise<void> {
   const rows: Row[] = [];
   const started = nowMs();
   try {
-    console.log(`core bench${values.quick ? ' (quick)' : ''}: node ${process.version}, dir ${dir}, gc ${'gc' in globalThis ? 'exposed' : 'not exposed'}`);
+    const gc = 'gc' in globalThis ? 'exposed' : 'not exposed (run with --expose-gc)';
+    // Figures from a busy machine are not comparable: say how busy it was.
+    const load = loadavg().map((l) => l.toFixed(2)).join(' ');
+    console.log(`core bench${values.quick ? ' (quick)' : ''}: node ${process.version}, ${availableParallelism()} cpus, load ${load}, dir ${dir}, gc ${gc}`);
     await benchCheckpoints(dir, plan, rows);
     await benchFlush(dir, plan, rows);
     await benchWrites(dir, plan, rows);

@@ -11,6 +11,8 @@ import type { ByteRange } from './types.js';
  * of one slab merge into one entry), so the data is never copied on its way to the file.
  */
 export const runBytesMax = 4 * 1024 * 1024;
+/** Runs written concurrently: keeps the disk queue fed while the next run's entries are gathered. */
+export const runsInFlightMax = 4;
 
 /** Work done between yields to the event loop while preparing a flush (keys gathered, sorted, merged). */
 export const prepareStepEntries = 32 * 1024;
@@ -122,6 +124,8 @@ export async function writeRuns(
   const { blockBytes, sizeBytes } = geometry;
   const zeroes = Buffer.alloc(blockBytes);
   let bytes = 0;
+  const inFlight = new Set<Promise<void>>();
+  let failure: unknown = null;
   for (const run of runs) {
     const iov: Uint8Array[] = [];
     for (let b = run.first; b < run.first + run.count; b++) {
@@ -138,8 +142,19 @@ export async function writeRuns(
       }
       bytes += length;
     }
-    await backing.writev(iov, run.first * blockBytes);
+    const write: Promise<void> = backing.writev(iov, run.first * blockBytes).then(
+      () => void inFlight.delete(write),
+      (err: unknown) => {
+        inFlight.delete(write);
+        failure ??= err;
+      },
+    );
+    inFlight.add(write);
+    if (inFlight.size >= runsInFlightMax) await Promise.race(inFlight);
+    if (failure !== null) break;
   }
+  await Promise.all(inFlight);
+  if (failure !== null) throw failure;
   return bytes;
 }
 

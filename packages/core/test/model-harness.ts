@@ -12,7 +12,8 @@
  * sealed epoch or in the next one, never split, and the model follows whichever happened.
  *
  * A failure prints the seed, the op index and the ops leading to it, and writes the whole op list to a
- * file; `GANNET_SEED=n` reruns one seed, `GANNET_LONG=1` runs many more seeds and longer runs.
+ * file; `GANNET_SEED=n` reruns one seed (`a..b` a range), `GANNET_LONG=1` runs many more seeds and
+ * longer runs.
  */
 import { once } from 'node:events';
 import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -545,8 +546,17 @@ export function runModelBasedTests(strategy: 'gannet' | 'colo', options: { seedC
   const only = process.env.GANNET_SEED;
   const seedCount = long ? seedCountLong : (options.seedCount ?? seedCountDefault);
   const opCount = long ? opsPerSeedLong : opsPerSeedDefault;
-  const seeds = only !== undefined ? [Number(only)] : Array.from({ length: seedCount }, (_, i) => i + 1);
-  if (seeds.some((s) => !Number.isSafeInteger(s))) throw new Error(`GANNET_SEED must be an integer, got ${only}`);
+  // GANNET_SEED=n reruns one seed; GANNET_SEED=a..b runs a range (to hunt beyond the default seeds).
+  const range = only === undefined ? undefined : /^(\d+)\.\.(\d+)$/.exec(only);
+  const seeds =
+    only === undefined
+      ? Array.from({ length: seedCount }, (_, i) => i + 1)
+      : range
+        ? Array.from({ length: Number(range[2]) - Number(range[1]) + 1 }, (_, i) => Number(range[1]) + i)
+        : [Number(only)];
+  if (seeds.length === 0 || seeds.some((s) => !Number.isSafeInteger(s))) {
+    throw new Error(`GANNET_SEED must be an integer n or a range a..b, got ${only}`);
+  }
   describe(`model-based: ${strategy} (${seeds.length} seeds x ${opCount} ops)`, () => {
     for (const seed of seeds) {
       it(`seed ${seed}`, () => runModelSeed(strategy, seed, opCount), seedTimeoutMs);

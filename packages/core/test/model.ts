@@ -10,7 +10,8 @@
  *   checkpoint     : P sealed into C, S dropped, epoch + 1
  *   failover       : 'secondary' keeps S, 'checkpoint' keeps neither, 'primary' keeps P; then a plain disk
  * After failover both views read the same bytes; secondary writes go through; primary writes get EPERM.
- * Trim is modelled as writing zeroes: the engine records a trim as a zero range (its README).
+ * Trim is modelled as writing zeroes: the engine records a trim as a zero range (README, "Buffers";
+ * view.ts sends trim and write-zeroes down the same path), and so must every strategy.
  */
 import type { FailoverTarget } from '@gannet/core';
 
@@ -117,8 +118,6 @@ class Overlay {
 export interface ModelOptions {
   /** Keep a copy of the checkpoint view at every epoch (crash tests ask for the bytes at durableEpoch). */
   readonly keepEpochs?: boolean;
-  /** Initial contents of the backing file (default all zeroes). */
-  readonly initial?: Uint8Array;
 }
 
 export class VolumeModel {
@@ -134,10 +133,6 @@ export class VolumeModel {
   constructor(sizeBytes: number, options: ModelOptions = {}) {
     this.sizeBytes = sizeBytes;
     this.committed = new Uint8Array(sizeBytes);
-    if (options.initial) {
-      if (options.initial.length !== sizeBytes) throw new Error('VolumeModel: initial contents of the wrong size');
-      this.committed.set(options.initial);
-    }
     this.p = new Overlay(sizeBytes);
     this.s = new Overlay(sizeBytes);
     this.epochs = options.keepEpochs ? new Map([[0, this.committed.slice()]]) : undefined;
@@ -167,12 +162,10 @@ export class VolumeModel {
     return out;
   }
 
-  /** The whole checkpoint view (C over B); after failover, the plain disk. */
-  checkpointView(): Uint8Array {
-    return this.committed.slice();
-  }
-
-  /** The same bytes as checkpointView() without a copy: valid until the model next changes. */
+  /**
+   * The whole checkpoint view (C over B), or the plain disk after failover. Not a copy: valid until the
+   * model next changes.
+   */
   committedBytes(): Uint8Array {
     return this.committed;
   }
