@@ -8,3 +8,4 @@ export { checkpointGroup, groupCheckpoint, epochLeaseCount, type GroupCheckpoint
 export { openVolume } from './open.js';
 export { parseVolumeOptions } from './parse.js';
 export type { Backing, BackingOp } from './backing.js';
+export { openColoVolume, openPassthroughVolume } from './strategies/index.js';
