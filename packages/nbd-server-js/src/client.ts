@@ -30,14 +30,6 @@ import {
   CMD_TRIM,
   CMD_WRITE,
   CMD_WRITE_ZEROES,
-  NBD_EINVAL,
-  NBD_EIO,
-  NBD_ENOMEM,
-  NBD_ENOSPC,
-  NBD_ENOTSUP,
-  NBD_EOVERFLOW,
-  NBD_EPERM,
-  NBD_ESHUTDOWN,
   REQUEST_HEADER_BYTES,
   REQUEST_MAGIC,
   TFLAG_CAN_MULTI_CONN,
@@ -50,12 +42,14 @@ import {
   TFLAG_SEND_TRIM,
   TFLAG_SEND_WRITE_ZEROES,
 } from './protocol/constants.js';
+import { errnoToCode } from './protocol/errno.js';
 
 export { NbdHandshakeError } from './client/handshake.js';
 export type { ExportListing } from './client/handshake.js';
 export { NbdProtocolError, ReplyParser } from './client/reply-parser.js';
 export type { PendingReply, ReplyParserOptions } from './client/reply-parser.js';
 export { ChunkCursor } from './client/chunks.js';
+export { errnoToCode, wireErrnoByCode } from './protocol/errno.js';
 
 export type NbdAddress = { host: string; port: number } | { path: string };
 
@@ -81,21 +75,6 @@ const zeroBufferBytesMax = 1024 * 1024;
 const chunkPayloadBytesMax = 4 * 1024 * 1024 + 64 * 1024;
 const cookieMax = Number.MAX_SAFE_INTEGER;
 
-const codeByErrno: Readonly<Record<number, BlockErrorCode>> = {
-  [NBD_EPERM]: 'EPERM',
-  [NBD_EIO]: 'EIO',
-  [NBD_ENOMEM]: 'ENOMEM',
-  [NBD_EINVAL]: 'EINVAL',
-  [NBD_ENOSPC]: 'ENOSPC',
-  [NBD_EOVERFLOW]: 'EOVERFLOW',
-  [NBD_ENOTSUP]: 'ENOTSUP',
-  [NBD_ESHUTDOWN]: 'ESHUTDOWN',
-};
-
-/** The code for a wire errno; the spec tells clients to treat values they do not know as EIO. */
-export function errnoToCode(errno: number): BlockErrorCode {
-  return codeByErrno[errno] ?? 'EIO';
-}
 
 /** A request the server answered with an error; `errno` is the value from the wire. */
 export class NbdRequestError extends BlockDeviceError {

@@ -3,27 +3,8 @@
  * Anything unrecognised is EIO: the client learns the request failed without us inventing a cause.
  */
 import { BlockDeviceError, type BlockErrorCode } from '../device.js';
-import {
-  NBD_EINVAL,
-  NBD_EIO,
-  NBD_ENOMEM,
-  NBD_ENOSPC,
-  NBD_ENOTSUP,
-  NBD_EOVERFLOW,
-  NBD_EPERM,
-  NBD_ESHUTDOWN,
-} from '../protocol/constants.js';
-
-export const wireErrnoByCode: Readonly<Record<BlockErrorCode, number>> = {
-  EPERM: NBD_EPERM,
-  EIO: NBD_EIO,
-  ENOMEM: NBD_ENOMEM,
-  EINVAL: NBD_EINVAL,
-  ENOSPC: NBD_ENOSPC,
-  EOVERFLOW: NBD_EOVERFLOW,
-  ENOTSUP: NBD_ENOTSUP,
-  ESHUTDOWN: NBD_ESHUTDOWN,
-};
+import { NBD_EIO } from '../protocol/constants.js';
+import { wireErrnoByCode } from '../protocol/errno.js';
 
 /** Node/libuv system error codes a file-backed device may surface, folded onto the NBD set. */
 const systemCodes: Readonly<Record<string, BlockErrorCode>> = {
