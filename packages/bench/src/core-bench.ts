@@ -8,14 +8,16 @@
  *     size to the same disk (writeSync in 4 MiB pieces + fdatasync), measured in the same run, as a
  *     ratio; target >= 0.8x raw;
  *   - buffered write throughput, 64 KiB and 4 KiB writes into the primary view;
- *   - RSS against buffered bytes, RSS / (buffered + 64 MiB); target <= 1.1.
+ *   - RSS against buffered bytes, RSS / (buffered + 64 MiB), each size in a fresh process; target <= 1.1.
  * `--quick` runs tiny sizes (a smoke test); `--dir DIR` picks the disk (default: the OS temp dir).
  * Run with --expose-gc (the root script does) so RSS is measured after a full collection.
  */
+import { spawnSync } from 'node:child_process';
 import { once } from 'node:events';
-import { closeSync, fdatasyncSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, fdatasyncSync, mkdtempSync, openSync, rmSync, writeSync } from 'node:fs';
 import { availableParallelism, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { openVolume, type Volume } from '@gannet/core';
 
@@ -24,7 +26,10 @@ const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 
 interface BenchPlan {
-  /** Buffered sizes for checkpoint latency and RSS, and how many checkpoints to time at each. */
+  /**
+ * Buffered sizes for checkpoint latency and RSS, and how many checkpoints to time at each (each one
+ * refills the buffer and waits for its flush; under 100 samples, p99 is the slowest one).
+ */
   readonly checkpointSizes: readonly { readonly bytes: number; readonly samples: number }[];
   readonly flushBytes: number;
   /** Alternating rounds of raw write and flush; the median of each is reported. */
@@ -34,11 +39,11 @@ interface BenchPlan {
 
 const fullPlan: BenchPlan = {
   checkpointSizes: [
-    { bytes: 64 * MiB, samples: 32 },
-    { bytes: 256 * MiB, samples: 16 },
-    { bytes: 1 * GiB, samples: 8 },
+    { bytes: 64 * MiB, samples: 64 },
+    { bytes: 256 * MiB, samples: 32 },
+    { bytes: 1 * GiB, samples: 16 },
   ],
-  flushBytes: 256 * MiB,
+  flushBytes: 1 * GiB,
   flushRounds: 3,
   writeBytes: 256 * MiB,
 };
@@ -63,6 +68,8 @@ const rawPieceBytes = 4 * MiB;
 const rssBaseBytes = 64 * MiB;
 /** How long one flush may take before the bench gives up (a 1 GiB flush on a slow disk fits). */
 const flushWaitMsMax = 300_000;
+/** How long filling one volume for the RSS figure may take. */
+const rssChildMsMax = 120_000;
 
 const targets = {
   checkpointP99MsMax: 1,
@@ -139,14 +146,9 @@ async function benchCheckpoints(dir: string, plan: BenchPlan, rows: Row[]): Prom
   for (const { bytes, samples } of plan.checkpointSizes) {
     const vol = await openBenchVolume(dir, `ckpt-${bytes}`, bytes);
     const latencies: number[] = [];
-    let rss = 0;
     try {
       for (let i = 0; i < samples; i++) {
         await fill(vol, bytes, fillWriteBytes, i);
-        if (i === 0) {
-          collectGarbage();
-          rss = process.memoryUsage.rss();
-        }
         const t0 = nowMs();
         const epoch = await vol.checkpoint();
         latencies.push(nowMs() - t0);
@@ -170,6 +172,22 @@ async function benchCheckpoints(dir: string, plan: BenchPlan, rows: Row[]): Prom
       target: isLast ? `<= ${targets.checkpointP99MsMax} ms` : '',
       ok: isLast ? p99 <= targets.checkpointP99MsMax : undefined,
     });
+  }
+}
+
+/**
+ * RSS with `bytes` buffered, each size in a fresh process: in this one, earlier runs leave freed memory
+ * with the allocator, which would be charged to the next size.
+ */
+function benchRss(dir: string, plan: BenchPlan, rows: Row[]): void {
+  for (const { bytes } of plan.checkpointSizes) {
+    const child = spawnSync(process.execPath, ['--expose-gc', fileURLToPath(import.meta.url), '--dir', dir, '--rss-child', String(bytes)], {
+      encoding: 'utf8',
+      timeout: rssChildMsMax,
+    });
+    if (child.status !== 0) throw new Error(`RSS child (${formatBytes(bytes)}) failed: status ${child.status} ${child.signal ?? ''}\n${child.stderr}`);
+    const rss = Number(child.stdout.trim());
+    if (!(rss > 0)) throw new Error(`RSS child (${formatBytes(bytes)}) printed ${JSON.stringify(child.stdout)}`);
     const ratio = rss / (bytes + rssBaseBytes);
     rows.push({
       metric: `RSS / (buffered + 64 MiB), ${formatBytes(bytes)} buffered`,
@@ -180,9 +198,28 @@ async function benchCheckpoints(dir: string, plan: BenchPlan, rows: Row[]): Prom
   }
 }
 
+/** The RSS child: fill `bytes` into the primary view of a fresh volume, collect garbage, print RSS. */
+async function rssChild(parent: string, bytes: number): Promise<void> {
+  const dir = mkdtempSync(join(parent, 'rss-'));
+  try {
+    const vol = await openBenchVolume(dir, 'rss', bytes);
+    try {
+      await fill(vol, bytes, fillWriteBytes, 0);
+      collectGarbage();
+      console.log(process.memoryUsage.rss());
+    } finally {
+      await vol.close();
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** Writes `bytes` over the file in order, like the flush overwrites the volume's backing file in place. */
 function rawWrite(path: string, bytes: number): number {
   const piece = new Uint8Array(rawPieceBytes).fill(0x5c);
-  const fd = openSync(path, 'w');
+  if (!existsSync(path)) closeSync(openSync(path, 'w'));
+  const fd = openSync(path, 'r+');
   try {
     const t0 = nowMs();
     for (let offset = 0; offset < bytes; offset += rawPieceBytes) {
@@ -264,9 +301,10 @@ function printTable(rows: readonly Row[]): void {
 async function main(argv: readonly string[]): Promise<void> {
   const { values } = parseArgs({
     args: [...argv],
-    options: { quick: { type: 'boolean', default: false }, dir: { type: 'string' } },
+    options: { quick: { type: 'boolean', default: false }, dir: { type: 'string' }, 'rss-child': { type: 'string' } },
     strict: true,
   });
+  if (values['rss-child'] !== undefined) return rssChild(values.dir ?? tmpdir(), Number(values['rss-child']));
   const plan = values.quick ? quickPlan : fullPlan;
   const dir = mkdtempSync(join(values.dir ?? tmpdir(), 'gannet-core-bench-'));
   const rows: Row[] = [];
@@ -277,6 +315,7 @@ async function main(argv: readonly string[]): Promise<void> {
     const load = loadavg().map((l) => l.toFixed(2)).join(' ');
     console.log(`core bench${values.quick ? ' (quick)' : ''}: node ${process.version}, ${availableParallelism()} cpus, load ${load}, dir ${dir}, gc ${gc}`);
     await benchCheckpoints(dir, plan, rows);
+    benchRss(dir, plan, rows);
     await benchFlush(dir, plan, rows);
     await benchWrites(dir, plan, rows);
   } finally {

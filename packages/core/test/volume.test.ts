@@ -72,9 +72,15 @@ const cleanupVolume = (volume: ReplicatedVolume) => async () => {
   await volume.close();
 };
 
-function suiteOn(name: string, prepare: (volume: ReplicatedVolume, size: number) => Promise<void>, view: 'primary' | 'secondary') {
+function suiteOn(
+  name: string,
+  prepare: (volume: ReplicatedVolume, size: number) => Promise<void>,
+  view: 'primary' | 'secondary',
+  readOnly = false,
+) {
   runBlockDeviceSuite({
     name: `ReplicatedVolume ${view} view, ${name}`,
+    readOnly,
     factory: async (sizeBytes) => {
       const volume = await ReplicatedVolume.open(volumeOptions(sizeBytes, { blockBytes: 4096 }));
       opened.push(volume);
@@ -105,7 +111,10 @@ function failedOver(to: FailoverTarget) {
 for (const view of ['primary', 'secondary'] as const) {
   suiteOn('fresh', async () => undefined, view);
   suiteOn('over committed buffers', committedZeroes, view);
-  for (const to of ['secondary', 'checkpoint', 'primary'] as const) suiteOn(`after failover to ${to}`, failedOver(to), view);
+  // After failover the primary view still reads but refuses writes.
+  for (const to of ['secondary', 'checkpoint', 'primary'] as const) {
+    suiteOn(`after failover to ${to}`, failedOver(to), view, view === 'primary');
+  }
 }
 
 // ---- explicit cases -------------------------------------------------------------------------------

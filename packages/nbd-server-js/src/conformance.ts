@@ -8,8 +8,9 @@
  * (never messages). Method: a byte model of the device is updated alongside each mutation and compared
  * with what the device reads; patterns never contain a zero byte and repeat every 251 bytes, so a
  * misplaced, dropped or zeroed byte shows. Tests branch on `device.capabilities` at run time (the
- * factory is asynchronous); a test that cannot apply to the device (a write test on a read-only
- * device) is reported as skipped with the reason, and the read-only group checks those devices instead.
+ * factory is asynchronous), except read-only, which the caller declares (`readOnly`) so that the tests
+ * registered are exactly the ones that apply: write tests for writable devices, the read-only group
+ * for read-only ones. Nothing is skipped.
  *
  * The factory returns a fresh device reading as all zeroes. A read-only device may instead come
  * pre-filled: that is what gives "refused mutations leave the data unchanged" its teeth.
@@ -27,6 +28,11 @@ export interface BlockDeviceSuiteOptions {
   readonly factory: (sizeBytes: number) => Promise<BlockDeviceFactoryResult>;
   /** Default 1 MiB + 512 + 3: deliberately not a multiple of 512. */
   readonly sizeBytes?: number;
+  /**
+   * The manifest: the factory makes read-only devices (default false). Read-only devices get the
+   * read-only group instead of the tests that write.
+   */
+  readonly readOnly?: boolean;
 }
 
 export const suiteSizeBytesDefault = 1024 * 1024 + 512 + 3;
@@ -160,6 +166,7 @@ async function checkExtents(device: BlockDevice, offset: number, length: number)
 
 export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
   const { name, factory } = options;
+  const readOnly = options.readOnly ?? false;
   const size = options.sizeBytes ?? suiteSizeBytesDefault;
   if (!Number.isSafeInteger(size) || size < suiteSizeBytesMin) {
     throw new Error(`runBlockDeviceSuite(${name}): sizeBytes must be an integer >= ${suiteSizeBytesMin}, got ${size}`);
@@ -175,6 +182,7 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
       const made = await factory(size);
       device = made.device;
       cleanup = made.cleanup;
+      expect(device.capabilities.readOnly, 'capabilities.readOnly must match the suite manifest').toBe(readOnly);
       const initial = new Uint8Array(size);
       if (device.capabilities.readOnly) {
         for (let done = 0; done < size; done += readPieceBytesMax) {
@@ -193,8 +201,11 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
       }
     });
 
-    type Ctx = { skip: (condition: boolean, note?: string) => void };
-    const skipIfReadOnly = (ctx: Ctx): void => ctx.skip(device.capabilities.readOnly, 'device is read-only');
+    // Tests that mutate are registered only for writable devices, the read-only group only for read-only
+    // ones: the manifest says which, and beforeEach checks the device agrees with it.
+    const itWritable = (title: string, fn: () => Promise<void>): void => {
+      if (!readOnly) it(title, fn);
+    };
 
     describe('shape', () => {
       it('has the requested size', () => {
@@ -219,8 +230,7 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
     });
 
     describe('read', () => {
-      it('a fresh device reads as zeroes, in one read and byte-granular at odd places', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('a fresh device reads as zeroes, in one read and byte-granular at odd places', async () => {
         await expectZero(device, 0, size);
         await expectZero(device, 777, 3);
         await expectZero(device, size - 1, 1);
@@ -237,8 +247,7 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         await device.read(new Uint8Array(0), size);
       });
 
-      it('fills a view with a byte offset and nothing around it', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('fills a view with a byte offset and nothing around it', async () => {
         const data = pattern(5000, 1);
         await model.write(device, data, 777);
         const backing = new Uint8Array(5020).fill(0x5a);
@@ -250,9 +259,8 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
       });
     });
 
-    describe('write', () => {
-      it('byte-granular unaligned writes read back exactly, neighbours intact', async (ctx) => {
-        skipIfReadOnly(ctx);
+    if (!readOnly) describe('write', () => {
+      itWritable('byte-granular unaligned writes read back exactly, neighbours intact', async () => {
         const writes: [offset: number, length: number][] = [
           [4096 + 100, 200], // head and tail inside one 4 KiB block
           [3 * 4096 - 7, 4096 + 14], // spans three blocks, unaligned both ends
@@ -267,8 +275,7 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         await model.check(device);
       });
 
-      it('the last partial sector at the odd end reads back', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('the last partial sector at the odd end reads back', async () => {
         const tail = size % 512 === 0 ? 512 : size % 512;
         await model.write(device, pattern(512 + tail, 3), size - 512 - tail);
         await expectBytes(device, size - 512 - tail, model.bytes.subarray(size - 512 - tail));
@@ -277,15 +284,13 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         await model.check(device);
       });
 
-      it('zero-length writes succeed, including at the very end', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('zero-length writes succeed, including at the very end', async () => {
         await device.write(new Uint8Array(0), 0);
         await device.write(new Uint8Array(0), size);
         await model.check(device);
       });
 
-      it('does not retain the caller buffer, and honours a view byte offset', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('does not retain the caller buffer, and honours a view byte offset', async () => {
         const data = pattern(9000, 5);
         const expected = data.slice();
         await device.write(data, 1000);
@@ -300,15 +305,13 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         await expectBytes(device, 20_000, viewExpected);
       });
 
-      it('FUA writes resolve and read back', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('FUA writes resolve and read back', async () => {
         const ok = await supported(model.write(device, pattern(4096 + 9, 7), 12_345, { fua: true }));
         if (device.capabilities.fua) expect(ok).toBe(true);
         await model.check(device);
       });
 
-      it('many concurrent writes to disjoint ranges all land', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('many concurrent writes to disjoint ranges all land', async () => {
         const count = 64;
         const stride = 4099;
         const writes: Promise<void>[] = [];
@@ -321,8 +324,7 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         await model.check(device);
       });
 
-      it('overlapping concurrent writes leave each byte from one of the writes covering it', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('overlapping concurrent writes leave each byte from one of the writes covering it', async () => {
         const offset = 1234;
         const writes = [
           { at: offset, data: new Uint8Array(9000).fill(0x11) },
@@ -375,7 +377,7 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
       });
     });
 
-    describe('writeZeroes', () => {
+    if (!readOnly) describe('writeZeroes', () => {
       const variants: { label: string; options: { noHole?: boolean; fua?: boolean } }[] = [
         { label: 'plain', options: {} },
         { label: 'noHole', options: { noHole: true } },
@@ -383,8 +385,7 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         { label: 'noHole + fua', options: { noHole: true, fua: true } },
       ];
       for (const { label, options: zeroOptions } of variants) {
-        it(`${label}: the range reads zero and neighbours stay intact`, async (ctx) => {
-          skipIfReadOnly(ctx);
+        itWritable(`${label}: the range reads zero and neighbours stay intact`, async () => {
           await model.write(device, pattern(300_000, 8), 0);
           await model.write(device, pattern(4096, 9), size - 4096);
           const ranges: [offset: number, length: number][] = [
@@ -406,15 +407,13 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         });
       }
 
-      it('zero-length writeZeroes succeeds', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('zero-length writeZeroes succeeds', async () => {
         await supported(device.writeZeroes(0, 0));
         await supported(device.writeZeroes(size, 0));
         await model.check(device);
       });
 
-      it('fastZero succeeds and reads zero, or rejects ENOTSUP and changes nothing, per capabilities', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('fastZero succeeds and reads zero, or rejects ENOTSUP and changes nothing, per capabilities', async () => {
         await model.write(device, pattern(200_000, 11), 0);
         const err = await settle(device.writeZeroes(100, 150_000, { fastZero: true }));
         if (device.capabilities.fastZero) {
@@ -428,10 +427,9 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
       });
     });
 
-    describe('trim', () => {
+    if (!readOnly) describe('trim', () => {
       for (const fua of [false, true]) {
-        it(`${fua ? 'fua: ' : ''}leaves neighbours unchanged; the trimmed range reads, ZERO extents there read zero`, async (ctx) => {
-          skipIfReadOnly(ctx);
+        itWritable(`${fua ? 'fua: ' : ''}leaves neighbours unchanged; the trimmed range reads, ZERO extents there read zero`, async () => {
           await model.write(device, pattern(300_000, 12), 0);
           const offset = 1001;
           const length = 200_003;
@@ -454,8 +452,7 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         await checkExtents(device, 0, size);
       });
 
-      it('answer for unaligned and tail ranges, never past the size', async (ctx) => {
-        skipIfReadOnly(ctx);
+      itWritable('answer for unaligned and tail ranges, never past the size', async () => {
         await model.write(device, pattern(3000, 15), 70_001);
         await checkExtents(device, 777, 3);
         await checkExtents(device, 70_500, 1000);
@@ -482,9 +479,8 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
       });
     });
 
-    describe('read-only', () => {
-      it('every mutating verb rejects EPERM and the data is unchanged', async (ctx) => {
-        ctx.skip(!device.capabilities.readOnly, 'device is writable');
+    if (readOnly) describe('read-only', () => {
+      it('every mutating verb rejects EPERM and the data is unchanged', async () => {
         await expectCode(device.write(pattern(1, 1), 0), 'EPERM');
         await expectCode(device.write(pattern(4096, 1), size - 4096, { fua: true }), 'EPERM');
         await expectCode(device.write(new Uint8Array(0), 0), 'EPERM');

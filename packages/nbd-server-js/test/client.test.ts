@@ -416,7 +416,7 @@ function servedMemory(transport: 'tcp' | 'unix', readOnly = false) {
 
 runBlockDeviceSuite({ name: 'NbdClient over TCP to NbdServer(MemoryDevice)', factory: servedMemory('tcp') });
 runBlockDeviceSuite({ name: 'NbdClient over a Unix socket to NbdServer(MemoryDevice)', factory: servedMemory('unix') });
-runBlockDeviceSuite({ name: 'NbdClient to a read-only NbdServer export', factory: servedMemory('tcp', true) });
+runBlockDeviceSuite({ name: 'NbdClient to a read-only NbdServer export', factory: servedMemory('tcp', true), readOnly: true });
 
 describe('NbdClient against NbdServer', () => {
   const sizeBytes = 4 * 1024 * 1024;

@@ -42,6 +42,7 @@ runBlockDeviceSuite({ name: 'MemoryDevice', factory: async (size) => ({ device: 
 
 runBlockDeviceSuite({
   name: 'MemoryDevice { readOnly }',
+  readOnly: true,
   factory: async (size) => ({ device: new MemoryDevice(size, { readOnly: true }) }),
 });
 
@@ -55,6 +56,7 @@ runBlockDeviceSuite({
 
 runBlockDeviceSuite({
   name: 'ReadOnlyDevice over a pre-filled MemoryDevice',
+  readOnly: true,
   factory: async (size) => {
     const next = new MemoryDevice(size);
     await next.write(pattern(200_000, 1), 0);
