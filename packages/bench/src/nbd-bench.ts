@@ -428,8 +428,13 @@ export async function main(argv: string[]): Promise<number> {
       if (backend === 'file') {
         const oursFile = join(dir, 'ours.img');
         const theirFile = join(dir, 'nbdkit.img');
-        await writeDataFile(oursFile, o.sizeBytes);
-        await copyFile(oursFile, theirFile);
+        // Both files are copies of one seed: how a file was written changes how fast it takes writes
+        // (page-cache folio sizes), so the two servers must start from files made the same way.
+        const seedFile = join(dir, 'seed.img');
+        await writeDataFile(seedFile, o.sizeBytes);
+        await copyFile(seedFile, oursFile);
+        await copyFile(seedFile, theirFile);
+        await rm(seedFile);
         ours = await startOurs({ file: oursFile }, o.profileDir);
         theirs = await startNbdkit({ file: theirFile }, dir);
       } else {

@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { pattern, runBlockDeviceSuite } from '../src/conformance.js';
 import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../src/device.js';
-import { FileDevice, fileZeroChunkBytes } from '../src/devices/file.js';
+import { FileDevice, fileSyncWriteBytesMax, fileZeroChunkBytes } from '../src/devices/file.js';
 import { MemoryDevice, memoryChunkBytes } from '../src/devices/memory.js';
 import { ReadOnlyDevice } from '../src/devices/readonly.js';
 
@@ -219,11 +219,13 @@ describe('FileDevice', () => {
     const device = await FileDevice.open(path, { create: size });
     await device.write(pattern(size, 1), 0);
     const write = vi.spyOn(fs, 'write');
+    const writeSync = vi.spyOn(fs, 'writeSync');
     await device.writeZeroes(5, size - 10);
-    const buffers = new Set(write.mock.calls.map((call) => call[1]));
+    const calls = [...write.mock.calls, ...writeSync.mock.calls] as unknown[][];
+    const buffers = new Set(calls.map((call) => call[1]));
     expect(buffers.size).toBe(1);
-    for (const call of write.mock.calls) expect((call as unknown[])[3]).toBeLessThanOrEqual(fileZeroChunkBytes);
-    expect(write.mock.calls.length).toBe(4);
+    for (const call of calls) expect(call[3]).toBeLessThanOrEqual(fileZeroChunkBytes);
+    expect(calls.length).toBe(4);
     const onDisk = readFileSync(path);
     expect(onDisk.subarray(0, 5)).toEqual(Buffer.from(pattern(size, 1).subarray(0, 5)));
     expect(onDisk.subarray(5, size - 5).every((b) => b === 0)).toBe(true);
@@ -232,21 +234,27 @@ describe('FileDevice', () => {
   });
 
   it('maps fs errors: ENOSPC to ENOSPC, EROFS to EPERM, others to EIO, keeping the cause', async () => {
-    const device = await FileDevice.open(join(dir, 'disk.raw'), { create: 4096 });
+    const device = await FileDevice.open(join(dir, 'disk.raw'), { create: 2 * fileSyncWriteBytesMax });
     const failing = (errno: string) => {
       const err = Object.assign(new Error(`simulated ${errno}`), { code: errno });
       vi.spyOn(fs, 'write').mockImplementation(((...args: unknown[]) => {
         const callback = args[args.length - 1] as (e: Error) => void;
         process.nextTick(callback, err);
       }) as unknown as typeof fs.write);
+      vi.spyOn(fs, 'writeSync').mockImplementation(() => {
+        throw err;
+      });
       return err;
     };
-    for (const [errno, code] of [['ENOSPC', 'ENOSPC'], ['EROFS', 'EPERM'], ['EACCES', 'EPERM'], ['EBADF', 'EIO']] as const) {
-      const cause = failing(errno);
-      const err = await rejection(device.write(pattern(10, 1), 0));
-      expect(err.code).toBe(code);
-      expect(err.cause).toBe(cause);
-      vi.restoreAllMocks();
+    // A small write takes the synchronous path, a large one the asynchronous: both map the same way.
+    for (const length of [10, fileSyncWriteBytesMax + 1]) {
+      for (const [errno, code] of [['ENOSPC', 'ENOSPC'], ['EROFS', 'EPERM'], ['EACCES', 'EPERM'], ['EBADF', 'EIO']] as const) {
+        const cause = failing(errno);
+        const err = await rejection(device.write(pattern(length, 1), 0));
+        expect(err.code).toBe(code);
+        expect(err.cause).toBe(cause);
+        vi.restoreAllMocks();
+      }
     }
     await device.close();
   });

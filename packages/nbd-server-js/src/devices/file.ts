@@ -33,6 +33,9 @@ import {
 /** Largest single write of zeroes; the one shared zero buffer has this size. */
 export const fileZeroChunkBytes = 1024 * 1024;
 
+/** Writes up to this size go to the page cache synchronously (see `#writeAll`). */
+export const fileSyncWriteBytesMax = 64 * 1024;
+
 let zeroChunk: Buffer | undefined;
 
 /** Allocated once and only ever passed to `fs.write`, which reads it, so it stays zero. */
@@ -256,10 +259,19 @@ export class FileDevice implements BlockDevice {
     }
   }
 
-  /** Writes `length` bytes of `data` at `position`, continuing after short writes. */
+  /**
+   * Writes `length` bytes of `data` at `position`, continuing after short writes. Small writes are
+   * made synchronously: a buffered pwrite only copies into the page cache, and the thread-pool round
+   * trip costs more than the copy (fio 4K random writes at QD32: 2x the IOPS, level with nbdkit). Reads
+   * stay asynchronous, because a page-cache miss waits for the disk.
+   */
   async #writeAll(data: Uint8Array, length: number, position: number): Promise<void> {
     for (let done = 0; done < length; ) {
-      const n = await fsWrite(this.#fd, data, done, length - done, position + done);
+      const rest = length - done;
+      const n =
+        rest <= fileSyncWriteBytesMax
+          ? fs.writeSync(this.#fd, data, done, rest, position + done)
+          : await fsWrite(this.#fd, data, done, rest, position + done);
       if (n <= 0) throw new BlockDeviceError('EIO', `write ${this.path}: no progress at ${position + done}`);
       done += n;
     }
