@@ -11,7 +11,7 @@ import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { pattern, runBlockDeviceSuite } from '../src/conformance.js';
 import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../src/device.js';
-import { FileDevice, fileSyncWriteBytesMax, fileZeroChunkBytes } from '../src/devices/file.js';
+import { FileDevice, fileSyncReadBytesMax, fileSyncReadSlowMs, fileSyncWriteBytesMax, fileZeroChunkBytes } from '../src/devices/file.js';
 import { MemoryDevice, memoryChunkBytes } from '../src/devices/memory.js';
 import { ReadOnlyDevice } from '../src/devices/readonly.js';
 
@@ -161,6 +161,31 @@ describe('FileDevice', () => {
   afterEach(async () => {
     vi.restoreAllMocks();
     await cleanup();
+  });
+
+  it('reads small ranges synchronously, and falls back to the thread pool after a slow (uncached) read', async () => {
+    const device = await FileDevice.open(join(dir, 'disk.raw'), { create: 1024 * 1024 });
+    await device.write(pattern(1024 * 1024, 3), 0);
+    const realReadSync = fs.readSync;
+    const readSync = vi.spyOn(fs, 'readSync');
+    const read = vi.spyOn(fs, 'read');
+    const buf = new Uint8Array(4096);
+    await device.read(buf, 8192);
+    expect(Buffer.from(buf).equals(Buffer.from(pattern(1024 * 1024, 3).subarray(8192, 8192 + 4096)))).toBe(true);
+    expect([readSync.mock.calls.length, read.mock.calls.length]).toEqual([1, 0]);
+    // A read that takes as long as a disk access: the next small read must not block the event loop.
+    readSync.mockImplementationOnce(((...args: Parameters<typeof fs.readSync>) => {
+      const until = performance.now() + 2 * fileSyncReadSlowMs;
+      while (performance.now() < until);
+      return realReadSync(...args);
+    }) as typeof fs.readSync);
+    await device.read(buf, 0);
+    await device.read(buf, 4096);
+    expect([readSync.mock.calls.length, read.mock.calls.length]).toEqual([2, 1]);
+    // Large reads always use the thread pool.
+    await device.read(new Uint8Array(fileSyncReadBytesMax + 1), 0);
+    expect(read.mock.calls.length).toBe(2);
+    await device.close();
   });
 
   it('creates the file at the exact odd size, and reopens it at that size', async () => {
