@@ -2,9 +2,10 @@
  * A raw regular file as a block device, byte for byte; the size is the file's exact size, which need
  * not be a multiple of 512.
  *
- * I/O is positional (pread/pwrite) through the callback `fs.read`/`fs.write` on one shared descriptor:
- * cheaper per call than `FileHandle`, and because every connection goes through the same descriptor,
- * one `fdatasync` covers writes from all of them (multiConn). Flush and FUA are `fdatasync`.
+ * I/O is positional (pread/pwrite) on one shared descriptor, so one `fdatasync` covers writes from every
+ * connection (multiConn); flush and FUA are `fdatasync`. Small requests (<= 64 KiB) are served
+ * synchronously from the page cache (reads only while they keep hitting it, see `#readSync`); larger
+ * ones go through the callback `fs.read`/`fs.write` (cheaper per call than `FileHandle`).
  *
  * What Node cannot do, and what this device reports for it:
  * - No hole punching (no fallocate): `writeZeroes` writes zeroes from one shared, bounded zero buffer,
