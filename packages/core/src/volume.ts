@@ -633,10 +633,12 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
           buf.fill(0, at, at + n);
         } else {
           const dst = buf.subarray(at, at + n);
+          // `pos` moves on before the fetch settles: the retry needs this block's offset.
+          const blockPos = pos;
           pending.push(
             this.meta.getSpill(layer.id, b).then((data) => {
               if (data !== undefined) dst.set(data.subarray(inBlock, inBlock + n));
-              else return this.readLayers(role, dst, pos, attempt + 1);
+              else return this.readLayers(role, dst, blockPos, attempt + 1);
             }),
           );
         }

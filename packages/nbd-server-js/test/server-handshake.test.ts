@@ -56,7 +56,7 @@ import {
   TFLAG_SEND_TRIM,
   TFLAG_SEND_WRITE_ZEROES,
 } from '../src/protocol/constants.js';
-import { Handshake, optionCountMax } from '../src/server/handshake.js';
+import { Handshake, optionCountMax, optionCountPerListedExport } from '../src/server/handshake.js';
 import { allCaps, decodeOptionReplies, decodeReplies, entry, harness, registryOf, TestDevice, type Harness } from './server-fixtures.js';
 
 const size = 1024 * 1024 + 512 + 3;
@@ -231,6 +231,16 @@ describe('options', () => {
     h.push(Buffer.concat([fixed, ...many]));
     await h.connection.closed;
     expect(decodeOptionReplies(h.output().subarray(greetingBytes)).replies).toHaveLength(optionCountMax);
+  });
+
+  it('repeated LISTs do not lift the option count limit', async () => {
+    const { h } = setup();
+    // setup() serves two exports; only the first LIST grants their INFO/GO allowance.
+    const lists = Array.from({ length: optionCountMax + 2 * optionCountPerListedExport + 1 }, () => buildOption(OPT_LIST));
+    h.push(Buffer.concat([fixed, ...lists]));
+    await h.connection.closed;
+    const acks = decodeOptionReplies(h.output().subarray(greetingBytes)).replies.filter((r) => r.type === REP_ACK);
+    expect(acks).toHaveLength(optionCountMax + 2 * optionCountPerListedExport);
   });
 
   it('disconnects on an option longer than the limit', async () => {

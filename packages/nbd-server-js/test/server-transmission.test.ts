@@ -37,7 +37,7 @@ import {
 import { BlockDeviceError, defaultBlockSizes, type BlockDevice } from '../src/device.js';
 import { baseAllocationContextId, payloadBytesMaxFor, transmissionFlagsFor, type ExportEntry, type Session } from '../src/server/handshake.js';
 import type { Request } from '../src/server/parser.js';
-import { Transmission, validateRequest, type RequestEvent } from '../src/server/transmission.js';
+import { requestHeldBytesMin, Transmission, validateRequest, type RequestEvent } from '../src/server/transmission.js';
 import { allCaps, decodeOptionReplies, decodeReplies, entry, Gates, harness, registryOf, TestDevice, type Reply } from './server-fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -426,6 +426,27 @@ describe('Connection: stream-level behaviour', () => {
       await h.waitBytes(out.length + 1);
     }
     expect(d.calls.filter((c) => c.verb === 'read').length).toBe(8);
+  });
+
+  it('counts every request against the in-flight bound, so payload-free requests are bounded in number too', async () => {
+    const d = new TestDevice(MiB);
+    const gates = new Gates();
+    const { h } = await connect(d, { inflightBytesMax: 16 * requestHeldBytesMin });
+    d.gate = gates.gate;
+    for (let i = 0; i < 40; i++) h.push(buildRequest({ type: CMD_TRIM, cookie: 100 + i, offset: i * 512, length: 512 }));
+    await gates.until(16);
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    expect(d.calls.filter((c) => c.verb === 'trim').length).toBe(16);
+    for (let released = 0; released < 40; released++) {
+      await gates.until(1);
+      gates.release(gates.parked[0]);
+    }
+    for (;;) {
+      const out = h.output();
+      if (d.calls.filter((c) => c.verb === 'trim').length === 40 && gates.parked.length === 0) break;
+      await h.waitBytes(out.length + 1);
+    }
+    expect(d.calls.filter((c) => c.verb === 'trim').length).toBe(40);
   });
 
   it('a bad magic mid-stream disconnects', async () => {

@@ -181,6 +181,8 @@ export class Handshake {
   private metaExportName: string | null = null;
   private baseAllocation = false;
   private optionsLeft = optionCountMax;
+  /** LIST grants its INFO/GO allowance once. */
+  private listed = false;
   private done = false;
 
   constructor(private readonly context: HandshakeContext) {}
@@ -265,7 +267,10 @@ export class Handshake {
   private list(data: Buffer): HandshakeStep {
     if (data.length !== 0) return this.invalid(OPT_LIST, 'LIST carries no data');
     const exports = this.context.exports.list();
-    this.optionsLeft += optionCountPerListedExport * exports.length;
+    // The allowance for INFO/GO on the listed exports is granted once, or repeated LISTs would lift
+    // the option cap for ever.
+    if (!this.listed) this.optionsLeft += optionCountPerListedExport * exports.length;
+    this.listed = true;
     const frames = exports.map((e) => encodeRepServer(OPT_LIST, REP_SERVER, e.name, e.description));
     frames.push(encodeOptionReply(OPT_LIST, REP_ACK));
     return this.reply(frames);

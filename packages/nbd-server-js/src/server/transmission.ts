@@ -139,6 +139,13 @@ export function validateRequest(session: Session, req: Request, shuttingDown: bo
   return null;
 }
 
+/**
+ * Every request in flight counts at least this much against the connection's in-flight budget, so a
+ * flood of small commands (TRIMs queued behind engine backpressure, say) is bounded in number too:
+ * 64 MiB / 4 KiB = 16 Ki requests per connection.
+ */
+export const requestHeldBytesMin = 4096;
+
 export class Transmission {
   private inflight = 0;
   private bytes = 0;
@@ -174,7 +181,8 @@ export class Transmission {
     if (req.type === CMD_DISC) throw new Error('DISC reaches Transmission.handle');
     const startNs = this.hooks.wantsEvents() ? process.hrtime.bigint() : 0n;
     const error = validateRequest(this.session, req, this.hooks.isShuttingDown());
-    const held = req.payload !== null ? req.length : req.type === CMD_READ ? req.length : 0;
+    const dataBytes = req.payload !== null ? req.length : req.type === CMD_READ ? req.length : 0;
+    const held = Math.max(dataBytes, requestHeldBytesMin);
     this.inflight += 1;
     this.bytes += held;
     if (error !== null) {
