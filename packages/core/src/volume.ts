@@ -764,7 +764,8 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
 
   private dropLayer(layer: Layer): void {
     this.buffers.dropLayer(layer);
-    if (layer.hasSpillKeys) this.background(this.meta.clearLayerSpill(layer.id));
+    // A spill batch in flight may still be writing this layer's keys: clear after it, not before.
+    if (layer.hasSpillKeys) this.background(this.spiller.idle().then(() => this.meta.clearLayerSpill(layer.id)));
     this.rearmPressure();
   }
 
