@@ -1,6 +1,7 @@
 import type { BlockDevice } from 'nbd-server-js';
 import type { Profile } from './profiles.js';
 import { LatencyRecorder } from './stats.js';
+import { Rng } from '@gannet/core';
 
 /**
  * The workload generator and the stream driver. A stream is the op sequence one VM issues; with the
@@ -8,29 +9,6 @@ import { LatencyRecorder } from './stats.js';
  * which is what the harness sends to `<vol>/primary` and `<vol>/secondary` at the same time.
  */
 
-/** Mulberry32: a tiny seeded PRNG, so a seed reproduces a whole stream. */
-export class Rng {
-  private state: number;
-  constructor(seed: number) {
-    this.state = seed >>> 0;
-  }
-  u32(): number {
-    this.state = (this.state + 0x6d2b79f5) >>> 0;
-    let t = this.state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  }
-  /** Uniform integer in [0, n), n <= 2^32. */
-  below(n: number): number {
-    if (!(Number.isSafeInteger(n) && n > 0 && n <= 0x1_0000_0000)) throw new Error(`Rng.below: bad bound ${n}`);
-    return this.u32() % n;
-  }
-  fill(buf: Uint8Array): Uint8Array {
-    for (let i = 0; i < buf.length; i++) buf[i] = this.u32() & 0xff;
-    return buf;
-  }
-}
 
 export type WorkloadOp =
   | { readonly kind: 'read' | 'write'; readonly offset: number; readonly length: number }

@@ -9,3 +9,4 @@ export { openVolume } from './open.js';
 export { parseVolumeOptions } from './parse.js';
 export type { Backing, BackingOp } from './backing.js';
 export { openColoVolume, openPassthroughVolume } from './strategies/index.js';
+export { Rng } from './rng.js';

@@ -18,6 +18,7 @@
 import { pathToFileURL } from 'node:url';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
+import { Rng } from '@gannet/core';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -28,24 +29,7 @@ export const crashBlockBytes = 4096;
 /** Bound on critical-phase ticks: a flush or failover of a few MiB takes far fewer. */
 export const ticksMax = 100_000;
 
-/** Mulberry32, the same generator as model.ts. */
-function rng(seed) {
-  let state = seed >>> 0;
-  const u32 = () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  };
-  const below = (n) => u32() % n;
-  return {
-    u32,
-    below,
-    between: (lo, hi) => lo + below(hi - lo + 1),
-    chance: (p) => u32() / 0x1_0000_0000 < p,
-  };
-}
+const rng = (seed) => new Rng(seed);
 
 function write(r, view, lengthMax) {
   const length = r.between(1, lengthMax);
