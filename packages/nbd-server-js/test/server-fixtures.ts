@@ -4,6 +4,7 @@
  * runs a real `Connection` over an in-memory duplex stream (no sockets), and a decoder for what the
  * server sends, written independently of the server's encoders.
  */
+import { PayloadPool } from '../src/server/payload-pool.js';
 import { connect, type Socket } from 'node:net';
 import { Duplex } from 'node:stream';
 import { BlockDeviceError, checkRange, defaultBlockSizes, EXTENT_HOLE, EXTENT_ZERO } from '../src/device.js';
@@ -238,6 +239,7 @@ export function harness(registry: ExportRegistry, limits: Partial<ConnectionCont
     writeSkipBytesMax: 64 * 1024 * 1024,
     optionBytesMax: 64 * 1024,
     inflightBytesMax: 64 * 1024 * 1024,
+    payloadPool: new PayloadPool(),
     logger: () => {},
     isShuttingDown: () => h.shuttingDown,
     wantsEvents: () => true,

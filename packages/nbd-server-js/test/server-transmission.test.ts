@@ -37,10 +37,22 @@ import {
 import { BlockDeviceError, defaultBlockSizes, type BlockDevice } from '../src/device.js';
 import { baseAllocationContextId, payloadBytesMaxFor, transmissionFlagsFor, type ExportEntry, type Session } from '../src/server/handshake.js';
 import type { Request } from '../src/server/parser.js';
+import { PayloadPool } from '../src/server/payload-pool.js';
 import { requestHeldBytesMin, Transmission, validateRequest, type RequestEvent } from '../src/server/transmission.js';
 import { allCaps, decodeOptionReplies, decodeReplies, entry, Gates, harness, registryOf, TestDevice, type Reply } from './server-fixtures.js';
 
 const MiB = 1024 * 1024;
+
+class RecordingPool extends PayloadPool {
+  constructor(private readonly onRelease: (b: Buffer) => void) {
+    super();
+  }
+
+  override release(buf: Buffer): void {
+    this.onRelease(buf);
+    super.release(buf);
+  }
+}
 
 function session(e: ExportEntry, structured = true, baseAllocation = structured): Session {
   return {
@@ -124,6 +136,10 @@ interface Run {
   readonly t: Transmission;
   readonly sent: Buffer[][];
   readonly events: RequestEvent[];
+  /** Buffers handed back to the pool, in order. */
+  readonly released: Buffer[];
+  /** The pool buffer each reply was sent with, in the order of `sent`. */
+  readonly lent: (Buffer | null)[];
   settledCount: number;
   /** Resolves once `n` replies have been sent. */
   replies(n: number): Promise<Reply[]>;
@@ -138,6 +154,8 @@ function run(device: BlockDevice, options: { structured?: boolean; readOnly?: bo
     t: undefined as unknown as Transmission,
     sent,
     events,
+    released: [],
+    lent: [],
     settledCount: 0,
     async replies(n) {
       while (sent.length < n) await new Promise<void>((resolve) => waiters.push(resolve));
@@ -150,8 +168,9 @@ function run(device: BlockDevice, options: { structured?: boolean; readOnly?: bo
   };
   const readLengths = new Map<bigint, number>();
   (r as { t: Transmission }).t = new Transmission(session(entry('e', device, { readOnly: options.readOnly }), structured), {
-    send: (frames) => {
+    send: (frames, lent) => {
       sent.push(frames);
+      r.lent.push(lent);
       for (const w of waiters.splice(0)) w();
     },
     settled: () => {
@@ -160,6 +179,7 @@ function run(device: BlockDevice, options: { structured?: boolean; readOnly?: bo
     wantsEvents: () => true,
     event: (ev) => events.push(ev),
     isShuttingDown: () => false,
+    pool: new RecordingPool((b) => r.released.push(b)),
   });
   const handle = r.t.handle.bind(r.t);
   r.t.handle = (q: Request) => {
@@ -348,6 +368,43 @@ describe('Transmission: concurrency', () => {
     expect(replies.map((x) => x.cookie)).toEqual([BigInt(second.cookieLo), BigInt(first.cookieLo)]);
     expect(replies.map((x) => x.kind === 'simple' && x.data[0])).toEqual([0x33, 0x22]);
     expect(r.t.inflightBytes).toBe(0);
+  });
+
+  it('a WRITE payload is handed back for reuse only once the device write has settled, failed ones too', async () => {
+    const d = new TestDevice(MiB);
+    const gates = new Gates();
+    d.gate = gates.gate;
+    const r = run(d);
+    const payload = Buffer.alloc(8192, 0x5a);
+    r.t.handle(req(CMD_WRITE, 0, 8192, 0, payload));
+    await gates.until(1);
+    expect(r.released).toEqual([]);
+    gates.release('write@0');
+    await r.replies(1);
+    expect(r.released).toHaveLength(1);
+    expect(r.released[0]).toBe(payload);
+    expect(d.data.subarray(0, 8192).equals(payload)).toBe(true);
+    const refused = Buffer.alloc(512);
+    r.t.handle(req(CMD_WRITE, MiB, 512, 0, refused));
+    await r.replies(2);
+    expect(r.released[1]).toBe(refused);
+  });
+
+  it('a large READ sends its pooled buffer along, to be handed back after the socket write; a failed one hands it back at once', async () => {
+    const d = new TestDevice(MiB);
+    d.data.fill(0x77, 0, 256 * 1024);
+    const r = run(d, { structured: false });
+    r.t.handle(req(CMD_READ, 0, 256 * 1024));
+    const [reply] = await r.replies(1);
+    expect(reply.kind === 'simple' && reply.data.equals(Buffer.alloc(256 * 1024, 0x77))).toBe(true);
+    expect(r.released).toEqual([]);
+    expect(r.lent[0]?.length).toBe(256 * 1024);
+    expect(r.sent[0][1]).toBe(r.lent[0]);
+    d.fail.read = new BlockDeviceError('EIO', 'media error');
+    r.t.handle(req(CMD_READ, 0, 128 * 1024));
+    await r.replies(2);
+    expect(r.lent[1]).toBeNull();
+    expect(r.released.map((b) => b.length)).toEqual([128 * 1024]);
   });
 
   it('after kill, finished work sends nothing but still settles', async () => {

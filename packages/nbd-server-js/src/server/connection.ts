@@ -8,6 +8,8 @@ import type { Socket } from 'node:net';
 import { CMD_DISC } from '../protocol/constants.js';
 import { Handshake, type ExportRegistry, type HandshakeStep } from './handshake.js';
 import { ClientStreamParser, type Request } from './parser.js';
+import type { PayloadPool } from './payload-pool.js';
+import { adoptWithReceiver } from './receive.js';
 import { encodeGreeting } from './replies.js';
 import { Transmission, type RequestEvent } from './transmission.js';
 
@@ -20,6 +22,7 @@ export interface ConnectionContext {
   readonly writeSkipBytesMax: number;
   readonly optionBytesMax: number;
   readonly inflightBytesMax: number;
+  readonly payloadPool: PayloadPool;
   readonly logger: Logger;
   isShuttingDown(): boolean;
   wantsEvents(): boolean;
@@ -31,6 +34,12 @@ const quietErrors = new Set(['EPIPE', 'ECONNRESET', 'ECONNABORTED', 'ERR_STREAM_
 
 /** How long a closed connection waits for the client to close its side before dropping it. */
 export const lingerMs = 5000;
+/** Reads land in a buffer of this size unless a WRITE payload is being received directly. */
+export const receiveChunkBytes = 64 * 1024;
+/** A WRITE payload with at least this much still to come is read straight into place. */
+export const directReceiveBytesMin = 64 * 1024;
+/** Unparsed bytes left after a read up to this size are copied out so the read buffer can be reused. */
+const compactBytesMax = 4096;
 
 type State = 'handshake' | 'transmission' | 'draining' | 'closed';
 
@@ -45,35 +54,69 @@ export class Connection {
   private paused = false;
   private pumping = false;
   private shuttingDown = false;
+  private readonly socket: Socket;
+  private receiveChunk: Buffer | null = null;
+  private receivingDirect = false;
 
+  /** `raw` must be paused (accepted with `pauseOnConnect`); the connection starts reading it. */
   constructor(
-    private readonly socket: Socket,
+    raw: Socket,
     private readonly ctx: ConnectionContext,
   ) {
-    this.remote = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     this.parser = new ClientStreamParser({
       optionBytesMax: ctx.optionBytesMax,
       requestBytesMax: ctx.requestBytesMax,
       writeSkipBytesMax: ctx.writeSkipBytesMax,
-    });
+    }, ctx.payloadPool);
     this.handshake = new Handshake({
       exports: ctx.exports,
       requestBytesMax: ctx.requestBytesMax,
       isShuttingDown: () => ctx.isShuttingDown(),
     });
+    const adopted = adoptWithReceiver(raw, {
+      buffer: () => this.receiveBuffer(),
+      received: (n, buf) => this.received(n, buf),
+    });
+    const socket = adopted ?? raw;
+    this.socket = socket;
+    this.remote = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.once('close', () => this.onClose());
     socket.on('error', (err: NodeJS.ErrnoException) => {
       const quiet = err.code !== undefined && quietErrors.has(err.code);
       ctx.logger(quiet ? 'debug' : 'warn', 'connection error', { remote: this.remote, error: err.message, code: err.code });
     });
-    socket.on('data', (chunk: Buffer) => {
-      this.parser.push(chunk);
-      this.pump();
-    });
+    if (adopted === null) {
+      socket.on('data', (chunk: Buffer) => {
+        this.parser.push(chunk);
+        this.pump();
+      });
+      socket.resume();
+    }
     socket.on('drain', () => this.maybeResume());
     if (typeof socket.setNoDelay === 'function') socket.setNoDelay(true);
     socket.write(encodeGreeting());
+  }
+
+  /**
+   * The buffer for the next read: the rest of a large WRITE payload when one is being received, else
+   * a reusable chunk (replaced when unparsed bytes still point into it).
+   */
+  private receiveBuffer(): Buffer {
+    const direct = this.parser.receiveTarget(directReceiveBytesMin);
+    this.receivingDirect = direct !== null;
+    if (direct !== null) return direct;
+    const pinned = this.parser.bufferedBytes;
+    if (pinned > 0 && pinned <= compactBytesMax) this.parser.compact();
+    else if (pinned > 0) this.receiveChunk = null;
+    this.receiveChunk ??= Buffer.allocUnsafe(receiveChunkBytes);
+    return this.receiveChunk;
+  }
+
+  private received(n: number, buf: Buffer): void {
+    if (this.receivingDirect) this.parser.receivedDirect(n);
+    else this.parser.push(buf.subarray(0, n));
+    this.pump();
   }
 
   get inflightCount(): number {
@@ -137,7 +180,8 @@ export class Connection {
       this.parser.enterTransmission();
       this.state = 'transmission';
       this.transmission = new Transmission(step.session, {
-        send: (frames) => this.send(frames),
+        send: (frames, lent) => this.send(frames, lent),
+        pool: this.ctx.payloadPool,
         settled: () => this.settled(),
         wantsEvents: () => this.ctx.wantsEvents(),
         event: (ev) => this.ctx.event(ev),
@@ -190,11 +234,21 @@ export class Connection {
     this.socket.write(frame);
   }
 
-  /** Writes one reply's frames back to back; replies of one tick leave in one writev. */
-  private send(frames: Buffer[]): void {
-    if (this.state === 'closed' || this.socket.destroyed) return;
+  /**
+   * Writes one reply's frames back to back; replies of one tick leave in one writev. A lent buffer
+   * goes back to the pool when the socket reports the write done (or failed), never before.
+   */
+  private send(frames: Buffer[], lent: Buffer | null): void {
+    const pool = this.ctx.payloadPool;
+    if (this.state === 'closed' || this.socket.destroyed) {
+      if (lent !== null) pool.release(lent);
+      return;
+    }
     this.cork();
-    for (let i = 0; i < frames.length; i++) this.socket.write(frames[i]);
+    const last = frames.length - 1;
+    for (let i = 0; i < last; i++) this.socket.write(frames[i]);
+    if (lent === null) this.socket.write(frames[last]);
+    else this.socket.write(frames[last], () => pool.release(lent));
   }
 
   private cork(): void {

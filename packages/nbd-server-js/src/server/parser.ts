@@ -6,11 +6,12 @@
  *
  * Fixed-size fields are read straight out of the socket chunk when one chunk holds them and copied into
  * a small scratch buffer only when they span chunks. WRITE payloads are always copied, as they arrive,
- * into a buffer the server owns: a socket chunk is never handed to a device, and a small view never pins
- * a large chunk. Option payloads are returned as views, valid only until the next `push`; the handshake
+ * into a buffer the server owns (from the PayloadPool, returned there once the write settles): a socket
+ * chunk is never handed to a device, and a small view never pins a large chunk. Option payloads are returned as views, valid only until the next `push`; the handshake
  * consumes them synchronously.
  */
 import { CMD_WRITE, IHAVEOPT, OPTION_HEADER_BYTES, REQUEST_HEADER_BYTES, REQUEST_MAGIC } from '../protocol/constants.js';
+import { PayloadPool } from './payload-pool.js';
 
 export interface ParserLimits {
   /** Largest option payload accepted; a longer one ends the connection. */
@@ -139,6 +140,16 @@ export class ChunkQueue {
     return count;
   }
 
+  /** Replaces what is held by one owned copy, so the chunks it came from may be reused. */
+  compact(): void {
+    if (this.bytes === 0) return;
+    const out = Buffer.allocUnsafe(this.bytes);
+    this.copyOut(out, 0, this.bytes);
+    this.chunks = [out];
+    this.head = 0;
+    this.pos = 0;
+  }
+
   /** Consumes `n` bytes and returns them: a view when one chunk holds them, else a copy. */
   read(n: number): Buffer {
     const { buf, at } = this.peek(n);
@@ -171,7 +182,10 @@ export class ClientStreamParser {
   /** The request whose WRITE payload is being collected or skipped. */
   private pending: { request: Mutable<Request>; filled: number } | null = null;
 
-  constructor(private readonly limits: ParserLimits) {
+  constructor(
+    private readonly limits: ParserLimits,
+    private readonly pool: PayloadPool = new PayloadPool(),
+  ) {
     if (!(limits.requestBytesMax <= limits.writeSkipBytesMax)) {
       throw new RangeError('writeSkipBytesMax must be at least requestBytesMax');
     }
@@ -184,6 +198,35 @@ export class ClientStreamParser {
 
   push(chunk: Buffer): void {
     this.queue.push(chunk);
+  }
+
+  /**
+   * Copies what is buffered and not yet parsed into memory the parser owns, so the caller may reuse
+   * the buffers it pushed.
+   */
+  compact(): void {
+    this.queue.compact();
+  }
+
+  /**
+   * Where the next bytes from the client can go without a copy: the unfilled rest of a WRITE payload of
+   * at least `bytesMin` bytes, when nothing else is buffered ahead of it. Null otherwise. Bytes put
+   * there are announced with `receivedDirect`.
+   */
+  receiveTarget(bytesMin: number): Buffer | null {
+    const p = this.pending;
+    if (p === null || p.request.payload === null || this.queue.available !== 0) return null;
+    if (p.request.length - p.filled < bytesMin) return null;
+    return p.request.payload.subarray(p.filled);
+  }
+
+  /** `n` bytes were received into the buffer `receiveTarget` returned. */
+  receivedDirect(n: number): void {
+    const p = this.pending;
+    if (p === null || p.request.payload === null || this.queue.available !== 0 || !(n > 0 && p.filled + n <= p.request.length)) {
+      throw new Error(`receivedDirect(${n}) without a matching receive target`);
+    }
+    p.filled += n;
   }
 
   /** After EXPORT_NAME or a successful GO. */
@@ -257,7 +300,7 @@ export class ClientStreamParser {
       if (request.length > this.limits.writeSkipBytesMax) {
         return this.fail(`write length ${request.length} exceeds ${this.limits.writeSkipBytesMax}`);
       }
-      if (request.length <= this.limits.requestBytesMax) request.payload = Buffer.allocUnsafe(request.length);
+      if (request.length <= this.limits.requestBytesMax) request.payload = this.pool.acquire(request.length);
       else request.payloadSkipped = true;
       this.pending = { request, filled: 0 };
     }

@@ -9,6 +9,7 @@ import { createServer, type Server, type Socket } from 'node:net';
 import type { BlockDevice } from '../device.js';
 import { DEFAULT_PORT } from '../protocol/constants.js';
 import { Connection, type Logger } from './connection.js';
+import { PayloadPool } from './payload-pool.js';
 import type { ExportEntry, ExportRegistry } from './handshake.js';
 import { stringBytesMax } from './replies.js';
 import type { RequestEvent } from './transmission.js';
@@ -60,6 +61,7 @@ export class NbdServer extends EventEmitter {
   private shuttingDown = false;
   private closing: Promise<void> | null = null;
   private readonly registry: ExportRegistry;
+  private readonly payloadPool = new PayloadPool();
 
   constructor(options: NbdServerOptions = {}) {
     super();
@@ -114,7 +116,7 @@ export class NbdServer extends EventEmitter {
 
   listen(address: { host?: string; port?: number } | { path: string }): Promise<ListenAddress> {
     if (this.shuttingDown) return Promise.reject(new Error('server is closed'));
-    const server = createServer({ noDelay: true }, (socket) => this.accept(socket));
+    const server = createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
     return new Promise<ListenAddress>((resolve, reject) => {
       server.once('error', reject);
       const onListening = () => {
@@ -142,6 +144,7 @@ export class NbdServer extends EventEmitter {
       writeSkipBytesMax: this.writeSkipBytesMax,
       optionBytesMax,
       inflightBytesMax: this.inflightBytesMax,
+      payloadPool: this.payloadPool,
       logger: this.logger,
       isShuttingDown: () => this.shuttingDown,
       wantsEvents: () => this.listenerCount('request') > 0,

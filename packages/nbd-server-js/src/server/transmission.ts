@@ -32,6 +32,7 @@ import {
 import { requestError, toWireError } from './errors.js';
 import { baseAllocationContextId, isWritable, type Session } from './handshake.js';
 import type { Request } from './parser.js';
+import type { PayloadPool } from './payload-pool.js';
 import {
   encodeBlockStatusChunk,
   encodeErrorChunk,
@@ -62,14 +63,25 @@ export interface RequestEvent {
 }
 
 export interface TransmissionHooks {
-  /** Sends one complete reply; the frames must reach the socket back to back. */
-  send(frames: Buffer[]): void;
+  /**
+   * Sends one complete reply; the frames must reach the socket back to back. `lent`, when not null,
+   * is a pool buffer some frames are views of: it goes back to `pool` once the socket is done with it.
+   */
+  send(frames: Buffer[], lent: Buffer | null): void;
+  /** Where WRITE payloads come from and READ buffers are taken; both are handed back here. */
+  readonly pool: PayloadPool;
   /** Called after each request settles (replied or dropped), for backpressure and draining. */
   settled(): void;
   /** When false, no timing is taken and no events are built. */
   wantsEvents(): boolean;
   event(ev: RequestEvent): void;
   isShuttingDown(): boolean;
+}
+
+/** A reply, and the pool buffer it carries data from (a READ's), if any. */
+interface Reply {
+  readonly frames: Buffer[];
+  readonly lent: Buffer | null;
 }
 
 const fuaOptions = Object.freeze({ fua: true });
@@ -186,19 +198,22 @@ export class Transmission {
     this.inflight += 1;
     this.bytes += held;
     if (error !== null) {
-      this.finish(req, held, startNs, this.errorFrames(req, error), error);
+      this.finish(req, held, startNs, this.errorReply(req, error), error);
       return;
     }
     this.run(req).then(
-      (frames) => this.finish(req, held, startNs, frames, null),
-      (err: unknown) => this.finish(req, held, startNs, this.errorFrames(req, err), err),
+      (reply) => this.finish(req, held, startNs, reply, null),
+      (err: unknown) => this.finish(req, held, startNs, this.errorReply(req, err), err),
     );
   }
 
-  private finish(req: Request, held: number, startNs: bigint, frames: Buffer[], err: unknown): void {
+  private finish(req: Request, held: number, startNs: bigint, reply: Reply, err: unknown): void {
+    // The device is done with the payload (the BlockDevice contract), so it can carry another WRITE.
+    if (req.payload !== null) this.hooks.pool.release(req.payload);
     this.inflight -= 1;
     this.bytes -= held;
-    if (!this.dead) this.hooks.send(frames);
+    if (!this.dead) this.hooks.send(reply.frames, reply.lent);
+    else if (reply.lent !== null) this.hooks.pool.release(reply.lent);
     if (startNs !== 0n) {
       const ev: RequestEvent = {
         exportName: this.session.export.name,
@@ -212,22 +227,22 @@ export class Transmission {
     this.hooks.settled();
   }
 
-  private errorFrames(req: Request, err: unknown): Buffer[] {
+  private errorReply(req: Request, err: unknown): Reply {
     const wire = toWireError(err);
-    if (this.structured) return [encodeErrorChunk(req.cookieHi, req.cookieLo, wire.errno, wire.message)];
-    return [encodeSimpleReply(wire.errno, req.cookieHi, req.cookieLo)];
+    if (this.structured) return { frames: [encodeErrorChunk(req.cookieHi, req.cookieLo, wire.errno, wire.message)], lent: null };
+    return { frames: [encodeSimpleReply(wire.errno, req.cookieHi, req.cookieLo)], lent: null };
   }
 
-  private ok(req: Request): Buffer[] {
-    return [encodeSimpleReply(0, req.cookieHi, req.cookieLo)];
+  private ok(req: Request): Reply {
+    return { frames: [encodeSimpleReply(0, req.cookieHi, req.cookieLo)], lent: null };
   }
 
-  private async run(req: Request): Promise<Buffer[]> {
+  private async run(req: Request): Promise<Reply> {
     const fua = (req.flags & CMD_FLAG_FUA) !== 0 ? fuaOptions : undefined;
     const d = this.device;
     switch (req.type) {
       case CMD_READ:
-        return this.read(req);
+        return this.readReply(req);
       case CMD_WRITE:
         if (req.length > 0) await d.write(req.payload!, req.offset, fua);
         return this.ok(req);
@@ -269,10 +284,20 @@ export class Transmission {
     }
   }
 
-  private async read(req: Request): Promise<Buffer[]> {
+  private async readReply(req: Request): Promise<Reply> {
+    const { cookieHi, cookieLo, length } = req;
+    if (length === 0) return this.structured ? { frames: [encodeNoneChunk(cookieHi, cookieLo)], lent: null } : this.ok(req);
+    const buf = this.hooks.pool.acquire(length);
+    try {
+      return { frames: await this.read(req, buf), lent: buf };
+    } catch (err) {
+      this.hooks.pool.release(buf);
+      throw err;
+    }
+  }
+
+  private async read(req: Request, buf: Buffer): Promise<Buffer[]> {
     const { cookieHi, cookieLo, offset, length } = req;
-    if (length === 0) return this.structured ? [encodeNoneChunk(cookieHi, cookieLo)] : this.ok(req);
-    const buf = Buffer.allocUnsafe(length);
     if (!this.structured) {
       await this.device.read(buf, offset);
       return [encodeSimpleReply(0, cookieHi, cookieLo), buf];
@@ -334,7 +359,7 @@ export class Transmission {
     return segments;
   }
 
-  private async blockStatus(req: Request): Promise<Buffer[]> {
+  private async blockStatus(req: Request): Promise<Reply> {
     const { offset, length } = req;
     const extents = await this.device.extents(offset, length);
     const limit = (req.flags & CMD_FLAG_REQ_ONE) !== 0 ? 1 : blockStatusExtentsMax;
@@ -358,7 +383,7 @@ export class Transmission {
       at += n;
     }
     if (lengths.length === 0) throw new Error(`device returned no extents for ${offset}+${length}`);
-    return [encodeBlockStatusChunk(req.cookieHi, req.cookieLo, baseAllocationContextId, lengths, flags, true)];
+    return { frames: [encodeBlockStatusChunk(req.cookieHi, req.cookieLo, baseAllocationContextId, lengths, flags, true)], lent: null };
   }
 }
 
