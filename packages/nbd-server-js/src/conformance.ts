@@ -303,6 +303,15 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         const viewExpected = view.slice();
         backing.fill(0xdd);
         await expectBytes(device, 20_000, viewExpected);
+        // Servers recycle large payloads (nbd-server-js does from 64 KiB), so large writes must not keep them either.
+        const largeBytes = Math.min(300_000, size - 40_000);
+        if (largeBytes > 0) {
+          const large = pattern(largeBytes, 8);
+          const largeExpected = large.slice();
+          await device.write(large, 40_000);
+          large.fill(0xcc);
+          await expectBytes(device, 40_000, largeExpected);
+        }
       });
 
       itWritable('FUA writes resolve and read back', async () => {

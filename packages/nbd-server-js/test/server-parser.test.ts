@@ -190,3 +190,56 @@ describe('ClientStreamParser: ownership and limits', () => {
     expect(() => p.enterTransmission()).toThrow();
   });
 });
+
+describe('ClientStreamParser: direct receive', () => {
+  it('names the rest of a large WRITE payload as the receive target, and the request completes from bytes put there', () => {
+    const p = parserIn('transmission');
+    const payload = Buffer.alloc(256 * 1024);
+    for (let i = 0; i < payload.length; i++) payload[i] = (i * 7) & 0xff;
+    const wire = buildRequest({ type: CMD_WRITE, cookie: 5, offset: 4096, length: payload.length }, payload);
+    expect(p.receiveTarget(64 * 1024)).toBeNull();
+    p.push(wire.subarray(0, 28 + 1000));
+    expect(p.next()).toBeUndefined();
+    const target = p.receiveTarget(64 * 1024)!;
+    expect(target.length).toBe(payload.length - 1000);
+    const firstPart = 70_000;
+    wire.copy(target, 0, 28 + 1000, 28 + 1000 + firstPart);
+    p.receivedDirect(firstPart);
+    expect(p.next()).toBeUndefined();
+    const rest = p.receiveTarget(64 * 1024)!;
+    expect(rest.length).toBe(payload.length - 1000 - firstPart);
+    wire.copy(rest, 0, 28 + 1000 + firstPart);
+    p.receivedDirect(rest.length);
+    const req = p.next() as Request;
+    expect(req).toMatchObject({ kind: 'request', type: CMD_WRITE, offset: 4096, length: payload.length });
+    expect(req.payload!.equals(payload)).toBe(true);
+    expect(p.receiveTarget(1)).toBeNull();
+  });
+
+  it('names no target while other bytes are buffered ahead, or when less than the minimum is left', () => {
+    const p = parserIn('transmission');
+    const wire = buildRequest({ type: CMD_WRITE, cookie: 1, offset: 0, length: 100_000 }, Buffer.alloc(100_000, 3));
+    p.push(wire.subarray(0, 28 + 10));
+    expect(p.next()).toBeUndefined();
+    expect(p.receiveTarget(100_000 - 10)?.length).toBe(100_000 - 10);
+    expect(p.receiveTarget(100_000 - 9)).toBeNull();
+    expect(() => p.receivedDirect(100_000)).toThrow(/without a matching receive target/);
+    const held = parserIn('transmission');
+    held.push(wire.subarray(0, 28 + 10));
+    expect(held.next()).toBeUndefined();
+    expect(held.receiveTarget(1)).not.toBeNull();
+    held.push(wire.subarray(28 + 10, 28 + 20));
+    expect(held.receiveTarget(1)).toBeNull();
+  });
+
+  it('compact copies unparsed bytes out, so the buffer they arrived in may be reused', () => {
+    const p = parserIn('transmission');
+    const chunk = Buffer.from(buildRequest({ type: CMD_READ, cookie: 9, offset: 512, length: 4096 }));
+    p.push(chunk.subarray(0, 20));
+    expect(p.next()).toBeUndefined();
+    p.compact();
+    chunk.fill(0xee, 0, 20);
+    p.push(chunk.subarray(20));
+    expect(p.next()).toMatchObject({ kind: 'request', type: CMD_READ, cookieLo: 9, offset: 512, length: 4096 });
+  });
+});

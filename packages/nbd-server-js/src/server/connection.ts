@@ -43,8 +43,17 @@ const compactBytesMax = 4096;
 
 type State = 'handshake' | 'transmission' | 'draining' | 'closed';
 
+/**
+ * How a connection receives: 'direct' reads large WRITE payloads straight into place; 'stream' is
+ * Node's default 'data' events, used when this Node's socket internals are not the expected ones.
+ */
+export type ReceiveMode = 'direct' | 'stream';
+
 export class Connection {
   readonly remote: string;
+  readonly receiveMode: ReceiveMode;
+  /** Bytes read straight into WRITE payloads, without a copy. */
+  directBytes = 0;
   readonly closed: Promise<void>;
   private state: State = 'handshake';
   private readonly parser: ClientStreamParser;
@@ -79,6 +88,7 @@ export class Connection {
     });
     const socket = adopted ?? raw;
     this.socket = socket;
+    this.receiveMode = adopted === null ? 'stream' : 'direct';
     this.remote = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.once('close', () => this.onClose());
@@ -114,8 +124,10 @@ export class Connection {
   }
 
   private received(n: number, buf: Buffer): void {
-    if (this.receivingDirect) this.parser.receivedDirect(n);
-    else this.parser.push(buf.subarray(0, n));
+    if (this.receivingDirect) {
+      this.parser.receivedDirect(n);
+      this.directBytes += n;
+    } else this.parser.push(buf.subarray(0, n));
     this.pump();
   }
 

@@ -15,7 +15,7 @@ import { stringBytesMax } from './replies.js';
 import type { RequestEvent } from './transmission.js';
 import type { ListenAddress } from './uri.js';
 
-export type { Logger, LogLevel } from './connection.js';
+export type { Logger, LogLevel, ReceiveMode } from './connection.js';
 export type { RequestEvent, CommandName } from './transmission.js';
 export type { ListenAddress } from './uri.js';
 export { nbdUri } from './uri.js';
@@ -151,10 +151,10 @@ export class NbdServer extends EventEmitter {
       event: (ev: RequestEvent) => this.emit('request', ev),
     });
     this.connections.add(conn);
-    this.emit('connection', { remote: conn.remote });
+    this.emit('connection', { remote: conn.remote, receiveMode: conn.receiveMode });
     void conn.closed.then(() => {
       this.connections.delete(conn);
-      this.emit('close-connection', { remote: conn.remote });
+      this.emit('close-connection', { remote: conn.remote, directBytes: conn.directBytes });
     });
   }
 
