@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
-import { BlockDeviceError, EXTENT_ZERO, type Extent } from 'nbd-server-js';
+import { BlockDeviceError, EXTENT_ZERO, settleAll, type Extent } from 'nbd-server-js';
 import { assert } from './assert.js';
 import { Backing } from './backing.js';
 import { BlockBuffers, isSlot, isSpilled, ZERO, type Layer } from './buffer.js';
@@ -646,7 +646,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
       pos += n;
     }
     flushBacking(end);
-    if (pending.length > 0) await Promise.all(pending);
+    if (pending.length > 0) await settleAll(pending);
   }
 
   /** The topmost layer holding block `b` in the view topped by `top`, and its entry. */

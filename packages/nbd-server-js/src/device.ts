@@ -7,7 +7,9 @@
  * - Offsets and lengths are byte-granular non-negative safe integers; `offset + length <= size`.
  *   Devices re-check ranges with `checkRange` (they are importable without the NBD server in front),
  *   and reject with a `BlockDeviceError` whose `code` is the errno the NBD spec assigns.
- * - `read` fills the caller's buffer completely; the device never allocates the result buffer.
+ * - `read` fills the caller's buffer completely; the device never allocates the result buffer, and
+ *   never touches `buf` once its promise settles, failed or not (a device that splits a read waits
+ *   for every piece, see `settleAll`): the caller reuses it.
  * - `write` must not keep a reference to `data` once its promise settles: the caller reuses it.
  * - `fua` on write/trim/zero means the data is durable (to the device's guarantee) before resolving.
  * - `flush` makes every write that resolved before `flush` was called durable.
@@ -127,6 +129,16 @@ export function checkRange(size: number, offset: number, length: number, verb: R
     const code = verb === 'write' || verb === 'zero' ? 'ENOSPC' : 'EINVAL';
     throw new BlockDeviceError(code, `${verb}: range ${offset}+${length} is past the end (size ${size})`);
   }
+}
+
+/**
+ * Waits for every promise, then rejects with the first failure, if any. `Promise.all` rejects at the
+ * first failure while the other pieces of a split read may still be writing into the caller's buffer,
+ * which the caller is free to reuse once the read has settled.
+ */
+export async function settleAll(pieces: readonly Promise<unknown>[]): Promise<void> {
+  const results = await Promise.allSettled(pieces);
+  for (const r of results) if (r.status === 'rejected') throw r.reason;
 }
 
 export function isBlockDeviceError(err: unknown): err is BlockDeviceError {

@@ -5,12 +5,14 @@
  * temp socket paths), an in-test memory device with gates; assertions on replies and data.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
+import { connect, createServer, type AddressInfo, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
-import { buildClientFlags, buildGoOption, buildRequest } from '../src/protocol/builders.js';
-import { CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, NBD_ESHUTDOWN } from '../src/protocol/constants.js';
+import { buildClientFlags, buildGoOption, buildOption, buildRequest } from '../src/protocol/builders.js';
+import { CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, NBD_ESHUTDOWN, REP_ERR_UNSUP } from '../src/protocol/constants.js';
+import { adoptWithReceiver } from '../src/server/receive.js';
 import { NbdServer, nbdUri, type RequestEvent } from '../src/server/server.js';
 import { decodeOptionReplies, Gates, RawClient, TestDevice } from './server-fixtures.js';
 
@@ -216,6 +218,63 @@ describe('receiving WRITE payloads straight into place', () => {
     );
     expect(modes.every((m) => m === 'direct'), `receive modes ${modes.join(',')}: this Node's socket internals changed`).toBe(true);
     expect(directBytes).toBeGreaterThan(0);
+  });
+
+  it('an adopted socket still counts as the listening server\'s connection until it closes', async () => {
+    const listener = createServer({ pauseOnConnect: true });
+    await new Promise<void>((resolve) => listener.listen(0, '127.0.0.1', resolve));
+    const port = (listener.address() as AddressInfo).port;
+    const accepted = new Promise<Socket>((resolve) => listener.once('connection', resolve));
+    const client = connect(port, '127.0.0.1');
+    const received: Buffer[] = [];
+    const chunk = Buffer.alloc(1024);
+    const adopted = adoptWithReceiver(await accepted, {
+      buffer: () => chunk,
+      received: (n, buf) => received.push(Buffer.from(buf.subarray(0, n))),
+    });
+    expect(adopted).not.toBeNull();
+    const count = () => new Promise<number>((resolve, reject) => listener.getConnections((err, n) => (err ? reject(err) : resolve(n))));
+    expect(await count()).toBe(1);
+    let listenerClosed = false;
+    const closing = new Promise<void>((resolve) => listener.close(() => {
+      listenerClosed = true;
+      resolve();
+    }));
+    const ended = new Promise<void>((resolve) => adopted!.once('end', resolve));
+    client.end('hello');
+    await ended;
+    expect(Buffer.concat(received).toString()).toBe('hello');
+    expect(listenerClosed).toBe(false);
+    adopted!.destroy();
+    await closing;
+    expect(await count()).toBe(0);
+  });
+
+  it('bytes trickling in one per read do not each hold a read chunk', async () => {
+    const server = await serve(new TestDevice(MiB));
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    const c = await RawClient.open(addr);
+    await c.until((b) => (b.length >= 18 ? true : undefined), 'greeting');
+    // Past 4 KiB unparsed, leftovers are no longer copied out, so the read chunks themselves are held.
+    const optionBytes = 8000;
+    const option = buildOption(999, Buffer.alloc(optionBytes, 7));
+    c.socket.write(Buffer.concat([buildClientFlags(3), option.subarray(0, 16)]));
+    const before = process.memoryUsage().arrayBuffers;
+    let peak = 0;
+    for (let i = 16; i < option.length - 1; i++) {
+      await new Promise<void>((resolve) => c.socket.write(option.subarray(i, i + 1), () => resolve()));
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      peak = Math.max(peak, process.memoryUsage().arrayBuffers - before);
+    }
+    c.socket.write(option.subarray(option.length - 1));
+    const replies = await c.until((b) => {
+      const { replies } = decodeOptionReplies(b.subarray(18));
+      return replies.length >= 1 ? replies : undefined;
+    }, 'the option reply');
+    expect(replies[0]).toMatchObject({ option: 999, type: REP_ERR_UNSUP });
+    // One 64 KiB chunk per byte past the first 4 KiB would be about 250 MiB here.
+    expect(peak).toBeLessThan(16 * MiB);
+    c.socket.destroy();
   });
 });
 

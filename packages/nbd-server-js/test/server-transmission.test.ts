@@ -140,6 +140,8 @@ interface Run {
   readonly released: Buffer[];
   /** The pool buffer each reply was sent with, in the order of `sent`. */
   readonly lent: (Buffer | null)[];
+  /** Where large WRITE payloads must come from, as the parser takes them. */
+  readonly pool: PayloadPool;
   settledCount: number;
   /** Resolves once `n` replies have been sent. */
   replies(n: number): Promise<Reply[]>;
@@ -156,6 +158,7 @@ function run(device: BlockDevice, options: { structured?: boolean; readOnly?: bo
     events,
     released: [],
     lent: [],
+    pool: new RecordingPool((b) => r.released.push(b)),
     settledCount: 0,
     async replies(n) {
       while (sent.length < n) await new Promise<void>((resolve) => waiters.push(resolve));
@@ -179,7 +182,7 @@ function run(device: BlockDevice, options: { structured?: boolean; readOnly?: bo
     wantsEvents: () => true,
     event: (ev) => events.push(ev),
     isShuttingDown: () => false,
-    pool: new RecordingPool((b) => r.released.push(b)),
+    pool: r.pool,
   });
   const handle = r.t.handle.bind(r.t);
   r.t.handle = (q: Request) => {
@@ -405,6 +408,43 @@ describe('Transmission: concurrency', () => {
     await r.replies(2);
     expect(r.lent[1]).toBeNull();
     expect(r.released.map((b) => b.length)).toEqual([128 * 1024]);
+  });
+
+  it('in-flight bytes count what pooled buffers really hold, a whole power-of-two class', async () => {
+    const d = new TestDevice(4 * MiB);
+    const gates = new Gates();
+    d.gate = gates.gate;
+    const r = run(d, { structured: false });
+    r.t.handle(req(CMD_WRITE, 0, MiB + 1, 0, r.pool.acquire(MiB + 1)));
+    r.t.handle(req(CMD_READ, 2 * MiB, 64 * 1024 + 1));
+    r.t.handle(req(CMD_WRITE, 3 * MiB, 100, 0, Buffer.alloc(100)));
+    await gates.until(3);
+    expect(r.t.inflightBytes).toBe(2 * MiB + 128 * 1024 + requestHeldBytesMin);
+    for (const key of [...gates.parked]) gates.release(key);
+    await r.replies(3);
+    expect(r.t.inflightBytes).toBe(0);
+  });
+
+  it('a split READ with a failed piece keeps its buffer until every piece has settled', async () => {
+    const d = new TestDevice(MiB);
+    d.allocated.fill(1, 0, 16);
+    d.allocated.fill(1, 48, 64);
+    const gates = new Gates();
+    const r = run(d);
+    r.t.handle(req(CMD_READ, 0, 256 * 1024));
+    // After the extents query (already under way), before the two data reads start.
+    d.gate = gates.gate;
+    await gates.until(2);
+    expect(gates.parked).toEqual(['read@0', 'read@196608']);
+    d.fail.read = new BlockDeviceError('EIO', 'media error');
+    gates.release('read@0');
+    for (let i = 0; i < 10; i++) await new Promise<void>((resolve) => setImmediate(resolve));
+    expect(r.sent).toEqual([]);
+    expect(r.released).toEqual([]);
+    gates.release('read@196608');
+    const [reply] = await r.replies(1);
+    expect(reply).toMatchObject({ kind: 'chunk', type: REPLY_TYPE_ERROR });
+    expect(r.released.map((b) => b.length)).toEqual([256 * 1024]);
   });
 
   it('after kill, finished work sends nothing but still settles', async () => {

@@ -40,6 +40,12 @@ export const receiveChunkBytes = 64 * 1024;
 export const directReceiveBytesMin = 64 * 1024;
 /** Unparsed bytes left after a read up to this size are copied out so the read buffer can be reused. */
 const compactBytesMax = 4096;
+/**
+ * A new read chunk is taken only when the current one has less room than this. Reads fill a chunk end
+ * to end, so unparsed bytes (a long option sent a byte at a time, say) hold at most a third more memory
+ * than their own size, never a chunk per read.
+ */
+const receiveRoomBytesMin = 16 * 1024;
 
 type State = 'handshake' | 'transmission' | 'draining' | 'closed';
 
@@ -65,6 +71,8 @@ export class Connection {
   private shuttingDown = false;
   private readonly socket: Socket;
   private receiveChunk: Buffer | null = null;
+  /** Bytes at the start of `receiveChunk` that unparsed bytes may still point into. */
+  private receiveUsed = 0;
   private receivingDirect = false;
 
   /** `raw` must be paused (accepted with `pauseOnConnect`); the connection starts reading it. */
@@ -98,6 +106,7 @@ export class Connection {
     });
     if (adopted === null) {
       socket.on('data', (chunk: Buffer) => {
+        if (!this.parsing()) return;
         this.parser.push(chunk);
         this.pump();
       });
@@ -110,7 +119,8 @@ export class Connection {
 
   /**
    * The buffer for the next read: the rest of a large WRITE payload when one is being received, else
-   * a reusable chunk (replaced when unparsed bytes still point into it).
+   * the free end of the read chunk. The chunk starts over when nothing unparsed points into it (a
+   * short leftover is copied out first) and is replaced only when full.
    */
   private receiveBuffer(): Buffer {
     const direct = this.parser.receiveTarget(directReceiveBytesMin);
@@ -118,17 +128,28 @@ export class Connection {
     if (direct !== null) return direct;
     const pinned = this.parser.bufferedBytes;
     if (pinned > 0 && pinned <= compactBytesMax) this.parser.compact();
-    else if (pinned > 0) this.receiveChunk = null;
-    this.receiveChunk ??= Buffer.allocUnsafe(receiveChunkBytes);
-    return this.receiveChunk;
+    if (pinned <= compactBytesMax) this.receiveUsed = 0;
+    if (this.receiveChunk === null || receiveChunkBytes - this.receiveUsed < receiveRoomBytesMin) {
+      this.receiveChunk = Buffer.allocUnsafe(receiveChunkBytes);
+      this.receiveUsed = 0;
+    }
+    return this.receiveChunk.subarray(this.receiveUsed);
   }
 
   private received(n: number, buf: Buffer): void {
     if (this.receivingDirect) {
       this.parser.receivedDirect(n);
       this.directBytes += n;
-    } else this.parser.push(buf.subarray(0, n));
+    } else if (this.parsing()) {
+      this.parser.push(buf.subarray(0, n));
+      this.receiveUsed += n;
+    }
     this.pump();
+  }
+
+  /** After DISC or once closed, whatever the client still sends is dropped, not queued. */
+  private parsing(): boolean {
+    return this.state === 'handshake' || this.state === 'transmission';
   }
 
   get inflightCount(): number {

@@ -30,6 +30,11 @@ export class PayloadPool {
     return this.retained;
   }
 
+  /** Bytes a buffer of `length` really holds: its whole class when pooled. In-flight budgets count this. */
+  footprint(length: number): number {
+    return length < pooledBytesMin ? length : 2 ** Math.ceil(Math.log2(length));
+  }
+
   /** A buffer of exactly `length` bytes with undefined contents. */
   acquire(length: number): Buffer {
     if (length < pooledBytesMin) return Buffer.allocUnsafe(length);

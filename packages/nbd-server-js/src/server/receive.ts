@@ -46,7 +46,15 @@ export function adoptWithReceiver(raw: Socket, receiver: Receiver): Socket | nul
     writable: true,
     onread: { buffer: () => receiver.buffer(), callback: (n: number, buf: Uint8Array) => receiver.received(n, buf as Buffer) },
   } as ConstructorParameters<typeof Socket>[0]);
-  // The husk has no handle left; destroying it only settles the listening server's connection count.
+  // The listening server counts the connection through the socket's `_server` (for `getConnections`,
+  // `maxConnections` and the `close` callback): that moves to the new socket, so destroying the
+  // handle-less husk changes nothing.
+  const from = raw as unknown as { _server: unknown; server: unknown };
+  const to = socket as unknown as { _server: unknown; server: unknown };
+  to._server = from._server;
+  to.server = from.server;
+  from._server = null;
+  from.server = null;
   raw.destroy();
   return socket;
 }

@@ -5,7 +5,7 @@
  * never interleave. Nothing is sent for a connection that has died.
  */
 import type { BlockDevice, Extent } from '../device.js';
-import { EXTENT_ZERO } from '../device.js';
+import { EXTENT_ZERO, settleAll } from '../device.js';
 import {
   CMD_BLOCK_STATUS,
   CMD_CACHE,
@@ -193,7 +193,8 @@ export class Transmission {
     if (req.type === CMD_DISC) throw new Error('DISC reaches Transmission.handle');
     const startNs = this.hooks.wantsEvents() ? process.hrtime.bigint() : 0n;
     const error = validateRequest(this.session, req, this.hooks.isShuttingDown());
-    const dataBytes = req.payload !== null ? req.length : req.type === CMD_READ ? req.length : 0;
+    const carriesData = req.payload !== null || (req.type === CMD_READ && error === null);
+    const dataBytes = carriesData ? this.hooks.pool.footprint(req.length) : 0;
     const held = Math.max(dataBytes, requestHeldBytesMin);
     this.inflight += 1;
     this.bytes += held;
@@ -355,7 +356,7 @@ export class Transmission {
     for (let i = 0; i < segments.length; i += 3) {
       if (segments[i + 2] === 0) reads.push(this.device.read(buf.subarray(segments[i], segments[i + 1]), offset + segments[i]));
     }
-    await Promise.all(reads);
+    await settleAll(reads);
     return segments;
   }
 
