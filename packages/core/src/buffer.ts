@@ -1,12 +1,16 @@
 import { LRUCache } from 'lru-cache';
 import { assert } from './assert.js';
+import { BlockRanges } from './block-ranges.js';
 import { SlabPool, type Slab } from './slab.js';
 
 /**
  * Block maps and memory accounting. A layer is one buffer (P, S, or one committed epoch): a compact index
- * Map<block index, entry> where the entry is a slot number (>= 0, data in a slab), ZERO (the block reads as
- * zeroes, no data allocated) or a spill tag (<= -2, data in LevelDB under the layer id and block index).
- * Every spill tag is unique, so "the entry is unchanged" after an await is a plain number comparison.
+ * Map<block index, entry> where the entry is a slot number (>= 0, data in a slab) or a spill tag (<= -2,
+ * data in LevelDB under the layer id and block index), plus the ranges of whole blocks zeroed or trimmed
+ * (`zeros`), which read as zeroes with no data allocated. A map entry wins over a zero range of its own
+ * layer: zeroing a range deletes the map entries inside it, so an entry there was written afterwards.
+ * `entry()` folds both into one answer, ZERO for a zeroed block. Every spill tag is unique, so "the entry
+ * is unchanged" after an await is a plain number comparison.
  */
 export const ZERO = -1;
 const spillTagFirst = -2;
@@ -24,6 +28,7 @@ export class Layer {
   /** For a committed layer: the epoch the sealing checkpoint returned (durable once flushed). */
   sealedEpoch = -1;
   readonly map = new Map<number, number>();
+  readonly zeros = new BlockRanges();
   memBlocks = 0;
   spilledBlocks = 0;
   /** Pinned layers (being flushed or failed over) have slots in use by I/O: never spilled, never freed. */
@@ -41,9 +46,24 @@ export class Layer {
     this.role = role;
     this.epoch = epoch;
   }
+
+  /** What this layer holds for block `b`: its map entry, ZERO inside a zero range, else undefined. */
+  entry(b: number): number | undefined {
+    const e = this.map.get(b);
+    if (e !== undefined || this.zeros.size === 0) return e;
+    return this.zeros.has(b) ? ZERO : undefined;
+  }
+
+  /** Whether this layer decides the content of block `b` (views below it do not matter). */
+  holds(b: number): boolean {
+    return this.map.has(b) || (this.zeros.size > 0 && this.zeros.has(b));
+  }
 }
 
-/** Map entries across all layers; a V8 Map holds at most 2^24 entries, and index memory must be bounded. */
+/**
+ * Index entries (map entries and zero ranges) across all layers; a V8 Map holds at most 2^24 entries, and
+ * index memory must be bounded.
+ */
 export const indexEntriesMaxDefault = 8 * 1024 * 1024;
 /** Recency is tracked per slot; past this many slots the LRU forgets the coldest (a scan finds them). */
 const lruSlotsMax = 4 * 1024 * 1024;
@@ -126,12 +146,24 @@ export class BlockBuffers {
     this.touch(slot);
   }
 
-  /** Whole block `b` of `layer` reads as zeroes from now on; its data slot (if any) is freed. */
-  zeroBlock(layer: Layer, b: number): void {
+  /**
+   * Blocks [first, end) of `layer` read as zeroes from now on: one zero range, whatever its length. The
+   * layer's own entries inside it are deleted (their slots freed), visiting whichever is smaller, the map
+   * or the range, so the work is bounded by the index size, not by the length of the range.
+   */
+  zeroRange(layer: Layer, first: number, end: number): void {
     assert(!layer.dropped && !layer.pinned && layer.role !== 'committed', 'zeroes go to a live buffer');
-    const entry = layer.map.get(b);
-    if (entry === ZERO) return;
-    this.replaceEntry(layer, b, entry, ZERO);
+    assert(first >= 0 && first < end && end <= this.blockCount, `zero range ${first}..${end} inside the volume`);
+    if (layer.map.size <= end - first) {
+      for (const [b, entry] of layer.map) if (b >= first && b < end) this.removeEntry(layer, b, entry);
+    } else {
+      for (let b = first; b < end; b++) {
+        const entry = layer.map.get(b);
+        if (entry !== undefined) this.removeEntry(layer, b, entry);
+      }
+    }
+    this.indexEntries += layer.zeros.add(first, end);
+    assert(this.indexEntries >= 0, 'accounting never negative');
   }
 
   /** Marks a slot's block as spilled (the data is in LevelDB now) and frees the slot. */
@@ -156,7 +188,7 @@ export class BlockBuffers {
     layer.bump = null;
     this.memBytes -= layer.memBlocks * this.blockBytes;
     this.spilledBytes -= layer.spilledBlocks * this.blockBytes;
-    this.indexEntries -= layer.map.size;
+    this.indexEntries -= layer.map.size + layer.zeros.size;
     layer.memBlocks = 0;
     layer.spilledBlocks = 0;
     assert(this.memBytes >= 0 && this.spilledBytes >= 0 && this.indexEntries >= 0, 'accounting never negative');
@@ -178,17 +210,28 @@ export class BlockBuffers {
     return slot;
   }
 
-  private replaceEntry(layer: Layer, b: number, old: number | undefined, next: number): void {
-    if (old === undefined) {
-      this.indexEntries++;
-    } else if (isSlot(old)) {
+  private removeEntry(layer: Layer, b: number, old: number): void {
+    this.releaseEntry(layer, old);
+    layer.map.delete(b);
+    this.indexEntries--;
+  }
+
+  private releaseEntry(layer: Layer, old: number): void {
+    if (isSlot(old)) {
       layer.freeSlots.push(old);
       layer.memBlocks--;
       this.memBytes -= this.blockBytes;
-    } else if (isSpilled(old)) {
+    } else {
+      assert(isSpilled(old), `map entry ${old} is a slot or a spill tag`);
       layer.spilledBlocks--;
       this.spilledBytes -= this.blockBytes;
     }
+  }
+
+  private replaceEntry(layer: Layer, b: number, old: number | undefined, next: number): void {
+    assert(next !== ZERO, 'zeroes are ranges, not map entries');
+    if (old === undefined) this.indexEntries++;
+    else this.releaseEntry(layer, old);
     if (isSlot(next)) {
       layer.memBlocks++;
       this.memBytes += this.blockBytes;

@@ -1,6 +1,6 @@
 import { assert } from './assert.js';
 import type { Backing } from './backing.js';
-import { isSlot, isSpilled, ZERO, type BlockBuffers, type Layer } from './buffer.js';
+import { isSlot, isSpilled, type BlockBuffers, type Layer } from './buffer.js';
 import type { MetaStore } from './meta.js';
 import type { ByteRange } from './types.js';
 
@@ -66,6 +66,71 @@ export async function sortedBlocks(layers: readonly Layer[]): Promise<Float64Arr
   return keys.subarray(0, unique);
 }
 
+/**
+ * What a flush (or failover) of `layers` (oldest first) writes: `blocks`, sorted, each with data from the
+ * newest layer holding it, and `zeroRuns`, sorted and disjoint from `blocks`, each written as one range of
+ * zeroes however long. A block is data when the newest layer that holds it (map entry or zero range) has
+ * a map entry for it, and zeroes when that layer has it in a zero range.
+ */
+export interface FlushPlan {
+  readonly blocks: Float64Array;
+  readonly zeroRuns: Run[];
+}
+
+export async function planFlush(layers: readonly Layer[]): Promise<FlushPlan> {
+  const keys = await sortedBlocks(layers);
+  if (layers.every((layer) => layer.zeros.size === 0)) return { blocks: keys, zeroRuns: [] };
+  let blocks = keys;
+  if (layers.length > 1) {
+    // A newer layer's zero range hides an older layer's data for the blocks it covers.
+    let kept = 0;
+    for (let i = 0; i < keys.length; i++) {
+      const b = keys[i];
+      let j = layers.length - 1;
+      while (!layers[j].holds(b)) j--;
+      if (layers[j].map.has(b)) keys[kept++] = b;
+      if ((i + 1) % prepareStepEntries === 0) await yieldToEventLoop();
+    }
+    blocks = keys.subarray(0, kept);
+  }
+  return { blocks, zeroRuns: cutRuns(unionOfZeros(layers), blocks) };
+}
+
+/** Every layer's zero ranges merged into sorted, disjoint runs (touching ranges merge). */
+function unionOfZeros(layers: readonly Layer[]): Run[] {
+  const all: [number, number][] = [];
+  for (const layer of layers) for (const range of layer.zeros) all.push(range);
+  if (layers.length > 1) all.sort((a, b) => a[0] - b[0]);
+  const runs: { first: number; count: number }[] = [];
+  for (const [start, end] of all) {
+    const last = runs[runs.length - 1];
+    if (last !== undefined && start <= last.first + last.count) {
+      last.count = Math.max(last.count, end - last.first);
+    } else {
+      runs.push({ first: start, count: end - start });
+    }
+  }
+  return runs;
+}
+
+/** `runs` minus the sorted `blocks`. */
+function cutRuns(runs: readonly Run[], blocks: ArrayLike<number>): Run[] {
+  const out: Run[] = [];
+  let i = 0;
+  for (const run of runs) {
+    const end = run.first + run.count;
+    let start = run.first;
+    while (i < blocks.length && blocks[i] < start) i++;
+    while (i < blocks.length && blocks[i] < end) {
+      if (blocks[i] > start) out.push({ first: start, count: blocks[i] - start });
+      start = blocks[i] + 1;
+      i++;
+    }
+    if (start < end) out.push({ first: start, count: end - start });
+  }
+  return out;
+}
+
 /** The layer whose entry for a block wins: the newest of `layers` (oldest first) that holds it. */
 export function newestHolder(layers: readonly Layer[]): (block: number) => Layer | undefined {
   if (layers.length === 1) {
@@ -113,6 +178,39 @@ export function runRanges(runs: readonly Run[], blockBytes: number, sizeBytes: n
 
 /** A block's content: bytes (at least the block's length), null for zeroes; may need a LevelDB read. */
 export type BlockSource = (block: number) => Uint8Array | null | Promise<Uint8Array | null>;
+
+/** Byte ranges of zero runs, clipped to the volume. */
+export function zeroRunRanges(runs: readonly Run[], blockBytes: number, sizeBytes: number): ByteRange[] {
+  return runs.map((run) => {
+    const offset = run.first * blockBytes;
+    return { offset, length: Math.min((run.first + run.count) * blockBytes, sizeBytes) - offset };
+  });
+}
+
+/**
+ * Zeroes per backing call: one vectored write of the backing's shared zero chunk (IOV_MAX entries of
+ * 1 MiB), so a zero run of any length never builds more than one such entry list at a time.
+ */
+export const zeroWriteBytesMax = 1024 * 1024 * 1024;
+
+/**
+ * Writes each zero run in as few backing calls as the backing allows (one per zeroWriteBytesMax, all
+ * streaming from one shared zero buffer), one run after the other. Returns the bytes zeroed.
+ */
+export async function writeZeroRuns(
+  backing: Backing,
+  runs: readonly Run[],
+  geometry: { blockBytes: number; sizeBytes: number },
+): Promise<number> {
+  let bytes = 0;
+  for (const range of zeroRunRanges(runs, geometry.blockBytes, geometry.sizeBytes)) {
+    for (let done = 0; done < range.length; done += zeroWriteBytesMax) {
+      await backing.writeZeroes(range.offset + done, Math.min(zeroWriteBytesMax, range.length - done));
+    }
+    bytes += range.length;
+  }
+  return bytes;
+}
 
 /** Writes `runs` to the backing file; returns the bytes written. */
 export async function writeRuns(
@@ -170,7 +268,6 @@ export function layerSource(buffers: BlockBuffers, meta: MetaStore, layers: read
     const entry = layer.map.get(b);
     assert(entry !== undefined, `block ${b} is in layer ${layer.id}`);
     if (isSlot(entry)) return buffers.slotBytes(entry);
-    if (entry === ZERO) return null;
     assert(isSpilled(entry), `block ${b} entry ${entry} is a spill tag`);
     return meta.getSpill(layer.id, b).then((data) => {
       assert(data !== undefined, `spilled block ${b} of pinned layer ${layer.id} is in LevelDB`);

@@ -1,5 +1,7 @@
 import { Level } from 'level';
+import { assert } from './assert.js';
 import { GannetError } from './errors.js';
+import type { Run } from './flusher.js';
 import { decodeRanges, encodeRanges } from './ranges.js';
 import type { ByteRange, FailoverTarget } from './types.js';
 
@@ -7,8 +9,9 @@ import type { ByteRange, FailoverTarget } from './types.js';
  * The volume's LevelDB (one per volume, in dataDir): metadata, the failover journal and spilled blocks.
  * Every state change is one batch; batches that a restart relies on are written with `sync: true`.
  *
- * Keys: m/<name> metadata; j/<block> journal (block data, empty value = zero block);
- * s/<layer id>/<block> spilled blocks (never valid across a restart: cleared on open).
+ * Keys: m/<name> metadata; j/<block> journal (block data, empty value = zero block); j/z<first block>
+ * journal zero range (value: its block count in decimal; sorts after every j/<block> since 'z' follows the
+ * hex digits); s/<layer id>/<block> spilled blocks (never valid across a restart: cleared on open).
  */
 type Db = Level<string, Uint8Array>;
 type BatchOp = { type: 'put'; key: string; value: Uint8Array } | { type: 'del'; key: string };
@@ -35,6 +38,9 @@ const key = {
   torn: 'm/torn',
 };
 const journalPrefix = 'j/';
+const journalZeroesPrefix = `${journalPrefix}z`;
+/** What a zero range record counts for in a journal chunk's size (its key and value, roughly). */
+export const journalZeroRecordBytes = 32;
 const spillPrefix = 's/';
 const hex = (n: number, width: number) => n.toString(16).padStart(width, '0');
 const blockKey = (b: number) => hex(b, 13);
@@ -45,11 +51,21 @@ const num = (v: Uint8Array | undefined) => (v === undefined ? 0 : Number(str(v))
 /** The key just past every key starting with `prefix` (prefixes end in '/', and '0' follows '/'). */
 const prefixEnd = (prefix: string) => `${prefix.slice(0, -1)}0`;
 
-export interface JournalEntry {
-  block: number;
-  /** Block content (blockBytes), or null for a zero block. */
-  data: Uint8Array | null;
-}
+/**
+ * One journal record: a block's final content, or a run of blocks that end as zeroes. Records of one
+ * journal never overlap, so the order they are applied in does not matter and applying one twice is
+ * harmless.
+ */
+export type JournalEntry =
+  | {
+      block: number;
+      /** Block content (blockBytes), or null for a zero block. */
+      data: Uint8Array | null;
+    }
+  | { zeroes: Run };
+
+const journalKey = (e: JournalEntry) =>
+  'zeroes' in e ? journalZeroesPrefix + blockKey(e.zeroes.first) : journalPrefix + blockKey(e.block);
 
 export class MetaStore {
   private readonly db: Db;
@@ -159,15 +175,15 @@ export class MetaStore {
   }
 
   /**
-   * Journal blocks are written in synced chunks before the state record; until that record lands they
-   * are not a journal (a restart discards them), so the chunks and the record act as one batch without
-   * holding the whole buffer twice in memory.
+   * Journal records (blocks and zero ranges) are written in synced chunks before the state record; until
+   * that record lands they are not a journal (a restart discards them), so the chunks and the record act
+   * as one batch without holding the whole buffer twice in memory.
    */
   async putJournal(entries: readonly JournalEntry[]): Promise<void> {
     const ops: BatchOp[] = entries.map((e) => ({
       type: 'put',
-      key: journalPrefix + blockKey(e.block),
-      value: e.data ?? new Uint8Array(0),
+      key: journalKey(e),
+      value: 'zeroes' in e ? text(String(e.zeroes.count)) : (e.data ?? new Uint8Array(0)),
     }));
     await this.db.batch(ops, { sync: true });
   }
@@ -186,13 +202,20 @@ export class MetaStore {
     );
   }
 
-  /** Journal entries in block order, in chunks of at most `chunkBytes`. */
+  /** Journal records, blocks in block order then zero ranges in block order, in chunks of about `chunkBytes`. */
   async *readJournal(chunkBytes: number): AsyncGenerator<JournalEntry[]> {
     let chunk: JournalEntry[] = [];
     let bytes = 0;
     for await (const [k, v] of this.db.iterator({ gte: journalPrefix, lt: prefixEnd(journalPrefix) })) {
-      chunk.push({ block: parseInt(k.slice(journalPrefix.length), 16), data: v.length === 0 ? null : v });
-      bytes += v.length;
+      if (k.startsWith(journalZeroesPrefix)) {
+        const zeroes = { first: parseInt(k.slice(journalZeroesPrefix.length), 16), count: num(v) };
+        assert(Number.isSafeInteger(zeroes.count) && zeroes.count > 0, `journal zero range ${k} holds a block count`);
+        chunk.push({ zeroes });
+        bytes += journalZeroRecordBytes;
+      } else {
+        chunk.push({ block: parseInt(k.slice(journalPrefix.length), 16), data: v.length === 0 ? null : v });
+        bytes += v.length;
+      }
       if (bytes >= chunkBytes) {
         yield chunk;
         chunk = [];
@@ -203,14 +226,19 @@ export class MetaStore {
   }
 
   /** Failover done: the state, and the journal deleted, in one batch. */
-  async recordFailedOver(target: FailoverTarget, journalBlocks: Iterable<number>, torn: readonly ByteRange[]): Promise<void> {
+  async recordFailedOver(
+    target: FailoverTarget,
+    journal: { blocks: Iterable<number>; zeroRuns: Iterable<Run> },
+    torn: readonly ByteRange[],
+  ): Promise<void> {
     const ops: BatchOp[] = [
       { type: 'put', key: key.state, value: text('failed-over') },
       { type: 'put', key: key.target, value: text(target) },
       { type: 'del', key: key.flushing },
       tornOp(torn),
     ];
-    for (const b of journalBlocks) ops.push({ type: 'del', key: journalPrefix + blockKey(b) });
+    for (const block of journal.blocks) ops.push({ type: 'del', key: journalKey({ block, data: null }) });
+    for (const zeroes of journal.zeroRuns) ops.push({ type: 'del', key: journalKey({ zeroes }) });
     await this.db.batch(ops, { sync: true });
   }
 

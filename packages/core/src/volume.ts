@@ -8,8 +8,18 @@ import { Backing } from './backing.js';
 import { BlockBuffers, isSlot, isSpilled, ZERO, type Layer } from './buffer.js';
 import { EpochLease, epochLeaseCount, groupCheckpoint, type GroupCheckpointable } from './checkpoint.js';
 import { GannetError } from './errors.js';
-import { layerSource, planRuns, runRanges, sortedBlocks, writeRuns, type BlockSource } from './flusher.js';
-import { MetaStore, type JournalEntry, type PersistedMeta } from './meta.js';
+import {
+  layerSource,
+  planFlush,
+  planRuns,
+  runRanges,
+  writeRuns,
+  writeZeroRuns,
+  zeroRunRanges,
+  type FlushPlan,
+  type Run,
+} from './flusher.js';
+import { journalZeroRecordBytes, MetaStore, type JournalEntry, type PersistedMeta } from './meta.js';
 import { parseVolumeOptions } from './parse.js';
 import type { ResolvedVolumeOptions, VolumeOptions } from './options.js';
 import { mergeRanges, subtractRanges } from './ranges.js';
@@ -51,10 +61,11 @@ const extentsBlocksMax = 64 * 1024;
  * replication protocol (the primary VM holds the same writes and a failed secondary is re-seeded from it),
  * as in COLO. After failover the volume is a plain disk and FLUSH/FUA are fdatasync.
  *
- * Failover writes the kept buffer merged over the unflushed committed data to a LevelDB journal, then the
- * state record 'failing-over' (with the target), applies the journal to B, fdatasyncs, and records
- * 'failed-over' while deleting the journal in one batch. Replaying the journal is idempotent (it holds
- * final block contents), so a crash anywhere in between is finished by the next open.
+ * Failover writes the kept buffer merged over the unflushed committed data to a LevelDB journal (block
+ * contents, and one record per run of zeroed blocks), then the state record 'failing-over' (with the
+ * target), applies the journal to B, fdatasyncs, and records 'failed-over' while deleting the journal in
+ * one batch. Replaying the journal is idempotent (it holds final contents, its records never overlap), so
+ * a crash anywhere in between is finished by the next open.
  */
 export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volume, GroupCheckpointable {
   readonly primary: VolumeView;
@@ -294,11 +305,12 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   private async flushPass(layers: Layer[]): Promise<void> {
     const start = performance.now();
     for (const layer of layers) layer.pinned = true;
-    const blocks = await sortedBlocks(layers);
-    const runs = planRuns(blocks, this.blockBytes);
-    const ranges = runRanges(runs, this.blockBytes, this.sizeBytes);
+    const plan = await planFlush(layers);
+    const runs = planRuns(plan.blocks, this.blockBytes);
+    const ranges = this.planRanges(runs, plan);
     if (ranges.length > 0) await this.meta.recordFlushing(ranges);
-    const bytes = await writeRuns(this.backing, runs, layerSource(this.buffers, this.meta, layers), this.geometry());
+    let bytes = await writeRuns(this.backing, runs, layerSource(this.buffers, this.meta, layers), this.geometry());
+    bytes += await writeZeroRuns(this.backing, plan.zeroRuns, this.geometry());
     if (bytes > 0) await this.backing.datasync();
     const durable = layers.at(-1)!.sealedEpoch;
     assert(durable > this.durableEpoch && durable <= this.epoch, 'the durable epoch only grows, up to the epoch');
@@ -311,6 +323,14 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     for (const layer of layers) this.dropLayer(layer);
     this.wake();
     this.emit('flushed', { epoch: durable, bytes, durationMs: performance.now() - start });
+  }
+
+  /** The byte ranges a plan writes: what an interruption may leave torn. */
+  private planRanges(runs: readonly Run[], plan: FlushPlan): ByteRange[] {
+    return mergeRanges([
+      ...runRanges(runs, this.blockBytes, this.sizeBytes),
+      ...zeroRunRanges(plan.zeroRuns, this.blockBytes, this.sizeBytes),
+    ]);
   }
 
   /** After an I/O error the next checkpoint is refused and starts a retry: a transient fault heals. */
@@ -361,26 +381,32 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     const kept = to === 'secondary' ? this.S : to === 'primary' ? this.P : null;
     const layers = kept === null ? this.committed.slice() : [...this.committed, kept];
     for (const layer of this.liveLayers()) layer.pinned = true;
-    const blocks = await sortedBlocks(layers);
+    const plan = await planFlush(layers);
     const source = layerSource(this.buffers, this.meta, layers);
     await this.meta.clearJournal();
     let chunk: JournalEntry[] = [];
     let chunkBytes = 0;
-    for (const block of blocks) {
-      const found = source(block);
-      const data = found instanceof Promise ? await found : found;
-      chunk.push({ block, data });
-      chunkBytes += this.blockBytes;
+    const add = async (entry: JournalEntry, bytes: number) => {
+      chunk.push(entry);
+      chunkBytes += bytes;
       if (chunkBytes >= journalChunkBytes) {
         await this.meta.putJournal(chunk);
         chunk = [];
         chunkBytes = 0;
       }
+    };
+    for (const block of plan.blocks) {
+      const found = source(block);
+      const data = found instanceof Promise ? await found : found;
+      await add({ block, data }, this.blockBytes);
     }
+    for (const zeroes of plan.zeroRuns) await add({ zeroes }, journalZeroRecordBytes);
     if (chunk.length > 0) await this.meta.putJournal(chunk);
     await this.meta.recordFailingOver(to);
-    const runs = planRuns(blocks, this.blockBytes);
-    await this.applyJournal(to, runs, source, blocks);
+    const runs = planRuns(plan.blocks, this.blockBytes);
+    await writeRuns(this.backing, runs, source, this.geometry());
+    await writeZeroRuns(this.backing, plan.zeroRuns, this.geometry());
+    await this.finishFailover(to, this.planRanges(runs, plan), { blocks: plan.blocks, zeroRuns: plan.zeroRuns });
     for (const layer of [...this.committed, this.P, this.S]) this.dropLayer(layer);
     this.committed.length = 0;
   }
@@ -388,31 +414,39 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   /** Open found 'failing-over': the journal is complete (the state record follows it), apply it again. */
   private async replayJournal(to: FailoverTarget): Promise<void> {
     const start = performance.now();
-    const all: number[] = [];
+    const blocks: number[] = [];
+    const zeroRuns: Run[] = [];
     const ranges: ByteRange[] = [];
     for await (const chunk of this.meta.readJournal(journalChunkBytes)) {
       const data = new Map<number, Uint8Array | null>();
+      const chunkZeroRuns: Run[] = [];
       for (const e of chunk) {
-        data.set(e.block, e.data);
-        all.push(e.block);
+        if ('zeroes' in e) {
+          chunkZeroRuns.push(e.zeroes);
+        } else {
+          data.set(e.block, e.data);
+          blocks.push(e.block);
+        }
       }
-      const runs = planRuns(chunk.map((e) => e.block), this.blockBytes);
+      const runs = planRuns([...data.keys()], this.blockBytes);
       await writeRuns(this.backing, runs, (b) => data.get(b)!, this.geometry());
+      await writeZeroRuns(this.backing, chunkZeroRuns, this.geometry());
       ranges.push(...runRanges(runs, this.blockBytes, this.sizeBytes));
+      ranges.push(...zeroRunRanges(chunkZeroRuns, this.blockBytes, this.sizeBytes));
+      zeroRuns.push(...chunkZeroRuns);
     }
-    await this.finishFailover(to, ranges, all);
+    await this.finishFailover(to, mergeRanges(ranges), { blocks, zeroRuns });
     this.emit('failover', { to, durationMs: performance.now() - start });
   }
 
-  private async applyJournal(to: FailoverTarget, runs: ReturnType<typeof planRuns>, source: BlockSource, blocks: Iterable<number>) {
-    await writeRuns(this.backing, runs, source, this.geometry());
-    await this.finishFailover(to, runRanges(runs, this.blockBytes, this.sizeBytes), blocks);
-  }
-
-  private async finishFailover(to: FailoverTarget, ranges: ByteRange[], blocks: Iterable<number>): Promise<void> {
+  private async finishFailover(
+    to: FailoverTarget,
+    ranges: ByteRange[],
+    journal: { blocks: Iterable<number>; zeroRuns: Iterable<Run> },
+  ): Promise<void> {
     await this.backing.datasync();
     const torn = subtractRanges(this.torn, ranges);
-    await this.meta.recordFailedOver(to, blocks, torn);
+    await this.meta.recordFailedOver(to, journal, torn);
     this.torn = torn;
     this.state = 'failed-over';
     this.target = to;
@@ -520,7 +554,9 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     if (!this.covers(first, offset, length)) partial.push(first);
     if (last !== first && !this.covers(last, offset, length)) partial.push(last);
     const blocks = last - first + 1;
-    if (!this.buffers.indexRoom(blocks)) {
+    // Whole blocks of a zero cost one zero range however many there are; partial ones are data.
+    const entries = src === null ? partial.length + 1 : blocks;
+    if (!this.buffers.indexRoom(entries)) {
       throw new BlockDeviceError('ENOMEM', `write of ${blocks} blocks exceeds the block index limit; checkpoint first`);
     }
     if (role === 'primary' && !(await this.committedRoom())) return false;
@@ -530,7 +566,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
       for (let attempt = 0; attempt < writeAttemptsMax; attempt++) {
         if (this.state !== 'replicating') return false;
         const layer = role === 'primary' ? this.P : this.S;
-        const seen = partial.map((b) => layer.map.get(b));
+        const seen = partial.map((b) => layer.entry(b));
         const fills = partial.map((b, i) => (needsFill(seen[i]) ? this.readBlockFrom(layer, b, seen[i]) : null));
         const filled = fills.some((f) => f !== null) ? await Promise.all(fills) : fills;
         if (this.state !== 'replicating') return false;
@@ -538,7 +574,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
         const fillOf = new Map<number, Uint8Array | null>();
         let stale = false;
         partial.forEach((b, i) => {
-          const now = layer.map.get(b);
+          const now = layer.entry(b);
           if (now !== undefined && (isSlot(now) || now === ZERO)) fillOf.set(b, null);
           else if (now === seen[i] && filled[i] !== null) fillOf.set(b, filled[i] as Uint8Array);
           else stale = true;
@@ -555,23 +591,41 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     }
   }
 
-  /** Synchronous: every block of one write lands in the same buffer, hence the same epoch. */
+  /**
+   * Synchronous: every block of one write lands in the same buffer, hence the same epoch. A zero's whole
+   * blocks become one zero range, so its work is bounded by the index, not by its length.
+   */
   private applyWrite(layer: Layer, src: Uint8Array | null, offset: number, length: number, fillOf: Map<number, Uint8Array | null>): void {
     const bs = this.blockBytes;
     const end = offset + length;
-    for (let pos = offset; pos < end; ) {
-      const b = Math.floor(pos / bs);
-      const inBlock = pos - b * bs;
-      const n = Math.min(bs - inBlock, end - pos);
-      if (src === null && inBlock === 0 && n >= this.buffers.blockLength(b)) {
-        this.buffers.zeroBlock(layer, b);
-      } else {
-        const data = src === null ? null : src.subarray(pos - offset, pos - offset + n);
-        this.buffers.writeBlock(layer, b, inBlock, n, data, fillOf.get(b) ?? null);
-      }
-      pos += n;
+    if (src === null) {
+      const first = Math.floor(offset / bs);
+      const last = Math.floor((end - 1) / bs);
+      const wholeFirst = this.covers(first, offset, length) ? first : first + 1;
+      const wholeEnd = this.covers(last, offset, length) ? last + 1 : last;
+      if (wholeFirst > first) this.writePart(layer, first, null, offset, length, fillOf);
+      if (wholeFirst < wholeEnd) this.buffers.zeroRange(layer, wholeFirst, wholeEnd);
+      if (last > first && wholeEnd === last) this.writePart(layer, last, null, offset, length, fillOf);
+    } else {
+      for (let b = Math.floor(offset / bs); b * bs < end; b++) this.writePart(layer, b, src, offset, length, fillOf);
     }
     this.checkPressure();
+  }
+
+  /** The part of a write at [offset, offset + length) that falls in block `b`. */
+  private writePart(
+    layer: Layer,
+    b: number,
+    src: Uint8Array | null,
+    offset: number,
+    length: number,
+    fillOf: Map<number, Uint8Array | null>,
+  ): void {
+    const start = Math.max(offset, b * this.blockBytes);
+    const n = Math.min(offset + length, (b + 1) * this.blockBytes) - start;
+    assert(n > 0, `block ${b} overlaps the write`);
+    const data = src === null ? null : src.subarray(start - offset, start - offset + n);
+    this.buffers.writeBlock(layer, b, start - b * this.blockBytes, n, data, fillOf.get(b) ?? null);
   }
 
   /** Whether [offset, offset + length) covers all of block `b` (up to the end of the volume). */
@@ -652,12 +706,12 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   /** The topmost layer holding block `b` in the view topped by `top`, and its entry. */
   private lookup(top: Layer | null, b: number): [Layer, number] | [null, 0] {
     if (top !== null) {
-      const e = top.map.get(b);
+      const e = top.entry(b);
       if (e !== undefined) return [top, e];
     }
     for (let i = this.committed.length - 1; i >= 0; i--) {
       const layer = this.committed[i];
-      const e = layer.map.get(b);
+      const e = layer.entry(b);
       if (e !== undefined) return [layer, e];
     }
     return [null, 0];
@@ -816,5 +870,9 @@ function toEio(err: unknown): never {
 export const _internal = {
   backingOf(volume: ReplicatedVolume): Backing {
     return (volume as unknown as { backing: Backing }).backing;
+  },
+  /** Lowers the block index limit, so a test reaches it without millions of entries. */
+  limitIndex(volume: ReplicatedVolume, entries: number): void {
+    (volume as unknown as { buffers: { indexEntriesMax: number } }).buffers.indexEntriesMax = entries;
   },
 };

@@ -3,6 +3,7 @@ import type { FailoverTarget } from '@gannet/core';
 export type CrashScenario = 'flush' | 'failover-secondary' | 'failover-checkpoint' | 'failover-primary';
 export type CrashStep =
   | { kind: 'write'; view: 'primary' | 'secondary'; offset: number; data: Uint8Array }
+  | { kind: 'zero'; view: 'primary' | 'secondary'; offset: number; length: number; trim: boolean }
   | { kind: 'checkpoint' | 'wait-flushed' | 'final-flush' }
   | { kind: 'failover'; to: FailoverTarget };
 export interface CrashPlan {

@@ -48,9 +48,27 @@ function write(r, view, lengthMax) {
   return { kind: 'write', view, offset, data };
 }
 
+/** A zero or trim over a run of whole blocks (a quarter of the disk or more, sometimes), ragged ends at times. */
+function zeroRange(r, view) {
+  const blocks = crashVolumeBytes / crashBlockBytes;
+  const count = r.chance(0.3) ? r.between(blocks / 4, blocks) : r.between(1, blocks / 4);
+  const first = r.below(blocks - count + 1);
+  const offset = first * crashBlockBytes + (r.chance(0.3) ? r.between(1, 511) : 0);
+  const end = (first + count) * crashBlockBytes - (r.chance(0.3) ? r.between(1, 511) : 0);
+  return { kind: 'zero', view, offset, length: end - offset, trim: r.chance(0.5) };
+}
+
+/** Share of the steps of an epoch that are zero ranges rather than writes. */
+const zeroChance = 0.08;
+
+function mutation(r, view, lengthMax) {
+  return r.chance(zeroChance) ? zeroRange(r, view) : write(r, view, lengthMax);
+}
+
 /**
- * Steps: {kind:'write', view, offset, data} | {kind:'checkpoint'} | {kind:'wait-flushed'} and, last,
- * {kind:'final-flush'} (a checkpoint whose flush is the critical phase) or {kind:'failover', to}.
+ * Steps: {kind:'write', view, offset, data} | {kind:'zero', view, offset, length, trim} | {kind:'checkpoint'}
+ * | {kind:'wait-flushed'} and, last, {kind:'final-flush'} (a checkpoint whose flush is the critical phase)
+ * or {kind:'failover', to}.
  */
 export function crashPlan(seed, scenario) {
   if (!crashScenarios.includes(scenario)) throw new Error(`crashPlan: unknown scenario ${scenario}`);
@@ -59,13 +77,16 @@ export function crashPlan(seed, scenario) {
   const rounds = r.between(1, 3);
   for (let round = 0; round < rounds; round++) {
     const writes = r.between(10, 40);
-    for (let i = 0; i < writes; i++) steps.push(write(r, r.chance(0.6) ? 'primary' : 'secondary', 64 * KiB));
+    for (let i = 0; i < writes; i++) steps.push(mutation(r, r.chance(0.6) ? 'primary' : 'secondary', 64 * KiB));
     steps.push({ kind: 'checkpoint' });
     if (r.chance(0.5)) steps.push({ kind: 'wait-flushed' });
   }
   // The last epoch is big and scattered, so its flush (or the failover's) has many pieces to interrupt.
   const lastWrites = r.between(40, 80);
-  for (let i = 0; i < lastWrites; i++) steps.push(write(r, r.chance(0.6) ? 'primary' : 'secondary', 96 * KiB));
+  for (let i = 0; i < lastWrites; i++) steps.push(mutation(r, r.chance(0.6) ? 'primary' : 'secondary', 96 * KiB));
+  // Both buffers end with a zero range: the final flush, and the failover's journal (of the kept buffer or
+  // of this epoch once sealed), have zero ranges to write.
+  steps.push(zeroRange(r, 'primary'), zeroRange(r, 'secondary'));
   if (scenario === 'flush') {
     steps.push({ kind: 'final-flush' });
   } else {
@@ -73,7 +94,7 @@ export function crashPlan(seed, scenario) {
     if (r.chance(0.5)) {
       steps.push({ kind: 'checkpoint' });
       const trailing = r.between(5, 20);
-      for (let i = 0; i < trailing; i++) steps.push(write(r, r.chance(0.5) ? 'primary' : 'secondary', 64 * KiB));
+      for (let i = 0; i < trailing; i++) steps.push(mutation(r, r.chance(0.5) ? 'primary' : 'secondary', 64 * KiB));
     }
     steps.push({ kind: 'failover', to: scenario.slice('failover-'.length) });
   }
@@ -143,6 +164,11 @@ async function main(argv) {
       case 'write':
         await (step.view === 'primary' ? vol.primary : vol.secondary).write(step.data, step.offset);
         break;
+      case 'zero': {
+        const view = step.view === 'primary' ? vol.primary : vol.secondary;
+        await (step.trim ? view.trim(step.offset, step.length) : view.writeZeroes(step.offset, step.length));
+        break;
+      }
       case 'checkpoint':
         epoch = await vol.checkpoint();
         say(`checkpoint ${epoch}`);

@@ -124,6 +124,9 @@ async function verify(dir: string, seed: number, scenario: Scenario, run: ChildR
     if (step.kind === 'write') {
       model.write(step.view, step.offset, step.data);
       if (step.view === 'primary') primaryWrites.push({ epoch: model.epoch, offset: step.offset, length: step.data.length });
+    } else if (step.kind === 'zero') {
+      model.zero(step.view, step.offset, step.length);
+      if (step.view === 'primary') primaryWrites.push({ epoch: model.epoch, offset: step.offset, length: step.length });
     } else if (step.kind === 'checkpoint' || step.kind === 'final-flush') {
       model.checkpoint();
     } else if (step.kind === 'failover') {

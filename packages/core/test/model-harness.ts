@@ -1,7 +1,7 @@
 /**
  * Model-based randomized test of a volume strategy: one seed drives a whole run of reads, unaligned
- * writes, zeroes, trims, flushes, checkpoints and at most one failover, on both views, several requests in
- * flight at once. Every read is checked byte-exact against `VolumeModel`; the backing file is checked
+ * writes, zeroes and trims (short, or over whole-block ranges up to the whole volume), flushes, checkpoints
+ * and at most one failover, on both views, several requests in flight at once. Every read is checked byte-exact against `VolumeModel`; the backing file is checked
  * byte-exact wherever the contract says what it holds (after a settled flush, after failover, after a
  * flush of the plain disk, after close), and the volume is reopened at the end.
  *
@@ -37,6 +37,9 @@ export const opsPerSeedLong = 10_000;
 const batchOpsMax = 8;
 /** Longest single write/zero/trim; small volumes make most requests a few blocks. */
 const requestBytesMax = 128 * KiB;
+/** Share of zeroes and trims over long whole-block ranges (the rest are the short shapes of reads and writes). */
+const longZeroChanceDefault = 0.5;
+const longZeroChanceSpill = 0.1;
 /** How long a settle (waiting for the background flusher) may take before the run fails. */
 const settleMsMax = 20_000;
 /** A batch (or close, or reopen) that takes longer has hung: fail with the op list, before vitest's timeout. */
@@ -172,6 +175,32 @@ function pickRange(rng: Rng, cfg: SeedConfig, big: boolean): { offset: number; l
   return { offset, length };
 }
 
+/**
+ * Zero and trim ranges: the short shapes of pickRange, or (`longChance`) whole-block ranges of any length
+ * up to the whole volume, as a guest's discard of a partition or of the disk, sometimes a few bytes off the
+ * block boundaries so a long range comes with partial head and tail blocks.
+ */
+function pickZeroRange(rng: Rng, cfg: SeedConfig, longChance: number): { offset: number; length: number } {
+  if (!rng.chance(longChance)) return pickRange(rng, cfg, false);
+  const { sizeBytes, blockBytes } = cfg;
+  const blocks = Math.ceil(sizeBytes / blockBytes);
+  const shape = rng.below(4);
+  const count =
+    shape === 0
+      ? blocks
+      : shape === 1
+        ? Math.min(blocks, rng.between(1, 8))
+        : shape === 2
+          ? Math.min(blocks, rng.between(8, Math.max(8, Math.floor(blocks / 4))))
+          : rng.between(Math.floor(blocks / 4), blocks);
+  const first = rng.below(blocks - count + 1);
+  let offset = first * blockBytes;
+  let end = Math.min((first + count) * blockBytes, sizeBytes);
+  if (rng.chance(0.3)) offset = Math.min(offset + rng.between(1, 7), end - 1);
+  if (rng.chance(0.3)) end = Math.max(end - rng.between(1, 7), offset + 1);
+  return { offset, length: end - offset };
+}
+
 function genWrite(rng: Rng, cfg: SeedConfig, view: ViewName, big: boolean): WriteOp {
   const { offset, length } = pickRange(rng, cfg, big);
   // Repeated small patterns half the time, so the engine cannot pass by comparing lengths only.
@@ -197,8 +226,10 @@ function genOp(rng: Rng, cfg: SeedConfig, failedOver: boolean, spill: boolean): 
   const mutView: ViewName = failedOver && rng.chance(0.9) ? 'secondary' : view;
   if (r < 34) return genWrite(rng, cfg, mutView, spill);
   if (r < 72) return { kind: 'read', view, ...pickRange(rng, cfg, false), misalign: rng.below(8) };
-  if (r < 82) return { kind: 'zero', view: mutView, ...pickRange(rng, cfg, false) };
-  if (r < 90) return { kind: 'trim', view: mutView, ...pickRange(rng, cfg, false) };
+  // Spill seeds must buffer more than their memory limit: long zero ranges there are rarer.
+  const longZeroChance = spill ? longZeroChanceSpill : longZeroChanceDefault;
+  if (r < 82) return { kind: 'zero', view: mutView, ...pickZeroRange(rng, cfg, longZeroChance) };
+  if (r < 90) return { kind: 'trim', view: mutView, ...pickZeroRange(rng, cfg, longZeroChance) };
   if (r < 98) return { kind: 'flush', view: failedOver ? 'secondary' : view };
   return { kind: 'settle' };
 }

@@ -482,6 +482,168 @@ describe('ReplicatedVolume', () => {
     await volume.close();
   });
 
+  describe('whole-block zero ranges cost one index entry, whatever their length', () => {
+    const GiB = 1024 * MiB;
+    const blockBytes = 4096;
+    /** README, "Limits": the block index holds at most 8 Mi entries over all buffers. */
+    const indexEntriesMax = 8 * MiB;
+
+    for (const verb of ['writeZeroes', 'trim'] as const) {
+      it(`${verb} over more blocks than the index holds, on a 64 GiB sparse volume`, async () => {
+        const volume = await ReplicatedVolume.open(volumeOptions(64 * GiB, { blockBytes }));
+        const view = verb === 'writeZeroes' ? volume.primary : volume.secondary;
+        const other = verb === 'writeZeroes' ? volume.secondary : volume.primary;
+        // Unaligned at both ends: the head and tail blocks are partial (data writes), the rest one range.
+        const zeroStart = 1000 * blockBytes + 100;
+        const zeroLength = (indexEntriesMax + 5000) * blockBytes;
+        const zeroEnd = zeroStart + zeroLength;
+        const middle = zeroStart + 16 * GiB;
+        const around = (at: number) => at - 2 * blockBytes;
+        for (const [i, at] of [zeroStart, middle, zeroEnd].entries()) {
+          await view.write(pattern(4 * blockBytes, 200 + i), around(at));
+          await other.write(pattern(4 * blockBytes, 210 + i), around(at));
+        }
+        const buffered = volume.stats().bufferedBytes;
+        // More blocks than the index holds: per-block entries would be refused with ENOMEM.
+        await view[verb](zeroStart, zeroLength);
+        // Each write (4 blocks, 100 bytes into a block) touched 5 blocks; the range holds 2 + 5 + 2 of them whole.
+        const freedBlocks = 9;
+        const side = verb === 'writeZeroes' ? 'primary' : 'secondary';
+        expect(volume.stats().bufferedBytes[side]).toBe(buffered[side] - freedBlocks * blockBytes);
+
+        const head = pattern(4 * blockBytes, 200);
+        head.fill(0, zeroStart - around(zeroStart));
+        expectBytes(await readAll(view, around(zeroStart), 4 * blockBytes), head);
+        expectBytes(await readAll(view, around(middle), 4 * blockBytes), Buffer.alloc(4 * blockBytes));
+        const tail = pattern(4 * blockBytes, 202);
+        tail.fill(0, 0, zeroEnd - around(zeroEnd));
+        expectBytes(await readAll(view, around(zeroEnd), 4 * blockBytes), tail);
+        expectBytes(await readAll(view, zeroEnd - 1, 2), Buffer.from([0, tail[zeroEnd - around(zeroEnd)]]));
+        for (const [i, at] of [zeroStart, middle, zeroEnd].entries()) {
+          expectBytes(await readAll(other, around(at), 4 * blockBytes), pattern(4 * blockBytes, 210 + i));
+        }
+
+        // A write inside the range afterwards wins over it, also partially; its neighbours stay zero.
+        const inside = pattern(blockBytes + 10, 220);
+        const insideAt = middle + 3 * blockBytes - 5;
+        await view.write(inside, insideAt);
+        const seen = await readAll(view, insideAt - blockBytes, inside.length + 2 * blockBytes);
+        expectBytes(seen.subarray(0, blockBytes), Buffer.alloc(blockBytes));
+        expectBytes(seen.subarray(blockBytes, blockBytes + inside.length), inside);
+        expectBytes(seen.subarray(blockBytes + inside.length), Buffer.alloc(blockBytes));
+
+        const firstWhole = Math.ceil(zeroStart / blockBytes) * blockBytes;
+        expect(await view.extents(firstWhole, 16 * blockBytes)).toEqual([{ length: 16 * blockBytes, flags: EXTENT_ZERO }]);
+        const writtenFrom = Math.floor(insideAt / blockBytes) * blockBytes;
+        expect(await view.extents(writtenFrom - 4 * blockBytes, 10 * blockBytes)).toEqual([
+          { length: 4 * blockBytes, flags: EXTENT_ZERO },
+          { length: 2 * blockBytes, flags: 0 },
+          { length: 4 * blockBytes, flags: EXTENT_ZERO },
+        ]);
+        const lastWhole = Math.floor(zeroEnd / blockBytes) * blockBytes;
+        expect(await view.extents(lastWhole - 2 * blockBytes, 3 * blockBytes)).toEqual([
+          { length: 2 * blockBytes, flags: EXTENT_ZERO },
+          { length: blockBytes, flags: 0 },
+        ]);
+        // P and S are not flushed by close: a checkpoint here would write 32 GiB of zeroes to the file.
+        await volume.close();
+      });
+    }
+
+    /**
+     * Flush and failover of zero ranges, with the index limit lowered (a test seam) so the ranges exceed
+     * it without writing tens of GiB of zeroes to the backing file.
+     */
+    const rangeVolumeBytes = 64 * MiB + 1000;
+    const rangeIndexEntriesMax = 1024;
+
+    async function openRangeVolume(): Promise<{ volume: ReplicatedVolume; options: VolumeOptions }> {
+      const options = volumeOptions(rangeVolumeBytes, { blockBytes });
+      const volume = await ReplicatedVolume.open(options);
+      _internal.limitIndex(volume, rangeIndexEntriesMax);
+      return { volume, options };
+    }
+
+    it('flushes zero ranges to the backing file after a checkpoint', async () => {
+      const { volume, options } = await openRangeVolume();
+      const expected = Buffer.alloc(rangeVolumeBytes);
+      const put = (data: Buffer, at: number) => data.copy(expected, at);
+      for (const [i, at] of [0, 5 * MiB - 77, 30 * MiB, 64 * MiB - 5000].entries()) {
+        const data = pattern(i === 3 ? 6000 : 3 * blockBytes, 230 + i);
+        await volume.primary.write(data, at);
+        put(data, at);
+      }
+      await flushed(volume, await volume.checkpoint());
+      // Past the end of the volume, including its short last block.
+      await volume.primary.writeZeroes(2 * MiB + 3, rangeVolumeBytes - 2 * MiB - 3);
+      expected.fill(0, 2 * MiB + 3);
+      const inside = pattern(blockBytes, 240);
+      await volume.primary.write(inside, 40 * MiB);
+      put(inside, 40 * MiB);
+      await volume.primary.trim(0, 8 * blockBytes);
+      expected.fill(0, 0, 8 * blockBytes);
+      expectBytes(await readAll(volume.primary, 0, rangeVolumeBytes), expected);
+      await flushed(volume, await volume.checkpoint());
+      expectBytes(readFileSync(options.path), expected);
+      expectBytes(await readAll(volume.secondary, 0, rangeVolumeBytes), expected);
+      await volume.close();
+    });
+
+    for (const to of ['secondary', 'primary'] as const) {
+      for (const interrupted of [false, true]) {
+        const finish = interrupted ? ', finished by the next open from the journal' : '';
+        it(`fails over to ${to} with zero ranges in flight${finish}`, async () => {
+          const { volume, options } = await openRangeVolume();
+          volume.on('error', () => undefined);
+          const expected = Buffer.alloc(rangeVolumeBytes);
+          const base = pattern(2 * MiB, 250);
+          await volume.primary.write(base, 0);
+          base.copy(expected, 0);
+          await flushed(volume, await volume.checkpoint());
+          // Committed but held back from the file: a zero range over the base with data written inside it.
+          const backing = _internal.backingOf(volume);
+          backing.setFault('write', new Error('injected'));
+          await volume.primary.writeZeroes(blockBytes, 40 * MiB);
+          expected.fill(0, blockBytes, blockBytes + 40 * MiB);
+          const committedData = pattern(2 * blockBytes, 251);
+          await volume.primary.write(committedData, 3 * MiB);
+          committedData.copy(expected, 3 * MiB);
+          await volume.checkpoint();
+          await once(volume, 'error');
+          backing.setFault('write', null);
+          // The current epoch: each side zeroes over the committed data and writes inside its own range.
+          const kept = to === 'secondary' ? volume.secondary : volume.primary;
+          const dropped = to === 'secondary' ? volume.primary : volume.secondary;
+          await dropped.writeZeroes(0, rangeVolumeBytes);
+          await kept.trim(2 * MiB, 20 * MiB);
+          expected.fill(0, 2 * MiB, 22 * MiB);
+          const keptData = pattern(blockBytes + 1, 252);
+          await kept.write(keptData, 10 * MiB + 7);
+          keptData.copy(expected, 10 * MiB + 7);
+          await kept.writeZeroes(60 * MiB, rangeVolumeBytes - 60 * MiB);
+          expected.fill(0, 60 * MiB);
+          expectBytes(await readAll(kept, 0, rangeVolumeBytes), expected);
+          if (!interrupted) {
+            await volume.failover({ to });
+            expectBytes(readFileSync(options.path), expected);
+            expectBytes(await readAll(volume.secondary, 0, rangeVolumeBytes), expected);
+            await volume.close();
+          } else {
+            backing.setFault('sync', new Error('injected'));
+            await expect(volume.failover({ to })).rejects.toSatisfy((err: unknown) => (err as GannetError).code === 'EIO');
+            await volume.close().catch(() => undefined);
+          }
+          // Reopen replays the journal when the failover was cut short, and is a no-op otherwise.
+          const reopened = await ReplicatedVolume.open(options);
+          expect(reopened.stats()).toMatchObject({ state: 'failed-over', failoverTarget: to, tornRanges: [] });
+          expectBytes(readFileSync(options.path), expected);
+          expectBytes(await readAll(reopened.secondary, 0, rangeVolumeBytes), expected);
+          await reopened.close();
+        });
+      }
+    }
+  });
+
   it('rejects out-of-range requests with the NBD errno', async () => {
     const volume = await ReplicatedVolume.open(volumeOptions(MiB));
     await expectCode(volume.primary.write(Buffer.alloc(2), MiB - 1), 'ENOSPC');
