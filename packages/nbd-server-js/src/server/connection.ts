@@ -2,7 +2,9 @@
  * One client connection: the few lines that tie a socket to the parser, the handshake and the
  * transmission state machines. It owns the socket's lifecycle: backpressure (pause reading while too
  * many bytes are in flight or queued for the client), batched writes (cork until the end of the tick),
- * DISC (drain, then close), graceful shutdown, and quiet handling of clients that vanish.
+ * DISC (drain, then close), graceful shutdown, and quiet handling of clients that vanish. It also
+ * chooses where each read lands (receive.ts): straight into a large WRITE payload, else a read chunk
+ * reused while nothing unparsed points into it.
  */
 import type { Socket } from 'node:net';
 import { CMD_DISC } from '../protocol/constants.js';
