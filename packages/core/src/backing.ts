@@ -1,4 +1,6 @@
+import { execFile } from 'node:child_process';
 import { open, stat, type FileHandle } from 'node:fs/promises';
+import { promisify } from 'node:util';
 import { BlockDeviceError } from 'nbd-server-js';
 import { GannetError } from './errors.js';
 
@@ -8,6 +10,23 @@ export type BackingOp = 'read' | 'write' | 'sync';
 const zeroChunkBytes = 1024 * 1024;
 /** Entries per writev call (IOV_MAX on Linux). */
 export const iovecCountMax = 1024;
+/**
+ * Zeroes per writev call when zeroes are written (IOV_MAX entries of the shared 1 MiB chunk), so a range of
+ * any length never builds more than one such entry list at a time.
+ */
+export const zeroWriteBytesMax = iovecCountMax * zeroChunkBytes;
+/** Below this, writing zeroes is cheaper than starting a fallocate(1) process. */
+export const fallocateBytesMinDefault = 1024 * 1024;
+/** util-linux fallocate(1): Node has no binding for fallocate(2), and we add no native code. */
+const fallocateCommandDefault = 'fallocate';
+
+/**
+ * How a range becomes zeroes through the file system (fallocate(1) option names): 'punch-hole' may
+ * deallocate it (TRIM, WRITE_ZEROES without NO_HOLE), 'zero-range' keeps it allocated (NO_HOLE).
+ */
+export type ZeroMode = 'punch-hole' | 'zero-range';
+
+const execFileAsync = promisify(execFile);
 
 /**
  * The backing file: positional reads, vectored positional writes, fdatasync. Short reads and writes are
@@ -20,6 +39,10 @@ export class Backing {
   private readonly fh: FileHandle;
   private readonly faults = new Map<BackingOp, Error>();
   private zeroChunk: Buffer | null = null;
+  private fallocateCommand = fallocateCommandDefault;
+  private fallocateBytesMin = fallocateBytesMinDefault;
+  /** Modes that failed once here (no fallocate(1), or a file system without them): zeroes are written. */
+  private readonly fallocateFailed = new Set<ZeroMode>();
   private readHold: { waiting: number; release: Promise<void>; arrivals: (() => void)[] } | null = null;
 
   private constructor(path: string, sizeBytes: number, fh: FileHandle) {
@@ -53,6 +76,15 @@ export class Backing {
   setFault(op: BackingOp, error: Error | null): void {
     if (error === null) this.faults.delete(op);
     else this.faults.set(op, error);
+  }
+
+  /**
+   * Test seam: the fallocate(1) executable to run (a missing one makes every range a zero write), and the
+   * shortest range it is run for (small volumes reach fallocate only with a lower one).
+   */
+  setFallocate(options: { command?: string; bytesMin?: number }): void {
+    this.fallocateCommand = options.command ?? this.fallocateCommand;
+    this.fallocateBytesMin = options.bytesMin ?? this.fallocateBytesMin;
   }
 
   /**
@@ -125,14 +157,39 @@ export class Backing {
     }
   }
 
-  /** Writes zeroes over [position, position + length). */
+  /** Writes zeroes over [position, position + length), streaming from one shared zero chunk. */
   async writeZeroes(position: number, length: number): Promise<void> {
     this.zeroChunk ??= Buffer.alloc(zeroChunkBytes);
-    const buffers: Uint8Array[] = [];
-    for (let left = length; left > 0; left -= zeroChunkBytes) {
-      buffers.push(left >= zeroChunkBytes ? this.zeroChunk : this.zeroChunk.subarray(0, left));
+    for (let done = 0; done < length; done += zeroWriteBytesMax) {
+      const buffers: Uint8Array[] = [];
+      for (let left = Math.min(zeroWriteBytesMax, length - done); left > 0; left -= zeroChunkBytes) {
+        buffers.push(left >= zeroChunkBytes ? this.zeroChunk : this.zeroChunk.subarray(0, left));
+      }
+      await this.writev(buffers, position + done);
     }
-    await this.writev(buffers, position);
+  }
+
+  /**
+   * Makes [position, position + length) read as zeroes through the file system, so its cost does not grow
+   * with its length and a hole frees the disk space. The file is named /proc/<our pid>/fd/<fd>: the child
+   * opens the inode this handle holds, whatever happened to the path since (in the child /proc/self would
+   * be the child). Short ranges, and modes that failed here before, are written as zeroes; a failure
+   * (fallocate(1) missing, EOPNOTSUPP, any non-zero exit) also falls back to zeroes, so the content never
+   * depends on fallocate. Durable with the next datasync: fdatasync flushes the allocation change too.
+   */
+  async clearRange(position: number, length: number, mode: ZeroMode): Promise<void> {
+    this.check('write');
+    if (length >= this.fallocateBytesMin && !this.fallocateFailed.has(mode)) {
+      const file = `/proc/${process.pid}/fd/${this.fh.fd}`;
+      const args = [`--${mode}`, '--keep-size', '--offset', String(position), '--length', String(length), file];
+      try {
+        await execFileAsync(this.fallocateCommand, args);
+        return;
+      } catch {
+        this.fallocateFailed.add(mode);
+      }
+    }
+    await this.writeZeroes(position, length);
   }
 
   async datasync(): Promise<void> {

@@ -3,7 +3,8 @@ import { assert } from './assert.js';
 /**
  * A set of blocks kept as sorted, disjoint, non-adjacent [start, end) ranges: a zero or trim of any length
  * is one range, so its cost does not grow with the number of blocks it covers. Lookups are binary
- * searches; adding a range splices the array once, merging every range it overlaps or touches.
+ * searches; adding a range splices the array once, merging every range it overlaps or touches; removing
+ * one splices once too, keeping the pieces of the two ranges it cuts at its ends.
  */
 export class BlockRanges {
   private readonly starts: number[] = [];
@@ -28,6 +29,30 @@ export class BlockRanges {
     this.starts.splice(i, j - i, mergedStart);
     this.ends.splice(i, j - i, mergedEnd);
     return 1 - (j - i);
+  }
+
+  /**
+   * Removes [start, end); returns the change in the number of ranges (1 at most, when it cuts one range
+   * in two; negative when it swallows ranges whole).
+   */
+  remove(start: number, end: number): number {
+    assert(Number.isSafeInteger(start) && Number.isSafeInteger(end) && start >= 0 && start < end, `block range ${start}..${end}`);
+    const i = firstAbove(this.ends, start);
+    const j = firstAtLeast(this.starts, end);
+    if (i >= j) return 0;
+    const starts: number[] = [];
+    const ends: number[] = [];
+    if (this.starts[i] < start) {
+      starts.push(this.starts[i]);
+      ends.push(start);
+    }
+    if (this.ends[j - 1] > end) {
+      starts.push(end);
+      ends.push(this.ends[j - 1]);
+    }
+    this.starts.splice(i, j - i, ...starts);
+    this.ends.splice(i, j - i, ...ends);
+    return starts.length - (j - i);
   }
 
   /** The ranges in order, as [start, end) pairs. */

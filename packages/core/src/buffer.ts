@@ -6,11 +6,13 @@ import { SlabPool, type Slab } from './slab.js';
 /**
  * Block maps and memory accounting. A layer is one buffer (P, S, or one committed epoch): a compact index
  * Map<block index, entry> where the entry is a slot number (>= 0, data in a slab) or a spill tag (<= -2,
- * data in LevelDB under the layer id and block index), plus the ranges of whole blocks zeroed or trimmed
- * (`zeros`), which read as zeroes with no data allocated. A map entry wins over a zero range of its own
+ * data in LevelDB under the layer id and block index), plus the ranges of whole blocks zeroed or trimmed,
+ * which read as zeroes with no data allocated: `holes` (trim, or WRITE_ZEROES without NO_HOLE: the backing
+ * file may deallocate them) and `zeros` (WRITE_ZEROES with NO_HOLE: they must stay allocated). The two are
+ * disjoint, the newer operation taking its blocks from the other. A map entry wins over a range of its own
  * layer: zeroing a range deletes the map entries inside it, so an entry there was written afterwards.
- * `entry()` folds both into one answer, ZERO for a zeroed block. Every spill tag is unique, so "the entry
- * is unchanged" after an await is a plain number comparison.
+ * `entry()` folds all three into one answer, ZERO for a zeroed block. Every spill tag is unique, so "the
+ * entry is unchanged" after an await is a plain number comparison.
  */
 export const ZERO = -1;
 const spillTagFirst = -2;
@@ -28,6 +30,7 @@ export class Layer {
   /** For a committed layer: the epoch the sealing checkpoint returned (durable once flushed). */
   sealedEpoch = -1;
   readonly map = new Map<number, number>();
+  readonly holes = new BlockRanges();
   readonly zeros = new BlockRanges();
   memBlocks = 0;
   spilledBlocks = 0;
@@ -47,24 +50,30 @@ export class Layer {
     this.epoch = epoch;
   }
 
-  /** What this layer holds for block `b`: its map entry, ZERO inside a zero range, else undefined. */
+  /** What this layer holds for block `b`: its map entry, ZERO inside a hole or zero range, else undefined. */
   entry(b: number): number | undefined {
     const e = this.map.get(b);
-    if (e !== undefined || this.zeros.size === 0) return e;
-    return this.zeros.has(b) ? ZERO : undefined;
+    if (e !== undefined) return e;
+    return this.inRange(b) ? ZERO : undefined;
   }
 
   /** Whether this layer decides the content of block `b` (views below it do not matter). */
   holds(b: number): boolean {
-    return this.map.has(b) || (this.zeros.size > 0 && this.zeros.has(b));
+    return this.map.has(b) || this.inRange(b);
+  }
+
+  private inRange(b: number): boolean {
+    return (this.holes.size > 0 && this.holes.has(b)) || (this.zeros.size > 0 && this.zeros.has(b));
   }
 }
 
 /**
- * Index entries (map entries and zero ranges) across all layers; a V8 Map holds at most 2^24 entries, and
- * index memory must be bounded.
+ * Index entries (map entries, hole and zero ranges) across all layers; a V8 Map holds at most 2^24
+ * entries, and index memory must be bounded.
  */
 export const indexEntriesMaxDefault = 8 * 1024 * 1024;
+/** Index entries one zeroRange may add: its own range, and a range of the other kind it cuts in two. */
+export const zeroRangeEntriesMax = 2;
 /** Recency is tracked per slot; past this many slots the LRU forgets the coldest (a scan finds them). */
 const lruSlotsMax = 4 * 1024 * 1024;
 
@@ -147,11 +156,12 @@ export class BlockBuffers {
   }
 
   /**
-   * Blocks [first, end) of `layer` read as zeroes from now on: one zero range, whatever its length. The
-   * layer's own entries inside it are deleted (their slots freed), visiting whichever is smaller, the map
-   * or the range, so the work is bounded by the index size, not by the length of the range.
+   * Blocks [first, end) of `layer` read as zeroes from now on: one range, whatever its length, in `holes`
+   * unless `noHole` (then in `zeros`), taken out of the other set. The layer's own entries inside it are
+   * deleted (their slots freed), visiting whichever is smaller, the map or the range, so the work is
+   * bounded by the index size, not by the length of the range. Adds at most zeroRangeEntriesMax entries.
    */
-  zeroRange(layer: Layer, first: number, end: number): void {
+  zeroRange(layer: Layer, first: number, end: number, noHole: boolean): void {
     assert(!layer.dropped && !layer.pinned && layer.role !== 'committed', 'zeroes go to a live buffer');
     assert(first >= 0 && first < end && end <= this.blockCount, `zero range ${first}..${end} inside the volume`);
     if (layer.map.size <= end - first) {
@@ -162,7 +172,8 @@ export class BlockBuffers {
         if (entry !== undefined) this.removeEntry(layer, b, entry);
       }
     }
-    this.indexEntries += layer.zeros.add(first, end);
+    const [into, from] = noHole ? [layer.zeros, layer.holes] : [layer.holes, layer.zeros];
+    this.indexEntries += into.add(first, end) + from.remove(first, end);
     assert(this.indexEntries >= 0, 'accounting never negative');
   }
 
@@ -188,7 +199,7 @@ export class BlockBuffers {
     layer.bump = null;
     this.memBytes -= layer.memBlocks * this.blockBytes;
     this.spilledBytes -= layer.spilledBlocks * this.blockBytes;
-    this.indexEntries -= layer.map.size + layer.zeros.size;
+    this.indexEntries -= layer.map.size + layer.holes.size + layer.zeros.size;
     layer.memBlocks = 0;
     layer.spilledBlocks = 0;
     assert(this.memBytes >= 0 && this.spilledBytes >= 0 && this.indexEntries >= 0, 'accounting never negative');

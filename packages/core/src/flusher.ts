@@ -1,5 +1,6 @@
 import { assert } from './assert.js';
-import type { Backing } from './backing.js';
+import type { Backing, ZeroMode } from './backing.js';
+import { BlockRanges } from './block-ranges.js';
 import { isSlot, isSpilled, type BlockBuffers, type Layer } from './buffer.js';
 import type { MetaStore } from './meta.js';
 import type { ByteRange } from './types.js';
@@ -68,21 +69,24 @@ export async function sortedBlocks(layers: readonly Layer[]): Promise<Float64Arr
 
 /**
  * What a flush (or failover) of `layers` (oldest first) writes: `blocks`, sorted, each with data from the
- * newest layer holding it, and `zeroRuns`, sorted and disjoint from `blocks`, each written as one range of
- * zeroes however long. A block is data when the newest layer that holds it (map entry or zero range) has
- * a map entry for it, and zeroes when that layer has it in a zero range.
+ * newest layer holding it; `holeRuns`, zero runs the file may deallocate; and `zeroRuns`, zero runs that
+ * must stay allocated. The three are sorted and disjoint, each run applied as one range however long. The
+ * newest layer that holds a block (map entry, hole or zero range) decides which of the three it is in.
  */
 export interface FlushPlan {
   readonly blocks: Float64Array;
+  readonly holeRuns: Run[];
   readonly zeroRuns: Run[];
 }
 
 export async function planFlush(layers: readonly Layer[]): Promise<FlushPlan> {
   const keys = await sortedBlocks(layers);
-  if (layers.every((layer) => layer.zeros.size === 0)) return { blocks: keys, zeroRuns: [] };
+  if (layers.every((layer) => layer.holes.size === 0 && layer.zeros.size === 0)) {
+    return { blocks: keys, holeRuns: [], zeroRuns: [] };
+  }
   let blocks = keys;
   if (layers.length > 1) {
-    // A newer layer's zero range hides an older layer's data for the blocks it covers.
+    // A newer layer's hole or zero range hides an older layer's data for the blocks it covers.
     let kept = 0;
     for (let i = 0; i < keys.length; i++) {
       const b = keys[i];
@@ -93,24 +97,29 @@ export async function planFlush(layers: readonly Layer[]): Promise<FlushPlan> {
     }
     blocks = keys.subarray(0, kept);
   }
-  return { blocks, zeroRuns: cutRuns(unionOfZeros(layers), blocks) };
+  const { holes, zeros } = newestRanges(layers);
+  return { blocks, holeRuns: cutRuns(holes, blocks), zeroRuns: cutRuns(zeros, blocks) };
 }
 
-/** Every layer's zero ranges merged into sorted, disjoint runs (touching ranges merge). */
-function unionOfZeros(layers: readonly Layer[]): Run[] {
-  const all: [number, number][] = [];
-  for (const layer of layers) for (const range of layer.zeros) all.push(range);
-  if (layers.length > 1) all.sort((a, b) => a[0] - b[0]);
-  const runs: { first: number; count: number }[] = [];
-  for (const [start, end] of all) {
-    const last = runs[runs.length - 1];
-    if (last !== undefined && start <= last.first + last.count) {
-      last.count = Math.max(last.count, end - last.first);
-    } else {
-      runs.push({ first: start, count: end - start });
+/**
+ * Every layer's hole and zero ranges, layered oldest first so a newer range takes its blocks from the
+ * other kind, as it did in its own layer: the results are disjoint, with touching ranges merged.
+ */
+function newestRanges(layers: readonly Layer[]): { holes: Run[]; zeros: Run[] } {
+  const holes = new BlockRanges();
+  const zeros = new BlockRanges();
+  for (const layer of layers) {
+    for (const [start, end] of layer.holes) {
+      holes.add(start, end);
+      zeros.remove(start, end);
+    }
+    for (const [start, end] of layer.zeros) {
+      zeros.add(start, end);
+      holes.remove(start, end);
     }
   }
-  return runs;
+  const runs = (ranges: BlockRanges): Run[] => Array.from(ranges, ([start, end]) => ({ first: start, count: end - start }));
+  return { holes: runs(holes), zeros: runs(zeros) };
 }
 
 /** `runs` minus the sorted `blocks`. */
@@ -188,25 +197,18 @@ export function zeroRunRanges(runs: readonly Run[], blockBytes: number, sizeByte
 }
 
 /**
- * Zeroes per backing call: one vectored write of the backing's shared zero chunk (IOV_MAX entries of
- * 1 MiB), so a zero run of any length never builds more than one such entry list at a time.
- */
-export const zeroWriteBytesMax = 1024 * 1024 * 1024;
-
-/**
- * Writes each zero run in as few backing calls as the backing allows (one per zeroWriteBytesMax, all
- * streaming from one shared zero buffer), one run after the other. Returns the bytes zeroed.
+ * Applies each zero run as one backing call (`mode` says whether the file may deallocate it), one run
+ * after the other. Returns the bytes zeroed. The caller's datasync makes them durable.
  */
 export async function writeZeroRuns(
   backing: Backing,
   runs: readonly Run[],
+  mode: ZeroMode,
   geometry: { blockBytes: number; sizeBytes: number },
 ): Promise<number> {
   let bytes = 0;
   for (const range of zeroRunRanges(runs, geometry.blockBytes, geometry.sizeBytes)) {
-    for (let done = 0; done < range.length; done += zeroWriteBytesMax) {
-      await backing.writeZeroes(range.offset + done, Math.min(zeroWriteBytesMax, range.length - done));
-    }
+    await backing.clearRange(range.offset, range.length, mode);
     bytes += range.length;
   }
   return bytes;

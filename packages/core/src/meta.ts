@@ -9,9 +9,11 @@ import type { ByteRange, FailoverTarget } from './types.js';
  * The volume's LevelDB (one per volume, in dataDir): metadata, the failover journal and spilled blocks.
  * Every state change is one batch; batches that a restart relies on are written with `sync: true`.
  *
- * Keys: m/<name> metadata; j/<block> journal (block data, empty value = zero block); j/z<first block>
- * journal zero range (value: its block count in decimal; sorts after every j/<block> since 'z' follows the
- * hex digits); s/<layer id>/<block> spilled blocks (never valid across a restart: cleared on open).
+ * Keys: m/<name> metadata; j/<block> journal (block data, empty value = zero block); j/h<first block>
+ * journal hole range (zeroes the file may deallocate) and j/z<first block> journal zero range (zeroes that
+ * stay allocated), both valued with their block count in decimal and sorting after every j/<block> since
+ * 'h' and 'z' follow the hex digits; s/<layer id>/<block> spilled blocks (never valid across a restart:
+ * cleared on open). Journals written before hole ranges existed hold only j/z, which replays as before.
  */
 type Db = Level<string, Uint8Array>;
 type BatchOp = { type: 'put'; key: string; value: Uint8Array } | { type: 'del'; key: string };
@@ -38,8 +40,9 @@ const key = {
   torn: 'm/torn',
 };
 const journalPrefix = 'j/';
+const journalHolesPrefix = `${journalPrefix}h`;
 const journalZeroesPrefix = `${journalPrefix}z`;
-/** What a zero range record counts for in a journal chunk's size (its key and value, roughly). */
+/** What a hole or zero range record counts for in a journal chunk's size (its key and value, roughly). */
 export const journalZeroRecordBytes = 32;
 const spillPrefix = 's/';
 const hex = (n: number, width: number) => n.toString(16).padStart(width, '0');
@@ -52,9 +55,9 @@ const num = (v: Uint8Array | undefined) => (v === undefined ? 0 : Number(str(v))
 const prefixEnd = (prefix: string) => `${prefix.slice(0, -1)}0`;
 
 /**
- * One journal record: a block's final content, or a run of blocks that end as zeroes. Records of one
- * journal never overlap, so the order they are applied in does not matter and applying one twice is
- * harmless.
+ * One journal record: a block's final content, or a run of blocks that end as zeroes, as a hole or kept
+ * allocated. Records of one journal never overlap, so the order they are applied in does not matter and
+ * applying one twice is harmless (punching a hole or zeroing a range again leaves the same zeroes).
  */
 export type JournalEntry =
   | {
@@ -62,10 +65,24 @@ export type JournalEntry =
       /** Block content (blockBytes), or null for a zero block. */
       data: Uint8Array | null;
     }
+  | { holes: Run }
   | { zeroes: Run };
 
 const journalKey = (e: JournalEntry) =>
-  'zeroes' in e ? journalZeroesPrefix + blockKey(e.zeroes.first) : journalPrefix + blockKey(e.block);
+  'holes' in e
+    ? journalHolesPrefix + blockKey(e.holes.first)
+    : 'zeroes' in e
+      ? journalZeroesPrefix + blockKey(e.zeroes.first)
+      : journalPrefix + blockKey(e.block);
+
+const journalValue = (e: JournalEntry) =>
+  'holes' in e ? text(String(e.holes.count)) : 'zeroes' in e ? text(String(e.zeroes.count)) : (e.data ?? new Uint8Array(0));
+
+function journalRun(k: string, prefix: string, v: Uint8Array): Run {
+  const run = { first: parseInt(k.slice(prefix.length), 16), count: num(v) };
+  assert(Number.isSafeInteger(run.count) && run.count > 0, `journal range ${k} holds a block count`);
+  return run;
+}
 
 export class MetaStore {
   private readonly db: Db;
@@ -175,16 +192,12 @@ export class MetaStore {
   }
 
   /**
-   * Journal records (blocks and zero ranges) are written in synced chunks before the state record; until
-   * that record lands they are not a journal (a restart discards them), so the chunks and the record act
-   * as one batch without holding the whole buffer twice in memory.
+   * Journal records (blocks, hole and zero ranges) are written in synced chunks before the state record;
+   * until that record lands they are not a journal (a restart discards them), so the chunks and the record
+   * act as one batch without holding the whole buffer twice in memory.
    */
   async putJournal(entries: readonly JournalEntry[]): Promise<void> {
-    const ops: BatchOp[] = entries.map((e) => ({
-      type: 'put',
-      key: journalKey(e),
-      value: 'zeroes' in e ? text(String(e.zeroes.count)) : (e.data ?? new Uint8Array(0)),
-    }));
+    const ops: BatchOp[] = entries.map((e) => ({ type: 'put', key: journalKey(e), value: journalValue(e) }));
     await this.db.batch(ops, { sync: true });
   }
 
@@ -202,15 +215,19 @@ export class MetaStore {
     );
   }
 
-  /** Journal records, blocks in block order then zero ranges in block order, in chunks of about `chunkBytes`. */
+  /**
+   * Journal records, blocks in block order, then hole ranges, then zero ranges (each in block order), in
+   * chunks of about `chunkBytes`.
+   */
   async *readJournal(chunkBytes: number): AsyncGenerator<JournalEntry[]> {
     let chunk: JournalEntry[] = [];
     let bytes = 0;
     for await (const [k, v] of this.db.iterator({ gte: journalPrefix, lt: prefixEnd(journalPrefix) })) {
-      if (k.startsWith(journalZeroesPrefix)) {
-        const zeroes = { first: parseInt(k.slice(journalZeroesPrefix.length), 16), count: num(v) };
-        assert(Number.isSafeInteger(zeroes.count) && zeroes.count > 0, `journal zero range ${k} holds a block count`);
-        chunk.push({ zeroes });
+      if (k.startsWith(journalHolesPrefix)) {
+        chunk.push({ holes: journalRun(k, journalHolesPrefix, v) });
+        bytes += journalZeroRecordBytes;
+      } else if (k.startsWith(journalZeroesPrefix)) {
+        chunk.push({ zeroes: journalRun(k, journalZeroesPrefix, v) });
         bytes += journalZeroRecordBytes;
       } else {
         chunk.push({ block: parseInt(k.slice(journalPrefix.length), 16), data: v.length === 0 ? null : v });
@@ -228,7 +245,7 @@ export class MetaStore {
   /** Failover done: the state, and the journal deleted, in one batch. */
   async recordFailedOver(
     target: FailoverTarget,
-    journal: { blocks: Iterable<number>; zeroRuns: Iterable<Run> },
+    journal: { blocks: Iterable<number>; holeRuns: Iterable<Run>; zeroRuns: Iterable<Run> },
     torn: readonly ByteRange[],
   ): Promise<void> {
     const ops: BatchOp[] = [
@@ -238,6 +255,7 @@ export class MetaStore {
       tornOp(torn),
     ];
     for (const block of journal.blocks) ops.push({ type: 'del', key: journalKey({ block, data: null }) });
+    for (const holes of journal.holeRuns) ops.push({ type: 'del', key: journalKey({ holes }) });
     for (const zeroes of journal.zeroRuns) ops.push({ type: 'del', key: journalKey({ zeroes }) });
     await this.db.batch(ops, { sync: true });
   }

@@ -15,12 +15,21 @@ export type ViewRole = 'primary' | 'secondary';
 /** How a view behaves now: buffered while replicating, a plain disk (or read-only) after failover. */
 export type ViewMode = 'buffered' | 'plain' | 'read-only';
 
+/**
+ * `noHole`: zeroes that must stay allocated in the backing file (WRITE_ZEROES with NO_HOLE); trim and
+ * other zeroes may become holes. Meaningless for data writes.
+ */
+export interface ViewWriteOptions {
+  readonly fua: boolean;
+  readonly noHole: boolean;
+}
+
 /** What a view needs from its volume; the volume passes closures, so none of this is public API. */
 export interface ViewHost {
   mode(role: ViewRole): ViewMode;
   read(role: ViewRole, buf: Uint8Array, offset: number): Promise<void>;
   /** `src` null writes zeroes (trim and write-zeroes). */
-  write(role: ViewRole, src: Uint8Array | null, offset: number, length: number, fua: boolean): Promise<void>;
+  write(role: ViewRole, src: Uint8Array | null, offset: number, length: number, options: ViewWriteOptions): Promise<void>;
   flush(role: ViewRole): Promise<void>;
   extents(role: ViewRole, offset: number, length: number): Promise<Extent[]>;
   /** Rejects when the volume is closed; cache has nothing else to do (buffers are memory). */
@@ -76,7 +85,7 @@ export class VolumeView implements BlockDevice {
     } catch (err) {
       return Promise.reject(err);
     }
-    return this.host.write(this.role, data, offset, data.length, options?.fua === true);
+    return this.host.write(this.role, data, offset, data.length, { fua: options?.fua === true, noHole: false });
   }
 
   flush(): Promise<void> {
@@ -89,7 +98,7 @@ export class VolumeView implements BlockDevice {
     } catch (err) {
       return Promise.reject(err);
     }
-    return this.host.write(this.role, null, offset, length, options?.fua === true);
+    return this.host.write(this.role, null, offset, length, { fua: options?.fua === true, noHole: false });
   }
 
   writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
@@ -101,7 +110,7 @@ export class VolumeView implements BlockDevice {
     if (options?.fastZero === true && this.host.mode(this.role) === 'plain') {
       return Promise.reject(new BlockDeviceError('ENOTSUP', 'fast zero is not available on the failed-over disk'));
     }
-    return this.host.write(this.role, null, offset, length, options?.fua === true);
+    return this.host.write(this.role, null, offset, length, { fua: options?.fua === true, noHole: options?.noHole === true });
   }
 
   cache(offset: number, length: number): Promise<void> {

@@ -5,7 +5,7 @@ import { performance } from 'node:perf_hooks';
 import { BlockDeviceError, EXTENT_ZERO, settleAll, type Extent } from 'nbd-server-js';
 import { assert } from './assert.js';
 import { Backing } from './backing.js';
-import { BlockBuffers, isSlot, isSpilled, ZERO, type Layer } from './buffer.js';
+import { BlockBuffers, isSlot, isSpilled, ZERO, zeroRangeEntriesMax, type Layer } from './buffer.js';
 import { EpochLease, epochLeaseCount, groupCheckpoint, type GroupCheckpointable } from './checkpoint.js';
 import { GannetError } from './errors.js';
 import {
@@ -25,7 +25,7 @@ import type { ResolvedVolumeOptions, VolumeOptions } from './options.js';
 import { mergeRanges, subtractRanges } from './ranges.js';
 import { Spiller } from './spill.js';
 import type { ByteRange, FailoverTarget, Volume, VolumeEvents, VolumeState, VolumeStats } from './types.js';
-import { VolumeView, type ViewHost, type ViewMode, type ViewRole } from './view.js';
+import { VolumeView, type ViewHost, type ViewMode, type ViewRole, type ViewWriteOptions } from './view.js';
 
 /** Name of the volume's LevelDB directory inside dataDir. */
 export const metaDirName = 'gannet-meta';
@@ -135,7 +135,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     const host: ViewHost = {
       mode: (role) => this.viewMode(role),
       read: (role, buf, offset) => this.viewRead(role, buf, offset),
-      write: (role, src, offset, length, fua) => this.viewWrite(role, src, offset, length, fua),
+      write: (role, src, offset, length, options) => this.viewWrite(role, src, offset, length, options),
       flush: (role) => this.viewFlush(role),
       extents: (role, offset, length) => this.viewExtents(role, offset, length),
       ready: (role) => this.viewReady(role),
@@ -310,7 +310,9 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     const ranges = this.planRanges(runs, plan);
     if (ranges.length > 0) await this.meta.recordFlushing(ranges);
     let bytes = await writeRuns(this.backing, runs, layerSource(this.buffers, this.meta, layers), this.geometry());
-    bytes += await writeZeroRuns(this.backing, plan.zeroRuns, this.geometry());
+    bytes += await writeZeroRuns(this.backing, plan.holeRuns, 'punch-hole', this.geometry());
+    bytes += await writeZeroRuns(this.backing, plan.zeroRuns, 'zero-range', this.geometry());
+    // Also what makes punched holes and zeroed ranges durable: fdatasync flushes allocation changes.
     if (bytes > 0) await this.backing.datasync();
     const durable = layers.at(-1)!.sealedEpoch;
     assert(durable > this.durableEpoch && durable <= this.epoch, 'the durable epoch only grows, up to the epoch');
@@ -329,6 +331,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   private planRanges(runs: readonly Run[], plan: FlushPlan): ByteRange[] {
     return mergeRanges([
       ...runRanges(runs, this.blockBytes, this.sizeBytes),
+      ...zeroRunRanges(plan.holeRuns, this.blockBytes, this.sizeBytes),
       ...zeroRunRanges(plan.zeroRuns, this.blockBytes, this.sizeBytes),
     ]);
   }
@@ -400,13 +403,15 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
       const data = found instanceof Promise ? await found : found;
       await add({ block, data }, this.blockBytes);
     }
+    for (const holes of plan.holeRuns) await add({ holes }, journalZeroRecordBytes);
     for (const zeroes of plan.zeroRuns) await add({ zeroes }, journalZeroRecordBytes);
     if (chunk.length > 0) await this.meta.putJournal(chunk);
     await this.meta.recordFailingOver(to);
     const runs = planRuns(plan.blocks, this.blockBytes);
     await writeRuns(this.backing, runs, source, this.geometry());
-    await writeZeroRuns(this.backing, plan.zeroRuns, this.geometry());
-    await this.finishFailover(to, this.planRanges(runs, plan), { blocks: plan.blocks, zeroRuns: plan.zeroRuns });
+    await writeZeroRuns(this.backing, plan.holeRuns, 'punch-hole', this.geometry());
+    await writeZeroRuns(this.backing, plan.zeroRuns, 'zero-range', this.geometry());
+    await this.finishFailover(to, this.planRanges(runs, plan), plan);
     for (const layer of [...this.committed, this.P, this.S]) this.dropLayer(layer);
     this.committed.length = 0;
   }
@@ -415,13 +420,17 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   private async replayJournal(to: FailoverTarget): Promise<void> {
     const start = performance.now();
     const blocks: number[] = [];
+    const holeRuns: Run[] = [];
     const zeroRuns: Run[] = [];
     const ranges: ByteRange[] = [];
     for await (const chunk of this.meta.readJournal(journalChunkBytes)) {
       const data = new Map<number, Uint8Array | null>();
+      const chunkHoleRuns: Run[] = [];
       const chunkZeroRuns: Run[] = [];
       for (const e of chunk) {
-        if ('zeroes' in e) {
+        if ('holes' in e) {
+          chunkHoleRuns.push(e.holes);
+        } else if ('zeroes' in e) {
           chunkZeroRuns.push(e.zeroes);
         } else {
           data.set(e.block, e.data);
@@ -430,19 +439,22 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
       }
       const runs = planRuns([...data.keys()], this.blockBytes);
       await writeRuns(this.backing, runs, (b) => data.get(b)!, this.geometry());
-      await writeZeroRuns(this.backing, chunkZeroRuns, this.geometry());
+      await writeZeroRuns(this.backing, chunkHoleRuns, 'punch-hole', this.geometry());
+      await writeZeroRuns(this.backing, chunkZeroRuns, 'zero-range', this.geometry());
       ranges.push(...runRanges(runs, this.blockBytes, this.sizeBytes));
+      ranges.push(...zeroRunRanges(chunkHoleRuns, this.blockBytes, this.sizeBytes));
       ranges.push(...zeroRunRanges(chunkZeroRuns, this.blockBytes, this.sizeBytes));
+      holeRuns.push(...chunkHoleRuns);
       zeroRuns.push(...chunkZeroRuns);
     }
-    await this.finishFailover(to, mergeRanges(ranges), { blocks, zeroRuns });
+    await this.finishFailover(to, mergeRanges(ranges), { blocks, holeRuns, zeroRuns });
     this.emit('failover', { to, durationMs: performance.now() - start });
   }
 
   private async finishFailover(
     to: FailoverTarget,
     ranges: ByteRange[],
-    journal: { blocks: Iterable<number>; zeroRuns: Iterable<Run> },
+    journal: { blocks: Iterable<number>; holeRuns: Iterable<Run>; zeroRuns: Iterable<Run> },
   ): Promise<void> {
     await this.backing.datasync();
     const torn = subtractRanges(this.torn, ranges);
@@ -517,23 +529,29 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     await this.readLayers(role, buf, offset, 0);
   }
 
-  private async viewWrite(role: ViewRole, src: Uint8Array | null, offset: number, length: number, fua: boolean): Promise<void> {
+  private async viewWrite(
+    role: ViewRole,
+    src: Uint8Array | null,
+    offset: number,
+    length: number,
+    options: ViewWriteOptions,
+  ): Promise<void> {
     for (let attempt = 0; attempt < 4; attempt++) {
       await this.settled();
       if (this.state === 'failed-over') {
         if (role === 'primary') throw new BlockDeviceError('EPERM', 'the primary view is read-only after failover');
         if (length === 0) return;
         try {
-          if (src === null) await this.backing.writeZeroes(offset, length);
+          if (src === null) await this.backing.clearRange(offset, length, options.noHole ? 'zero-range' : 'punch-hole');
           else await this.backing.write(src, offset);
-          if (fua) await this.backing.datasync();
+          if (options.fua) await this.backing.datasync();
         } catch (err) {
           toEio(err);
         }
         return;
       }
       if (length === 0) return;
-      if (await this.bufferedWrite(role, src, offset, length)) return;
+      if (await this.bufferedWrite(role, src, offset, length, options.noHole)) return;
     }
     throw new BlockDeviceError('EIO', 'write: the volume kept changing state');
   }
@@ -546,7 +564,13 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   // ---- the buffered write path --------------------------------------------------------------------
 
   /** Returns false when the volume left the replicating state (the caller starts over). */
-  private async bufferedWrite(role: ViewRole, src: Uint8Array | null, offset: number, length: number): Promise<boolean> {
+  private async bufferedWrite(
+    role: ViewRole,
+    src: Uint8Array | null,
+    offset: number,
+    length: number,
+    noHole: boolean,
+  ): Promise<boolean> {
     const bs = this.blockBytes;
     const first = Math.floor(offset / bs);
     const last = Math.floor((offset + length - 1) / bs);
@@ -554,8 +578,8 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     if (!this.covers(first, offset, length)) partial.push(first);
     if (last !== first && !this.covers(last, offset, length)) partial.push(last);
     const blocks = last - first + 1;
-    // Whole blocks of a zero cost one zero range however many there are; partial ones are data.
-    const entries = src === null ? partial.length + 1 : blocks;
+    // Whole blocks of a zero cost one range however many there are; partial ones are data.
+    const entries = src === null ? partial.length + zeroRangeEntriesMax : blocks;
     if (!this.buffers.indexRoom(entries)) {
       throw new BlockDeviceError('ENOMEM', `write of ${blocks} blocks exceeds the block index limit; checkpoint first`);
     }
@@ -580,7 +604,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
           else stale = true;
         });
         if (stale) continue;
-        this.applyWrite(layer, src, offset, length, fillOf);
+        this.applyWrite(layer, src, offset, length, noHole, fillOf);
         return true;
       }
       throw new BlockDeviceError('EIO', 'write: the buffer kept changing under a partial-block write');
@@ -593,9 +617,17 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
 
   /**
    * Synchronous: every block of one write lands in the same buffer, hence the same epoch. A zero's whole
-   * blocks become one zero range, so its work is bounded by the index, not by its length.
+   * blocks become one hole range (one zero range with `noHole`), so its work is bounded by the index, not
+   * by its length.
    */
-  private applyWrite(layer: Layer, src: Uint8Array | null, offset: number, length: number, fillOf: Map<number, Uint8Array | null>): void {
+  private applyWrite(
+    layer: Layer,
+    src: Uint8Array | null,
+    offset: number,
+    length: number,
+    noHole: boolean,
+    fillOf: Map<number, Uint8Array | null>,
+  ): void {
     const bs = this.blockBytes;
     const end = offset + length;
     if (src === null) {
@@ -604,7 +636,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
       const wholeFirst = this.covers(first, offset, length) ? first : first + 1;
       const wholeEnd = this.covers(last, offset, length) ? last + 1 : last;
       if (wholeFirst > first) this.writePart(layer, first, null, offset, length, fillOf);
-      if (wholeFirst < wholeEnd) this.buffers.zeroRange(layer, wholeFirst, wholeEnd);
+      if (wholeFirst < wholeEnd) this.buffers.zeroRange(layer, wholeFirst, wholeEnd, noHole);
       if (last > first && wholeEnd === last) this.writePart(layer, last, null, offset, length, fillOf);
     } else {
       for (let b = Math.floor(offset / bs); b * bs < end; b++) this.writePart(layer, b, src, offset, length, fillOf);

@@ -1,6 +1,7 @@
 /**
  * Model-based randomized test of a volume strategy: one seed drives a whole run of reads, unaligned
- * writes, zeroes and trims (short, or over whole-block ranges up to the whole volume), flushes, checkpoints
+ * writes, zeroes (with and without NO_HOLE) and trims (short, or over whole-block ranges up to the whole
+ * volume: in gannet, holes punched and ranges zeroed in the backing file at flush), flushes, checkpoints
  * and at most one failover, on both views, several requests in flight at once. Every read is checked byte-exact against `VolumeModel`; the backing file is checked
  * byte-exact wherever the contract says what it holds (after a settled flush, after failover, after a
  * flush of the plain disk, after close), and the volume is reopened at the end.
@@ -20,7 +21,15 @@ import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'no
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'vitest';
-import { openVolume, type FailoverTarget, type StrategyName, type Volume, type VolumeOptions } from '@gannet/core';
+import {
+  ReplicatedVolume,
+  _internal,
+  openVolume,
+  type FailoverTarget,
+  type StrategyName,
+  type Volume,
+  type VolumeOptions,
+} from '@gannet/core';
 import type { BlockDevice } from 'nbd-server-js';
 import { Rng, VolumeModel, firstDifference, hexAround, type ViewName } from './model.js';
 
@@ -40,6 +49,12 @@ const requestBytesMax = 128 * KiB;
 /** Share of zeroes and trims over long whole-block ranges (the rest are the short shapes of reads and writes). */
 const longZeroChanceDefault = 0.5;
 const longZeroChanceSpill = 0.1;
+/**
+ * Shortest zero run gannet hands to fallocate(1) here: the volumes are a few MiB at most, so the default
+ * (1 MiB) would leave holes and NO_HOLE ranges to zero writes nearly always. On tmpfs NO_HOLE ranges then
+ * take the fallback (tmpfs has no zero-range), holes are punched.
+ */
+const fallocateBytesMinModel = 64 * KiB;
 /** How long a settle (waiting for the background flusher) may take before the run fails. */
 const settleMsMax = 20_000;
 /** A batch (or close, or reopen) that takes longer has hung: fail with the op list, before vitest's timeout. */
@@ -74,7 +89,8 @@ type WriteOp = RangeOp & { readonly kind: 'write'; readonly data: Uint8Array; re
 type Op =
   | (RangeOp & { readonly kind: 'read'; readonly misalign: number })
   | WriteOp
-  | (RangeOp & { readonly kind: 'zero' | 'trim' })
+  | (RangeOp & { readonly kind: 'zero'; readonly noHole: boolean })
+  | (RangeOp & { readonly kind: 'trim' })
   | { readonly kind: 'flush'; readonly view: ViewName }
   | { readonly kind: 'checkpoint'; readonly racing: readonly WriteOp[] }
   | { readonly kind: 'settle' }
@@ -83,9 +99,10 @@ type Op =
 function describeOp(op: Op): string {
   switch (op.kind) {
     case 'read':
-    case 'zero':
     case 'trim':
       return `${op.kind} ${op.view} ${op.offset}+${op.length}`;
+    case 'zero':
+      return `zero${op.noHole ? ' noHole' : ''} ${op.view} ${op.offset}+${op.length}`;
     case 'write':
       return `write ${op.view} ${op.offset}+${op.length} [${Buffer.from(op.data.subarray(0, 4)).toString('hex')}..]`;
     case 'flush':
@@ -228,7 +245,7 @@ function genOp(rng: Rng, cfg: SeedConfig, failedOver: boolean, spill: boolean): 
   if (r < 72) return { kind: 'read', view, ...pickRange(rng, cfg, false), misalign: rng.below(8) };
   // Spill seeds must buffer more than their memory limit: long zero ranges there are rarer.
   const longZeroChance = spill ? longZeroChanceSpill : longZeroChanceDefault;
-  if (r < 82) return { kind: 'zero', view: mutView, ...pickZeroRange(rng, cfg, longZeroChance) };
+  if (r < 82) return { kind: 'zero', view: mutView, ...pickZeroRange(rng, cfg, longZeroChance), noHole: rng.chance(0.5) };
   if (r < 90) return { kind: 'trim', view: mutView, ...pickZeroRange(rng, cfg, longZeroChance) };
   if (r < 98) return { kind: 'flush', view: failedOver ? 'secondary' : view };
   return { kind: 'settle' };
@@ -325,7 +342,7 @@ async function runRangeOp(ctx: RunContext, vol: Volume, op: Op): Promise<() => v
           // The device must not keep `data`: scribbling on it now must not change what it holds.
           buf.fill(0xee);
         } else if (op.kind === 'zero') {
-          await dev(op.view).writeZeroes(op.offset, op.length);
+          await dev(op.view).writeZeroes(op.offset, op.length, { noHole: op.noHole });
         } else {
           await dev(op.view).trim(op.offset, op.length);
         }
@@ -471,6 +488,7 @@ export async function runModelSeed(strategy: 'gannet' | 'colo', seed: number, op
   let pressureEvents = 0;
   try {
     vol = await openVolume(volumeOptions({ strategy, cfg, backingPath, dataDir }));
+    if (vol instanceof ReplicatedVolume) _internal.backingOf(vol).setFallocate({ bytesMin: fallocateBytesMinModel });
     const v = vol;
     v.on('error', (err) => errors.push(err));
     v.on('pressure', () => pressureEvents++);

@@ -6,7 +6,7 @@
  * itself (with fs, not through the engine), error codes, states and events.
  */
 import { once } from 'node:events';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -642,6 +642,130 @@ describe('ReplicatedVolume', () => {
         });
       }
     }
+  });
+
+  /**
+   * Whole-block zero ranges reach the file through the file system (fallocate), not as zero bytes: trims
+   * and plain zeroes free their disk space, NO_HOLE zeroes keep it. Allocation is what the file system
+   * reports (st_blocks), read with fs, not through the engine.
+   */
+  describe('zero ranges punch holes in the backing file, NO_HOLE zeroes stay allocated', () => {
+    const blockBytes = 4096;
+    const holeVolumeBytes = 32 * MiB;
+    const dataBytes = 16 * MiB;
+    /** Allocation may move by a few file system blocks (extent tree, metadata) besides what we free. */
+    const allocationSlackBytes = 256 * KiB;
+    const allocatedBytes = (path: string) => statSync(path).blocks * 512;
+
+    /**
+     * 16 MiB of data on the file, then, in one epoch: a trim of [4, 8) MiB and a plain zero of [8, 12)
+     * MiB (8 MiB that may become holes), and a NO_HOLE zero of [12, 16) MiB. Returns the expected bytes.
+     */
+    async function dataThenZeroes(volume: ReplicatedVolume): Promise<Buffer> {
+      const expected = Buffer.alloc(holeVolumeBytes);
+      const data = pattern(dataBytes, 70);
+      await volume.primary.write(data, 0);
+      data.copy(expected, 0);
+      await flushed(volume, await volume.checkpoint());
+      await volume.primary.trim(4 * MiB, 4 * MiB);
+      await volume.primary.writeZeroes(8 * MiB, 4 * MiB);
+      await volume.primary.writeZeroes(12 * MiB, 4 * MiB, { noHole: true });
+      expected.fill(0, 4 * MiB, 16 * MiB);
+      return expected;
+    }
+
+    function expectFreed(path: string, before: number, freedBytes: number): void {
+      const after = allocatedBytes(path);
+      expect(before - after).toBeGreaterThanOrEqual(freedBytes - allocationSlackBytes);
+      expect(before - after).toBeLessThanOrEqual(freedBytes + allocationSlackBytes);
+    }
+
+    it('frees the space of trimmed and zeroed ranges at flush, but not of NO_HOLE zeroes', async () => {
+      const options = volumeOptions(holeVolumeBytes, { blockBytes });
+      const volume = await ReplicatedVolume.open(options);
+      const expected = Buffer.alloc(holeVolumeBytes);
+      const data = pattern(dataBytes, 70);
+      await volume.primary.write(data, 0);
+      data.copy(expected, 0);
+      await flushed(volume, await volume.checkpoint());
+      const written = allocatedBytes(options.path);
+      expect(written).toBeGreaterThanOrEqual(dataBytes);
+
+      await volume.primary.trim(4 * MiB, 4 * MiB);
+      await volume.primary.writeZeroes(8 * MiB, 4 * MiB);
+      expected.fill(0, 4 * MiB, 12 * MiB);
+      await flushed(volume, await volume.checkpoint());
+      expectFreed(options.path, written, 8 * MiB);
+      expectBytes(readFileSync(options.path), expected);
+
+      const holed = allocatedBytes(options.path);
+      await volume.primary.writeZeroes(12 * MiB, 4 * MiB, { noHole: true });
+      expected.fill(0, 12 * MiB, 16 * MiB);
+      await flushed(volume, await volume.checkpoint());
+      expect(allocatedBytes(options.path)).toBeGreaterThanOrEqual(holed);
+      expectBytes(readFileSync(options.path), expected);
+      expectBytes(await readAll(volume.secondary, 0, holeVolumeBytes), expected);
+      await volume.close();
+    });
+
+    it('punches the holes from the failover journal when the next open finishes the failover', async () => {
+      const options = volumeOptions(holeVolumeBytes, { blockBytes });
+      const volume = await ReplicatedVolume.open(options);
+      volume.on('error', () => undefined);
+      const backing = _internal.backingOf(volume);
+      const expected = await dataThenZeroes(volume);
+      // Held back from the file through the flush and the failover: only the journal can apply the ranges.
+      backing.setFault('write', new Error('injected'));
+      await volume.checkpoint();
+      await once(volume, 'error');
+      const written = allocatedBytes(options.path);
+      await expectCode(volume.failover({ to: 'checkpoint' }), 'EIO');
+      await volume.close().catch(() => undefined);
+      expect(allocatedBytes(options.path)).toBe(written);
+
+      const reopened = await ReplicatedVolume.open(options);
+      expect(reopened.stats()).toMatchObject({ state: 'failed-over', failoverTarget: 'checkpoint', tornRanges: [] });
+      expectFreed(options.path, written, 8 * MiB);
+      expectBytes(readFileSync(options.path), expected);
+      expectBytes(await readAll(reopened.secondary, 0, holeVolumeBytes), expected);
+      await reopened.close();
+    });
+
+    it('after failover, a trim punches the file at once and a NO_HOLE zero keeps it allocated', async () => {
+      const options = volumeOptions(holeVolumeBytes, { blockBytes });
+      const volume = await ReplicatedVolume.open(options);
+      const expected = Buffer.alloc(holeVolumeBytes);
+      const data = pattern(dataBytes, 71);
+      await volume.secondary.write(data, 0);
+      data.copy(expected, 0);
+      await volume.failover({ to: 'secondary' });
+      const written = allocatedBytes(options.path);
+      expect(written).toBeGreaterThanOrEqual(dataBytes);
+      await volume.secondary.trim(4 * MiB, 4 * MiB);
+      expected.fill(0, 4 * MiB, 8 * MiB);
+      expectFreed(options.path, written, 4 * MiB);
+      const holed = allocatedBytes(options.path);
+      await volume.secondary.writeZeroes(8 * MiB, 4 * MiB, { noHole: true });
+      expected.fill(0, 8 * MiB, 12 * MiB);
+      expect(allocatedBytes(options.path)).toBeGreaterThanOrEqual(holed);
+      expectBytes(readFileSync(options.path), expected);
+      expectBytes(await readAll(volume.secondary, 0, holeVolumeBytes), expected);
+      await volume.close();
+    });
+
+    it('writes zeroes instead when fallocate(1) cannot be run', async () => {
+      const options = volumeOptions(holeVolumeBytes, { blockBytes });
+      const volume = await ReplicatedVolume.open(options);
+      _internal.backingOf(volume).setFallocate({ command: join(root, 'no-such-fallocate') });
+      const expected = await dataThenZeroes(volume);
+      const written = allocatedBytes(options.path);
+      await flushed(volume, await volume.checkpoint());
+      // Zero bytes written over allocated data leave it allocated: no hole was punched.
+      expect(allocatedBytes(options.path)).toBeGreaterThanOrEqual(written);
+      expectBytes(readFileSync(options.path), expected);
+      expectBytes(await readAll(volume.secondary, 0, holeVolumeBytes), expected);
+      await volume.close();
+    });
   });
 
   it('rejects out-of-range requests with the NBD errno', async () => {
