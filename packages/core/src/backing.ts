@@ -1,6 +1,5 @@
-import { execFile } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { open, stat, type FileHandle } from 'node:fs/promises';
-import { promisify } from 'node:util';
 import { BlockDeviceError } from 'nbd-server-js';
 import { GannetError } from './errors.js';
 
@@ -26,7 +25,11 @@ const fallocateCommandDefault = 'fallocate';
  */
 export type ZeroMode = 'punch-hole' | 'zero-range';
 
-const execFileAsync = promisify(execFile);
+/** fallocate(1)'s error message is kept up to this length. */
+const fallocateStderrBytesMax = 4096;
+
+/** fallocate(1) cannot do this mode here at all: missing, or the file system does not support it. */
+class FallocateUnsupported extends Error {}
 
 /**
  * The backing file: positional reads, vectored positional writes, fdatasync. Short reads and writes are
@@ -41,8 +44,9 @@ export class Backing {
   private zeroChunk: Buffer | null = null;
   private fallocateCommand = fallocateCommandDefault;
   private fallocateBytesMin = fallocateBytesMinDefault;
-  /** Modes that failed once here (no fallocate(1), or a file system without them): zeroes are written. */
-  private readonly fallocateFailed = new Set<ZeroMode>();
+  /** Modes this machine or file system lacks (no fallocate(1), EOPNOTSUPP): zeroes are written instead. */
+  private readonly fallocateUnsupported = new Set<ZeroMode>();
+  private readonly clearing = new Set<Promise<void>>();
   private readHold: { waiting: number; release: Promise<void>; arrivals: (() => void)[] } | null = null;
 
   private constructor(path: string, sizeBytes: number, fh: FileHandle) {
@@ -171,25 +175,47 @@ export class Backing {
 
   /**
    * Makes [position, position + length) read as zeroes through the file system, so its cost does not grow
-   * with its length and a hole frees the disk space. The file is named /proc/<our pid>/fd/<fd>: the child
-   * opens the inode this handle holds, whatever happened to the path since (in the child /proc/self would
-   * be the child). Short ranges, and modes that failed here before, are written as zeroes; a failure
-   * (fallocate(1) missing, EOPNOTSUPP, any non-zero exit) also falls back to zeroes, so the content never
-   * depends on fallocate. Durable with the next datasync: fdatasync flushes the allocation change too.
+   * with its length and a hole frees the disk space. The child gets this handle's descriptor as its fd 3
+   * and works on /proc/self/fd/3: the file is fixed when the child starts, so neither a rename of the
+   * path nor a reuse of our descriptor number after `close()` can redirect it. Short ranges, and modes the
+   * file system or the machine lack, are written as zeroes, so the content never depends on fallocate(1);
+   * any other failure falls back for that call only. Durable with the next datasync (fdatasync flushes
+   * the allocation change too).
    */
   async clearRange(position: number, length: number, mode: ZeroMode): Promise<void> {
     this.check('write');
-    if (length >= this.fallocateBytesMin && !this.fallocateFailed.has(mode)) {
-      const file = `/proc/${process.pid}/fd/${this.fh.fd}`;
-      const args = [`--${mode}`, '--keep-size', '--offset', String(position), '--length', String(length), file];
+    if (length >= this.fallocateBytesMin && !this.fallocateUnsupported.has(mode)) {
+      const args = [`--${mode}`, '--keep-size', '--offset', String(position), '--length', String(length), '/proc/self/fd/3'];
+      const run = this.runFallocate(args);
+      this.clearing.add(run);
       try {
-        await execFileAsync(this.fallocateCommand, args);
+        await run;
         return;
-      } catch {
-        this.fallocateFailed.add(mode);
+      } catch (err) {
+        if (err instanceof FallocateUnsupported) this.fallocateUnsupported.add(mode);
+      } finally {
+        this.clearing.delete(run);
       }
     }
     await this.writeZeroes(position, length);
+  }
+
+  private runFallocate(args: string[]): Promise<void> {
+    return new Promise<void>((resolve, reject) => {
+      const child = spawn(this.fallocateCommand, args, { stdio: ['ignore', 'ignore', 'pipe', this.fh.fd] });
+      let stderr = '';
+      child.stderr!.setEncoding('utf8').on('data', (chunk: string) => {
+        if (stderr.length < fallocateStderrBytesMax) stderr += chunk;
+      });
+      child.once('error', (err: NodeJS.ErrnoException) => {
+        reject(err.code === 'ENOENT' || err.code === 'EACCES' ? new FallocateUnsupported(err.message) : err);
+      });
+      child.once('close', (code, signal) => {
+        if (code === 0) resolve();
+        else if (/not supported/i.test(stderr)) reject(new FallocateUnsupported(stderr.trim()));
+        else reject(new Error(`fallocate exited with ${code ?? signal}: ${stderr.trim()}`));
+      });
+    });
   }
 
   async datasync(): Promise<void> {
@@ -197,7 +223,9 @@ export class Backing {
     await this.fh.datasync();
   }
 
+  /** Waits for fallocate(1) runs in flight (they hold the file through their own descriptor). */
   async close(): Promise<void> {
+    await Promise.allSettled([...this.clearing]);
     await this.fh.close();
   }
 }

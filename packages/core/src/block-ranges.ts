@@ -14,6 +14,11 @@ export class BlockRanges {
     return this.starts.length;
   }
 
+  /** The ranges as two parallel sorted arrays, read-only and valid until the next change. */
+  view(): { readonly starts: readonly number[]; readonly ends: readonly number[] } {
+    return { starts: this.starts, ends: this.ends };
+  }
+
   has(b: number): boolean {
     const i = firstAbove(this.ends, b);
     return i < this.starts.length && this.starts[i] <= b;

@@ -1,6 +1,5 @@
 import { assert } from './assert.js';
 import type { Backing, ZeroMode } from './backing.js';
-import { BlockRanges } from './block-ranges.js';
 import { isSlot, isSpilled, type BlockBuffers, type Layer } from './buffer.js';
 import type { MetaStore } from './meta.js';
 import type { ByteRange } from './types.js';
@@ -97,35 +96,133 @@ export async function planFlush(layers: readonly Layer[]): Promise<FlushPlan> {
     }
     blocks = keys.subarray(0, kept);
   }
-  const { holes, zeros } = newestRanges(layers);
-  return { blocks, holeRuns: cutRuns(holes, blocks), zeroRuns: cutRuns(zeros, blocks) };
+  const { holes, zeros } = await newestRanges(layers);
+  return { blocks, holeRuns: await cutRuns(holes, blocks), zeroRuns: await cutRuns(zeros, blocks) };
+}
+
+/** One layer's ranges of one kind, read in order; `rank` orders layers (higher is newer). */
+interface RangeCursor {
+  readonly starts: readonly number[];
+  readonly ends: readonly number[];
+  readonly rank: number;
+  readonly hole: boolean;
+  next: number;
+}
+
+/** A range covering the sweep position: the newest one decides the blocks until it ends. */
+interface ActiveRange {
+  readonly end: number;
+  readonly rank: number;
+  readonly hole: boolean;
 }
 
 /**
- * Every layer's hole and zero ranges, layered oldest first so a newer range takes its blocks from the
- * other kind, as it did in its own layer: the results are disjoint, with touching ranges merged.
+ * Every layer's hole and zero ranges, the newest layer deciding each block, as sorted disjoint runs
+ * with touching runs of one kind merged. One sweep over the layers' already sorted ranges: a heap picks
+ * the next range to start, another the newest range covering the sweep position, so the cost is
+ * O(ranges x log layers), yielding to the event loop as it goes (inserting ranges one by one into a
+ * sorted array would be quadratic).
  */
-function newestRanges(layers: readonly Layer[]): { holes: Run[]; zeros: Run[] } {
-  const holes = new BlockRanges();
-  const zeros = new BlockRanges();
-  for (const layer of layers) {
-    for (const [start, end] of layer.holes) {
-      holes.add(start, end);
-      zeros.remove(start, end);
+async function newestRanges(layers: readonly Layer[]): Promise<{ holes: Run[]; zeros: Run[] }> {
+  const pending = new Heap<RangeCursor>((a, b) => a.starts[a.next] < b.starts[b.next]);
+  layers.forEach((layer, rank) => {
+    for (const [ranges, hole] of [[layer.holes, true], [layer.zeros, false]] as const) {
+      const { starts, ends } = ranges.view();
+      if (starts.length > 0) pending.push({ starts, ends, rank, hole, next: 0 });
     }
-    for (const [start, end] of layer.zeros) {
-      zeros.add(start, end);
-      holes.remove(start, end);
+  });
+  const active = new Heap<ActiveRange>((a, b) => a.rank > b.rank);
+  const holes: { first: number; count: number }[] = [];
+  const zeros: { first: number; count: number }[] = [];
+  let lastHole: { first: number; count: number } | undefined;
+  let lastZero: { first: number; count: number } | undefined;
+  let steps = 0;
+  let pos = 0;
+  while (pending.size > 0 || active.size > 0) {
+    while (active.size > 0 && active.peek()!.end <= pos) active.pop();
+    if (active.size === 0) {
+      if (pending.size === 0) break;
+      const c = pending.peek()!;
+      pos = Math.max(pos, c.starts[c.next]);
     }
+    while (pending.size > 0) {
+      const c = pending.peek()!;
+      if (c.starts[c.next] > pos) break;
+      pending.pop();
+      if (c.ends[c.next] > pos) active.push({ end: c.ends[c.next], rank: c.rank, hole: c.hole });
+      c.next += 1;
+      if (c.next < c.starts.length) pending.push(c);
+    }
+    while (active.size > 0 && active.peek()!.end <= pos) active.pop();
+    if (active.size === 0) continue;
+    const top = active.peek()!;
+    const nextStart = pending.size > 0 ? pending.peek()!.starts[pending.peek()!.next] : Infinity;
+    const until = Math.min(top.end, nextStart);
+    if (top.hole) {
+      if (lastHole !== undefined && lastHole.first + lastHole.count === pos) lastHole.count += until - pos;
+      else holes.push((lastHole = { first: pos, count: until - pos }));
+    } else if (lastZero !== undefined && lastZero.first + lastZero.count === pos) {
+      lastZero.count += until - pos;
+    } else {
+      zeros.push((lastZero = { first: pos, count: until - pos }));
+    }
+    pos = until;
+    if (++steps % prepareStepEntries === 0) await yieldToEventLoop();
   }
-  const runs = (ranges: BlockRanges): Run[] => Array.from(ranges, ([start, end]) => ({ first: start, count: end - start }));
-  return { holes: runs(holes), zeros: runs(zeros) };
+  return { holes, zeros };
 }
 
-/** `runs` minus the sorted `blocks`. */
-function cutRuns(runs: readonly Run[], blocks: ArrayLike<number>): Run[] {
+/** A binary heap; `before(a, b)` is true when a comes out first. */
+class Heap<T> {
+  private readonly items: T[] = [];
+  constructor(private readonly before: (a: T, b: T) => boolean) {}
+
+  get size(): number {
+    return this.items.length;
+  }
+
+  peek(): T | undefined {
+    return this.items[0];
+  }
+
+  push(item: T): void {
+    const items = this.items;
+    let i = items.push(item) - 1;
+    while (i > 0) {
+      const parent = (i - 1) >> 1;
+      if (!this.before(items[i], items[parent])) break;
+      [items[i], items[parent]] = [items[parent], items[i]];
+      i = parent;
+    }
+  }
+
+  pop(): T | undefined {
+    const items = this.items;
+    const top = items[0];
+    const last = items.pop();
+    if (items.length > 0 && last !== undefined) {
+      items[0] = last;
+      let i = 0;
+      for (;;) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let best = i;
+        if (l < items.length && this.before(items[l], items[best])) best = l;
+        if (r < items.length && this.before(items[r], items[best])) best = r;
+        if (best === i) break;
+        [items[i], items[best]] = [items[best], items[i]];
+        i = best;
+      }
+    }
+    return top;
+  }
+}
+
+/** `runs` minus the sorted `blocks`, yielding to the event loop as it goes. */
+async function cutRuns(runs: readonly Run[], blocks: ArrayLike<number>): Promise<Run[]> {
   const out: Run[] = [];
   let i = 0;
+  let steps = 0;
   for (const run of runs) {
     const end = run.first + run.count;
     let start = run.first;
@@ -134,8 +231,10 @@ function cutRuns(runs: readonly Run[], blocks: ArrayLike<number>): Run[] {
       if (blocks[i] > start) out.push({ first: start, count: blocks[i] - start });
       start = blocks[i] + 1;
       i++;
+      if (++steps % prepareStepEntries === 0) await yieldToEventLoop();
     }
     if (start < end) out.push({ first: start, count: end - start });
+    if (++steps % prepareStepEntries === 0) await yieldToEventLoop();
   }
   return out;
 }

@@ -6,7 +6,9 @@
  * itself (with fs, not through the engine), error codes, states and events.
  */
 import { once } from 'node:events';
-import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { open, readFile, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
@@ -751,6 +753,45 @@ describe('ReplicatedVolume', () => {
       expectBytes(readFileSync(options.path), expected);
       expectBytes(await readAll(volume.secondary, 0, holeVolumeBytes), expected);
       await volume.close();
+    });
+
+    it('close() waits for a fallocate(1) in flight, which works on its own descriptor of the volume file', async () => {
+      const dir = mkdtempSync(join(root, 'fallocate-'));
+      const startedFifo = join(dir, 'started');
+      const goFifo = join(dir, 'go');
+      execFileSync('mkfifo', [startedFifo, goFifo]);
+      // Holds fallocate(1) back until the test has closed the volume and opened other files.
+      const wrapper = join(dir, 'held-fallocate');
+      writeFileSync(wrapper, `#!/bin/sh\necho started > '${startedFifo}'\nread go < '${goFifo}'\nexec fallocate "$@"\n`, { mode: 0o755 });
+      const options = volumeOptions(holeVolumeBytes, { blockBytes });
+      const volume = await ReplicatedVolume.open(options);
+      const data = pattern(dataBytes, 72);
+      await volume.secondary.write(data, 0);
+      await volume.failover({ to: 'secondary' });
+      _internal.backingOf(volume).setFallocate({ command: wrapper });
+      const started = readFile(startedFifo);
+      const trim = volume.secondary.trim(0, 4 * MiB);
+      await started;
+      const closing = volume.close();
+      // Opened while the volume closes: a descriptor number the volume gave up must not lead fallocate here.
+      const victims = await Promise.all(
+        Array.from({ length: 8 }, async (_, i) => {
+          const path = join(dir, `victim-${i}`);
+          writeFileSync(path, pattern(4 * MiB, 80 + i));
+          return { path, handle: await open(path, 'r+'), seed: 80 + i };
+        }),
+      );
+      await writeFile(goFifo, 'go\n');
+      await trim;
+      await closing;
+      for (const v of victims) {
+        await v.handle.close();
+        expectBytes(readFileSync(v.path), pattern(4 * MiB, v.seed));
+      }
+      const expected = Buffer.alloc(holeVolumeBytes);
+      data.copy(expected, 0);
+      expected.fill(0, 0, 4 * MiB);
+      expectBytes(readFileSync(options.path), expected);
     });
 
     it('writes zeroes instead when fallocate(1) cannot be run', async () => {
