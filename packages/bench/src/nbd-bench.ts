@@ -4,12 +4,14 @@
  * how far our server is from a mature C server on this box.
  *
  * Rows: 4 KiB random read and write at queue depth 32, 1 MiB sequential read and write at depth 8, for
- * the file and the memory backend. Each fio run is time-based with a ramp and a bounded runtime, and
+ * the file and the memory backend, and for gannet's buffered path: a `gannet serve` daemon's secondary
+ * view of a gannet volume between checkpoints (writes land in memory, reads come from the buffers over
+ * the backing file) against nbdkit's memory plugin, the fastest thing nbdkit offers. Each fio run is time-based with a ramp and a bounded runtime, and
  * the order alternates (ours, nbdkit) per row so drift hurts both alike. Every process it starts is
  * stopped, also on failure or Ctrl-C.
  *
  * Usage: node packages/bench/dist/nbd-bench.js [--runtime S] [--ramp S] [--size SIZE] [--json FILE]
- *        [--backends file,memory] [--only REGEXP] [--profile DIR]
+ *        [--backends file,memory,gannet] [--only REGEXP] [--profile DIR]
  * --profile runs our CLI under `node --cpu-prof` and prints the top functions by self time; with --only
  * and one backend, the profile covers a single workload (plus the ramp and the other server's turn,
  * which shows up as idle).
@@ -23,6 +25,7 @@ import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { startDaemon } from './daemon.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -54,7 +57,7 @@ export const workloads: readonly Workload[] = [
   { name: 'seqwrite 1M qd8', rw: 'write', bs: '1M', iodepth: 8 },
 ];
 
-export type Backend = 'file' | 'memory';
+export type Backend = 'file' | 'memory' | 'gannet';
 
 export interface Measurement {
   readonly iops: number;
@@ -98,7 +101,7 @@ function parseOptions(argv: string[]): Options {
       ramp: { type: 'string' },
       size: { type: 'string', default: '256M' },
       json: { type: 'string' },
-      backends: { type: 'string', default: 'file,memory' },
+      backends: { type: 'string', default: 'file,memory,gannet' },
       profile: { type: 'string' },
       only: { type: 'string' },
       help: { type: 'boolean', default: false },
@@ -107,7 +110,7 @@ function parseOptions(argv: string[]): Options {
   });
   if (values.help) {
     process.stdout.write(
-      'usage: nbd-bench [--runtime S (10)] [--ramp S] [--size SIZE (256M)] [--json FILE] [--backends file,memory] [--only REGEXP] [--profile DIR]\n',
+      'usage: nbd-bench [--runtime S (10)] [--ramp S] [--size SIZE (256M)] [--json FILE] [--backends file,memory,gannet] [--only REGEXP] [--profile DIR]\n',
     );
     process.exit(0);
   }
@@ -118,7 +121,7 @@ function parseOptions(argv: string[]): Options {
   const rampS = values.ramp === undefined ? Math.min(2, Math.floor(runtimeS / 5)) : Number(values.ramp);
   if (!Number.isInteger(rampS) || rampS < 0 || rampS > runtimeS) throw new Error('--ramp must be an integer in [0, runtime]');
   const backends = values.backends!.split(',').map((b) => {
-    if (b !== 'file' && b !== 'memory') throw new Error(`unknown backend ${b}`);
+    if (b !== 'file' && b !== 'memory' && b !== 'gannet') throw new Error(`unknown backend ${b}`);
     return b as Backend;
   });
   const sizeBytes = parseSize(values.size!);
@@ -152,8 +155,12 @@ function stopProcess(child: ChildProcess): Promise<void> {
   });
 }
 
+/** Servers that are not plain child processes (the gannet daemon), stopped with the rest. */
+const stoppers = new Set<() => Promise<void>>();
+
 async function stopAll(): Promise<void> {
   await Promise.all([...started].map(stopProcess));
+  await Promise.all([...stoppers].map((stop) => stop()));
 }
 
 function track(child: ChildProcess, what: string): { stderr: () => string } {
@@ -184,7 +191,8 @@ function freePort(): Promise<number> {
 interface Server {
   readonly name: string;
   readonly uri: string;
-  readonly child: ChildProcess;
+  /** 'still running' or how it exited, for error messages. */
+  state(): string;
   stderr(): string;
   stop(): Promise<void>;
 }
@@ -220,7 +228,41 @@ async function startOurs(target: { file: string } | { memory: number }, profileD
     await stopProcess(child);
     throw err;
   });
-  return { name: 'nbd-server-js', uri, child, stderr: t.stderr, stop: () => stopProcess(child) };
+  return { name: 'nbd-server-js', uri, state: () => processState(child), stderr: t.stderr, stop: () => stopProcess(child) };
+}
+
+function processState(child: ChildProcess): string {
+  return child.exitCode === null && child.signalCode === null ? 'still running' : `exited (${child.exitCode ?? child.signalCode})`;
+}
+
+/** `gannet serve` with one gannet volume; fio attaches to its secondary view (the buffered path). */
+async function startGannet(sizeBytes: number, dir: string): Promise<Server> {
+  const daemon = await startDaemon({ dataDir: join(dir, 'gannet'), volumes: [{ name: 'bench', strategy: 'gannet', sizeBytes }] });
+  stoppers.add(daemon.stop);
+  const [volume] = await daemon.control.volumes();
+  const uri = volume?.uris.secondary[0];
+  if (uri === undefined) {
+    await daemon.stop();
+    throw new Error(`gannet serve lists no secondary NBD URI for its volume\n${daemon.stderr()}`);
+  }
+  let alive = true;
+  return {
+    name: 'gannet',
+    uri,
+    state: () => {
+      try {
+        process.kill(daemon.pid, 0);
+      } catch {
+        alive = false;
+      }
+      return alive ? 'still running' : 'exited';
+    },
+    stderr: daemon.stderr,
+    stop: async () => {
+      await daemon.stop();
+      stoppers.delete(daemon.stop);
+    },
+  };
 }
 
 /** nbdkit in the foreground on a free port; ready when it writes its pidfile (after it listens). */
@@ -254,7 +296,7 @@ async function startNbdkit(target: { file: string } | { memory: number }, dir: s
       });
       if (existsSync(pidfile)) done();
     });
-    return { name: 'nbdkit', uri: `nbd://127.0.0.1:${port}/`, child, stderr: t.stderr, stop: () => stopProcess(child) };
+    return { name: 'nbdkit', uri: `nbd://127.0.0.1:${port}/`, state: () => processState(child), stderr: t.stderr, stop: () => stopProcess(child) };
   } finally {
     watcher.close();
   }
@@ -317,7 +359,7 @@ async function fioMeasure(server: Server, w: Workload, o: Options, cwd: string):
   ];
   const r = await runFio(args, (o.runtimeS + o.rampS) * 1000 + fioSlackMs, cwd);
   if (r.code !== 0) {
-    const state = server.child.exitCode === null && server.child.signalCode === null ? 'still running' : `exited (${server.child.exitCode ?? server.child.signalCode})`;
+    const state = server.state();
     throw new Error(
       `fio ${args.join(' ')} against ${server.name} failed (exit ${r.code}):\n${r.stderr}\n--- ${server.name} ${state}, stderr:\n${server.stderr()}`,
     );
@@ -438,7 +480,7 @@ export async function main(argv: string[]): Promise<number> {
         ours = await startOurs({ file: oursFile }, o.profileDir);
         theirs = await startNbdkit({ file: theirFile }, dir);
       } else {
-        ours = await startOurs({ memory: o.sizeBytes }, o.profileDir);
+        ours = backend === 'gannet' ? await startGannet(o.sizeBytes, dir) : await startOurs({ memory: o.sizeBytes }, o.profileDir);
         theirs = await startNbdkit({ memory: o.sizeBytes }, dir);
         await prefill(ours.uri, o, dir);
         await prefill(theirs.uri, o, dir);

@@ -18,6 +18,48 @@ const requestBucketsSeconds = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 
 const volumeStates = ['replicating', 'failing-over', 'failed-over', 'closed'] as const;
 const bufferNames = ['primary', 'secondary', 'committed'] as const;
 
+/**
+ * Request counts and bytes, summed in plain Maps on the hot path and handed to prom-client when scraped:
+ * prom-client hashes and validates the labels on every call, which took about a tenth of the daemon's
+ * CPU at 90k 4 KiB writes per second. The Maps are nested by label value, because the values arrive as
+ * the same few strings every time (hashed once), while a joined key would be a new string per request.
+ */
+class RequestTally {
+  /** command -> export -> result -> entry. */
+  private readonly byCommand = new Map<string, Map<string, Map<string, TallyEntry>>>();
+
+  add(event: RequestEvent): void {
+    let byExport = this.byCommand.get(event.command);
+    if (byExport === undefined) {
+      byExport = new Map();
+      this.byCommand.set(event.command, byExport);
+    }
+    let byResult = byExport.get(event.exportName);
+    if (byResult === undefined) {
+      byResult = new Map();
+      byExport.set(event.exportName, byResult);
+    }
+    const result = event.error ?? 'ok';
+    let entry = byResult.get(result);
+    if (entry === undefined) {
+      entry = { labels: { export: event.exportName, command: event.command, result }, requests: 0, bytes: 0 };
+      byResult.set(result, entry);
+    }
+    entry.requests += 1;
+    entry.bytes += event.bytes;
+  }
+
+  *entries(): IterableIterator<TallyEntry> {
+    for (const byExport of this.byCommand.values()) for (const byResult of byExport.values()) yield* byResult.values();
+  }
+}
+
+interface TallyEntry {
+  readonly labels: Record<'export' | 'command' | 'result', string>;
+  requests: number;
+  bytes: number;
+}
+
 export class Metrics {
   readonly registry = new Registry();
   readonly contentType = this.registry.contentType;
@@ -29,8 +71,7 @@ export class Metrics {
   private readonly failovers: Counter<'volume' | 'to'>;
   private readonly pressureEvents: Counter<'volume'>;
   private readonly volumeErrors: Counter<'volume'>;
-  private readonly nbdRequests: Counter<'export' | 'command' | 'result'>;
-  private readonly nbdBytes: Counter<'export' | 'command'>;
+  private readonly tally = new RequestTally();
   private readonly nbdLatency: Histogram<'command'>;
   private readonly nbdConnectionsTotal: Counter;
 
@@ -118,17 +159,27 @@ export class Metrics {
       registers,
     });
     this.volumeErrors = new Counter({ name: 'gannet_volume_errors_total', help: 'Errors the engine reported.', labelNames: ['volume'], registers });
-    this.nbdRequests = new Counter({
+    const tally = this.tally;
+    new Counter({
       name: 'gannet_nbd_requests_total',
       help: 'NBD commands completed, by export, command and result (ok or errno).',
       labelNames: ['export', 'command', 'result'],
       registers,
+      collect() {
+        this.reset();
+        for (const t of tally.entries()) this.inc(t.labels, t.requests);
+      },
     });
-    this.nbdBytes = new Counter({
+    new Counter({
       name: 'gannet_nbd_request_bytes_total',
       help: 'Bytes covered by completed NBD commands.',
       labelNames: ['export', 'command'],
       registers,
+      collect() {
+        this.reset();
+        // Bytes are counted by export and command only, whatever the result.
+        for (const t of tally.entries()) if (t.bytes > 0) this.inc({ export: t.labels.export, command: t.labels.command }, t.bytes);
+      },
     });
     this.nbdLatency = new Histogram({
       name: 'gannet_nbd_request_duration_seconds',
@@ -159,8 +210,7 @@ export class Metrics {
   }
 
   onRequest(event: RequestEvent): void {
-    this.nbdRequests.inc({ export: event.exportName, command: event.command, result: event.error ?? 'ok' });
-    if (event.bytes > 0) this.nbdBytes.inc({ export: event.exportName, command: event.command }, event.bytes);
+    this.tally.add(event);
     this.nbdLatency.observe({ command: event.command }, Number(event.durationNs) / nsPerSecond);
   }
 
