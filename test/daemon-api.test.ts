@@ -171,7 +171,16 @@ describe('gannet control API', () => {
     expect(after.get(key)).toBe((before.get(key) ?? 0) + 2);
     expect(after.get('gannet_volume_buffered_bytes{volume="vol0",buffer="primary"}')).toBeGreaterThanOrEqual(2 * 65536);
     expect(after.get('gannet_volume_epoch{volume="vol0"}')).toBeGreaterThanOrEqual(2);
-    expect([...after.keys()].some((name) => name.startsWith('gannet_nbd_request_duration_seconds_bucket{'))).toBe(true);
+    const bytesKey = 'gannet_nbd_request_bytes_total{export="vol0/primary",command="write"}';
+    expect(after.get(bytesKey)).toBe((before.get(bytesKey) ?? 0) + 2 * 65536);
+    // The latency histogram: cumulative buckets ending in +Inf, which equals the count.
+    const count = 'gannet_nbd_request_duration_seconds_count{command="write"}';
+    expect(after.get(count)).toBe((before.get(count) ?? 0) + 2);
+    expect(after.get('gannet_nbd_request_duration_seconds_bucket{le="+Inf",command="write"}')).toBe(after.get(count));
+    const buckets = [...after].filter(([name]) => name.startsWith('gannet_nbd_request_duration_seconds_bucket{') && name.includes('command="write"'));
+    expect(buckets.length).toBeGreaterThan(2);
+    for (let i = 1; i < buckets.length; i++) expect(buckets[i][1]).toBeGreaterThanOrEqual(buckets[i - 1][1]);
+    expect(after.get('gannet_nbd_request_duration_seconds_sum{command="write"}')).toBeGreaterThan(0);
     expect([...after.keys()].some((name) => name.startsWith('gannet_checkpoint_pause_seconds_count{volume="vol0"}'))).toBe(true);
     expect(after.get('gannet_nbd_connections_total')).toBeGreaterThanOrEqual(1);
     expect(() => parseMetrics('gannet_bad metric\n')).toThrow(/not a Prometheus text line/);

@@ -303,7 +303,7 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         const viewExpected = view.slice();
         backing.fill(0xdd);
         await expectBytes(device, 20_000, viewExpected);
-        // Servers recycle large payloads (nbd-server-js does from 64 KiB), so large writes must not keep them either.
+        // Servers recycle payloads (nbd-server-js does from 4 KiB), so large writes must not keep them either.
         const largeBytes = Math.min(300_000, size - 40_000);
         if (largeBytes > 0) {
           const large = pattern(largeBytes, 8);

@@ -378,7 +378,7 @@ describe('Transmission: concurrency', () => {
     const gates = new Gates();
     d.gate = gates.gate;
     const r = run(d);
-    const payload = Buffer.alloc(8192, 0x5a);
+    const payload = r.pool.acquire(8192).fill(0x5a);
     r.t.handle(req(CMD_WRITE, 0, 8192, 0, payload));
     await gates.until(1);
     expect(r.released).toEqual([]);

@@ -6,9 +6,10 @@
  * keeps no reference to `data` after its promise settles).
  *
  * Buffers come in power-of-two classes from `pooledBytesMin` up; a payload is a view of the first
- * `length` bytes of one. Smaller payloads use Node's allocator, which pools small buffers already.
+ * `length` bytes of one. Smaller payloads use Node's allocator, which slices buffers under 4 KiB out of
+ * a shared pool already (a 4 KiB buffer is its own allocation there, hence the pool from 4 KiB).
  */
-export const pooledBytesMin = 64 * 1024;
+export const pooledBytesMin = 4 * 1024;
 /** Free buffers kept per server; what a burst allocated beyond this is left to the garbage collector. */
 export const payloadPoolBytesMaxDefault = 64 * 1024 * 1024;
 
