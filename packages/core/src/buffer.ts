@@ -82,7 +82,7 @@ export class BlockBuffers {
   readonly sizeBytes: number;
   readonly blockCount: number;
   readonly pool: SlabPool<Layer>;
-  /** Least recently used slots first: the spill victims. */
+  /** Slots in order of allocation or last second chance, coldest first: the spill victims. */
   readonly lru: LRUCache<number, true>;
   readonly indexEntriesMax: number;
   /** Block bytes held in slabs, over all layers (the quantity memoryBytesMax bounds). */
@@ -115,8 +115,13 @@ export class BlockBuffers {
     return this.pool.slotBytes(slot);
   }
 
+  /**
+   * Marks a slot used again. Moving it in the LRU on every 4 KiB write or read cost about a tenth of the
+   * daemon's CPU under random I/O, so a reuse only sets the slot's referenced bit; the spiller gives a
+   * referenced slot a second chance (moves it to the LRU's warm end) when it reaches the cold end.
+   */
   touch(slot: number): void {
-    this.lru.set(slot, true);
+    this.pool.slabOf(slot)!.referenced[this.pool.slotIndex(slot)] = 1;
   }
 
   /**
@@ -151,8 +156,14 @@ export class BlockBuffers {
     if (src !== null) bytes.set(src, inBlock);
     else bytes.fill(0, inBlock, inBlock + length);
     const slab = this.pool.slabOf(slot)!;
-    slab.versions[this.pool.slotIndex(slot)]++;
-    this.touch(slot);
+    const index = this.pool.slotIndex(slot);
+    slab.versions[index]++;
+    if (entry !== undefined && isSlot(entry)) {
+      slab.referenced[index] = 1;
+    } else {
+      slab.referenced[index] = 0;
+      this.lru.set(slot, true);
+    }
   }
 
   /**

@@ -17,6 +17,8 @@ export interface Slab<Owner> {
   readonly blocks: Float64Array;
   /** Bumped on every write to a slot, so an asynchronous spill can tell the slot changed under it. */
   readonly versions: Uint32Array;
+  /** Set when a slot is written or read again: its second chance when it reaches the LRU's cold end. */
+  readonly referenced: Uint8Array;
   owner: Owner | null;
 }
 
@@ -51,6 +53,7 @@ export class SlabPool<Owner> {
         bytes: Buffer.allocUnsafeSlow(this.slabBytes),
         blocks: new Float64Array(this.slotsPerSlab),
         versions: new Uint32Array(this.slotsPerSlab),
+        referenced: new Uint8Array(this.slotsPerSlab),
         owner: null,
       };
       this.slabs[id] = slab;

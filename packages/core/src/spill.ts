@@ -13,11 +13,11 @@ interface Victim {
 }
 
 /**
- * At the memory limit the coldest blocks (least recently written or read, per the LRU of slots) move to
- * LevelDB under (layer id, block index) and keep being served from there. A spilled slot is freed only
- * after the LevelDB batch completes and only if nothing changed the slot meanwhile (same block, same
- * write version, layer not dropped or pinned); otherwise the copy in LevelDB is just garbage that the
- * layer's drop clears. One spill runs at a time.
+ * At the memory limit the coldest blocks (an LRU of slots, with a second chance for slots used again;
+ * see `pickVictims`) move to LevelDB under (layer id, block index) and keep being served from there. A
+ * spilled slot is freed only after the LevelDB batch completes and only if nothing changed the slot
+ * meanwhile (same block, same write version, layer not dropped or pinned); otherwise the copy in LevelDB
+ * is just garbage that the layer's drop clears. One spill runs at a time.
  */
 export class Spiller {
   private readonly buffers: BlockBuffers;
@@ -73,27 +73,42 @@ export class Spiller {
     return freed;
   }
 
+  /**
+   * The coldest unpinned slots, from the LRU's cold end. A slot used again since it was (re)placed there
+   * has its referenced bit set: it gets a second chance, moving to the warm end with the bit cleared,
+   * so a pass where every slot was used again still ends with victims on the second pass.
+   */
   private pickVictims(count: number): Victim[] {
     const { pool, lru } = this.buffers;
     const victims: Victim[] = [];
-    const stale: number[] = [];
-    for (const slot of lru.rkeys()) {
-      if (victims.length >= count) break;
-      const slab = pool.slabOf(slot);
-      const layer = slab?.owner ?? null;
-      if (slab === null || layer === null) {
-        stale.push(slot);
-        continue;
+    for (let pass = 0; pass < 2 && victims.length < count; pass++) {
+      const stale: number[] = [];
+      const secondChance: number[] = [];
+      for (const slot of lru.rkeys()) {
+        if (victims.length >= count) break;
+        const slab = pool.slabOf(slot);
+        const layer = slab?.owner ?? null;
+        if (slab === null || layer === null) {
+          stale.push(slot);
+          continue;
+        }
+        if (layer.pinned) continue;
+        const index = pool.slotIndex(slot);
+        const block = slab.blocks[index];
+        if (layer.map.get(block) !== slot) {
+          stale.push(slot);
+          continue;
+        }
+        if (slab.referenced[index] === 1) {
+          slab.referenced[index] = 0;
+          secondChance.push(slot);
+          continue;
+        }
+        victims.push({ layer, block, slot, version: slab.versions[index] });
       }
-      if (layer.pinned) continue;
-      const block = slab.blocks[pool.slotIndex(slot)];
-      if (layer.map.get(block) !== slot) {
-        stale.push(slot);
-        continue;
-      }
-      victims.push({ layer, block, slot, version: slab.versions[pool.slotIndex(slot)] });
+      for (const slot of stale) lru.delete(slot);
+      for (const slot of secondChance) lru.set(slot, true);
     }
-    for (const slot of stale) lru.delete(slot);
     if (victims.length > 0) return victims;
     return this.scanVictims(count);
   }

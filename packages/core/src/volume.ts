@@ -714,7 +714,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
         flushBacking(pos);
         if (isSlot(entry)) {
           buf.set(this.buffers.slotBytes(entry).subarray(inBlock, inBlock + n), at);
-          this.buffers.lru.get(entry);
+          this.buffers.touch(entry);
         } else if (entry === ZERO) {
           buf.fill(0, at, at + n);
         } else {
@@ -906,5 +906,10 @@ export const _internal = {
   /** Lowers the block index limit, so a test reaches it without millions of entries. */
   limitIndex(volume: ReplicatedVolume, entries: number): void {
     (volume as unknown as { buffers: { indexEntriesMax: number } }).buffers.indexEntriesMax = entries;
+  },
+  /** Where the primary buffer keeps block `b`: in a memory slot, spilled to LevelDB, or not at all. */
+  primaryHolds(volume: ReplicatedVolume, b: number): 'memory' | 'spilled' | 'none' {
+    const entry = (volume as unknown as { P: Layer }).P.map.get(b);
+    return entry === undefined ? 'none' : isSlot(entry) ? 'memory' : isSpilled(entry) ? 'spilled' : 'none';
   },
 };

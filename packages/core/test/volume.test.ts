@@ -448,6 +448,27 @@ describe('ReplicatedVolume', () => {
     await volume.close();
   });
 
+  it('keeps blocks that are read again in memory while colder ones spill (second chance)', async () => {
+    const blockBytes = 4096;
+    const volume = await ReplicatedVolume.open(volumeOptions(8 * MiB, { memoryBytesMax: MiB, blockBytes }));
+    const hotBlocks = 16;
+    const hot = pattern(hotBlocks * blockBytes, 130);
+    // Written first, so they sit at the cold end of the LRU; read between the cold writes (a read does
+    // not change a slot's version, so only recency keeps them from being spilled).
+    await volume.primary.write(hot, 0);
+    const cold = pattern(3 * MiB, 131);
+    for (let off = 0; off < cold.length; off += 64 * KiB) {
+      await volume.primary.write(cold.subarray(off, off + 64 * KiB), MiB + off);
+      expectBytes(await readAll(volume.primary, 0, hot.length), hot);
+    }
+    expect(volume.stats().spilledBytes).toBeGreaterThan(MiB);
+    const where = Array.from({ length: hotBlocks }, (_, b) => _internal.primaryHolds(volume, b));
+    expect(where).toEqual(Array(hotBlocks).fill('memory'));
+    expectBytes(await readAll(volume.primary, 0, hot.length), hot);
+    expectBytes(await readAll(volume.primary, MiB, cold.length), cold);
+    await volume.close();
+  });
+
   it('holds primary writes back while committed data exceeds committedBytesMax', async () => {
     const volume = await ReplicatedVolume.open(volumeOptions(8 * MiB, { committedBytesMax: MiB }));
     const order: string[] = [];
