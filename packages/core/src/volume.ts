@@ -656,8 +656,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     const start = Math.max(offset, b * this.blockBytes);
     const n = Math.min(offset + length, (b + 1) * this.blockBytes) - start;
     assert(n > 0, `block ${b} overlaps the write`);
-    const data = src === null ? null : src.subarray(start - offset, start - offset + n);
-    this.buffers.writeBlock(layer, b, start - b * this.blockBytes, n, data, fillOf.get(b) ?? null);
+    this.buffers.writeBlock(layer, b, start - b * this.blockBytes, n, src, start - offset, fillOf.get(b) ?? null);
   }
 
   /** Whether [offset, offset + length) covers all of block `b` (up to the end of the volume). */
@@ -713,7 +712,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
       } else {
         flushBacking(pos);
         if (isSlot(entry)) {
-          buf.set(this.buffers.slotBytes(entry).subarray(inBlock, inBlock + n), at);
+          this.buffers.copyOut(entry, inBlock, n, buf, at);
           this.buffers.touch(entry);
         } else if (entry === ZERO) {
           buf.fill(0, at, at + n);

@@ -87,7 +87,7 @@ describe('planFlush', () => {
           const [start, end] = randomRange(rng);
           const kind = rng.below(3);
           for (let b = start; b < end; b++) {
-            if (kind === 0) buffers.writeBlock(layer, b, 0, blockBytes, data, null);
+            if (kind === 0) buffers.writeBlock(layer, b, 0, blockBytes, data, 0, null);
             fate.set(b, kind === 0 ? 'data' : kind === 1 ? 'hole' : 'zero');
           }
           if (kind !== 0) buffers.zeroRange(layer, start, end, kind === 2);
