@@ -1,9 +1,10 @@
 /**
- * Recycled buffers for large WRITE payloads. A fresh 1 MiB buffer per request costs more than the copy
- * into it: malloc hands back newly mapped pages, each faulted in on first touch, and the garbage
- * collector then has to notice and free megabytes of external memory per millisecond. A payload goes
- * back to the pool once the device's write has settled, which the BlockDevice contract allows (`write`
- * keeps no reference to `data` after its promise settles).
+ * Recycled buffers for WRITE payloads and READ replies. A fresh 1 MiB buffer per request costs more
+ * than the copy into it: malloc hands back newly mapped pages, each faulted in on first touch, and the
+ * garbage collector then has to notice and free megabytes of external memory per millisecond. A payload
+ * goes back to the pool once the device's write has settled, which the BlockDevice contract allows
+ * (`write` keeps no reference to `data` after its promise settles); a READ buffer once the socket has
+ * written the reply.
  *
  * Buffers come in power-of-two classes from `pooledBytesMin` up; a payload is a view of the first
  * `length` bytes of one. Smaller payloads use Node's allocator, which slices buffers under 4 KiB out of
