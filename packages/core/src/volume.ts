@@ -16,6 +16,7 @@ import {
   writeRuns,
   writeZeroRuns,
   zeroRunRanges,
+  type BlockSource,
   type FlushPlan,
   type Run,
 } from './flusher.js';
@@ -309,9 +310,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     const runs = planRuns(plan.blocks, this.blockBytes);
     const ranges = this.planRanges(runs, plan);
     if (ranges.length > 0) await this.meta.recordFlushing(ranges);
-    let bytes = await writeRuns(this.backing, runs, layerSource(this.buffers, this.meta, layers), this.geometry());
-    bytes += await writeZeroRuns(this.backing, plan.holeRuns, 'punch-hole', this.geometry());
-    bytes += await writeZeroRuns(this.backing, plan.zeroRuns, 'zero-range', this.geometry());
+    const bytes = await this.writePlan(runs, layerSource(this.buffers, this.meta, layers), plan);
     // Also what makes punched holes and zeroed ranges durable: fdatasync flushes allocation changes.
     if (bytes > 0) await this.backing.datasync();
     const durable = layers.at(-1)!.sealedEpoch;
@@ -327,8 +326,16 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     this.emit('flushed', { epoch: durable, bytes, durationMs: performance.now() - start });
   }
 
+  /** Writes a plan's data runs, then its hole and zero runs; returns the bytes they cover. */
+  private async writePlan(runs: readonly Run[], source: BlockSource, plan: Pick<FlushPlan, 'holeRuns' | 'zeroRuns'>): Promise<number> {
+    let bytes = await writeRuns(this.backing, runs, source, this.geometry());
+    bytes += await writeZeroRuns(this.backing, plan.holeRuns, 'punch-hole', this.geometry());
+    bytes += await writeZeroRuns(this.backing, plan.zeroRuns, 'zero-range', this.geometry());
+    return bytes;
+  }
+
   /** The byte ranges a plan writes: what an interruption may leave torn. */
-  private planRanges(runs: readonly Run[], plan: FlushPlan): ByteRange[] {
+  private planRanges(runs: readonly Run[], plan: Pick<FlushPlan, 'holeRuns' | 'zeroRuns'>): ByteRange[] {
     return mergeRanges([
       ...runRanges(runs, this.blockBytes, this.sizeBytes),
       ...zeroRunRanges(plan.holeRuns, this.blockBytes, this.sizeBytes),
@@ -408,9 +415,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     if (chunk.length > 0) await this.meta.putJournal(chunk);
     await this.meta.recordFailingOver(to);
     const runs = planRuns(plan.blocks, this.blockBytes);
-    await writeRuns(this.backing, runs, source, this.geometry());
-    await writeZeroRuns(this.backing, plan.holeRuns, 'punch-hole', this.geometry());
-    await writeZeroRuns(this.backing, plan.zeroRuns, 'zero-range', this.geometry());
+    await this.writePlan(runs, source, plan);
     await this.finishFailover(to, this.planRanges(runs, plan), plan);
     for (const layer of [...this.committed, this.P, this.S]) this.dropLayer(layer);
     this.committed.length = 0;
@@ -438,12 +443,9 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
         }
       }
       const runs = planRuns([...data.keys()], this.blockBytes);
-      await writeRuns(this.backing, runs, (b) => data.get(b)!, this.geometry());
-      await writeZeroRuns(this.backing, chunkHoleRuns, 'punch-hole', this.geometry());
-      await writeZeroRuns(this.backing, chunkZeroRuns, 'zero-range', this.geometry());
-      ranges.push(...runRanges(runs, this.blockBytes, this.sizeBytes));
-      ranges.push(...zeroRunRanges(chunkHoleRuns, this.blockBytes, this.sizeBytes));
-      ranges.push(...zeroRunRanges(chunkZeroRuns, this.blockBytes, this.sizeBytes));
+      const chunkPlan = { holeRuns: chunkHoleRuns, zeroRuns: chunkZeroRuns };
+      await this.writePlan(runs, (b) => data.get(b)!, chunkPlan);
+      ranges.push(...this.planRanges(runs, chunkPlan));
       holeRuns.push(...chunkHoleRuns);
       zeroRuns.push(...chunkZeroRuns);
     }
