@@ -8,7 +8,8 @@ const src = (p: string) => fileURLToPath(new URL(`./packages/${p}`, import.meta.
 export default defineConfig({
   resolve: {
     alias: [
-      { find: /^nbd-server-js\/conformance$/, replacement: src('nbd-server-js/src/conformance.ts') },
+      { find: /^@gannet\/block-device\/conformance$/, replacement: src('block-device/src/conformance.ts') },
+      { find: /^@gannet\/block-device$/, replacement: src('block-device/src/index.ts') },
       { find: /^nbd-server-js$/, replacement: src('nbd-server-js/src/index.ts') },
       { find: /^@gannet\/core$/, replacement: src('core/src/index.ts') },
       { find: /^@gannet\/server$/, replacement: src('server/src/index.ts') },

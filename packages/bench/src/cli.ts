@@ -7,14 +7,14 @@ import { loadProfiles, selectProfiles } from './profiles.js';
 import { Progress } from './progress.js';
 import { addRelativeFigures, markdownTable, strategyOrder, writeReport, type BenchStrategy, type MachineInfo } from './report.js';
 import { runBench } from './runner.js';
+import { KiB, MiB } from '@gannet/block-device';
 
 /**
- * `gannet-bench` / `pnpm bench` / `gannet bench`: native vs COLO-style vs GANNET over the workload
+ * `gannet-bench` / `pnpm bench`: native vs COLO-style vs GANNET over the workload
  * profiles, through NBD, with a report in --out. Exit status 0 on success, 1 on a failed run, 2 on
  * bad usage.
  */
 
-const MiB = 1024 * 1024;
 
 export const durationSDefault = 30;
 export const durationSMax = 3600;

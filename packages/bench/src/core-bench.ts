@@ -20,10 +20,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { openVolume, type Volume } from '@gannet/core';
+import { KiB, MiB, GiB } from '@gannet/block-device';
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const GiB = 1024 * MiB;
 
 interface BenchPlan {
   /**

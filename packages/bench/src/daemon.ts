@@ -1,7 +1,8 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, readFile, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { createRequire } from 'node:module';
+import { dirname, join } from 'node:path';
+import { KiB, MiB } from '@gannet/block-device';
 
 /**
  * The harness's view of a gannet daemon: start one as a child process (free ports, a config file that
@@ -16,12 +17,13 @@ export const daemonStopGraceMs = 10_000;
 /** Control API calls (a checkpoint included) taking longer than this fail the run. */
 export const controlTimeoutMs = 60_000;
 /** Output kept from the daemon, for error messages. */
-const outputBytesMax = 256 * 1024;
+const outputBytesMax = 256 * KiB;
 /** The event stream's buffered partial frame, at most. */
-const sseFrameBytesMax = 1024 * 1024;
+const sseFrameBytesMax = MiB;
 
 export const readyLine = 'gannet ready';
-export const defaultGannetBin = fileURLToPath(new URL('../../server/bin/gannet.js', import.meta.url));
+/** The `gannet` executable of the @gannet/server package this harness depends on. */
+export const defaultGannetBin = join(dirname(createRequire(import.meta.url).resolve('@gannet/server/package.json')), 'bin', 'gannet.js');
 
 export type StrategyName = 'gannet' | 'colo' | 'passthrough';
 

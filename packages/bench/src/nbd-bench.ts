@@ -26,9 +26,8 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { startDaemon } from './daemon.js';
+import { KiB, MiB, parseSize } from '@gannet/block-device';
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
 
 /** Upper bound on one fio run beyond its own runtime (startup, connect, final stats). */
 const fioSlackMs = 60_000;
@@ -86,11 +85,10 @@ interface Options {
   only?: RegExp;
 }
 
-function parseSize(s: string): number {
-  const m = /^(\d+)([KMG]?)$/i.exec(s);
-  if (!m) throw new Error(`bad size ${s} (e.g. 256M)`);
-  const mult = { '': 1, K: KiB, M: MiB, G: 1024 * MiB }[m[2].toUpperCase() as '' | 'K' | 'M' | 'G'];
-  return Number(m[1]) * mult;
+function sizeOf(text: string): number {
+  const bytes = parseSize(text);
+  if (bytes === undefined || bytes <= 0) throw new Error(`bad size ${text} (e.g. 256M)`);
+  return bytes;
 }
 
 function parseOptions(argv: string[]): Options {
@@ -124,7 +122,7 @@ function parseOptions(argv: string[]): Options {
     if (b !== 'file' && b !== 'memory' && b !== 'gannet') throw new Error(`unknown backend ${b}`);
     return b as Backend;
   });
-  const sizeBytes = parseSize(values.size!);
+  const sizeBytes = sizeOf(values.size!);
   if (sizeBytes < 16 * MiB || sizeBytes % MiB !== 0) throw new Error('--size must be a multiple of 1M, at least 16M');
   return {
     runtimeS,

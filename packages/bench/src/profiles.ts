@@ -2,14 +2,13 @@ import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { z } from 'zod';
+import { KiB, MiB } from '@gannet/block-device';
 
 /**
  * Workload profiles are data (fixtures/profiles/*.json), validated here, so a new workload is a new file
  * and the fio job files in fixtures/fio can mirror each one.
  */
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
 
 export const requestBytesMaxLimit = 4 * MiB;
 export const queueDepthMax = 64;

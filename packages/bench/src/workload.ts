@@ -2,6 +2,7 @@ import type { BlockDevice } from 'nbd-server-js';
 import type { Profile } from './profiles.js';
 import { LatencyRecorder } from './stats.js';
 import { Rng } from '@gannet/core';
+import { MiB } from '@gannet/block-device';
 
 /**
  * The workload generator and the stream driver. A stream is the op sequence one VM issues; with the
@@ -15,7 +16,7 @@ export type WorkloadOp =
   | { readonly kind: 'flush' };
 
 /** Write payloads are slices of one random pattern of this size per stream (no per-op allocation). */
-export const patternBytes = 1024 * 1024;
+export const patternBytes = MiB;
 
 export class WorkloadGenerator {
   readonly profile: Profile;

@@ -1,18 +1,23 @@
 import { LRUCache } from 'lru-cache';
 import { assert } from './assert.js';
-import { BlockRanges } from './block-ranges.js';
+import { RangeSet } from './ranges.js';
 import { SlabPool, type Slab } from './slab.js';
+import { MiB } from '@gannet/block-device';
 
 /**
  * Block maps and memory accounting. A layer is one buffer (P, S, or one committed epoch): a compact index
  * Map<block index, entry> where the entry is a slot number (>= 0, data in a slab) or a spill tag (<= -2,
- * data in LevelDB under the layer id and block index), plus the ranges of whole blocks zeroed or trimmed,
- * which read as zeroes with no data allocated: `holes` (trim, or WRITE_ZEROES without NO_HOLE: the backing
- * file may deallocate them) and `zeros` (WRITE_ZEROES with NO_HOLE: they must stay allocated). The two are
- * disjoint, the newer operation taking its blocks from the other. A map entry wins over a range of its own
- * layer: zeroing a range deletes the map entries inside it, so an entry there was written afterwards.
- * `entry()` folds all three into one answer, ZERO for a zeroed block. Every spill tag is unique, so "the
- * entry is unchanged" after an await is a plain number comparison.
+ * data in the spill store under the layer id and block index), plus the ranges of whole blocks zeroed or
+ * trimmed, which read as zeroes with no data allocated: `holes` (trim, or WRITE_ZEROES without NO_HOLE:
+ * the backing file may deallocate them) and `zeros` (WRITE_ZEROES with NO_HOLE: they must stay
+ * allocated). The two are disjoint, the newer operation taking its blocks from the other. A map entry
+ * wins over a range of its own layer: zeroing a range deletes the map entries inside it, so an entry
+ * there was written afterwards. `entry()` folds all three into one answer, ZERO for a zeroed block. Every
+ * spill tag is unique, so "the entry is unchanged" after an await is a plain number comparison.
+ *
+ * A layer's state is private to this module (kept under a symbol only it holds): the rest of the engine
+ * reads a layer through its methods and changes it only through BlockBuffers, which keeps the
+ * accounting.
  */
 export const ZERO = -1;
 const spillTagFirst = -2;
@@ -22,73 +27,162 @@ export const isSpilled = (entry: number): boolean => entry <= spillTagFirst;
 
 export type LayerRole = 'primary' | 'secondary' | 'committed';
 
+interface LayerState {
+  role: LayerRole;
+  sealedEpoch: number;
+  readonly map: Map<number, number>;
+  readonly holes: RangeSet;
+  readonly zeros: RangeSet;
+  memBlocks: number;
+  spilledBlocks: number;
+  /** Pinned layers (being flushed or failed over) have slots in use by I/O: never spilled, never freed. */
+  pinned: boolean;
+  dropped: boolean;
+  /** The spill store may hold copies for this layer (cleared when it is dropped). */
+  hasSpillKeys: boolean;
+  readonly slabs: Slab<Layer>[];
+  readonly freeSlots: number[];
+  bump: Slab<Layer> | null;
+  bumpNext: number;
+}
+
+const state = Symbol('layer state');
+
 export class Layer {
   readonly id: number;
-  role: LayerRole;
   /** The epoch whose writes this layer holds. */
   readonly epoch: number;
-  /** For a committed layer: the epoch the sealing checkpoint returned (durable once flushed). */
-  sealedEpoch = -1;
-  readonly map = new Map<number, number>();
-  readonly holes = new BlockRanges();
-  readonly zeros = new BlockRanges();
-  memBlocks = 0;
-  spilledBlocks = 0;
-  /** Pinned layers (being flushed or failed over) have slots in use by I/O: never spilled, never freed. */
-  pinned = false;
-  dropped = false;
-  /** LevelDB may hold spilled copies for this layer (cleared when it is dropped). */
-  hasSpillKeys = false;
-  readonly slabs: Slab<Layer>[] = [];
-  readonly freeSlots: number[] = [];
-  bump: Slab<Layer> | null = null;
-  bumpNext = 0;
+  readonly [state]: LayerState;
 
   constructor(id: number, role: LayerRole, epoch: number) {
     this.id = id;
-    this.role = role;
     this.epoch = epoch;
+    this[state] = {
+      role,
+      sealedEpoch: -1,
+      map: new Map(),
+      holes: new RangeSet(),
+      zeros: new RangeSet(),
+      memBlocks: 0,
+      spilledBlocks: 0,
+      pinned: false,
+      dropped: false,
+      hasSpillKeys: false,
+      slabs: [],
+      freeSlots: [],
+      bump: null,
+      bumpNext: 0,
+    };
+  }
+
+  get role(): LayerRole {
+    return this[state].role;
+  }
+
+  /** For a committed layer: the epoch the sealing checkpoint returned (durable once flushed). */
+  get sealedEpoch(): number {
+    return this[state].sealedEpoch;
+  }
+
+  get memBlocks(): number {
+    return this[state].memBlocks;
+  }
+
+  get spilledBlocks(): number {
+    return this[state].spilledBlocks;
+  }
+
+  get pinned(): boolean {
+    return this[state].pinned;
+  }
+
+  get dropped(): boolean {
+    return this[state].dropped;
+  }
+
+  get hasSpillKeys(): boolean {
+    return this[state].hasSpillKeys;
+  }
+
+  /** Blocks with data (in memory or spilled); zeroed ranges are not counted. */
+  get dataBlockCount(): number {
+    return this[state].map.size;
   }
 
   /** What this layer holds for block `b`: its map entry, ZERO inside a hole or zero range, else undefined. */
   entry(b: number): number | undefined {
-    const e = this.map.get(b);
+    const s = this[state];
+    const e = s.map.get(b);
     if (e !== undefined) return e;
-    return this.inRange(b) ? ZERO : undefined;
+    return inRange(s, b) ? ZERO : undefined;
+  }
+
+  /** The slot or spill tag holding block `b`'s data, if the layer has data for it. */
+  dataEntry(b: number): number | undefined {
+    return this[state].map.get(b);
+  }
+
+  hasData(b: number): boolean {
+    return this[state].map.has(b);
   }
 
   /** Whether this layer decides the content of block `b` (views below it do not matter). */
   holds(b: number): boolean {
-    return this.map.has(b) || this.inRange(b);
+    const s = this[state];
+    return s.map.has(b) || inRange(s, b);
   }
 
-  private inRange(b: number): boolean {
-    return (this.holes.size > 0 && this.holes.has(b)) || (this.zeros.size > 0 && this.zeros.has(b));
+  /** The blocks with data, in no particular order. */
+  dataBlocks(): IterableIterator<number> {
+    return this[state].map.keys();
   }
+
+  hasRanges(): boolean {
+    const s = this[state];
+    return s.holes.size > 0 || s.zeros.size > 0;
+  }
+
+  /** The hole and zero ranges, read-only and valid until the layer changes. */
+  rangeViews(): { holes: ReturnType<RangeSet['view']>; zeros: ReturnType<RangeSet['view']> } {
+    const s = this[state];
+    return { holes: s.holes.view(), zeros: s.zeros.view() };
+  }
+}
+
+function inRange(s: LayerState, b: number): boolean {
+  return (s.holes.size > 0 && s.holes.has(b)) || (s.zeros.size > 0 && s.zeros.has(b));
+}
+
+/** A block the spiller may move out of memory: where it is, and the slot's write version when picked. */
+export interface SpillVictim {
+  readonly layer: Layer;
+  readonly block: number;
+  readonly slot: number;
+  readonly version: number;
 }
 
 /**
  * Index entries (map entries, hole and zero ranges) across all layers; a V8 Map holds at most 2^24
  * entries, and index memory must be bounded.
  */
-export const indexEntriesMaxDefault = 8 * 1024 * 1024;
+export const indexEntriesMaxDefault = 8 * MiB;
 /** Index entries one zeroRange may add: its own range, and a range of the other kind it cuts in two. */
 export const zeroRangeEntriesMax = 2;
 /** Recency is tracked per slot; past this many slots the LRU forgets the coldest (a scan finds them). */
-const lruSlotsMax = 4 * 1024 * 1024;
+const lruSlotsMax = 4 * MiB;
 
 export class BlockBuffers {
   readonly blockBytes: number;
   readonly sizeBytes: number;
   readonly blockCount: number;
-  readonly pool: SlabPool<Layer>;
+  private readonly pool: SlabPool<Layer>;
   /** Slots in order of allocation or last second chance, coldest first: the spill victims. */
-  readonly lru: LRUCache<number, true>;
+  private readonly lru: LRUCache<number, true>;
   readonly indexEntriesMax: number;
   /** Block bytes held in slabs, over all layers (the quantity memoryBytesMax bounds). */
-  memBytes = 0;
-  spilledBytes = 0;
-  indexEntries = 0;
+  private memBytesValue = 0;
+  private spilledBytesValue = 0;
+  private indexEntriesValue = 0;
   private nextLayerId = 1;
   private nextSpillTag = spillTagFirst;
 
@@ -102,8 +196,33 @@ export class BlockBuffers {
     this.lru = new LRUCache<number, true>({ max: Math.min(slots, lruSlotsMax) });
   }
 
-  newLayer(role: LayerRole, epoch: number): Layer {
+  get memBytes(): number {
+    return this.memBytesValue;
+  }
+
+  get spilledBytes(): number {
+    return this.spilledBytesValue;
+  }
+
+  get indexEntries(): number {
+    return this.indexEntriesValue;
+  }
+
+  newLayer(role: 'primary' | 'secondary', epoch: number): Layer {
     return new Layer(this.nextLayerId++, role, epoch);
+  }
+
+  /** A checkpoint sealed `layer` (P) into the committed set, as the epoch `sealedEpoch` returns. */
+  seal(layer: Layer, sealedEpoch: number): void {
+    const s = layer[state];
+    assert(s.role === 'primary' && !s.pinned && !s.dropped, 'only a live primary buffer is sealed');
+    s.role = 'committed';
+    s.sealedEpoch = sealedEpoch;
+  }
+
+  /** Pins layers while a flush or failover writes them from their slots (see LayerState.pinned). */
+  pin(layers: Iterable<Layer>, pinned: boolean): void {
+    for (const layer of layers) layer[state].pinned = pinned;
   }
 
   /** Bytes of block `b` inside the volume (the last block may be short). */
@@ -140,8 +259,9 @@ export class BlockBuffers {
     srcAt: number,
     fill: Uint8Array | null,
   ): void {
-    assert(!layer.dropped && !layer.pinned && layer.role !== 'committed', 'writes go to a live buffer');
-    const entry = layer.map.get(b);
+    const s = layer[state];
+    assert(!s.dropped && !s.pinned && s.role !== 'committed', 'writes go to a live buffer');
+    const entry = s.map.get(b);
     const reused = entry !== undefined && isSlot(entry);
     const slot = reused ? entry : this.allocSlot(layer, b);
     const slab = this.pool.slabOf(slot)!;
@@ -179,58 +299,131 @@ export class BlockBuffers {
    * bounded by the index size, not by the length of the range. Adds at most zeroRangeEntriesMax entries.
    */
   zeroRange(layer: Layer, first: number, end: number, noHole: boolean): void {
-    assert(!layer.dropped && !layer.pinned && layer.role !== 'committed', 'zeroes go to a live buffer');
+    const s = layer[state];
+    assert(!s.dropped && !s.pinned && s.role !== 'committed', 'zeroes go to a live buffer');
     assert(first >= 0 && first < end && end <= this.blockCount, `zero range ${first}..${end} inside the volume`);
-    if (layer.map.size <= end - first) {
-      for (const [b, entry] of layer.map) if (b >= first && b < end) this.removeEntry(layer, b, entry);
+    if (s.map.size <= end - first) {
+      for (const [b, entry] of s.map) if (b >= first && b < end) this.removeEntry(layer, b, entry);
     } else {
       for (let b = first; b < end; b++) {
-        const entry = layer.map.get(b);
+        const entry = s.map.get(b);
         if (entry !== undefined) this.removeEntry(layer, b, entry);
       }
     }
-    const [into, from] = noHole ? [layer.zeros, layer.holes] : [layer.holes, layer.zeros];
-    this.indexEntries += into.add(first, end) + from.remove(first, end);
-    assert(this.indexEntries >= 0, 'accounting never negative');
+    const [into, from] = noHole ? [s.zeros, s.holes] : [s.holes, s.zeros];
+    this.indexEntriesValue += into.add(first, end) + from.remove(first, end);
+    assert(this.indexEntriesValue >= 0, 'accounting never negative');
   }
 
-  /** Marks a slot's block as spilled (the data is in LevelDB now) and frees the slot. */
-  markSpilled(layer: Layer, b: number, slot: number): number {
+  /**
+   * Up to `count` of the coldest unpinned slots, from the LRU's cold end. A slot used again since it was
+   * (re)placed there has its referenced bit set: it gets a second chance, moving to the warm end with the
+   * bit cleared, so a pass where every slot was used again still ends with victims on the second pass.
+   * Slots the LRU forgot (it tracks a bounded number) are found by a scan of `layers`, rare and slow.
+   */
+  spillVictims(count: number, layers: Iterable<Layer>): SpillVictim[] {
+    const { pool, lru } = this;
+    const victims: SpillVictim[] = [];
+    for (let pass = 0; pass < 2 && victims.length < count; pass++) {
+      const stale: number[] = [];
+      const secondChance: number[] = [];
+      for (const slot of lru.rkeys()) {
+        if (victims.length >= count) break;
+        const slab = pool.slabOf(slot);
+        const layer = slab?.owner ?? null;
+        if (slab === null || layer === null) {
+          stale.push(slot);
+          continue;
+        }
+        const s = layer[state];
+        if (s.pinned) continue;
+        const index = pool.slotIndex(slot);
+        const block = slab.blocks[index];
+        if (s.map.get(block) !== slot) {
+          stale.push(slot);
+          continue;
+        }
+        if (slab.referenced[index] === 1) {
+          slab.referenced[index] = 0;
+          secondChance.push(slot);
+          continue;
+        }
+        victims.push({ layer, block, slot, version: slab.versions[index] });
+      }
+      for (const slot of stale) lru.delete(slot);
+      for (const slot of secondChance) lru.set(slot, true);
+    }
+    if (victims.length > 0) return victims;
+    for (const layer of layers) {
+      const s = layer[state];
+      if (s.pinned || s.dropped) continue;
+      for (const [block, entry] of s.map) {
+        if (victims.length >= count) return victims;
+        if (!isSlot(entry)) continue;
+        const slab = pool.slabOf(entry);
+        assert(slab !== null && slab.owner === layer, 'a live slot belongs to its layer');
+        victims.push({ layer, block, slot: entry, version: slab.versions[pool.slotIndex(entry)] });
+      }
+    }
+    return victims;
+  }
+
+  /** The spill store is about to hold copies of these victims' blocks (cleared when the layer drops). */
+  spilling(victims: readonly SpillVictim[]): void {
+    for (const v of victims) v.layer[state].hasSpillKeys = true;
+  }
+
+  /**
+   * The victim's block is in the spill store now: free its slot, unless the slot changed since it was
+   * picked (another block, another write, the layer dropped or pinned). Returns whether it was freed.
+   */
+  spilled(victim: SpillVictim): boolean {
+    const { layer, block, slot } = victim;
+    const s = layer[state];
+    if (s.dropped || s.pinned || s.map.get(block) !== slot) return false;
+    const slab = this.pool.slabOf(slot);
+    if (slab === null || slab.versions[this.pool.slotIndex(slot)] !== victim.version) return false;
     const tag = this.nextSpillTag--;
-    this.replaceEntry(layer, b, slot, tag);
-    return tag;
+    this.replaceEntry(layer, block, slot, tag);
+    this.lru.delete(slot);
+    return true;
   }
 
   /** Whether `entries` more index entries fit. */
   indexRoom(entries: number): boolean {
-    return this.indexEntries + entries <= this.indexEntriesMax;
+    return this.indexEntriesValue + entries <= this.indexEntriesMax;
   }
 
   /** Returns every slab of a dropped layer to the pool: one step per slab, none per block. */
   dropLayer(layer: Layer): void {
-    assert(!layer.dropped, `layer ${layer.id} dropped once`);
-    layer.dropped = true;
-    for (const slab of layer.slabs) this.pool.release(slab);
-    layer.slabs.length = 0;
-    layer.freeSlots.length = 0;
-    layer.bump = null;
-    this.memBytes -= layer.memBlocks * this.blockBytes;
-    this.spilledBytes -= layer.spilledBlocks * this.blockBytes;
-    this.indexEntries -= layer.map.size + layer.holes.size + layer.zeros.size;
-    layer.memBlocks = 0;
-    layer.spilledBlocks = 0;
-    assert(this.memBytes >= 0 && this.spilledBytes >= 0 && this.indexEntries >= 0, 'accounting never negative');
+    const s = layer[state];
+    assert(!s.dropped, `layer ${layer.id} dropped once`);
+    s.dropped = true;
+    for (const slab of s.slabs) this.pool.release(slab);
+    s.slabs.length = 0;
+    s.freeSlots.length = 0;
+    s.bump = null;
+    this.memBytesValue -= s.memBlocks * this.blockBytes;
+    this.spilledBytesValue -= s.spilledBlocks * this.blockBytes;
+    this.indexEntriesValue -= s.map.size + s.holes.size + s.zeros.size;
+    s.memBlocks = 0;
+    s.spilledBlocks = 0;
+    assert(
+      this.memBytesValue >= 0 && this.spilledBytesValue >= 0 && this.indexEntriesValue >= 0,
+      'accounting never negative',
+    );
   }
 
   private allocSlot(layer: Layer, b: number): number {
-    let slot = layer.freeSlots.pop();
+    const s = layer[state];
+    let slot = s.freeSlots.pop();
     if (slot === undefined) {
-      if (layer.bump === null || layer.bumpNext === this.pool.slotsPerSlab) {
-        layer.bump = this.pool.acquire(layer);
-        layer.slabs.push(layer.bump);
-        layer.bumpNext = 0;
+      if (s.bump === null || s.bumpNext === this.pool.slotsPerSlab) {
+        s.bump = this.pool.acquire(layer);
+        s.slabs.push(s.bump);
+        s.bumpNext = 0;
       }
-      slot = layer.bump.id * this.pool.slotsPerSlab + layer.bumpNext++;
+      slot = s.bump.id * this.pool.slotsPerSlab + s.bumpNext++;
     }
     const slab = this.pool.slabOf(slot)!;
     assert(slab.owner === layer, 'a layer allocates from its own slabs');
@@ -240,34 +433,36 @@ export class BlockBuffers {
 
   private removeEntry(layer: Layer, b: number, old: number): void {
     this.releaseEntry(layer, old);
-    layer.map.delete(b);
-    this.indexEntries--;
+    layer[state].map.delete(b);
+    this.indexEntriesValue--;
   }
 
   private releaseEntry(layer: Layer, old: number): void {
+    const s = layer[state];
     if (isSlot(old)) {
-      layer.freeSlots.push(old);
-      layer.memBlocks--;
-      this.memBytes -= this.blockBytes;
+      s.freeSlots.push(old);
+      s.memBlocks--;
+      this.memBytesValue -= this.blockBytes;
     } else {
       assert(isSpilled(old), `map entry ${old} is a slot or a spill tag`);
-      layer.spilledBlocks--;
-      this.spilledBytes -= this.blockBytes;
+      s.spilledBlocks--;
+      this.spilledBytesValue -= this.blockBytes;
     }
   }
 
   private replaceEntry(layer: Layer, b: number, old: number | undefined, next: number): void {
     assert(next !== ZERO, 'zeroes are ranges, not map entries');
-    if (old === undefined) this.indexEntries++;
+    const s = layer[state];
+    if (old === undefined) this.indexEntriesValue++;
     else this.releaseEntry(layer, old);
     if (isSlot(next)) {
-      layer.memBlocks++;
-      this.memBytes += this.blockBytes;
+      s.memBlocks++;
+      this.memBytesValue += this.blockBytes;
     } else if (isSpilled(next)) {
-      layer.spilledBlocks++;
-      this.spilledBytes += this.blockBytes;
+      s.spilledBlocks++;
+      this.spilledBytesValue += this.blockBytes;
     }
-    layer.map.set(b, next);
-    assert(layer.memBlocks >= 0 && layer.spilledBlocks >= 0 && this.memBytes >= 0, 'accounting never negative');
+    s.map.set(b, next);
+    assert(s.memBlocks >= 0 && s.spilledBlocks >= 0 && this.memBytesValue >= 0, 'accounting never negative');
   }
 }

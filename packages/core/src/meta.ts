@@ -1,7 +1,7 @@
 import { Level } from 'level';
 import { assert } from './assert.js';
 import { GannetError } from './errors.js';
-import type { Run } from './flusher.js';
+import type { Run } from './plan.js';
 import { decodeRanges, encodeRanges } from './ranges.js';
 import type { ByteRange, FailoverTarget } from './types.js';
 
@@ -117,8 +117,8 @@ export class MetaStore {
       target: (str(target) as FailoverTarget | undefined) ?? null,
       durableEpoch: num(durable),
       epochCeiling: num(ceiling),
-      flushing: decodeRanges(flushing),
-      torn: decodeRanges(torn),
+      flushing: storedRanges(key.flushing, flushing),
+      torn: storedRanges(key.torn, torn),
     };
   }
 
@@ -263,6 +263,12 @@ export class MetaStore {
   async close(): Promise<void> {
     await this.db.close();
   }
+}
+
+function storedRanges(name: string, bytes: Uint8Array | undefined): ByteRange[] {
+  const ranges = decodeRanges(bytes);
+  if (ranges === undefined) throw new GannetError('EMISMATCH', `metadata key ${name} holds no valid list of byte ranges`);
+  return ranges;
 }
 
 function tornOp(torn: readonly ByteRange[]): BatchOp {

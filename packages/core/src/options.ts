@@ -1,8 +1,6 @@
+import { GiB, KiB, MiB } from '@gannet/block-device';
 import { z } from 'zod';
-
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const GiB = 1024 * MiB;
+import { indexEntriesMaxDefault } from './buffer.js';
 
 export const blockBytesMin = 512;
 export const blockBytesMax = 1 * MiB;
@@ -27,6 +25,8 @@ export const volumeOptionsSchema = z
     memoryBytesMax: z.number().int().min(1 * MiB).default(1 * GiB),
     pressureRatio: z.number().gt(0).lte(1).default(0.75),
     committedBytesMax: z.number().int().min(1 * MiB).default(2 * GiB),
+    /** Block index entries (blocks with data, zeroed ranges) over all of the volume's buffers. */
+    indexEntriesMax: z.number().int().min(16).max(indexEntriesMaxDefault).default(indexEntriesMaxDefault),
   })
   .strict();
 

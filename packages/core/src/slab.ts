@@ -1,6 +1,6 @@
 import { assert } from './assert.js';
+import { MiB } from '@gannet/block-device';
 
-const MiB = 1024 * 1024;
 
 /**
  * Buffered blocks live in slabs: large Buffers cut into block-sized slots, so a GiB of buffered data is a

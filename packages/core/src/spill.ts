@@ -1,35 +1,25 @@
-import { assert } from './assert.js';
-import { isSlot, type BlockBuffers, type Layer } from './buffer.js';
+import type { BlockBuffers, Layer } from './buffer.js';
 import type { MetaStore } from './meta.js';
+import { MiB } from '@gannet/block-device';
 
-/** Bytes moved to LevelDB per spill batch. */
-export const spillBatchBytesMax = 4 * 1024 * 1024;
-
-interface Victim {
-  layer: Layer;
-  block: number;
-  slot: number;
-  version: number;
-}
+/** Bytes moved to the spill store per batch. */
+export const spillBatchBytesMax = 4 * MiB;
 
 /**
- * At the memory limit the coldest blocks (an LRU of slots, with a second chance for slots used again;
- * see `pickVictims`) move to LevelDB under (layer id, block index) and keep being served from there. A
- * spilled slot is freed only after the LevelDB batch completes and only if nothing changed the slot
- * meanwhile (same block, same write version, layer not dropped or pinned); otherwise the copy in LevelDB
- * is just garbage that the layer's drop clears. One spill runs at a time.
+ * At the memory limit the coldest blocks (BlockBuffers.spillVictims: an LRU of slots with a second chance
+ * for slots used again) move to the metadata store under (layer id, block index) and keep being served
+ * from there. A spilled slot is freed only after the batch completes and only if nothing changed the
+ * slot meanwhile (BlockBuffers.spilled); otherwise the stored copy is garbage that the layer's drop
+ * clears. One spill runs at a time.
  */
 export class Spiller {
-  private readonly buffers: BlockBuffers;
-  private readonly meta: MetaStore;
-  private readonly liveLayers: () => Iterable<Layer>;
   private running: Promise<number> | null = null;
 
-  constructor(buffers: BlockBuffers, meta: MetaStore, liveLayers: () => Iterable<Layer>) {
-    this.buffers = buffers;
-    this.meta = meta;
-    this.liveLayers = liveLayers;
-  }
+  constructor(
+    private readonly buffers: BlockBuffers,
+    private readonly meta: MetaStore,
+    private readonly liveLayers: () => Iterable<Layer>,
+  ) {}
 
   /** Waits for a spill in flight (close must not close the store under it). */
   async idle(): Promise<void> {
@@ -53,79 +43,24 @@ export class Spiller {
     }
   }
 
+  /** A spilled block's bytes, or undefined when its layer was dropped meanwhile. */
+  read(layer: Layer, block: number): Promise<Uint8Array | undefined> {
+    return this.meta.getSpill(layer.id, block);
+  }
+
+  /** Forgets a dropped layer's spilled blocks, after any batch in flight that may still write them. */
+  async forget(layer: Layer): Promise<void> {
+    await this.idle();
+    await this.meta.clearLayerSpill(layer.id);
+  }
+
   private async spillBatch(bytes: number): Promise<number> {
-    const victims = this.pickVictims(Math.ceil(bytes / this.buffers.blockBytes));
+    const victims = this.buffers.spillVictims(Math.ceil(bytes / this.buffers.blockBytes), this.liveLayers());
     if (victims.length === 0) return -1;
-    for (const v of victims) v.layer.hasSpillKeys = true;
-    await this.meta.putSpill(
-      victims.map((v) => ({ layerId: v.layer.id, block: v.block, data: this.buffers.slotBytes(v.slot) })),
-    );
+    this.buffers.spilling(victims);
+    await this.meta.putSpill(victims.map((v) => ({ layerId: v.layer.id, block: v.block, data: this.buffers.slotBytes(v.slot) })));
     let freed = 0;
-    for (const v of victims) {
-      const { layer, block, slot } = v;
-      if (layer.dropped || layer.pinned || layer.map.get(block) !== slot) continue;
-      const slab = this.buffers.pool.slabOf(slot);
-      if (slab === null || slab.versions[this.buffers.pool.slotIndex(slot)] !== v.version) continue;
-      this.buffers.markSpilled(layer, block, slot);
-      this.buffers.lru.delete(slot);
-      freed += this.buffers.blockBytes;
-    }
+    for (const v of victims) if (this.buffers.spilled(v)) freed += this.buffers.blockBytes;
     return freed;
-  }
-
-  /**
-   * The coldest unpinned slots, from the LRU's cold end. A slot used again since it was (re)placed there
-   * has its referenced bit set: it gets a second chance, moving to the warm end with the bit cleared,
-   * so a pass where every slot was used again still ends with victims on the second pass.
-   */
-  private pickVictims(count: number): Victim[] {
-    const { pool, lru } = this.buffers;
-    const victims: Victim[] = [];
-    for (let pass = 0; pass < 2 && victims.length < count; pass++) {
-      const stale: number[] = [];
-      const secondChance: number[] = [];
-      for (const slot of lru.rkeys()) {
-        if (victims.length >= count) break;
-        const slab = pool.slabOf(slot);
-        const layer = slab?.owner ?? null;
-        if (slab === null || layer === null) {
-          stale.push(slot);
-          continue;
-        }
-        if (layer.pinned) continue;
-        const index = pool.slotIndex(slot);
-        const block = slab.blocks[index];
-        if (layer.map.get(block) !== slot) {
-          stale.push(slot);
-          continue;
-        }
-        if (slab.referenced[index] === 1) {
-          slab.referenced[index] = 0;
-          secondChance.push(slot);
-          continue;
-        }
-        victims.push({ layer, block, slot, version: slab.versions[index] });
-      }
-      for (const slot of stale) lru.delete(slot);
-      for (const slot of secondChance) lru.set(slot, true);
-    }
-    if (victims.length > 0) return victims;
-    return this.scanVictims(count);
-  }
-
-  /** Slots the LRU forgot (it tracks a bounded number): found by a scan, which is rare and slow. */
-  private scanVictims(count: number): Victim[] {
-    const victims: Victim[] = [];
-    for (const layer of this.liveLayers()) {
-      if (layer.pinned || layer.dropped) continue;
-      for (const [block, entry] of layer.map) {
-        if (victims.length >= count) return victims;
-        if (!isSlot(entry)) continue;
-        const slab = this.buffers.pool.slabOf(entry);
-        assert(slab !== null && slab.owner === layer, 'a live slot belongs to its layer');
-        victims.push({ layer, block, slot: entry, version: slab.versions[this.buffers.pool.slotIndex(entry)] });
-      }
-    }
-    return victims;
   }
 }

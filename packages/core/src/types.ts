@@ -1,5 +1,5 @@
 import type { EventEmitter } from 'node:events';
-import type { BlockDevice } from 'nbd-server-js';
+import type { BlockDevice } from '@gannet/block-device';
 
 /**
  * What every volume strategy (gannet, colo, passthrough) offers, so the daemon and the benchmark harness

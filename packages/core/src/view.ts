@@ -1,19 +1,6 @@
-import {
-  BlockDeviceError,
-  checkRange,
-  defaultBlockSizes,
-  type BlockDevice,
-  type BlockSizes,
-  type Capabilities,
-  type Extent,
-  type WriteOptions,
-  type ZeroOptions,
-} from 'nbd-server-js';
+import { AbstractBlockDevice, defaultBlockSizes, type Capabilities, type Extent, type ZeroRequest } from '@gannet/block-device';
 
 export type ViewRole = 'primary' | 'secondary';
-
-/** How a view behaves now: buffered while replicating, a plain disk (or read-only) after failover. */
-export type ViewMode = 'buffered' | 'plain' | 'read-only';
 
 /**
  * `noHole`: zeroes that must stay allocated in the backing file (WRITE_ZEROES with NO_HOLE); trim and
@@ -24,114 +11,81 @@ export interface ViewWriteOptions {
   readonly noHole: boolean;
 }
 
-/** What a view needs from its volume; the volume passes closures, so none of this is public API. */
+/**
+ * What a view needs from its volume, whatever the strategy. The public verbs of the view (the base
+ * class) have checked the request already: in range, not empty, allowed by `capabilities`.
+ */
 export interface ViewHost {
-  mode(role: ViewRole): ViewMode;
+  capabilities(role: ViewRole): Capabilities;
   read(role: ViewRole, buf: Uint8Array, offset: number): Promise<void>;
   /** `src` null writes zeroes (trim and write-zeroes). */
   write(role: ViewRole, src: Uint8Array | null, offset: number, length: number, options: ViewWriteOptions): Promise<void>;
   flush(role: ViewRole): Promise<void>;
   extents(role: ViewRole, offset: number, length: number): Promise<Extent[]>;
-  /** Rejects when the volume is closed; cache has nothing else to do (buffers are memory). */
-  ready(role: ViewRole): Promise<void>;
+  cache(role: ViewRole, offset: number, length: number): Promise<void>;
 }
 
+const plain: ViewWriteOptions = Object.freeze({ fua: false, noHole: false });
+const fua: ViewWriteOptions = Object.freeze({ fua: true, noHole: false });
+
 /**
- * One view of a replicated volume as a BlockDevice: primary = P over C over B, secondary = S over C over B.
- * Public verbs check their input, then hand trusted arguments to the volume (Level's put/_put split).
- * Closing a view does nothing: the volume owns the buffers and the file, and closes them in close().
+ * One view of a replicated volume as a BlockDevice, for every strategy: the primary view (what the PVM's
+ * forwarded writes see) or the secondary view (the SVM's disk). Trim is a zero that may leave a hole.
+ * Closing a view only stops it taking requests: the volume owns the buffers and the files, and closes
+ * them in its own close().
  */
-export class VolumeView implements BlockDevice {
+export class VolumeView extends AbstractBlockDevice {
   readonly role: ViewRole;
-  readonly size: number;
-  readonly blockSizes: BlockSizes;
   private readonly host: ViewHost;
 
   constructor(role: ViewRole, size: number, blockBytes: number, host: ViewHost) {
+    super(size, Object.freeze({ minimum: 1, preferred: blockBytes, maximum: defaultBlockSizes.maximum }));
     this.role = role;
-    this.size = size;
-    this.blockSizes = Object.freeze({ minimum: 1, preferred: blockBytes, maximum: defaultBlockSizes.maximum });
     this.host = host;
   }
 
-  /** fastZero only while buffered: a zero is then a marker; on the plain disk it writes zeroes. */
   get capabilities(): Capabilities {
-    const mode = this.host.mode(this.role);
-    return {
-      readOnly: mode === 'read-only',
-      flush: true,
-      fua: true,
-      trim: true,
-      zero: true,
-      fastZero: mode === 'buffered',
-      cache: true,
-      multiConn: true,
-      extents: true,
-    };
+    return this.host.capabilities(this.role);
   }
 
-  read(buf: Uint8Array, offset: number): Promise<void> {
-    try {
-      checkRange(this.size, offset, buf.length, 'read');
-    } catch (err) {
-      return Promise.reject(err);
-    }
+  protected _read(buf: Uint8Array, offset: number): Promise<void> {
     return this.host.read(this.role, buf, offset);
   }
 
-  write(data: Uint8Array, offset: number, options?: WriteOptions): Promise<void> {
-    try {
-      checkRange(this.size, offset, data.length, 'write');
-    } catch (err) {
-      return Promise.reject(err);
-    }
-    return this.host.write(this.role, data, offset, data.length, { fua: options?.fua === true, noHole: false });
+  protected _write(data: Uint8Array, offset: number, withFua: boolean): Promise<void> {
+    return this.host.write(this.role, data, offset, data.length, withFua ? fua : plain);
   }
 
-  flush(): Promise<void> {
+  protected override _flush(): Promise<void> {
     return this.host.flush(this.role);
   }
 
-  trim(offset: number, length: number, options?: WriteOptions): Promise<void> {
-    try {
-      checkRange(this.size, offset, length, 'trim');
-    } catch (err) {
-      return Promise.reject(err);
-    }
-    return this.host.write(this.role, null, offset, length, { fua: options?.fua === true, noHole: false });
+  protected override _trim(offset: number, length: number, withFua: boolean): Promise<void> {
+    return this.host.write(this.role, null, offset, length, withFua ? fua : plain);
   }
 
-  writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void> {
-    try {
-      checkRange(this.size, offset, length, 'zero');
-    } catch (err) {
-      return Promise.reject(err);
-    }
-    if (options?.fastZero === true && this.host.mode(this.role) === 'plain') {
-      return Promise.reject(new BlockDeviceError('ENOTSUP', 'fast zero is not available on the failed-over disk'));
-    }
-    return this.host.write(this.role, null, offset, length, { fua: options?.fua === true, noHole: options?.noHole === true });
+  protected override _zero(offset: number, length: number, request: ZeroRequest): Promise<void> {
+    return this.host.write(this.role, null, offset, length, { fua: request.fua, noHole: request.noHole });
   }
 
-  cache(offset: number, length: number): Promise<void> {
-    try {
-      checkRange(this.size, offset, length, 'cache');
-    } catch (err) {
-      return Promise.reject(err);
-    }
-    return this.host.ready(this.role);
-  }
-
-  extents(offset: number, length: number): Promise<Extent[]> {
-    try {
-      checkRange(this.size, offset, length, 'extents');
-    } catch (err) {
-      return Promise.reject(err);
-    }
+  protected override _extents(offset: number, length: number): Promise<Extent[]> {
     return this.host.extents(this.role, offset, length);
   }
 
-  close(): Promise<void> {
-    return Promise.resolve();
+  protected override _cache(offset: number, length: number): Promise<void> {
+    return this.host.cache(this.role, offset, length);
   }
 }
+
+/** What the disk baselines (colo, passthrough) declare: real flush and FUA, zeroes written, no allocation map. */
+export const diskViewCapabilities: Capabilities = Object.freeze({
+  readOnly: false,
+  flush: true,
+  fua: true,
+  trim: true,
+  zero: true,
+  fastZero: false,
+  cache: false,
+  multiConn: true,
+  extents: false,
+});

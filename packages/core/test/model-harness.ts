@@ -22,15 +22,13 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { describe, it } from 'vitest';
 import {
-  ReplicatedVolume,
-  _internal,
   openVolume,
   type FailoverTarget,
   type StrategyName,
   type Volume,
   type VolumeOptions,
 } from '@gannet/core';
-import type { BlockDevice } from 'nbd-server-js';
+import type { BlockDevice } from '@gannet/block-device';
 import { Rng, VolumeModel, firstDifference, hexAround, type ViewName } from './model.js';
 
 const KiB = 1024;
@@ -49,12 +47,6 @@ const requestBytesMax = 128 * KiB;
 /** Share of zeroes and trims over long whole-block ranges (the rest are the short shapes of reads and writes). */
 const longZeroChanceDefault = 0.5;
 const longZeroChanceSpill = 0.1;
-/**
- * Shortest zero run gannet hands to fallocate(1) here: the volumes are a few MiB at most, so the default
- * (1 MiB) would leave holes and NO_HOLE ranges to zero writes nearly always. On tmpfs NO_HOLE ranges then
- * take the fallback (tmpfs has no zero-range), holes are punched.
- */
-const fallocateBytesMinModel = 64 * KiB;
 /** How long a settle (waiting for the background flusher) may take before the run fails. */
 const settleMsMax = 20_000;
 /** A batch (or close, or reopen) that takes longer has hung: fail with the op list, before vitest's timeout. */
@@ -488,7 +480,6 @@ export async function runModelSeed(strategy: 'gannet' | 'colo', seed: number, op
   let pressureEvents = 0;
   try {
     vol = await openVolume(volumeOptions({ strategy, cfg, backingPath, dataDir }));
-    if (vol instanceof ReplicatedVolume) _internal.backingOf(vol).setFallocate({ bytesMin: fallocateBytesMinModel });
     const v = vol;
     v.on('error', (err) => errors.push(err));
     v.on('pressure', () => pressureEvents++);

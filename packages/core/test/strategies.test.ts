@@ -10,8 +10,8 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { runBlockDeviceSuite } from 'nbd-server-js/conformance';
-import type { BlockDevice } from 'nbd-server-js';
+import { runBlockDeviceSuite } from '@gannet/block-device/conformance';
+import type { BlockDevice } from '@gannet/block-device';
 import type { FailoverTarget, Volume } from '../src/types.js';
 import { openColoVolume, openPassthroughVolume } from '../src/strategies/index.js';
 import { ClusterBitmap } from '../src/strategies/cluster-bitmap.js';
@@ -68,22 +68,54 @@ function codeOf(promise: Promise<unknown>): Promise<string> {
   );
 }
 
+/** Before the suite runs: the state the views are in, every one reading as zeroes. */
+const suiteStates: Record<string, (vol: Volume, size: number) => Promise<void>> = {
+  fresh: async () => undefined,
+  // Data reached the backing file and was zeroed again, and the secondary's writes were dropped.
+  'over checkpoints': async (vol, size) => {
+    await vol.primary.write(filled(size, 7), 0);
+    await vol.checkpoint();
+    await vol.primary.writeZeroes(0, size);
+    await vol.secondary.write(filled(size, 8), 0);
+    await vol.checkpoint();
+  },
+};
+for (const to of ['secondary', 'checkpoint', 'primary'] as const) {
+  // The side the failover drops wrote everywhere; the kept side and the disk read as zeroes.
+  suiteStates[`after failover to ${to}`] = async (vol, size) => {
+    if (to !== 'primary') await vol.primary.write(filled(size, 9), 0);
+    if (to !== 'secondary') await vol.secondary.write(filled(size, 10), 0);
+    await vol.failover({ to });
+  };
+}
+
 for (const strategy of ['passthrough', 'colo'] as const) {
-  for (const view of ['primary', 'secondary'] as const) {
-    runBlockDeviceSuite({
-      name: `${strategy} ${view} view`,
-      factory: async (sizeBytes) => {
-        const dir = mkdtempSync(join(tmpdir(), `gannet-conformance-${strategy}-`));
-        const vol = await openers[strategy]({ path: join(dir, 'disk.img'), dataDir: join(dir, 'meta'), sizeBytes, strategy });
-        return {
-          device: vol[view],
-          cleanup: async () => {
-            await vol.close();
-            rmSync(dir, { recursive: true, force: true });
-          },
-        };
-      },
-    });
+  for (const [state, prepare] of Object.entries(suiteStates)) {
+    for (const view of ['primary', 'secondary'] as const) {
+      // After failover the primary view reads the disk and refuses writes.
+      const readOnly = state.startsWith('after failover') && view === 'primary';
+      // Passthrough has one file that both views write through: its states are fresh and failed over.
+      const passthroughStates = ['fresh', 'after failover to secondary'];
+      if (strategy === 'passthrough' && !passthroughStates.includes(state)) continue;
+      runBlockDeviceSuite({
+        name: `${strategy} ${view} view, ${state}`,
+        readOnly,
+        capabilities: { fastZero: false, cache: false, extents: false },
+        factory: async (sizeBytes) => {
+          const dir = mkdtempSync(join(tmpdir(), `gannet-conformance-${strategy}-`));
+          const vol = await openers[strategy]({ path: join(dir, 'disk.img'), dataDir: join(dir, 'meta'), sizeBytes, strategy });
+          if (strategy === 'passthrough' && state !== 'fresh') await vol.failover({ to: 'secondary' });
+          else await prepare(vol, sizeBytes);
+          return {
+            device: vol[view],
+            cleanup: async () => {
+              await vol.close();
+              rmSync(dir, { recursive: true, force: true });
+            },
+          };
+        },
+      });
+    }
   }
 }
 

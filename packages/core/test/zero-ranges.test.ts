@@ -1,20 +1,20 @@
 /**
- * Hole and zero ranges below the volume: BlockRanges.remove against a set of blocks, and the flush plan's
+ * Hole and zero ranges below the volume: RangeSet.remove against a set of blocks, and the flush plan's
  * choice per block (data, hole, or zeroes that stay allocated) against a per-block replay of the same
  * operations, over seeded random layers. The model-based test checks content only, where a hole and an
  * allocated zero look the same; this checks which one each block becomes.
  */
 import { describe, expect, it } from 'vitest';
-import { BlockRanges } from '../src/block-ranges.js';
+import { RangeSet } from '../src/ranges.js';
 import { BlockBuffers, type Layer } from '../src/buffer.js';
-import { planFlush } from '../src/flusher.js';
+import { planFlush } from '../src/plan.js';
 import { Rng } from '../src/rng.js';
 
 const seedCount = 200;
 const blockCount = 64;
 const blockBytes = 512;
 
-function blocksOf(ranges: BlockRanges): Set<number> {
+function blocksOf(ranges: RangeSet): Set<number> {
   const out = new Set<number>();
   for (const [start, end] of ranges) for (let b = start; b < end; b++) out.add(b);
   return out;
@@ -25,9 +25,9 @@ function randomRange(rng: Rng): [number, number] {
   return [start, rng.between(start + 1, Math.min(blockCount, start + 1 + rng.below(24)))];
 }
 
-describe('BlockRanges', () => {
+describe('RangeSet', () => {
   it('removes a range by cutting the ranges at its ends, counting the ranges it adds and drops', () => {
-    const ranges = new BlockRanges();
+    const ranges = new RangeSet();
     expect(ranges.add(10, 20)).toBe(1);
     expect(ranges.remove(12, 15)).toBe(1);
     expect([...ranges]).toEqual([
@@ -47,7 +47,7 @@ describe('BlockRanges', () => {
   it('agrees with a set of blocks over random adds and removes', () => {
     for (let seed = 1; seed <= seedCount; seed++) {
       const rng = new Rng(seed);
-      const ranges = new BlockRanges();
+      const ranges = new RangeSet();
       const model = new Set<number>();
       for (let op = 0; op < 40; op++) {
         const [start, end] = randomRange(rng);

@@ -4,10 +4,7 @@
  * SIGTERM (exit 0), exits 2 on usage errors and 1 on runtime failures.
  */
 import { parseArgs } from 'node:util';
-import type { BlockDevice } from './device.js';
-import { FileDevice } from './devices/file.js';
-import { MemoryDevice } from './devices/memory.js';
-import { ReadOnlyDevice } from './devices/readonly.js';
+import { FileDevice, MemoryDevice, ReadOnlyDevice, parseSize as parseSizeBytes, type BlockDevice } from '@gannet/block-device';
 import { DEFAULT_PORT } from './protocol/constants.js';
 import { NbdServer, nbdUri, type Logger } from './server/server.js';
 
@@ -31,14 +28,10 @@ const shutdownGraceMs = 10_000;
 
 class UsageError extends Error {}
 
-const sizeUnits: Readonly<Record<string, number>> = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
-
-/** Parses 4096, 64K, 512M, 1G, 1GiB, 2T into bytes. */
-export function parseSize(text: string): number {
-  const m = /^(\d+)\s*([kmgt]?)(?:i?b)?$/i.exec(text.trim());
-  if (!m) throw new UsageError(`invalid size ${JSON.stringify(text)} (examples: 4096, 512M, 1G)`);
-  const bytes = Number(m[1]) * sizeUnits[m[2].toLowerCase()];
-  if (!Number.isSafeInteger(bytes) || bytes <= 0) throw new UsageError(`size ${JSON.stringify(text)} is out of range`);
+/** The memory disk's size: the project's size grammar (4096, 512M, 1G, 1GiB, 2T), at least one byte. */
+function memorySize(text: string): number {
+  const bytes = parseSizeBytes(text);
+  if (bytes === undefined || bytes <= 0) throw new UsageError(`invalid size ${JSON.stringify(text)} (examples: 4096, 512M, 1G)`);
   return bytes;
 }
 
@@ -87,7 +80,7 @@ function parse(argv: string[]): CliOptions | 'help' {
   }
   return {
     file,
-    memoryBytes: values.memory === undefined ? undefined : parseSize(values.memory),
+    memoryBytes: values.memory === undefined ? undefined : memorySize(values.memory),
     host: values.host ?? '127.0.0.1',
     port,
     socket: values.socket,

@@ -9,39 +9,13 @@
  * exactly as asked, so tests can probe how a server handles out-of-range or unsupported requests.
  */
 import net from 'node:net';
-import type { BlockDevice, BlockErrorCode, BlockSizes, Capabilities, Extent, WriteOptions, ZeroOptions } from './device.js';
-import { BlockDeviceError, checkRange } from './device.js';
+import type { BlockDevice, BlockErrorCode, BlockSizes, Capabilities, Extent, WriteOptions, ZeroOptions } from '@gannet/block-device';
+import { BlockDeviceError, checkRange, settleAll, zeroChunkBytes, zeroes, KiB, MiB } from '@gannet/block-device';
 import type { ExportListing, Negotiated } from './client/handshake.js';
 import { clientHandshake, HandshakeReader, listExports, NbdHandshakeError } from './client/handshake.js';
 import type { PendingReply } from './client/reply-parser.js';
 import { NbdProtocolError, ReplyParser } from './client/reply-parser.js';
-import {
-  BASE_ALLOCATION,
-  CMD_BLOCK_STATUS,
-  CMD_CACHE,
-  CMD_DISC,
-  CMD_FLAG_DF,
-  CMD_FLAG_FAST_ZERO,
-  CMD_FLAG_FUA,
-  CMD_FLAG_NO_HOLE,
-  CMD_FLAG_REQ_ONE,
-  CMD_FLUSH,
-  CMD_READ,
-  CMD_TRIM,
-  CMD_WRITE,
-  CMD_WRITE_ZEROES,
-  REQUEST_HEADER_BYTES,
-  REQUEST_MAGIC,
-  TFLAG_CAN_MULTI_CONN,
-  TFLAG_READ_ONLY,
-  TFLAG_SEND_CACHE,
-  TFLAG_SEND_DF,
-  TFLAG_SEND_FAST_ZERO,
-  TFLAG_SEND_FLUSH,
-  TFLAG_SEND_FUA,
-  TFLAG_SEND_TRIM,
-  TFLAG_SEND_WRITE_ZEROES,
-} from './protocol/constants.js';
+import { BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, REQUEST_HEADER_BYTES, REQUEST_MAGIC, TFLAG_CAN_MULTI_CONN, TFLAG_READ_ONLY, TFLAG_SEND_CACHE, TFLAG_SEND_DF, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES } from './protocol/constants.js';
 import { errnoToCode } from './protocol/errno.js';
 
 export { NbdHandshakeError } from './client/handshake.js';
@@ -69,10 +43,8 @@ export interface NbdClientOptions {
  * is 32 bits, and 2 GiB keeps every split aligned to any legal minimum block size.
  */
 export const rangeRequestBytesMax = 2 ** 31;
-/** Largest zero buffer kept for emulating WRITE_ZEROES with WRITE on servers that lack it. */
-const zeroBufferBytesMax = 1024 * 1024;
 /** Block status chunks hold 8 bytes per extent; this bounds what one reply may make us buffer. */
-const chunkPayloadBytesMax = 4 * 1024 * 1024 + 64 * 1024;
+const chunkPayloadBytesMax = 4 * MiB + 64 * KiB;
 const cookieMax = Number.MAX_SAFE_INTEGER;
 
 
@@ -143,7 +115,6 @@ export class NbdClient implements BlockDevice {
   private failure: Error | undefined;
   private drained: (() => void) | undefined;
   private readonly closed: Promise<void>;
-  private zeroBuffer: Buffer | undefined;
 
   /** Connects, negotiates and attaches an export; rejects with NbdHandshakeError if the server refuses. */
   static async connect(address: NbdAddress, options: NbdClientOptions = {}): Promise<NbdClient> {
@@ -246,8 +217,8 @@ export class NbdClient implements BlockDevice {
   async write(data: Uint8Array, offset: number, options: WriteOptions = {}): Promise<void> {
     const fua = this.fuaFlag(options.fua);
     if (this.strict) {
-      this.requireWritable();
       checkRange(this.size, offset, data.length, 'write');
+      this.requireWritable();
       if (data.length === 0) return;
     }
     await this.eachPiece(offset, data.length, this.blockSizes.maximum, (o, n) =>
@@ -256,18 +227,36 @@ export class NbdClient implements BlockDevice {
     await this.emulatedFua(options.fua);
   }
 
+  /** Pieces are sent as pipelined WRITEs, back to back from `offset`. */
+  async writev(buffers: readonly Uint8Array[], offset: number, options: WriteOptions = {}): Promise<void> {
+    let length = 0;
+    for (const b of buffers) length += b.length;
+    if (this.strict) {
+      checkRange(this.size, offset, length, 'write');
+      this.requireWritable();
+    }
+    const writes: Promise<void>[] = [];
+    let at = offset;
+    for (const b of buffers) {
+      if (b.length > 0) writes.push(this.write(b, at, options));
+      at += b.length;
+    }
+    await settleAll(writes);
+  }
+
+  /** Strict: without the server's FLUSH there is no volatile cache to empty, and nothing is sent. */
   async flush(): Promise<void> {
-    if (this.strict) this.require(this.capabilities.flush, 'ENOTSUP', 'server does not support FLUSH');
+    if (this.strict && !this.capabilities.flush) return;
     await this.request(CMD_FLUSH, 0, 0, 0);
   }
 
   async trim(offset: number, length: number, options: WriteOptions = {}): Promise<void> {
     const fua = this.fuaFlag(options.fua);
     if (this.strict) {
-      this.requireWritable();
-      this.require(this.capabilities.trim, 'ENOTSUP', 'server does not support TRIM');
       checkRange(this.size, offset, length, 'trim');
-      if (length === 0) return;
+      this.requireWritable();
+      // Trim is advisory: without the server's TRIM it does nothing.
+      if (length === 0 || !this.capabilities.trim) return;
     }
     await this.eachPiece(offset, length, rangeRequestBytesMax, (o, n) => this.request(CMD_TRIM, fua, o, n));
     await this.emulatedFua(options.fua);
@@ -275,8 +264,8 @@ export class NbdClient implements BlockDevice {
 
   async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
     if (this.strict) {
-      this.requireWritable();
       checkRange(this.size, offset, length, 'zero');
+      this.requireWritable();
       if (options.fastZero) this.require(this.capabilities.fastZero, 'ENOTSUP', 'server does not support FAST_ZERO');
       if (length === 0) return;
       if (!this.capabilities.zero) {
@@ -292,9 +281,9 @@ export class NbdClient implements BlockDevice {
 
   async cache(offset: number, length: number): Promise<void> {
     if (this.strict) {
-      this.require(this.capabilities.cache, 'ENOTSUP', 'server does not support CACHE');
       checkRange(this.size, offset, length, 'cache');
-      if (length === 0) return;
+      // Cache is advisory: without the server's CACHE it does nothing.
+      if (length === 0 || !this.capabilities.cache) return;
     }
     await this.eachPiece(offset, length, rangeRequestBytesMax, (o, n) => this.request(CMD_CACHE, 0, o, n));
   }
@@ -438,13 +427,13 @@ export class NbdClient implements BlockDevice {
   }
 
   private async writeZeroBuffers(offset: number, length: number): Promise<void> {
-    const pieceMax = Math.min(zeroBufferBytesMax, this.blockSizes.maximum);
-    this.zeroBuffer ??= Buffer.alloc(pieceMax);
-    const zeroes = this.zeroBuffer;
-    await this.eachPiece(offset, length, pieceMax, (o, n) => this.request(CMD_WRITE, 0, o, n, zeroes.subarray(0, n)));
+    const pieceMax = Math.min(zeroChunkBytes, this.blockSizes.maximum);
+    await this.eachPiece(offset, length, pieceMax, (o, n) => this.request(CMD_WRITE, 0, o, n, zeroes(n)));
   }
 
+  /** A closed client answers ESHUTDOWN before anything else, as every device does. */
   private requireWritable(): void {
+    if (this.state !== 'open') throw this.failure ?? new BlockDeviceError('ESHUTDOWN', 'NBD client is closed');
     this.require(!this.capabilities.readOnly, 'EPERM', 'export is read-only');
   }
 

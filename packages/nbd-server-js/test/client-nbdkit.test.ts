@@ -7,7 +7,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import net from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NbdClient } from '../src/client.js';
-import { EXTENT_HOLE, EXTENT_ZERO } from '../src/device.js';
+import { EXTENT_HOLE, EXTENT_ZERO } from '@gannet/block-device';
 
 const sizeBytes = 64 * 1024 * 1024;
 const readyMsMax = 10_000;

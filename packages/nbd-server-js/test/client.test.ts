@@ -14,9 +14,9 @@ import { HandshakeReader } from '../src/client/handshake.js';
 import type { PendingReply } from '../src/client/reply-parser.js';
 import { NbdProtocolError, ReplyParser } from '../src/client/reply-parser.js';
 import { NbdClient, NbdHandshakeError, NbdRequestError } from '../src/client.js';
-import { runBlockDeviceSuite } from '../src/conformance.js';
-import { BlockDeviceError } from '../src/device.js';
-import { MemoryDevice } from '../src/devices/memory.js';
+import { runBlockDeviceSuite } from '@gannet/block-device/conformance';
+import { BlockDeviceError } from '@gannet/block-device';
+import { MemoryDevice } from '@gannet/block-device';
 import {
   buildBlockStatusChunk,
   buildErrorChunk,
@@ -416,7 +416,12 @@ function servedMemory(transport: 'tcp' | 'unix', readOnly = false) {
 
 runBlockDeviceSuite({ name: 'NbdClient over TCP to NbdServer(MemoryDevice)', factory: servedMemory('tcp') });
 runBlockDeviceSuite({ name: 'NbdClient over a Unix socket to NbdServer(MemoryDevice)', factory: servedMemory('unix') });
-runBlockDeviceSuite({ name: 'NbdClient to a read-only NbdServer export', factory: servedMemory('tcp', true), readOnly: true });
+runBlockDeviceSuite({
+  name: 'NbdClient to a read-only NbdServer export',
+  factory: servedMemory('tcp', true),
+  readOnly: true,
+  capabilities: { trim: false, zero: false, fastZero: false },
+});
 
 describe('NbdClient against NbdServer', () => {
   const sizeBytes = 4 * 1024 * 1024;

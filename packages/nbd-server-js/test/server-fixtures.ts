@@ -7,8 +7,8 @@
 import { PayloadPool } from '../src/server/payload-pool.js';
 import { connect, type Socket } from 'node:net';
 import { Duplex } from 'node:stream';
-import { BlockDeviceError, checkRange, defaultBlockSizes, EXTENT_HOLE, EXTENT_ZERO } from '../src/device.js';
-import type { BlockDevice, Capabilities, Extent } from '../src/device.js';
+import { BlockDeviceError, checkRange, defaultBlockSizes, EXTENT_HOLE, EXTENT_ZERO } from '@gannet/block-device';
+import type { BlockDevice, Capabilities, Extent } from '@gannet/block-device';
 import { Connection, type ConnectionContext } from '../src/server/connection.js';
 import type { ExportEntry, ExportRegistry } from '../src/server/handshake.js';
 import type { RequestEvent } from '../src/server/transmission.js';
@@ -78,6 +78,10 @@ export class TestDevice implements BlockDevice {
     await this.enter('write', offset, data.length, options);
     this.data.set(data, offset);
     this.mark(offset, data.length, 1);
+  }
+
+  async writev(buffers: readonly Uint8Array[], offset: number, options?: { fua?: boolean }): Promise<void> {
+    await this.write(Buffer.concat(buffers), offset, options);
   }
 
   async flush(): Promise<void> {

@@ -240,19 +240,6 @@ export function buildProgram(): Command {
     }),
   );
 
-  program
-    .command('bench')
-    .description('benchmark native vs COLO-style vs GANNET volumes through NBD (see gannet bench --help)')
-    .helpOption(false)
-    .allowUnknownOption()
-    .allowExcessArguments()
-    .argument('[ARGS...]', 'passed to the benchmark harness')
-    .action(async (args: string[]) => {
-      // Loaded only here: the harness is a separate package the daemon itself never needs.
-      const { main: benchMain } = await import('@gannet/bench');
-      await benchMain(args);
-    });
-
   return program;
 }
 

@@ -2,10 +2,11 @@ import { readFile } from 'node:fs/promises';
 import { request } from 'node:http';
 import { join } from 'node:path';
 import { formatHostPort, tokenFileName, type ListenAddress } from './defaults.js';
+import { MiB } from '@gannet/block-device';
 
 /** The CLI's side of the control API: one request, a bounded response, errors the CLI can classify. */
 
-export const responseBytesMax = 16 * 1024 * 1024;
+export const responseBytesMax = 16 * MiB;
 export const requestTimeoutMs = 120_000;
 
 export type ControlEndpoint = ListenAddress | { path: string };

@@ -9,12 +9,10 @@ import { volumeOptionsSchema } from '@gannet/core';
 import YAML from 'yaml';
 import { z } from 'zod';
 import { defaultControlListen, defaultDataDir, defaultNbdListen, logLevels, parseHostPort } from './defaults.js';
+import { GiB, KiB, MiB, parseSize } from '@gannet/block-device';
 
 export * from './defaults.js';
 
-const KiB = 1024;
-const MiB = 1024 * KiB;
-const GiB = 1024 * MiB;
 
 export const defaultVolumeName = 'vol0';
 export const defaultVolumeSizeBytes = 1 * GiB;
@@ -26,16 +24,6 @@ export const volumeNameLengthMax = 64;
 
 /** Volume names become export names (`NAME/primary`) and directory names, so no '/' and no dot-first. */
 export const volumeNamePattern = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/;
-
-const sizeUnits: Record<string, number> = { '': 1, K: KiB, M: MiB, G: GiB, T: 1024 * GiB, P: 1024 * 1024 * GiB };
-
-/** Parses `4096`, `64K`, `64M`, `1G`, `1GiB`, `2TB` (binary units); returns undefined when malformed. */
-export function parseSize(text: string): number | undefined {
-  const match = /^(\d+)\s*(?:([KMGTP])(?:i?B)?|B)?$/i.exec(text.trim());
-  if (!match) return undefined;
-  const bytes = Number(match[1]) * sizeUnits[(match[2] ?? '').toUpperCase()];
-  return Number.isSafeInteger(bytes) ? bytes : undefined;
-}
 
 /** A byte count given as a number or as a size string. */
 const sizeSchema = z.union([z.number(), z.string()]).transform((value, ctx) => {

@@ -1,4 +1,5 @@
 import type { ServerResponse } from 'node:http';
+import { MiB } from '@gannet/block-device';
 
 /**
  * Server-Sent Events fan-out. Volume events are small and rare (checkpoints, flushes, pressure,
@@ -7,7 +8,7 @@ import type { ServerResponse } from 'node:http';
  */
 
 export const sseSubscribersMax = 64;
-export const sseBacklogBytesMax = 1024 * 1024;
+export const sseBacklogBytesMax = MiB;
 export const sseHeartbeatMs = 15_000;
 
 export type EventName = 'checkpoint' | 'flushed' | 'pressure' | 'failover' | 'error';

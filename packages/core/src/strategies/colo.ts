@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { join } from 'node:path';
-import { BlockDeviceError } from 'nbd-server-js';
+import { BlockDeviceError, type FileDevice, MiB } from '@gannet/block-device';
 import { GannetError } from '../errors.js';
 import type { VolumeOptions } from '../options.js';
 import { parseVolumeOptions } from '../parse.js';
@@ -8,8 +8,8 @@ import type { FailoverTarget, Volume, VolumeEvents, VolumeState, VolumeStats } f
 import { ClusterBitmap } from './cluster-bitmap.js';
 import { readStrategyMeta, writeStrategyMeta, type StrategyMeta } from './strategy-meta.js';
 import { RangeLock, type Release } from './range-lock.js';
-import { StrategyView } from './view.js';
-import { VolumeFile } from './volume-file.js';
+import { diskView, openBackingFile, openScratchFile } from './disk.js';
+import type { VolumeView } from '../view.js';
 
 /**
  * The COLO baseline: QEMU's block replication (docs/block-replication.txt, block/replication.c) done
@@ -53,21 +53,22 @@ import { VolumeFile } from './volume-file.js';
  */
 
 /** Copies during failover and copy-before-write go through buffers of at most this size. */
-export const coloCopyChunkBytes = 4 * 1024 * 1024;
+export const coloCopyChunkBytes = 4 * MiB;
 
 const hiddenFileName = 'colo-hidden.img';
 const activeFileName = 'colo-active.img';
 
 type Payload = { readonly data: Uint8Array } | { readonly zeroes: true };
+const zeroPayload: Payload = Object.freeze({ zeroes: true as const });
 
 class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
   readonly sizeBytes: number;
   readonly clusterBytes: number;
-  readonly primary: StrategyView;
-  readonly secondary: StrategyView;
-  private readonly backing: VolumeFile;
-  private readonly hidden: VolumeFile;
-  private readonly active: VolumeFile;
+  readonly primary: VolumeView;
+  readonly secondary: VolumeView;
+  private readonly backing: FileDevice;
+  private readonly hidden: FileDevice;
+  private readonly active: FileDevice;
   private readonly inHidden: ClusterBitmap;
   private readonly inActive: ClusterBitmap;
   private readonly lock = new RangeLock();
@@ -76,36 +77,35 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
   private epoch: number;
   private failoverTarget: FailoverTarget | undefined;
 
-  constructor(backing: VolumeFile, hidden: VolumeFile, active: VolumeFile, clusterBytes: number, dataDir: string, meta: StrategyMeta) {
+  constructor(backing: FileDevice, hidden: FileDevice, active: FileDevice, clusterBytes: number, dataDir: string, meta: StrategyMeta) {
     super();
     this.dataDir = dataDir;
     this.epoch = meta.epoch;
     this.failoverTarget = meta.failoverTarget;
     this.state = meta.failoverTarget === undefined ? 'replicating' : 'failed-over';
-    if (hidden.sizeBytes !== backing.sizeBytes || active.sizeBytes !== backing.sizeBytes) {
+    if (hidden.size !== backing.size || active.size !== backing.size) {
       throw new Error('colo: active, hidden and backing files must have the same size');
     }
     this.backing = backing;
     this.hidden = hidden;
     this.active = active;
-    this.sizeBytes = backing.sizeBytes;
+    this.sizeBytes = backing.size;
     this.clusterBytes = clusterBytes;
     const clusters = Math.ceil(this.sizeBytes / clusterBytes);
     this.inHidden = new ClusterBitmap(clusters);
     this.inActive = new ClusterBitmap(clusters);
-    const closed = () => this.state === 'closed';
-    this.primary = new StrategyView('colo primary', this.sizeBytes, {
+    const failedOver = () => this.state === 'failed-over';
+    const never = () => false;
+    this.primary = diskView('primary', this.sizeBytes, clusterBytes, {
       read: (buf, offset) => this.primaryRead(buf, offset),
-      write: (data, offset, fua) => this.primaryWrite({ data }, offset, data.length, fua),
-      zero: (offset, length, fua) => this.primaryWrite({ zeroes: true }, offset, length, fua),
+      write: (data, offset, length, fua) => this.primaryWrite(data === null ? zeroPayload : { data }, offset, length, fua),
       flush: () => this.primaryFlush(),
-    }, closed);
-    this.secondary = new StrategyView('colo secondary', this.sizeBytes, {
+    }, failedOver);
+    this.secondary = diskView('secondary', this.sizeBytes, clusterBytes, {
       read: (buf, offset) => this.secondaryRead(buf, offset),
-      write: (data, offset, fua) => this.secondaryWrite({ data }, offset, data.length, fua),
-      zero: (offset, length, fua) => this.secondaryWrite({ zeroes: true }, offset, length, fua),
+      write: (data, offset, length, fua) => this.secondaryWrite(data === null ? zeroPayload : { data }, offset, length, fua),
       flush: () => this.secondaryFlush(),
-    }, closed);
+    }, never);
   }
 
   /** The flushes' lock slot: past every cluster, so only whole-volume claims conflict with it. */
@@ -135,7 +135,7 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
     return release;
   }
 
-  private async writePayload(file: VolumeFile, payload: Payload, payloadOffset: number, from: number, to: number): Promise<void> {
+  private async writePayload(file: FileDevice, payload: Payload, payloadOffset: number, from: number, to: number): Promise<void> {
     if ('data' in payload) await file.write(payload.data.subarray(from - payloadOffset, to - payloadOffset), from);
     else await file.writeZeroes(from, to - from);
   }
@@ -189,7 +189,7 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
 
   private async syncPrimaryFiles(): Promise<void> {
     // Both at once: with no crash safety to keep (see above), the order of the two fdatasyncs buys nothing.
-    await Promise.all([this.hidden.sync(), this.backing.sync()]);
+    await Promise.all([this.hidden.flush(), this.backing.flush()]);
   }
 
   private async primaryFlush(): Promise<void> {
@@ -226,12 +226,12 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
   }
 
   /** Where the secondary view's bytes of a cluster live: active over hidden over backing. */
-  private sourceOf(cluster: number): VolumeFile {
+  private sourceOf(cluster: number): FileDevice {
     if (this.inActive.has(cluster)) return this.active;
     return this.belowActive(cluster);
   }
 
-  private belowActive(cluster: number): VolumeFile {
+  private belowActive(cluster: number): FileDevice {
     return this.inHidden.has(cluster) ? this.hidden : this.backing;
   }
 
@@ -240,11 +240,11 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
     try {
       if (this.state === 'failed-over') {
         await this.writePayload(this.backing, payload, offset, offset, offset + length);
-        if (fua) await this.backing.sync();
+        if (fua) await this.backing.flush();
         return;
       }
       await this.writeActive(payload, offset, length);
-      if (fua) await this.active.sync();
+      if (fua) await this.active.flush();
     } finally {
       release();
     }
@@ -288,7 +288,7 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
     const release = await this.lock.acquire(this.flushSlot, this.flushSlot + 1, false);
     try {
       if (this.state === 'closed') throw new BlockDeviceError('ESHUTDOWN', 'colo: volume closed');
-      await (this.state === 'failed-over' ? this.backing.sync() : this.active.sync());
+      await (this.state === 'failed-over' ? this.backing.flush() : this.active.flush());
     } finally {
       release();
     }
@@ -325,7 +325,7 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
     try {
       if (to === 'secondary' || to === 'checkpoint') await this.copyInto(this.hidden, this.inHidden);
       if (to === 'secondary') await this.copyInto(this.active, this.inActive);
-      await this.backing.sync();
+      await this.backing.flush();
       await writeStrategyMeta(this.dataDir, { strategy: 'colo', epoch: this.epoch, failoverTarget: to });
       this.state = 'failed-over';
       this.failoverTarget = to;
@@ -344,7 +344,7 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
   }
 
   /** Copies every cluster a scratch file holds into the backing file, in offset order and in chunks. */
-  private async copyInto(source: VolumeFile, map: ClusterBitmap): Promise<void> {
+  private async copyInto(source: FileDevice, map: ClusterBitmap): Promise<void> {
     const runClustersMax = Math.max(1, Math.floor(coloCopyChunkBytes / this.clusterBytes));
     for (const run of map.runs()) {
       for (let cluster = run.first; cluster < run.end; cluster += runClustersMax) {
@@ -386,7 +386,7 @@ class ColoVolume extends EventEmitter<VolumeEvents> implements Volume {
       try {
         // The unfinished epoch is dropped: the backing file goes back to the checkpoint (see above).
         if (state !== 'failed-over') await this.copyInto(this.hidden, this.inHidden);
-        await this.backing.sync();
+        await this.backing.flush();
         await writeStrategyMeta(this.dataDir, {
           strategy: 'colo',
           epoch: this.epoch,
@@ -409,12 +409,12 @@ export async function openColoVolume(options: VolumeOptions): Promise<Volume> {
   const resolved = parseVolumeOptions({ ...options, strategy: options.strategy ?? 'colo' });
   if (resolved.strategy !== 'colo') throw new GannetError('EOPTIONS', `openColoVolume: strategy is ${resolved.strategy}`);
   const meta = await readStrategyMeta(resolved.dataDir, 'colo');
-  const backing = await VolumeFile.openBacking(resolved.path, resolved.sizeBytes);
-  const opened: VolumeFile[] = [backing];
+  const backing = await openBackingFile(resolved.path, resolved.sizeBytes);
+  const opened: FileDevice[] = [backing];
   try {
-    const hidden = await VolumeFile.openScratch(join(resolved.dataDir, hiddenFileName), resolved.sizeBytes);
+    const hidden = await openScratchFile(join(resolved.dataDir, hiddenFileName), resolved.sizeBytes);
     opened.push(hidden);
-    const active = await VolumeFile.openScratch(join(resolved.dataDir, activeFileName), resolved.sizeBytes);
+    const active = await openScratchFile(join(resolved.dataDir, activeFileName), resolved.sizeBytes);
     opened.push(active);
     return new ColoVolume(backing, hidden, active, resolved.blockBytes, resolved.dataDir, meta);
   } catch (error) {

@@ -1,13 +1,13 @@
 import { EventEmitter } from 'node:events';
-import { BlockDeviceError } from 'nbd-server-js';
+import { BlockDeviceError, type FileDevice } from '@gannet/block-device';
 import { GannetError } from '../errors.js';
 import type { VolumeOptions } from '../options.js';
 import { parseVolumeOptions } from '../parse.js';
 import type { FailoverTarget, Volume, VolumeEvents, VolumeState, VolumeStats } from '../types.js';
 import { RangeLock } from './range-lock.js';
 import { readStrategyMeta, writeStrategyMeta, type StrategyMeta } from './strategy-meta.js';
-import { StrategyView } from './view.js';
-import { VolumeFile } from './volume-file.js';
+import { diskView, openBackingFile, openScratchFile } from './disk.js';
+import type { VolumeView } from '../view.js';
 
 /**
  * The native baseline: both views are the backing file itself (FileDevice semantics, flush =
@@ -20,36 +20,37 @@ import { VolumeFile } from './volume-file.js';
  */
 class PassthroughVolume extends EventEmitter<VolumeEvents> implements Volume {
   readonly sizeBytes: number;
-  readonly primary: StrategyView;
-  readonly secondary: StrategyView;
-  private readonly backing: VolumeFile;
+  readonly primary: VolumeView;
+  readonly secondary: VolumeView;
+  private readonly backing: FileDevice;
   private readonly lock = new RangeLock();
   private readonly dataDir: string;
   private state: VolumeState;
   private epoch: number;
   private failoverTarget: FailoverTarget | undefined;
 
-  constructor(backing: VolumeFile, dataDir: string, meta: StrategyMeta) {
+  constructor(backing: FileDevice, blockBytes: number, dataDir: string, meta: StrategyMeta) {
     super();
     this.dataDir = dataDir;
     this.epoch = meta.epoch;
     this.failoverTarget = meta.failoverTarget;
     this.state = meta.failoverTarget === undefined ? 'replicating' : 'failed-over';
     this.backing = backing;
-    this.sizeBytes = backing.sizeBytes;
-    const closed = () => this.state === 'closed';
-    this.primary = new StrategyView('passthrough primary', this.sizeBytes, {
+    this.sizeBytes = backing.size;
+    const write = (data: Uint8Array | null, offset: number, length: number) =>
+      data === null ? this.backing.writeZeroes(offset, length) : this.backing.write(data, offset);
+    const failedOver = () => this.state === 'failed-over';
+    const never = () => false;
+    this.primary = diskView('primary', this.sizeBytes, blockBytes, {
       read: (buf, offset) => this.shared(() => this.backing.read(buf, offset)),
-      write: (data, offset, fua) => this.primaryWrite(() => this.backing.write(data, offset), fua),
-      zero: (offset, length, fua) => this.primaryWrite(() => this.backing.writeZeroes(offset, length), fua),
-      flush: () => this.shared(() => this.backing.sync()),
-    }, closed);
-    this.secondary = new StrategyView('passthrough secondary', this.sizeBytes, {
+      write: (data, offset, length, fua) => this.primaryWrite(() => write(data, offset, length), fua),
+      flush: () => this.shared(() => this.backing.flush()),
+    }, failedOver);
+    this.secondary = diskView('secondary', this.sizeBytes, blockBytes, {
       read: (buf, offset) => this.shared(() => this.backing.read(buf, offset)),
-      write: (data, offset, fua) => this.shared(() => this.writeThrough(() => this.backing.write(data, offset), fua)),
-      zero: (offset, length, fua) => this.shared(() => this.writeThrough(() => this.backing.writeZeroes(offset, length), fua)),
-      flush: () => this.shared(() => this.backing.sync()),
-    }, closed);
+      write: (data, offset, length, fua) => this.shared(() => this.writeThrough(() => write(data, offset, length), fua)),
+      flush: () => this.shared(() => this.backing.flush()),
+    }, never);
   }
 
   private async shared<T>(work: () => Promise<T>): Promise<T> {
@@ -64,7 +65,7 @@ class PassthroughVolume extends EventEmitter<VolumeEvents> implements Volume {
 
   private async writeThrough(work: () => Promise<void>, fua: boolean): Promise<void> {
     await work();
-    if (fua) await this.backing.sync();
+    if (fua) await this.backing.flush();
   }
 
   private primaryWrite(work: () => Promise<void>, fua: boolean): Promise<void> {
@@ -96,7 +97,7 @@ class PassthroughVolume extends EventEmitter<VolumeEvents> implements Volume {
     this.state = 'failing-over';
     const release = await this.lock.acquire(0, Infinity, true);
     try {
-      await this.backing.sync();
+      await this.backing.flush();
       await writeStrategyMeta(this.dataDir, { strategy: 'passthrough', epoch: this.epoch, failoverTarget: to });
       this.state = 'failed-over';
       this.failoverTarget = to;
@@ -150,6 +151,6 @@ export async function openPassthroughVolume(options: VolumeOptions): Promise<Vol
   const resolved = parseVolumeOptions({ ...options, strategy: options.strategy ?? 'passthrough' });
   if (resolved.strategy !== 'passthrough') throw new GannetError('EOPTIONS', `openPassthroughVolume: strategy is ${resolved.strategy}`);
   const meta = await readStrategyMeta(resolved.dataDir, 'passthrough');
-  const backing = await VolumeFile.openBacking(resolved.path, resolved.sizeBytes);
-  return new PassthroughVolume(backing, resolved.dataDir, meta);
+  const backing = await openBackingFile(resolved.path, resolved.sizeBytes);
+  return new PassthroughVolume(backing, resolved.blockBytes, resolved.dataDir, meta);
 }

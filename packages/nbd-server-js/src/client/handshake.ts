@@ -5,8 +5,8 @@
  * reads and copies what it keeps.
  */
 import type { Socket } from 'node:net';
-import type { BlockSizes } from '../device.js';
-import { defaultBlockSizes } from '../device.js';
+import type { BlockSizes } from '@gannet/block-device';
+import { defaultBlockSizes } from '@gannet/block-device';
 import {
   buildClientFlags,
   buildGoOption,

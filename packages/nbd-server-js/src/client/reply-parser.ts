@@ -6,7 +6,7 @@
  * bad magic, data outside the request, oversized chunk) throws `NbdProtocolError`: the stream can no
  * longer be trusted, so the owner must drop the connection.
  */
-import type { Extent } from '../device.js';
+import type { Extent } from '@gannet/block-device';
 import {
   CMD_BLOCK_STATUS,
   CMD_READ,

@@ -1,4 +1,4 @@
-import type { BlockErrorCode } from '../device.js';
+import type { BlockErrorCode } from '@gannet/block-device';
 import {
   NBD_EINVAL,
   NBD_EIO,

@@ -3,7 +3,7 @@
  * options go in, reply frames and a decision (keep negotiating, close, enter transmission) come out.
  * No I/O and no device calls, so every path is testable with bytes alone.
  */
-import type { BlockDevice } from '../device.js';
+import type { BlockDevice } from '@gannet/block-device';
 import {
   BASE_ALLOCATION,
   CLIENT_FLAGS_KNOWN,

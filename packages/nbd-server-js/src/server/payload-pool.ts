@@ -1,3 +1,4 @@
+import { KiB, MiB } from '@gannet/block-device';
 /**
  * Recycled buffers for WRITE payloads and READ replies. A fresh 1 MiB buffer per request costs more
  * than the copy into it: malloc hands back newly mapped pages, each faulted in on first touch, and the
@@ -10,9 +11,9 @@
  * `length` bytes of one. Smaller payloads use Node's allocator, which slices buffers under 4 KiB out of
  * a shared pool already (a 4 KiB buffer is its own allocation there, hence the pool from 4 KiB).
  */
-export const pooledBytesMin = 4 * 1024;
+export const pooledBytesMin = 4 * KiB;
 /** Free buffers kept per server; what a burst allocated beyond this is left to the garbage collector. */
-export const payloadPoolBytesMaxDefault = 64 * 1024 * 1024;
+export const payloadPoolBytesMaxDefault = 64 * MiB;
 
 export class PayloadPool {
   /** Free ArrayBuffers by class (log2 of the size). */

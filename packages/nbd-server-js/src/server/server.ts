@@ -6,7 +6,7 @@
  */
 import { EventEmitter } from 'node:events';
 import { createServer, type Server, type Socket } from 'node:net';
-import type { BlockDevice } from '../device.js';
+import { KiB, MiB, type BlockDevice } from '@gannet/block-device';
 import { DEFAULT_PORT } from '../protocol/constants.js';
 import { Connection, type Logger } from './connection.js';
 import { PayloadPool } from './payload-pool.js';
@@ -20,13 +20,12 @@ export type { RequestEvent, CommandName } from './transmission.js';
 export type { ListenAddress } from './uri.js';
 export { nbdUri } from './uri.js';
 
-const mebibyte = 1024 * 1024;
 /** Largest READ/WRITE payload: advertised as the BLOCK_SIZE maximum and enforced. */
-export const requestBytesMaxDefault = 32 * mebibyte;
+export const requestBytesMaxDefault = 32 * MiB;
 /** READ buffers, WRITE payloads and unsent replies one connection may hold before it stops reading. */
-export const inflightBytesMaxDefault = 64 * mebibyte;
+export const inflightBytesMaxDefault = 64 * MiB;
 /** Largest option payload (export names and meta context queries are at most 4 KiB strings each). */
-export const optionBytesMax = 64 * 1024;
+export const optionBytesMax = 64 * KiB;
 /** How long `close()` waits for in-flight requests before destroying connections. */
 export const closeGraceMsDefault = 10_000;
 const payloadBytesLimit = 2 ** 32 - 1;

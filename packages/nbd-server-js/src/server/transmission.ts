@@ -4,8 +4,8 @@
  * reply handed to `send` as one frame list once it completes, so replies may complete out of order but
  * never interleave. Nothing is sent for a connection that has died.
  */
-import type { BlockDevice, Extent } from '../device.js';
-import { EXTENT_ZERO, settleAll } from '../device.js';
+import type { BlockDevice, Extent } from '@gannet/block-device';
+import { EXTENT_ZERO, settleAll } from '@gannet/block-device';
 import {
   CMD_BLOCK_STATUS,
   CMD_CACHE,
@@ -48,8 +48,6 @@ export const holeScanBytesMin = 64 * 1024;
 export const holeBytesMin = 4096;
 /** Descriptors in one BLOCK_STATUS chunk; the client asks again for the rest. */
 export const blockStatusExtentsMax = 2048;
-/** Zero-filled writes used when a device cannot zero by itself. */
-export const zeroFillBytes = 1024 * 1024;
 
 export type CommandName = 'read' | 'write' | 'flush' | 'trim' | 'cache' | 'write_zeroes' | 'block_status' | 'disc' | 'unknown';
 
@@ -85,7 +83,6 @@ interface Reply {
 }
 
 const fuaOptions = Object.freeze({ fua: true });
-const zeroFill = Buffer.alloc(zeroFillBytes);
 
 function commandName(type: number): CommandName {
   return (commandNames[type] as CommandName | undefined) ?? 'unknown';
@@ -272,17 +269,8 @@ export class Transmission {
     const noHole = (req.flags & CMD_FLAG_NO_HOLE) !== 0;
     const fastZero = (req.flags & CMD_FLAG_FAST_ZERO) !== 0;
     if (fastZero && !(caps.zero && caps.fastZero)) throw requestError('ENOTSUP', 'fast zeroing not supported');
-    try {
-      await this.device.writeZeroes(req.offset, req.length, { fua, noHole, fastZero });
-    } catch (err) {
-      if (fastZero || toWireError(err).code !== 'ENOTSUP') throw err;
-      // The device cannot zero at all: fall back to writing zeroes, one bounded buffer at a time.
-      for (let done = 0; done < req.length; ) {
-        const n = Math.min(zeroFillBytes, req.length - done);
-        await this.device.write(zeroFill.subarray(0, n), req.offset + done, fua ? fuaOptions : undefined);
-        done += n;
-      }
-    }
+    // Every device zeroes (writing zero buffers itself if it must): only FAST_ZERO may be refused.
+    await this.device.writeZeroes(req.offset, req.length, { fua, noHole, fastZero });
   }
 
   private async readReply(req: Request): Promise<Reply> {

@@ -6,14 +6,18 @@
  * read with plain fs, which fs calls a flush makes, and how fs errors map to codes.
  */
 import fs, { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import { pattern, runBlockDeviceSuite } from '../src/conformance.js';
-import { BlockDeviceError, EXTENT_HOLE, EXTENT_ZERO } from '../src/device.js';
-import { FileDevice, fileSyncReadBytesMax, fileSyncReadSlowMs, fileSyncWriteBytesMax, fileZeroChunkBytes } from '../src/devices/file.js';
-import { MemoryDevice, memoryChunkBytes } from '../src/devices/memory.js';
-import { ReadOnlyDevice } from '../src/devices/readonly.js';
+import { EXTENT_HOLE, EXTENT_ZERO } from '../src/device.js';
+import { BlockDeviceError } from '../src/errors.js';
+import { FaultDevice } from '../src/faults.js';
+import { FileDevice, fileSyncReadBytesMax, fileSyncReadSlowMs, fileSyncWriteBytesMax, rangeOpsInFlightMax } from '../src/file-device.js';
+import { MemoryDevice, memoryChunkBytes } from '../src/memory.js';
+import { ReadOnlyDevice } from '../src/readonly.js';
+import { zeroChunkBytes } from '../src/units.js';
 
 const hole = EXTENT_HOLE | EXTENT_ZERO;
 const tebibyte = 1024 ** 4;
@@ -48,9 +52,35 @@ runBlockDeviceSuite({
 
 runBlockDeviceSuite({
   name: 'FileDevice (odd size)',
+  capabilities: { cache: false, extents: false },
   factory: async (size) => {
     const { dir, cleanup } = tmpDir();
     return { device: await FileDevice.open(join(dir, 'disk.raw'), { create: size }), cleanup };
+  },
+});
+
+runBlockDeviceSuite({
+  name: 'FileDevice { atEnd: zero-fill, sync: none }',
+  capabilities: { cache: false, extents: false },
+  factory: async (size) => {
+    const { dir, cleanup } = tmpDir();
+    return { device: await FileDevice.open(join(dir, 'disk.raw'), { create: size, atEnd: 'zero-fill', sync: 'none' }), cleanup };
+  },
+});
+
+runBlockDeviceSuite({
+  name: 'FaultDevice with no fault, over a MemoryDevice',
+  factory: async (size) => ({ device: new FaultDevice(new MemoryDevice(size)) }),
+});
+
+runBlockDeviceSuite({
+  name: 'FaultDevice delaying every verb by 1 ms, over a FileDevice',
+  capabilities: { cache: false, extents: false },
+  factory: async (size) => {
+    const { dir, cleanup } = tmpDir();
+    const device = new FaultDevice(await FileDevice.open(join(dir, 'disk.raw'), { create: size }));
+    for (const verb of ['read', 'write', 'flush', 'trim', 'zero'] as const) device.delay(verb, 1);
+    return { device, cleanup };
   },
 });
 
@@ -238,19 +268,20 @@ describe('FileDevice', () => {
     await device.close();
   });
 
-  it('writeZeroes writes bounded chunks from one shared zero buffer', async () => {
+  it('NO_HOLE zeroes are written from one shared zero buffer and stay allocated', async () => {
     const path = join(dir, 'disk.raw');
-    const size = 3 * fileZeroChunkBytes + 1001;
+    const size = 3 * zeroChunkBytes + 1001;
     const device = await FileDevice.open(path, { create: size });
     await device.write(pattern(size, 1), 0);
-    const write = vi.spyOn(fs, 'write');
-    const writeSync = vi.spyOn(fs, 'writeSync');
-    await device.writeZeroes(5, size - 10);
-    const calls = [...write.mock.calls, ...writeSync.mock.calls] as unknown[][];
-    const buffers = new Set(calls.map((call) => call[1]));
-    expect(buffers.size).toBe(1);
-    for (const call of calls) expect(call[3]).toBeLessThanOrEqual(fileZeroChunkBytes);
-    expect(calls.length).toBe(4);
+    await device.flush();
+    const allocated = statSync(path).blocks;
+    const writev = vi.spyOn(fs, 'writev');
+    await device.writeZeroes(5, size - 10, { noHole: true });
+    const pieces = writev.mock.calls.flatMap((call) => call[1] as Uint8Array[]);
+    expect(new Set(pieces.map((piece) => piece.buffer)).size).toBe(1);
+    for (const piece of pieces) expect(piece.byteLength).toBeLessThanOrEqual(zeroChunkBytes);
+    expect(pieces.reduce((sum, piece) => sum + piece.byteLength, 0)).toBe(size - 10);
+    expect(statSync(path).blocks).toBe(allocated);
     const onDisk = readFileSync(path);
     expect(onDisk.subarray(0, 5)).toEqual(Buffer.from(pattern(size, 1).subarray(0, 5)));
     expect(onDisk.subarray(5, size - 5).every((b) => b === 0)).toBe(true);
@@ -258,22 +289,71 @@ describe('FileDevice', () => {
     await device.close();
   });
 
-  it('maps fs errors: ENOSPC to ENOSPC, EROFS to EPERM, others to EIO, keeping the cause', async () => {
+  it('trim and zero punch holes, partial blocks read zero, and neighbours stay', async () => {
+    const path = join(dir, 'disk.raw');
+    const size = 4 * 1024 * 1024;
+    const device = await FileDevice.open(path, { create: size });
+    await device.write(pattern(size, 2), 0);
+    await device.flush();
+    const full = statSync(path).blocks;
+    await device.trim(1024 * 1024 + 100, 1024 * 1024);
+    await device.writeZeroes(3 * 1024 * 1024, 512 * 1024);
+    await device.flush();
+    expect(statSync(path).blocks).toBeLessThan(full - 1024);
+    const onDisk = readFileSync(path);
+    const want = Buffer.from(pattern(size, 2));
+    want.fill(0, 1024 * 1024 + 100, 2 * 1024 * 1024 + 100);
+    want.fill(0, 3 * 1024 * 1024, 3 * 1024 * 1024 + 512 * 1024);
+    expect(onDisk.equals(want)).toBe(true);
+    await device.close();
+  });
+
+  it(`runs at most ${rangeOpsInFlightMax} hole punches at once; the rest wait their turn`, async () => {
+    const device = await FileDevice.open(join(dir, 'disk.raw'), { create: 64 * 1024 * 1024 });
+    await device.write(pattern(64 * 1024 * 1024, 4), 0);
+    const running = { now: 0, most: 0 };
+    const require = createRequire(import.meta.url);
+    const fsExt = require('fs-native-extensions') as { trim: (fd: number, offset: number, length: number) => Promise<void> };
+    const realTrim = fsExt.trim;
+    vi.spyOn(fsExt, 'trim').mockImplementation(async (fd, offset, length) => {
+      running.now++;
+      running.most = Math.max(running.most, running.now);
+      try {
+        await new Promise<void>((resolve) => setImmediate(resolve));
+        return await realTrim(fd, offset, length);
+      } finally {
+        running.now--;
+      }
+    });
+    await Promise.all(Array.from({ length: 64 }, (_, i) => device.trim(i * 1024 * 1024, 1024 * 1024)));
+    expect(running.most).toBe(rangeOpsInFlightMax);
+    expect((await readBytes(device, 0, 64 * 1024 * 1024)).every((b) => b === 0)).toBe(true);
+    await device.close();
+  });
+
+  it('maps fs errors: ENOSPC, EDQUOT and EFBIG to ENOSPC, EROFS and EACCES to EPERM, others to EIO, keeping the cause', async () => {
     const device = await FileDevice.open(join(dir, 'disk.raw'), { create: 2 * fileSyncWriteBytesMax });
     const failing = (errno: string) => {
       const err = Object.assign(new Error(`simulated ${errno}`), { code: errno });
-      vi.spyOn(fs, 'write').mockImplementation(((...args: unknown[]) => {
+      vi.spyOn(fs, 'writev').mockImplementation(((...args: unknown[]) => {
         const callback = args[args.length - 1] as (e: Error) => void;
         process.nextTick(callback, err);
-      }) as unknown as typeof fs.write);
-      vi.spyOn(fs, 'writeSync').mockImplementation(() => {
+      }) as unknown as typeof fs.writev);
+      vi.spyOn(fs, 'writevSync').mockImplementation(() => {
         throw err;
       });
       return err;
     };
     // A small write takes the synchronous path, a large one the asynchronous: both map the same way.
     for (const length of [10, fileSyncWriteBytesMax + 1]) {
-      for (const [errno, code] of [['ENOSPC', 'ENOSPC'], ['EROFS', 'EPERM'], ['EACCES', 'EPERM'], ['EBADF', 'EIO']] as const) {
+      for (const [errno, code] of [
+        ['ENOSPC', 'ENOSPC'],
+        ['EDQUOT', 'ENOSPC'],
+        ['EFBIG', 'ENOSPC'],
+        ['EROFS', 'EPERM'],
+        ['EACCES', 'EPERM'],
+        ['EBADF', 'EIO'],
+      ] as const) {
         const cause = failing(errno);
         const err = await rejection(device.write(pattern(length, 1), 0));
         expect(err.code).toBe(code);
@@ -308,5 +388,38 @@ describe('ReadOnlyDevice', () => {
     expect((await rejection(device.write(new Uint8Array(1), device.size))).code).toBe('ENOSPC');
     await device.close();
     expect((await rejection(next.read(new Uint8Array(1), 0))).code).toBe('ESHUTDOWN');
+  });
+});
+
+describe('FaultDevice', () => {
+  it('fails one verb with the injected error until cleared, leaving the others and the data alone', async () => {
+    const next = new MemoryDevice(64 * 1024);
+    const device = new FaultDevice(next);
+    await device.write(pattern(4096, 1), 0);
+    const full = Object.assign(new Error('simulated ENOSPC'), { code: 'ENOSPC' });
+    device.fail('write', full);
+    expect(await device.write(pattern(10, 2), 0).then(() => null, (e: unknown) => e)).toBe(full);
+    expect(await device.writev([pattern(10, 2)], 0).then(() => null, (e: unknown) => e)).toBe(full);
+    expect(await readBytes(device, 0, 4096)).toEqual(Buffer.from(pattern(4096, 1)));
+    await device.flush();
+    device.fail('write', null);
+    await device.write(pattern(10, 2), 0);
+    expect(await readBytes(next, 0, 10)).toEqual(Buffer.from(pattern(10, 2)));
+    await device.close();
+  });
+
+  it('holds a verb until released, counting arrivals', async () => {
+    const device = new FaultDevice(new MemoryDevice(64 * 1024));
+    const hold = device.hold('read');
+    let done = 0;
+    const reads = [0, 1, 2].map((i) => device.read(new Uint8Array(10), i * 10).then(() => done++));
+    await hold.arrived(3);
+    expect(done).toBe(0);
+    await device.write(pattern(10, 3), 100);
+    hold.release();
+    await Promise.all(reads);
+    expect(done).toBe(3);
+    await device.read(new Uint8Array(1), 0);
+    await device.close();
   });
 });

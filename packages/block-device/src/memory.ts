@@ -4,20 +4,8 @@
  * Never-written chunks read as zeroes and are reported as EXTENT_HOLE | EXTENT_ZERO. Like nbdkit's
  * memory plugin, nothing here is durable: flush and FUA are accepted and do nothing.
  */
-import {
-  BlockDeviceError,
-  checkRange,
-  defaultBlockSizes,
-  EXTENT_HOLE,
-  EXTENT_ZERO,
-  type BlockDevice,
-  type BlockSizes,
-  type Capabilities,
-  type Extent,
-  type RangeVerb,
-  type WriteOptions,
-  type ZeroOptions,
-} from '../device.js';
+import { AbstractBlockDevice, type ZeroRequest } from './abstract.js';
+import { allCapabilities, EXTENT_HOLE, EXTENT_ZERO, type Capabilities, type Extent } from './device.js';
 
 /** Allocation granularity: small enough that scattered writes stay cheap, large enough for few Map entries. */
 export const memoryChunkBytes = 64 * 1024;
@@ -29,30 +17,14 @@ export interface MemoryDeviceOptions {
   readonly readOnly?: boolean;
 }
 
-export class MemoryDevice implements BlockDevice {
-  readonly size: number;
+export class MemoryDevice extends AbstractBlockDevice {
   readonly capabilities: Capabilities;
-  readonly blockSizes: BlockSizes = defaultBlockSizes;
   readonly #chunks = new Map<number, Buffer>();
   #allocatedBytes = 0;
-  #closed = false;
 
   constructor(sizeBytes: number, options: MemoryDeviceOptions = {}) {
-    if (!Number.isSafeInteger(sizeBytes) || sizeBytes < 0) {
-      throw new BlockDeviceError('EINVAL', `MemoryDevice: invalid size ${sizeBytes}`);
-    }
-    this.size = sizeBytes;
-    this.capabilities = Object.freeze({
-      readOnly: options.readOnly === true,
-      flush: true,
-      fua: true,
-      trim: true,
-      zero: true,
-      fastZero: true,
-      cache: true,
-      multiConn: true,
-      extents: true,
-    });
+    super(sizeBytes);
+    this.capabilities = Object.freeze({ ...allCapabilities, readOnly: options.readOnly === true });
   }
 
   /** Bytes of chunk memory held; grows with writes, shrinks with trims and zeroes of whole chunks. */
@@ -60,8 +32,7 @@ export class MemoryDevice implements BlockDevice {
     return this.#allocatedBytes;
   }
 
-  async read(buf: Uint8Array, offset: number): Promise<void> {
-    this.#check(offset, buf.byteLength, 'read');
+  protected async _read(buf: Uint8Array, offset: number): Promise<void> {
     this.#eachPiece(offset, buf.byteLength, (index, within, done, n) => {
       const chunk = this.#chunks.get(index);
       if (chunk === undefined) buf.fill(0, done, done + n);
@@ -69,19 +40,13 @@ export class MemoryDevice implements BlockDevice {
     });
   }
 
-  async write(data: Uint8Array, offset: number, _options?: WriteOptions): Promise<void> {
-    this.#checkWrite(offset, data.byteLength, 'write');
+  protected async _write(data: Uint8Array, offset: number): Promise<void> {
     this.#eachPiece(offset, data.byteLength, (index, within, done, n) => {
       this.#chunkFor(index).set(data.subarray(done, done + n), within);
     });
   }
 
-  async flush(): Promise<void> {
-    this.#checkOpen();
-  }
-
-  async trim(offset: number, length: number, _options?: WriteOptions): Promise<void> {
-    this.#checkWrite(offset, length, 'trim');
+  protected override async _trim(offset: number, length: number): Promise<void> {
     this.#zero(offset, length, false);
   }
 
@@ -91,19 +56,12 @@ export class MemoryDevice implements BlockDevice {
    * (they already read as zero, and allocating RAM for them would let one request for a huge range
    * exhaust the process; writes to RAM cannot run out of provisioned space anyway).
    */
-  async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
-    this.#checkWrite(offset, length, 'zero');
-    this.#zero(offset, length, options.noHole === true);
+  protected override async _zero(offset: number, length: number, request: ZeroRequest): Promise<void> {
+    this.#zero(offset, length, request.noHole);
   }
 
-  async cache(offset: number, length: number): Promise<void> {
-    this.#check(offset, length, 'cache');
-  }
-
-  async extents(offset: number, length: number): Promise<Extent[]> {
-    this.#check(offset, length, 'extents');
+  protected override async _extents(offset: number, length: number): Promise<Extent[]> {
     const out: { length: number; flags: number }[] = [];
-    if (length === 0) return out;
     const end = offset + length;
     const push = (flags: number, n: number): boolean => {
       const last = out[out.length - 1];
@@ -127,24 +85,9 @@ export class MemoryDevice implements BlockDevice {
     return out;
   }
 
-  async close(): Promise<void> {
-    this.#closed = true;
+  protected override async _close(): Promise<void> {
     this.#chunks.clear();
     this.#allocatedBytes = 0;
-  }
-
-  #checkOpen(): void {
-    if (this.#closed) throw new BlockDeviceError('ESHUTDOWN', 'MemoryDevice is closed');
-  }
-
-  #check(offset: number, length: number, verb: RangeVerb): void {
-    this.#checkOpen();
-    checkRange(this.size, offset, length, verb);
-  }
-
-  #checkWrite(offset: number, length: number, verb: RangeVerb): void {
-    this.#check(offset, length, verb);
-    if (this.capabilities.readOnly) throw new BlockDeviceError('EPERM', `${verb}: MemoryDevice is read-only`);
   }
 
   /** The last chunk is cut at the device size, so no memory is held past the end. */

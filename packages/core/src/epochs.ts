@@ -1,5 +1,104 @@
+import { assert } from './assert.js';
+import type { BlockBuffers, Layer } from './buffer.js';
 import { GannetError } from './errors.js';
 import type { Volume } from './types.js';
+
+/**
+ * Epochs and the seal: the stack of layers a volume reads through, and the checkpoint that moves it on.
+ *
+ *   primary view   = P over C over B   (PVM writes, forwarded; applied to B at the next checkpoint)
+ *   secondary view = S over C over B   (SVM writes; dropped at the next checkpoint)
+ *
+ * P and S are the buffers of the current epoch, C the committed (sealed) P buffers not yet on disk, oldest
+ * first, B the backing file. `seal` is the whole foreground of a checkpoint and is O(1) in the bytes
+ * buffered: P joins C, S is dropped, new P and S start the next epoch. Nothing is copied or written; the
+ * flusher moves C to B in the background and drops each layer once it is durable.
+ */
+export class Epochs {
+  /** The current epoch: the number the last checkpoint returned (0 before the first). */
+  epoch: number;
+  /** Every committed epoch up to this one is in the backing file, fdatasynced. */
+  durableEpoch: number;
+  P: Layer;
+  S: Layer;
+  /** Sealed P buffers not yet dropped, oldest first. */
+  readonly committed: Layer[] = [];
+
+  constructor(
+    private readonly buffers: BlockBuffers,
+    readonly lease: EpochLease,
+    epoch: number,
+    durableEpoch: number,
+    private readonly drop: (layer: Layer) => void,
+  ) {
+    this.epoch = epoch;
+    this.durableEpoch = durableEpoch;
+    this.P = buffers.newLayer('primary', epoch);
+    this.S = buffers.newLayer('secondary', epoch);
+  }
+
+  top(role: 'primary' | 'secondary'): Layer {
+    return role === 'primary' ? this.P : this.S;
+  }
+
+  /** Seals P into C, drops S, starts the next epoch and returns its number: no per-block work. */
+  seal(): number {
+    assert(this.lease.covers(this.epoch + 1), 'the new epoch is covered by the durable epoch lease');
+    const sealed = this.P;
+    assert(this.committed.at(-1) !== sealed && this.S !== sealed, 'committed sets are disjoint from the live buffers');
+    this.epoch += 1;
+    this.buffers.seal(sealed, this.epoch);
+    this.committed.push(sealed);
+    this.drop(this.S);
+    this.P = this.buffers.newLayer('primary', this.epoch);
+    this.S = this.buffers.newLayer('secondary', this.epoch);
+    this.lease.advanced(this.epoch);
+    return this.epoch;
+  }
+
+  /** The flush of the oldest `layers` is durable: they leave C, and the durable epoch moves up. */
+  flushed(layers: readonly Layer[]): void {
+    const durable = layers.at(-1)!.sealedEpoch;
+    assert(durable > this.durableEpoch && durable <= this.epoch, 'the durable epoch only grows, up to the epoch');
+    assert(this.committed.slice(0, layers.length).every((l, i) => l === layers[i]), 'flushed layers are the oldest');
+    this.committed.splice(0, layers.length);
+    this.durableEpoch = durable;
+    for (const layer of layers) this.drop(layer);
+  }
+
+  /** Every layer, dropped: the volume has failed over or closed. */
+  dropAll(): void {
+    for (const layer of [...this.committed, this.P, this.S]) if (!layer.dropped) this.drop(layer);
+    this.committed.length = 0;
+  }
+
+  /** The topmost layer holding block `b` in the view topped by `top` (null: C over B), and its entry. */
+  lookup(top: Layer | null, b: number): [Layer, number] | [null, 0] {
+    if (top !== null) {
+      const e = top.entry(b);
+      if (e !== undefined) return [top, e];
+    }
+    for (let i = this.committed.length - 1; i >= 0; i--) {
+      const layer = this.committed[i];
+      const e = layer.entry(b);
+      if (e !== undefined) return [layer, e];
+    }
+    return [null, 0];
+  }
+
+  *live(): Iterable<Layer> {
+    yield this.P;
+    yield this.S;
+    yield* this.committed;
+  }
+
+  /** Bytes of committed data not yet in the backing file, in memory or spilled. */
+  committedBytes(): number {
+    let blocks = 0;
+    for (const layer of this.committed) blocks += layer.memBlocks + layer.spilledBlocks;
+    return blocks * this.buffers.blockBytes;
+  }
+}
 
 /**
  * Epoch numbers survive kill -9 without an fsync on the checkpoint path: the store holds a ceiling, an

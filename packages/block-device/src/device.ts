@@ -1,40 +1,28 @@
+import { KiB, MiB } from './units.js';
 /**
  * The one seam of the project: a block device is a flat table of verbs on byte ranges plus capability
  * queries, like nbdkit's plugin interface. The NBD server serves one; every view of a replicated volume
- * is one; `runBlockDeviceSuite` (nbd-server-js/conformance) checks the contract on each.
+ * is one; the engine's backing file is one; `runBlockDeviceSuite` (@gannet/block-device/conformance)
+ * checks the contract on each.
  *
  * Contract, for every implementation:
  * - Offsets and lengths are byte-granular non-negative safe integers; `offset + length <= size`.
- *   Devices re-check ranges with `checkRange` (they are importable without the NBD server in front),
- *   and reject with a `BlockDeviceError` whose `code` is the errno the NBD spec assigns.
+ *   Input is checked once, at the public verb (`AbstractBlockDevice`): a bad range rejects with the
+ *   errno the NBD spec assigns (ENOSPC for write and zero past the end, EINVAL otherwise), a mutating
+ *   verb on a read-only device with EPERM, a closed device with ESHUTDOWN.
+ * - Zero-length requests succeed without doing anything (`extents` of zero bytes answers []).
  * - `read` fills the caller's buffer completely; the device never allocates the result buffer, and
  *   never touches `buf` once its promise settles, failed or not (a device that splits a read waits
  *   for every piece, see `settleAll`): the caller reuses it.
- * - `write` must not keep a reference to `data` once its promise settles: the caller reuses it.
- * - `fua` on write/trim/zero means the data is durable (to the device's guarantee) before resolving.
+ * - `write` and `writev` must not keep a reference to their data once the promise settles.
+ * - `fua` on write/trim/zero means the data is durable (to the device's guarantee) before resolving;
+ *   it is refused with EINVAL by a device that does not advertise `fua`.
  * - `flush` makes every write that resolved before `flush` was called durable.
- * - Verbs a device does not support (per `capabilities`) reject with ENOTSUP (or EPERM when read-only).
+ * - What a device does not support, per `capabilities`, has one declared answer: trim and cache are
+ *   advisory and resolve doing nothing; extents reports the whole range as data; flush resolves (there
+ *   is no volatile cache to empty); writeZeroes always works, and only `fastZero` is refused (ENOTSUP)
+ *   by a device that cannot zero quickly.
  */
-
-/** Errno-style codes. The NBD server maps them to wire errors in exactly one place. */
-export type BlockErrorCode =
-  | 'EPERM'
-  | 'EIO'
-  | 'ENOMEM'
-  | 'EINVAL'
-  | 'ENOSPC'
-  | 'EOVERFLOW'
-  | 'ENOTSUP'
-  | 'ESHUTDOWN';
-
-export class BlockDeviceError extends Error {
-  readonly code: BlockErrorCode;
-  constructor(code: BlockErrorCode, message: string, options?: { cause?: unknown }) {
-    super(message, options);
-    this.name = 'BlockDeviceError';
-    this.code = code;
-  }
-}
 
 export interface Capabilities {
   /** Writes, trims and zeroes are refused with EPERM. */
@@ -43,17 +31,17 @@ export interface Capabilities {
   readonly flush: boolean;
   /** Writes accept `fua` (advertised as SEND_FUA). */
   readonly fua: boolean;
-  /** `trim` may deallocate. */
+  /** `trim` may deallocate (advertised as SEND_TRIM); without it, trim does nothing. */
   readonly trim: boolean;
   /** `writeZeroes` is efficient (not emulated by writing zero buffers). */
   readonly zero: boolean;
   /** `writeZeroes` with `fastZero` can succeed quickly (else it rejects with ENOTSUP). */
   readonly fastZero: boolean;
-  /** `cache` prefetches. */
+  /** `cache` prefetches; without it, cache does nothing. */
   readonly cache: boolean;
   /** FLUSH/FUA through one connection is visible and durable on all connections to the same device. */
   readonly multiConn: boolean;
-  /** `extents` reports real allocation (holes and zeroes), not just "all data". */
+  /** `extents` reports real allocation (holes and zeroes); without it, the whole range is data. */
   readonly extents: boolean;
 }
 
@@ -96,6 +84,8 @@ export interface BlockDevice {
   readonly blockSizes: BlockSizes;
   read(buf: Uint8Array, offset: number): Promise<void>;
   write(data: Uint8Array, offset: number, options?: WriteOptions): Promise<void>;
+  /** Writes `buffers` back to back from `offset`, as one write (a flush writes slab slots this way). */
+  writev(buffers: readonly Uint8Array[], offset: number, options?: WriteOptions): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, options?: WriteOptions): Promise<void>;
   writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void>;
@@ -112,24 +102,21 @@ export interface BlockDevice {
 export const defaultBlockSizes: BlockSizes = Object.freeze({
   minimum: 1,
   preferred: 4096,
-  maximum: 32 * 1024 * 1024,
+  maximum: 32 * MiB,
 });
 
-export type RangeVerb = 'read' | 'write' | 'trim' | 'zero' | 'cache' | 'extents';
-
-/**
- * Rejects a range outside the device the way the NBD spec asks: ENOSPC for writes and zeroes past the
- * end, EINVAL for everything else (and for negative or non-integer values).
- */
-export function checkRange(size: number, offset: number, length: number, verb: RangeVerb): void {
-  if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
-    throw new BlockDeviceError('EINVAL', `${verb}: invalid range offset=${offset} length=${length}`);
-  }
-  if (offset + length > size) {
-    const code = verb === 'write' || verb === 'zero' ? 'ENOSPC' : 'EINVAL';
-    throw new BlockDeviceError(code, `${verb}: range ${offset}+${length} is past the end (size ${size})`);
-  }
-}
+/** Every verb works, nothing is durable beyond memory: what memory-backed devices declare. */
+export const allCapabilities: Capabilities = Object.freeze({
+  readOnly: false,
+  flush: true,
+  fua: true,
+  trim: true,
+  zero: true,
+  fastZero: true,
+  cache: true,
+  multiConn: true,
+  extents: true,
+});
 
 /**
  * Waits for every promise, then rejects with the first failure, if any. `Promise.all` rejects at the
@@ -139,8 +126,4 @@ export function checkRange(size: number, offset: number, length: number, verb: R
 export async function settleAll(pieces: readonly Promise<unknown>[]): Promise<void> {
   const results = await Promise.allSettled(pieces);
   for (const r of results) if (r.status === 'rejected') throw r.reason;
-}
-
-export function isBlockDeviceError(err: unknown): err is BlockDeviceError {
-  return err instanceof BlockDeviceError;
 }
