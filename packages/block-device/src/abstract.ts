@@ -1,4 +1,14 @@
-import { defaultBlockSizes, type BlockDevice, type BlockSizes, type Capabilities, type Extent, type WriteOptions, type ZeroOptions } from './device.js';
+import {
+  defaultBlockSizes,
+  settleAll,
+  type BlockDevice,
+  type BlockSizes,
+  type Capabilities,
+  type Extent,
+  type WriteOptions,
+  type WriteRun,
+  type ZeroOptions,
+} from './device.js';
 import { BlockDeviceError, rangeError, type RangeVerb } from './errors.js';
 import { zeroChunkBytes, zeroes } from './units.js';
 
@@ -19,7 +29,8 @@ const resolved = Promise.resolve();
  * for those in flight, then calls `_close()`.
  *
  * A subclass implements `_read` and `_write`, and overrides what it does better than the defaults:
- * `_writev` (pieces written one after the other), `_zero` (zero buffers written through `_write`),
+ * `_writev` (pieces written one after the other), `_writeBatch` (runs written through `_writev`, all at
+ * once), `_zero` (zero buffers written through `_write`),
  * `_flush`, `_trim` and `_cache` (nothing to do), `_extents` (all data), `_close`.
  */
 export abstract class AbstractBlockDevice implements BlockDevice {
@@ -60,6 +71,15 @@ export abstract class AbstractBlockDevice implements BlockDevice {
       if (buffers[i].byteLength > 0 || last) await this._write(buffers[i], at, fua && last);
       at += buffers[i].byteLength;
     }
+  }
+
+  protected async _writeBatch(runs: readonly WriteRun[]): Promise<void> {
+    const writes: Promise<void>[] = [];
+    for (const run of runs) {
+      if (run.buffers.length === 1) writes.push(this._write(run.buffers[0], run.offset, false));
+      else if (run.buffers.length > 1) writes.push(this._writev(run.buffers, run.offset, false));
+    }
+    await settleAll(writes);
   }
 
   protected _flush(): Promise<void> {
@@ -112,6 +132,19 @@ export abstract class AbstractBlockDevice implements BlockDevice {
     if (err !== null) return Promise.reject(err);
     if (length === 0) return resolved;
     return this.#track(() => (buffers.length === 1 ? this._write(buffers[0], offset, fua) : this._writev(buffers, offset, fua)));
+  }
+
+  writeBatch(runs: readonly WriteRun[]): Promise<void> {
+    let total = 0;
+    for (const run of runs) {
+      let length = 0;
+      for (const b of run.buffers) length += b.byteLength;
+      const err = this.#check('write', run.offset, length, true, false);
+      if (err !== null) return Promise.reject(err);
+      total += length;
+    }
+    if (total === 0) return resolved;
+    return this.#track(() => this._writeBatch(runs));
   }
 
   flush(): Promise<void> {

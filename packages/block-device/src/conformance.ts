@@ -335,6 +335,27 @@ export function runBlockDeviceSuite(options: BlockDeviceSuiteOptions): void {
         await model.check(device);
       });
 
+      itWritable('writeBatch writes every run, shared or not, and refuses a batch with a run past the end', async () => {
+        const shared = new Uint8Array(new SharedArrayBuffer(3 * 4096 + 100));
+        shared.set(pattern(shared.length, 40));
+        const runs = [
+          { offset: 100_000, buffers: [shared.subarray(100, 4196), pattern(10, 41)] },
+          { offset: 7, buffers: [pattern(5000, 42)] },
+          { offset: size - 3, buffers: [shared.subarray(0, 3)] },
+          { offset: 50_000, buffers: [] },
+          { offset: 60_001, buffers: [shared.subarray(4196), new Uint8Array(0), pattern(1, 43)] },
+        ];
+        const before = model.bytes.slice();
+        await device.writeBatch(runs);
+        for (const run of runs) model.bytes.set(Buffer.concat(run.buffers), run.offset);
+        shared.fill(0xee);
+        await model.check(device);
+        await device.writeBatch([]);
+        await expectCode(device.writeBatch([{ offset: 0, buffers: [pattern(10, 44)] }, { offset: size - 1, buffers: [pattern(2, 45)] }]), 'ENOSPC');
+        expect(before.length).toBe(size);
+        await model.check(device);
+      });
+
       itWritable('writev writes its pieces back to back, as one write', async () => {
         const pieces = [pattern(100, 30), new Uint8Array(0), pattern(4096, 31), pattern(1, 32), pattern(70_001, 33)];
         const joined = Buffer.concat(pieces);

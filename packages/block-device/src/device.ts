@@ -14,7 +14,7 @@ import { KiB, MiB } from './units.js';
  * - `read` fills the caller's buffer completely; the device never allocates the result buffer, and
  *   never touches `buf` once its promise settles, failed or not (a device that splits a read waits
  *   for every piece, see `settleAll`): the caller reuses it.
- * - `write` and `writev` must not keep a reference to their data once the promise settles.
+ * - `write`, `writev` and `writeBatch` must not keep a reference to their data once the promise settles.
  * - `fua` on write/trim/zero means the data is durable (to the device's guarantee) before resolving;
  *   it is refused with EINVAL by a device that does not advertise `fua`.
  * - `flush` makes every write that resolved before `flush` was called durable.
@@ -69,6 +69,12 @@ export interface WriteOptions {
   readonly fua?: boolean;
 }
 
+/** One write of a batch: `buffers` written back to back from `offset`. */
+export interface WriteRun {
+  readonly offset: number;
+  readonly buffers: readonly Uint8Array[];
+}
+
 export interface ZeroOptions {
   readonly fua?: boolean;
   /** The range must read back as zeroes and stay allocated (NBD_CMD_FLAG_NO_HOLE). */
@@ -86,6 +92,13 @@ export interface BlockDevice {
   write(data: Uint8Array, offset: number, options?: WriteOptions): Promise<void>;
   /** Writes `buffers` back to back from `offset`, as one write (a flush writes slab slots this way). */
   writev(buffers: readonly Uint8Array[], offset: number, options?: WriteOptions): Promise<void>;
+  /**
+   * Many writes in one call, done in no particular order (the runs must not overlap); resolves once every
+   * run is written, rejects with the first failure once every run has settled. A device may hand the
+   * whole batch to another thread (FileDevice does, for data in SharedArrayBuffers): the engine's flush
+   * writes thousands of small runs this way without a callback on the event loop for each.
+   */
+  writeBatch(runs: readonly WriteRun[]): Promise<void>;
   flush(): Promise<void>;
   trim(offset: number, length: number, options?: WriteOptions): Promise<void>;
   writeZeroes(offset: number, length: number, options?: ZeroOptions): Promise<void>;

@@ -1,5 +1,5 @@
 import type { ZeroRequest } from './abstract.js';
-import type { BlockDevice, Extent } from './device.js';
+import type { BlockDevice, Extent, WriteRun } from './device.js';
 import { FilterDevice } from './filter.js';
 
 /** The verbs a fault can be attached to. */
@@ -90,6 +90,11 @@ export class FaultDevice extends FilterDevice {
   protected override async _writev(buffers: readonly Uint8Array[], offset: number, fua: boolean): Promise<void> {
     await this.#enter('write');
     return super._writev(buffers, offset, fua);
+  }
+
+  protected override async _writeBatch(runs: readonly WriteRun[]): Promise<void> {
+    await this.#enter('write');
+    return super._writeBatch(runs);
   }
 
   protected override async _flush(): Promise<void> {

@@ -13,6 +13,11 @@
  * file that shrank under us), and whether flush and FUA reach the disk (`sync`: 'data' is fdatasync,
  * 'none' is for scratch data that a restart throws away).
  *
+ * Batches (`writeBatch`) go to a writer thread of their own (worker/file-writer.mjs) that writes every run
+ * with synchronous pwritev: one message per batch on the event loop, however many runs. Data in
+ * SharedArrayBuffers (the engine's slabs) is written from where it is; other data is copied once into a
+ * shared buffer for the thread.
+ *
  * Trim and zero punch holes (fallocate PUNCH_HOLE, through fs-native-extensions: Node has no fallocate),
  * at most `rangeOpsInFlightMax` at a time; where the file system cannot punch, trim does nothing (it is
  * advisory) and zero writes zeroes. NO_HOLE zeroes are written, so they stay allocated. Node has no
@@ -20,8 +25,9 @@
  */
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
+import { Worker } from 'node:worker_threads';
 import { AbstractBlockDevice, type ZeroRequest } from './abstract.js';
-import type { Capabilities } from './device.js';
+import type { Capabilities, WriteRun } from './device.js';
 import { BlockDeviceError, toBlockDeviceError } from './errors.js';
 import { MiB, zeroChunkBytes, zeroes } from './units.js';
 
@@ -43,6 +49,14 @@ export const iovecCountMax = 1024;
 export const fileZeroWriteBytesMax = 64 * MiB;
 /** Hole punches in flight per file; the rest wait their turn. */
 export const rangeOpsInFlightMax = 4;
+
+/** The writer thread's code: plain JavaScript beside src and dist, so the same path works from both. */
+const writerUrl = new URL('../worker/file-writer.mjs', import.meta.url);
+
+interface WriterJob {
+  readonly resolve: () => void;
+  readonly reject: (err: Error) => void;
+}
 
 export type EndOfFilePolicy = 'zero-fill' | 'error';
 export type SyncPolicy = 'data' | 'none';
@@ -123,6 +137,9 @@ export class FileDevice extends AbstractBlockDevice {
   #punchUnsupported = false;
   #rangeOps = 0;
   readonly #rangeOpWaiters: (() => void)[] = [];
+  #writer: Worker | null = null;
+  readonly #writerJobs = new Map<number, WriterJob>();
+  #nextWriterJob = 1;
 
   private constructor(path: string, fd: number, size: number, readOnly: boolean, atEnd: EndOfFilePolicy, sync: SyncPolicy) {
     super(size);
@@ -231,6 +248,55 @@ export class FileDevice extends AbstractBlockDevice {
     }
   }
 
+  protected override async _writeBatch(runs: readonly WriteRun[]): Promise<void> {
+    const sabs: SharedArrayBuffer[] = [];
+    const sabIndex = new Map<SharedArrayBuffer, number>();
+    let copyBytes = 0;
+    let planLength = 0;
+    for (const run of runs) {
+      planLength += 2 + 3 * run.buffers.length;
+      for (const b of run.buffers) if (!(b.buffer instanceof SharedArrayBuffer)) copyBytes += b.byteLength;
+    }
+    const copy = copyBytes > 0 ? new Uint8Array(new SharedArrayBuffer(copyBytes)) : null;
+    let copied = 0;
+    const plan = new Float64Array(planLength);
+    let i = 0;
+    for (const run of runs) {
+      plan[i++] = run.offset;
+      plan[i++] = run.buffers.length;
+      for (const b of run.buffers) {
+        let sab: SharedArrayBuffer;
+        let at: number;
+        if (b.buffer instanceof SharedArrayBuffer) {
+          sab = b.buffer;
+          at = b.byteOffset;
+        } else {
+          copy!.set(b, copied);
+          sab = copy!.buffer as SharedArrayBuffer;
+          at = copied;
+          copied += b.byteLength;
+        }
+        let index = sabIndex.get(sab);
+        if (index === undefined) {
+          index = sabs.push(sab) - 1;
+          sabIndex.set(sab, index);
+        }
+        plan[i++] = index;
+        plan[i++] = at;
+        plan[i++] = b.byteLength;
+      }
+    }
+    const id = this.#nextWriterJob++;
+    const done = new Promise<void>((resolve, reject) => this.#writerJobs.set(id, { resolve, reject }));
+    this.#startWriter().postMessage({ id, fd: this.#fd, sabs, plan });
+    try {
+      await done;
+    } catch (err) {
+      throw toBlockDeviceError(err, `write ${this.path}`);
+    }
+    this.#writeGeneration++;
+  }
+
   protected override async _flush(): Promise<void> {
     try {
       await this.#datasync();
@@ -263,11 +329,37 @@ export class FileDevice extends AbstractBlockDevice {
   }
 
   protected override async _close(): Promise<void> {
+    if (this.#writer !== null) await this.#writer.terminate();
     try {
       await fsClose(this.#fd);
     } catch (err) {
       throw toBlockDeviceError(err, `close ${this.path}`);
     }
+  }
+
+  /** The writer thread, started with the first batch; it does not keep the process alive. */
+  #startWriter(): Worker {
+    if (this.#writer !== null) return this.#writer;
+    const writer = new Worker(writerUrl);
+    writer.unref();
+    writer.on('message', (reply: { id: number; error?: { code: string; message: string } }) => {
+      const job = this.#writerJobs.get(reply.id);
+      if (job === undefined) return;
+      this.#writerJobs.delete(reply.id);
+      if (reply.error === undefined) job.resolve();
+      else job.reject(Object.assign(new Error(reply.error.message), { code: reply.error.code }));
+    });
+    writer.on('error', (err) => this.#failWriter(err));
+    writer.on('exit', (code) => this.#failWriter(new Error(`the writer thread exited with ${code}`)));
+    this.#writer = writer;
+    return writer;
+  }
+
+  /** The writer thread died: its jobs fail, and the next batch starts a new one. */
+  #failWriter(err: Error): void {
+    this.#writer = null;
+    for (const job of this.#writerJobs.values()) job.reject(err);
+    this.#writerJobs.clear();
   }
 
   async #datasync(): Promise<void> {

@@ -1,5 +1,5 @@
 import { AbstractBlockDevice, type ZeroRequest } from './abstract.js';
-import type { BlockDevice, Capabilities, Extent } from './device.js';
+import type { BlockDevice, Capabilities, Extent, WriteRun } from './device.js';
 
 /**
  * A layer over another device, in the style of an nbdkit filter with an explicit `next`: every verb
@@ -27,6 +27,10 @@ export class FilterDevice extends AbstractBlockDevice {
 
   protected override _writev(buffers: readonly Uint8Array[], offset: number, fua: boolean): Promise<void> {
     return this.next.writev(buffers, offset, fua ? { fua } : undefined);
+  }
+
+  protected override _writeBatch(runs: readonly WriteRun[]): Promise<void> {
+    return this.next.writeBatch(runs);
   }
 
   protected override _flush(): Promise<void> {

@@ -7,13 +7,14 @@ import { MiB } from '@gannet/block-device';
 /**
  * Block maps and memory accounting. A layer is one buffer (P, S, or one committed epoch): a compact index
  * Map<block index, entry> where the entry is a slot number (>= 0, data in a slab) or a spill tag (<= -2,
- * data in the spill store under the layer id and block index), plus the ranges of whole blocks zeroed or
+ * data in the layer's spill file at the index the tag encodes), plus the ranges of whole blocks zeroed or
  * trimmed, which read as zeroes with no data allocated: `holes` (trim, or WRITE_ZEROES without NO_HOLE:
  * the backing file may deallocate them) and `zeros` (WRITE_ZEROES with NO_HOLE: they must stay
  * allocated). The two are disjoint, the newer operation taking its blocks from the other. A map entry
  * wins over a range of its own layer: zeroing a range deletes the map entries inside it, so an entry
- * there was written afterwards. `entry()` folds all three into one answer, ZERO for a zeroed block. Every
- * spill tag is unique, so "the entry is unchanged" after an await is a plain number comparison.
+ * there was written afterwards. `entry()` folds all three into one answer, ZERO for a zeroed block. A
+ * layer's spill file is append-only, so a spill tag is never reused within a layer: "the entry is
+ * unchanged" after an await is a plain number comparison.
  *
  * A layer's state is private to this module (kept under a symbol only it holds): the rest of the engine
  * reads a layer through its methods and changes it only through BlockBuffers, which keeps the
@@ -24,6 +25,8 @@ const spillTagFirst = -2;
 
 export const isSlot = (entry: number): boolean => entry >= 0;
 export const isSpilled = (entry: number): boolean => entry <= spillTagFirst;
+/** Where in its layer's spill file a spilled block is, in blocks. */
+export const spillIndex = (entry: number): number => spillTagFirst - entry;
 
 export type LayerRole = 'primary' | 'secondary' | 'committed';
 
@@ -35,7 +38,7 @@ interface LayerState {
   readonly zeros: RangeSet;
   memBlocks: number;
   spilledBlocks: number;
-  /** Pinned layers (being flushed or failed over) have slots in use by I/O: never spilled, never freed. */
+  /** Pinned layers (being failed over) have slots in use by I/O: never spilled, never freed. */
   pinned: boolean;
   dropped: boolean;
   /** The spill store may hold copies for this layer (cleared when it is dropped). */
@@ -184,7 +187,6 @@ export class BlockBuffers {
   private spilledBytesValue = 0;
   private indexEntriesValue = 0;
   private nextLayerId = 1;
-  private nextSpillTag = spillTagFirst;
 
   constructor(options: { blockBytes: number; sizeBytes: number; memoryBytesMax: number; indexEntriesMax?: number }) {
     this.blockBytes = options.blockBytes;
@@ -316,7 +318,7 @@ export class BlockBuffers {
   }
 
   /**
-   * Up to `count` of the coldest unpinned slots, from the LRU's cold end. A slot used again since it was
+   * Up to `count` of the coldest slots of the live buffers (P and S), from the LRU's cold end. A slot used again since it was
    * (re)placed there has its referenced bit set: it gets a second chance, moving to the warm end with the
    * bit cleared, so a pass where every slot was used again still ends with victims on the second pass.
    * Slots the LRU forgot (it tracks a bounded number) are found by a scan of `layers`, rare and slow.
@@ -339,7 +341,8 @@ export class BlockBuffers {
         if (s.pinned) continue;
         const index = pool.slotIndex(slot);
         const block = slab.blocks[index];
-        if (s.map.get(block) !== slot) {
+        // Committed data is never spilled (the flusher writes it to the backing file instead).
+        if (s.role === 'committed' || s.map.get(block) !== slot) {
           stale.push(slot);
           continue;
         }
@@ -356,7 +359,7 @@ export class BlockBuffers {
     if (victims.length > 0) return victims;
     for (const layer of layers) {
       const s = layer[state];
-      if (s.pinned || s.dropped) continue;
+      if (s.pinned || s.dropped || s.role === 'committed') continue;
       for (const [block, entry] of s.map) {
         if (victims.length >= count) return victims;
         if (!isSlot(entry)) continue;
@@ -374,19 +377,61 @@ export class BlockBuffers {
   }
 
   /**
-   * The victim's block is in the spill store now: free its slot, unless the slot changed since it was
-   * picked (another block, another write, the layer dropped or pinned). Returns whether it was freed.
+   * The victim's block is in its layer's spill file now, at block `index`: free its slot, unless the slot
+   * changed since it was picked (another block, another write, the layer dropped, pinned or sealed).
+   * Returns whether it was freed.
    */
-  spilled(victim: SpillVictim): boolean {
+  spilled(victim: SpillVictim, index: number): boolean {
     const { layer, block, slot } = victim;
     const s = layer[state];
-    if (s.dropped || s.pinned || s.map.get(block) !== slot) return false;
+    if (s.dropped || s.pinned || s.role === 'committed' || s.map.get(block) !== slot) return false;
     const slab = this.pool.slabOf(slot);
     if (slab === null || slab.versions[this.pool.slotIndex(slot)] !== victim.version) return false;
-    const tag = this.nextSpillTag--;
-    this.replaceEntry(layer, block, slot, tag);
+    this.replaceEntry(layer, block, slot, spillTagFirst - index);
     this.lru.delete(slot);
     return true;
+  }
+
+  /**
+   * The blocks a committed layer's slab holds now, each with its slot, sorted by block: what the flusher
+   * writes from that slab.
+   */
+  slabContents(layer: Layer, slab: Slab<Layer>): { blocks: number[]; slots: number[] } {
+    const s = layer[state];
+    const pairs: [number, number][] = [];
+    const first = slab.id * this.pool.slotsPerSlab;
+    for (let i = 0; i < this.pool.slotsPerSlab && pairs.length < slab.live; i++) {
+      const block = slab.blocks[i];
+      if (s.map.get(block) === first + i) pairs.push([block, first + i]);
+    }
+    pairs.sort((a, b) => a[0] - b[0]);
+    return { blocks: pairs.map((p) => p[0]), slots: pairs.map((p) => p[1]) };
+  }
+
+  /** The slabs a committed layer still holds (they leave as their blocks are flushed). */
+  slabsOf(layer: Layer): readonly Slab<Layer>[] {
+    return layer[state].slabs.slice();
+  }
+
+  /**
+   * A committed layer's block is in the backing file now (or a newer layer of the same flush hides it):
+   * its entry goes, and with the last one in a slab, the slab.
+   */
+  removeFlushed(layer: Layer, b: number): void {
+    const s = layer[state];
+    assert(s.role === 'committed' && !s.dropped, 'only committed layers are flushed');
+    const entry = s.map.get(b);
+    if (entry !== undefined) this.removeEntry(layer, b, entry);
+  }
+
+  /** A committed layer's zeroed ranges are in the backing file now: reads of them go there. */
+  clearRanges(layer: Layer): void {
+    const s = layer[state];
+    assert(s.role === 'committed' && !s.dropped, 'only committed layers are flushed');
+    this.indexEntriesValue -= s.holes.size + s.zeros.size;
+    s.holes.clear();
+    s.zeros.clear();
+    assert(this.indexEntriesValue >= 0, 'accounting never negative');
   }
 
   /** Whether `entries` more index entries fit. */
@@ -399,7 +444,10 @@ export class BlockBuffers {
     const s = layer[state];
     assert(!s.dropped, `layer ${layer.id} dropped once`);
     s.dropped = true;
-    for (const slab of s.slabs) this.pool.release(slab);
+    for (const slab of s.slabs) {
+      slab.live = 0;
+      this.pool.release(slab);
+    }
     s.slabs.length = 0;
     s.freeSlots.length = 0;
     s.bump = null;
@@ -440,9 +488,17 @@ export class BlockBuffers {
   private releaseEntry(layer: Layer, old: number): void {
     const s = layer[state];
     if (isSlot(old)) {
-      s.freeSlots.push(old);
       s.memBlocks--;
       this.memBytesValue -= this.blockBytes;
+      const slab = this.pool.slabOf(old)!;
+      slab.live--;
+      if (s.role !== 'committed') {
+        s.freeSlots.push(old);
+      } else if (slab.live === 0) {
+        // A sealed layer never allocates again: its slab goes back to the pool once nothing lives in it.
+        s.slabs.splice(s.slabs.indexOf(slab), 1);
+        this.pool.release(slab);
+      }
     } else {
       assert(isSpilled(old), `map entry ${old} is a slot or a spill tag`);
       s.spilledBlocks--;
@@ -458,6 +514,7 @@ export class BlockBuffers {
     if (isSlot(next)) {
       s.memBlocks++;
       this.memBytesValue += this.blockBytes;
+      this.pool.slabOf(next)!.live++;
     } else if (isSpilled(next)) {
       s.spilledBlocks++;
       this.spilledBytesValue += this.blockBytes;

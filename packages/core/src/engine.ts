@@ -6,7 +6,13 @@ import type { MetaStore } from './meta.js';
 import type { ResolvedVolumeOptions } from './options.js';
 import type { Geometry } from './plan.js';
 import { Spiller } from './spill.js';
+import { join } from 'node:path';
 import type { ByteRange, FailoverTarget, VolumeEvents, VolumeState } from './types.js';
+
+/** Where a volume keeps its spill files (scratch: emptied at every open). */
+export function spillDir(dataDir: string): string {
+  return join(dataDir, 'spill');
+}
 
 /** What a volume's parts share: its files, buffers, epochs and state, and the signals between them. */
 export interface EngineInit {
@@ -63,7 +69,7 @@ export class Engine {
     });
     const lease = new EpochLease(init.epochCeiling, (ceiling) => this.meta.putEpochCeiling(ceiling));
     this.epochs = new Epochs(this.buffers, lease, init.epoch, init.durableEpoch, (layer) => this.dropLayer(layer));
-    this.spiller = new Spiller(this.buffers, this.meta, () => this.epochs.live());
+    this.spiller = new Spiller(this.buffers, spillDir(init.options.dataDir), () => this.epochs.live());
   }
 
   emit<K extends keyof VolumeEvents>(event: K, ...args: VolumeEvents[K]): void {

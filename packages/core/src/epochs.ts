@@ -92,6 +92,13 @@ export class Epochs {
     yield* this.committed;
   }
 
+  /** Bytes of committed data in memory (the flusher releases them as it writes them). */
+  committedMemBytes(): number {
+    let blocks = 0;
+    for (const layer of this.committed) blocks += layer.memBlocks;
+    return blocks * this.buffers.blockBytes;
+  }
+
   /** Bytes of committed data not yet in the backing file, in memory or spilled. */
   committedBytes(): number {
     let blocks = 0;

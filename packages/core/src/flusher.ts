@@ -1,28 +1,61 @@
 import { performance } from 'node:perf_hooks';
-import type { Layer } from './buffer.js';
+import type { WriteRun } from '@gannet/block-device';
+import { isSpilled, type Layer } from './buffer.js';
 import type { Engine } from './engine.js';
 import { GannetError } from './errors.js';
-import { layerSource, planFlush, planRanges, planRuns, writePlan } from './plan.js';
-import { subtractRanges } from './ranges.js';
+import { planFlush, planRanges, planRuns, prepareStepEntries, writeZeroRuns } from './plan.js';
+import { mergeRanges, subtractRanges } from './ranges.js';
+import type { ByteRange } from './types.js';
+
+/** Slab batches handed to the backing file at once: the writer thread always has the next one queued. */
+export const slabBatchesInFlightMax = 4;
+/** Spilled blocks read back and written per batch. */
+export const spilledBatchBlocksMax = 256;
+
+const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
 
 /**
- * The background flush of committed epochs: one pass writes every committed layer there is (the newest
- * entry of a block wins), so a backlog of small epochs costs one sort and one fdatasync. The ranges a
- * pass writes are recorded before its first write: if the process dies mid-pass, the next open reports
- * them as torn. After the fdatasync the durable epoch is recorded and the layers are dropped.
+ * The background flush of committed epochs. One pass takes every committed layer there is (the newest
+ * entry of a block wins), so a backlog of small epochs costs one plan and one fdatasync:
  *
- * A failed pass leaves the layers in place and the error set: the next checkpoint is refused with it and
- * starts a retry (`retry`), so a transient fault heals without a restart.
+ * 1. Plan: the blocks and zeroed ranges that end in the file, and the byte ranges they cover, recorded
+ *    before the first write: if the process dies mid-pass, the next open reports them as torn.
+ * 2. Entries of older layers that a newer layer of the pass hides are dropped: from here on every block
+ *    has one entry in the pass.
+ * 3. Zeroed ranges are applied (punched, or zeroed where NO_HOLE), then removed from the layers: reads of
+ *    those blocks find zeroes in the file.
+ * 4. Data goes slab by slab: each slab's blocks, in block order and coalesced, are one batch for the
+ *    backing file (FileDevice writes it from its writer thread, straight from the shared slab), and once
+ *    the batch is written its blocks leave their layer and the slab goes back to the pool. So memory is
+ *    released as the pass goes, not at its end, and writes waiting for memory are admitted at the rate
+ *    the disk takes committed data. Reads of a flushed block find it in the file (the page cache).
+ * 5. fdatasync, then the durable epoch is recorded and the (now empty) layers are dropped.
+ *
+ * Releasing blocks before the fdatasync is safe: until the durable epoch is recorded, the pass's ranges
+ * are the torn ranges a crash reports, whether the blocks were still in memory or not.
+ *
+ * A failed pass leaves what it did not write in place and the error set: the next checkpoint is refused
+ * with it and starts a retry (`retry`), so a transient fault heals without a restart.
  */
 export class Flusher {
   private running: Promise<void> | null = null;
   private error: Error | null = null;
+  /**
+   * Ranges of failed passes: some of their blocks reached the file (and left memory) without an
+   * fdatasync, so they stay in the ranges the next pass records until one pass completes.
+   */
+  private unfinished: ByteRange[] = [];
 
   constructor(private readonly engine: Engine) {}
 
   /** The last pass's failure, until a retry starts. */
   get failure(): Error | null {
     return this.error;
+  }
+
+  /** Whether committed data is on its way to the file (memory held by it will be released). */
+  get draining(): boolean {
+    return this.error === null && this.engine.epochs.committed.length > 0;
   }
 
   kick(): void {
@@ -47,14 +80,13 @@ export class Flusher {
   private async loop(): Promise<void> {
     const { engine } = this;
     // Started on the next turn of the event loop: nothing of the flush runs inside checkpoint().
-    await new Promise<void>((resolve) => setImmediate(resolve));
+    await yieldToEventLoop();
     let failure: GannetError | null = null;
     while (engine.epochs.committed.length > 0 && this.error === null && engine.state === 'replicating') {
       const layers = engine.epochs.committed.slice();
       try {
         await this.pass(layers);
       } catch (err) {
-        engine.buffers.pin(layers, false);
         this.error = err instanceof Error ? err : new Error(String(err));
         failure = new GannetError('EIO', `flush of epochs up to ${layers.at(-1)!.sealedEpoch} failed: ${this.error.message}`, {
           cause: err,
@@ -69,21 +101,110 @@ export class Flusher {
 
   private async pass(layers: Layer[]): Promise<void> {
     const { engine } = this;
+    const { backing, geometry, meta } = engine;
     const start = performance.now();
-    engine.buffers.pin(layers, true);
     const plan = await planFlush(layers);
-    const runs = planRuns(plan.blocks, engine.geometry.blockBytes);
-    const ranges = planRanges(runs, plan, engine.geometry);
-    if (ranges.length > 0) await engine.meta.recordFlushing(ranges);
-    const bytes = await writePlan(engine.backing, runs, layerSource(engine.buffers, engine.spiller, layers), plan, engine.geometry);
-    // Also what makes punched holes and zeroed ranges durable: fdatasync flushes allocation changes.
-    if (bytes > 0) await engine.backing.flush();
+    const retrying = this.unfinished.length > 0;
+    const ranges = mergeRanges([...this.unfinished, ...planRanges(planRuns(plan.blocks, geometry.blockBytes), plan, geometry)]);
+    if (ranges.length > 0) await meta.recordFlushing(ranges);
+    this.unfinished = ranges;
+    await this.dropHidden(layers);
+    let bytes = await writeZeroRuns(backing, plan.holeRuns, false, geometry);
+    bytes += await writeZeroRuns(backing, plan.zeroRuns, true, geometry);
+    for (const layer of layers) engine.buffers.clearRanges(layer);
+    for (const layer of layers) bytes += await this.writeSlabs(layer);
+    for (const layer of layers) bytes += await this.writeSpilled(layer);
+    // Also what makes punched holes and zeroed ranges durable: fdatasync flushes allocation changes. After
+    // a failed pass, blocks it wrote left memory unsynced: this pass syncs even with nothing left to write.
+    if (bytes > 0 || retrying) await backing.flush();
     const durable = layers.at(-1)!.sealedEpoch;
     const torn = subtractRanges(engine.torn, ranges);
-    await engine.meta.recordDurable(durable, torn);
+    await meta.recordDurable(durable, torn);
+    this.unfinished = [];
     engine.torn = torn;
     engine.epochs.flushed(layers);
     engine.wake();
     engine.emit('flushed', { epoch: durable, bytes, durationMs: performance.now() - start });
+  }
+
+  /** Drops the entries of older layers that a newer layer of the pass hides (data or a zeroed range). */
+  private async dropHidden(layers: readonly Layer[]): Promise<void> {
+    let steps = 0;
+    for (let i = 0; i < layers.length - 1; i++) {
+      const newer = layers.slice(i + 1);
+      const hidden: number[] = [];
+      for (const b of layers[i].dataBlocks()) {
+        if (newer.some((layer) => layer.holds(b))) hidden.push(b);
+        if (++steps % prepareStepEntries === 0) await yieldToEventLoop();
+      }
+      for (const b of hidden) this.engine.buffers.removeFlushed(layers[i], b);
+    }
+  }
+
+  /** Writes a committed layer's slabs, releasing each once written; returns the bytes written. */
+  private async writeSlabs(layer: Layer): Promise<number> {
+    const { buffers, backing, geometry } = this.engine;
+    const bs = geometry.blockBytes;
+    const inFlight = new Set<Promise<void>>();
+    let failure: unknown = null;
+    let bytes = 0;
+    for (const slab of buffers.slabsOf(layer)) {
+      const { blocks, slots } = buffers.slabContents(layer, slab);
+      if (blocks.length === 0) continue;
+      const runs: WriteRun[] = [];
+      for (let i = 0; i < blocks.length; ) {
+        let n = 1;
+        while (i + n < blocks.length && blocks[i + n] === blocks[i] + n && slots[i + n] === slots[i] + n) n++;
+        const length = (n - 1) * bs + buffers.blockLength(blocks[i + n - 1]);
+        const slot = buffers.slotBytes(slots[i]);
+        runs.push({ offset: blocks[i] * bs, buffers: [new Uint8Array(slot.buffer, slot.byteOffset, length)] });
+        bytes += length;
+        i += n;
+      }
+      const write: Promise<void> = backing.writeBatch(runs).then(
+        () => {
+          inFlight.delete(write);
+          for (const b of blocks) buffers.removeFlushed(layer, b);
+          this.engine.wake();
+        },
+        (err: unknown) => {
+          inFlight.delete(write);
+          failure ??= err;
+        },
+      );
+      inFlight.add(write);
+      if (inFlight.size >= slabBatchesInFlightMax) await Promise.race(inFlight);
+      if (failure !== null) break;
+    }
+    await Promise.all(inFlight);
+    if (failure !== null) throw failure;
+    return bytes;
+  }
+
+  /** Writes a committed layer's spilled blocks (P spilled them before its checkpoint); returns the bytes. */
+  private async writeSpilled(layer: Layer): Promise<number> {
+    const { buffers, backing, geometry, spiller } = this.engine;
+    const spilled: [number, number][] = [];
+    for (const b of layer.dataBlocks()) {
+      const entry = layer.dataEntry(b)!;
+      if (isSpilled(entry)) spilled.push([b, entry]);
+    }
+    let bytes = 0;
+    for (let i = 0; i < spilled.length; i += spilledBatchBlocksMax) {
+      const chunk = spilled.slice(i, i + spilledBatchBlocksMax);
+      const runs = await Promise.all(
+        chunk.map(async ([b, entry]) => {
+          const data = await spiller.read(layer, entry);
+          if (data === undefined) throw new GannetError('EIO', `spilled block ${b} of epoch ${layer.sealedEpoch} is gone`);
+          const length = buffers.blockLength(b);
+          bytes += length;
+          return { offset: b * geometry.blockBytes, buffers: [data.subarray(0, length)] };
+        }),
+      );
+      await backing.writeBatch(runs);
+      for (const [b] of chunk) buffers.removeFlushed(layer, b);
+      this.engine.wake();
+    }
+    return bytes;
   }
 }

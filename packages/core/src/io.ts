@@ -123,7 +123,7 @@ export class BufferedIo {
           // `pos` moves on before the fetch settles: the retry needs this block's offset.
           const blockPos = pos;
           pending.push(
-            engine.spiller.read(layer, b).then((data) => {
+            engine.spiller.read(layer, entry).then((data) => {
               if (data !== undefined) dst.set(data.subarray(inBlock, inBlock + n));
               else return this.read(role, dst, blockPos, attempt + 1);
             }),
@@ -203,7 +203,7 @@ export class BufferedIo {
     const bs = this.engine.geometry.blockBytes;
     const dst = Buffer.alloc(bs);
     if (entry !== undefined && isSpilled(entry)) {
-      const data = await spiller.read(layer, b);
+      const data = await spiller.read(layer, entry);
       if (data === undefined) return null;
       dst.set(data.subarray(0, bs));
       return dst;
@@ -213,9 +213,11 @@ export class BufferedIo {
   }
 
   /**
-   * Reserves memory for a write's new slots, spilling cold blocks at the hard limit. A write larger than
-   * the whole budget proceeds once nothing else is in memory, so memory stays under memoryBytesMax plus
-   * one request. Returns false when the volume left the replicating state.
+   * Reserves memory for a write's new slots. At the hard limit, committed data in memory is waited out
+   * (the flusher releases it slab by slab as the disk takes it, so writes are admitted at the disk's
+   * rate); beyond what it holds, cold blocks of P and S are spilled. A write larger than the whole budget
+   * proceeds once nothing else is in memory, so memory stays under memoryBytesMax plus one request.
+   * Returns false when the volume left the replicating state.
    */
   private async reserveMemory(bytes: number): Promise<boolean> {
     const { engine } = this;
@@ -227,18 +229,27 @@ export class BufferedIo {
         this.reservedBytes += bytes;
         return true;
       }
+      if (this.flusher.draining && engine.epochs.committedMemBytes() >= used + bytes - max) {
+        await engine.nextWake();
+        continue;
+      }
       let freed: number;
       try {
         freed = await engine.spiller.spill(used + bytes - max);
       } catch (err) {
-        throw new BlockDeviceError('EIO', `spilling buffered blocks to the metadata store failed: ${(err as Error).message}`, {
-          cause: err,
-        });
+        throw toBlockDeviceError(err, 'spilling buffered blocks to their spill file');
       }
-      // Nothing spillable (pinned by a flush, or reserved by other writes): wait for a release, unless
-      // memory moved while the spill looked.
-      if (freed > 0) engine.wake();
-      else if (freed < 0 && engine.buffers.memBytes + this.reservedBytes >= used) await engine.nextWake();
+      // Nothing spillable (committed, or reserved by other writes): wait for a release, unless memory
+      // moved while the spill looked.
+      if (freed > 0) {
+        engine.wake();
+      } else if (freed < 0 && engine.buffers.memBytes + this.reservedBytes >= used) {
+        const failure = this.flusher.failure;
+        if (failure !== null && engine.epochs.committedMemBytes() > 0) {
+          throw toBlockDeviceError(failure, 'committed data holds the memory and cannot reach the backing file');
+        }
+        await engine.nextWake();
+      }
     }
   }
 

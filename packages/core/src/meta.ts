@@ -6,14 +6,14 @@ import { decodeRanges, encodeRanges } from './ranges.js';
 import type { ByteRange, FailoverTarget } from './types.js';
 
 /**
- * The volume's LevelDB (one per volume, in dataDir): metadata, the failover journal and spilled blocks.
+ * The volume's LevelDB (one per volume, in dataDir): metadata and the failover journal.
  * Every state change is one batch; batches that a restart relies on are written with `sync: true`.
  *
  * Keys: m/<name> metadata; j/<block> journal (block data, empty value = zero block); j/h<first block>
  * journal hole range (zeroes the file may deallocate) and j/z<first block> journal zero range (zeroes that
  * stay allocated), both valued with their block count in decimal and sorting after every j/<block> since
- * 'h' and 'z' follow the hex digits; s/<layer id>/<block> spilled blocks (never valid across a restart:
- * cleared on open). Journals written before hole ranges existed hold only j/z, which replays as before.
+ * 'h' and 'z' follow the hex digits. Journals written before hole ranges existed hold only j/z, which
+ * replays as before.
  */
 type Db = Level<string, Uint8Array>;
 type BatchOp = { type: 'put'; key: string; value: Uint8Array } | { type: 'del'; key: string };
@@ -47,7 +47,6 @@ export const journalZeroRecordBytes = 32;
 const spillPrefix = 's/';
 const hex = (n: number, width: number) => n.toString(16).padStart(width, '0');
 const blockKey = (b: number) => hex(b, 13);
-const spillLayerPrefix = (layerId: number) => `${spillPrefix}${hex(layerId, 8)}/`;
 const text = (s: string) => Buffer.from(s);
 const str = (v: Uint8Array | undefined) => (v === undefined ? undefined : Buffer.from(v).toString());
 const num = (v: Uint8Array | undefined) => (v === undefined ? 0 : Number(str(v)));
@@ -168,26 +167,8 @@ export class MetaStore {
     );
   }
 
-  async putSpill(entries: { layerId: number; block: number; data: Uint8Array }[]): Promise<void> {
-    await this.db.batch(
-      entries.map((e) => ({
-        type: 'put' as const,
-        key: spillLayerPrefix(e.layerId) + blockKey(e.block),
-        value: e.data,
-      })),
-    );
-  }
-
-  async getSpill(layerId: number, block: number): Promise<Uint8Array | undefined> {
-    return this.db.get(spillLayerPrefix(layerId) + blockKey(block));
-  }
-
-  async clearLayerSpill(layerId: number): Promise<void> {
-    const prefix = spillLayerPrefix(layerId);
-    await this.db.clear({ gte: prefix, lt: prefixEnd(prefix) });
-  }
-
-  async clearAllSpill(): Promise<void> {
+  /** Spilled blocks were kept here by earlier versions (under s/); a store that still holds some drops them. */
+  async clearLegacySpill(): Promise<void> {
     await this.db.clear({ gte: spillPrefix, lt: prefixEnd(spillPrefix) });
   }
 

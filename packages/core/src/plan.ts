@@ -17,7 +17,7 @@ export const runBytesMax = 4 * MiB;
 export const runsInFlightMax = 4;
 
 /** Work done between yields to the event loop while preparing a flush (keys gathered, sorted, merged). */
-export const prepareStepEntries = 32 * KiB;
+export const prepareStepEntries = 8 * KiB;
 
 const yieldToEventLoop = () => new Promise<void>((resolve) => setImmediate(resolve));
 
@@ -393,7 +393,7 @@ export function layerSource(buffers: BlockBuffers, spiller: Spiller, layers: rea
     assert(entry !== undefined, `block ${b} is in layer ${layer.id}`);
     if (isSlot(entry)) return buffers.slotBytes(entry);
     assert(isSpilled(entry), `block ${b} entry ${entry} is a spill tag`);
-    return spiller.read(layer, b).then((data) => {
+    return spiller.read(layer, entry).then((data) => {
       assert(data !== undefined, `spilled block ${b} of pinned layer ${layer.id} is in the spill store`);
       return data;
     });

@@ -68,6 +68,11 @@ export class RangeSet {
     return starts.length - (j - i);
   }
 
+  clear(): void {
+    this.starts.length = 0;
+    this.ends.length = 0;
+  }
+
   /** The ranges in order, as [start, end) pairs. */
   *[Symbol.iterator](): IterableIterator<[number, number]> {
     for (let i = 0; i < this.starts.length; i++) yield [this.starts[i], this.ends[i]];

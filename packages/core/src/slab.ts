@@ -1,10 +1,10 @@
-import { assert } from './assert.js';
 import { MiB } from '@gannet/block-device';
-
+import { assert } from './assert.js';
 
 /**
  * Buffered blocks live in slabs: large Buffers cut into block-sized slots, so a GiB of buffered data is a
- * few hundred allocations instead of a quarter million, and RSS tracks buffered bytes closely.
+ * few hundred allocations instead of a quarter million, and RSS tracks buffered bytes closely. Slabs are
+ * SharedArrayBuffers, so the backing file's writer thread writes committed blocks from where they are.
  */
 export const slabBytesDefault = 2 * MiB;
 /** Free slabs kept for reuse (beyond this they are dropped for the GC to return to the OS). */
@@ -19,6 +19,8 @@ export interface Slab<Owner> {
   readonly versions: Uint32Array;
   /** Set when a slot is written or read again: its second chance when it reaches the LRU's cold end. */
   readonly referenced: Uint8Array;
+  /** Slots holding a block of `owner` now; a sealed owner's slab goes back to the pool at 0. */
+  live: number;
   owner: Owner | null;
 }
 
@@ -50,10 +52,11 @@ export class SlabPool<Owner> {
       const id = this.freeIds.length > 0 ? this.freeIds.pop()! : this.slabs.length;
       slab = {
         id,
-        bytes: Buffer.allocUnsafeSlow(this.slabBytes),
+        bytes: Buffer.from(new SharedArrayBuffer(this.slabBytes)),
         blocks: new Float64Array(this.slotsPerSlab),
         versions: new Uint32Array(this.slotsPerSlab),
         referenced: new Uint8Array(this.slotsPerSlab),
+        live: 0,
         owner: null,
       };
       this.slabs[id] = slab;
@@ -65,7 +68,7 @@ export class SlabPool<Owner> {
   }
 
   release(slab: Slab<Owner>): void {
-    assert(slab.owner !== null, 'a released slab had an owner');
+    assert(slab.owner !== null && slab.live === 0, 'a released slab had an owner and no live slot');
     assert(this.slabs[slab.id] === slab, 'released slab belongs to this pool');
     slab.owner = null;
     if ((this.idle.length + 1) * this.slabBytes <= idleSlabBytesMax) {

@@ -9,7 +9,7 @@
  * exactly as asked, so tests can probe how a server handles out-of-range or unsupported requests.
  */
 import net from 'node:net';
-import type { BlockDevice, BlockErrorCode, BlockSizes, Capabilities, Extent, WriteOptions, ZeroOptions } from '@gannet/block-device';
+import type { BlockDevice, BlockErrorCode, BlockSizes, Capabilities, Extent, WriteOptions, WriteRun, ZeroOptions } from '@gannet/block-device';
 import { BlockDeviceError, checkRange, settleAll, zeroChunkBytes, zeroes, KiB, MiB } from '@gannet/block-device';
 import type { ExportListing, Negotiated } from './client/handshake.js';
 import { clientHandshake, HandshakeReader, listExports, NbdHandshakeError } from './client/handshake.js';
@@ -242,6 +242,15 @@ export class NbdClient implements BlockDevice {
       at += b.length;
     }
     await settleAll(writes);
+  }
+
+  /** Runs are sent as pipelined WRITEs; strict, every run is checked before any is sent. */
+  async writeBatch(runs: readonly WriteRun[]): Promise<void> {
+    if (this.strict) {
+      for (const run of runs) checkRange(this.size, run.offset, run.buffers.reduce((n, b) => n + b.length, 0), 'write');
+      this.requireWritable();
+    }
+    await settleAll(runs.map((run) => this.writev(run.buffers, run.offset)));
   }
 
   /** Strict: without the server's FLUSH there is no volatile cache to empty, and nothing is sent. */

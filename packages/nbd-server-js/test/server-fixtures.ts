@@ -84,6 +84,10 @@ export class TestDevice implements BlockDevice {
     await this.write(Buffer.concat(buffers), offset, options);
   }
 
+  async writeBatch(runs: readonly { offset: number; buffers: readonly Uint8Array[] }[]): Promise<void> {
+    for (const run of runs) await this.writev(run.buffers, run.offset);
+  }
+
   async flush(): Promise<void> {
     await this.enter('flush', 0, 0);
   }
