@@ -289,8 +289,8 @@ export class Daemon implements ControlBackend {
   private async shutdown(): Promise<void> {
     this.logger.info('shutting down');
     this.events.closeAll();
-    // Stops accepting and closes idle keep-alive connections (node's server.close() does both); requests
-    // in flight are answered, with `connection: close`.
+    // Stops accepting and closes idle keep-alive connections (node's server.close() does both); a request
+    // that still arrives on an open connection is answered with `connection: close`.
     const controlClosed = Promise.all(this.controlServers.map((control) => control.close()));
     await this.nbd.close({ graceMs: nbdShutdownGraceMs });
     await this.operations;
