@@ -7,6 +7,7 @@
  * The failover test comes last because it ends replication of vol1.
  */
 import { stat } from 'node:fs/promises';
+import { request as httpRequest } from 'node:http';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -36,6 +37,37 @@ function parseMetrics(text: string): Map<string, number> {
     samples.set(match[1] + (match[2] ?? ''), Number(match[3]));
   }
   return samples;
+}
+
+/**
+ * A request with the path sent exactly as written: fetch and undici's request() resolve `..` and `%2e%2e`
+ * through URL before sending, which would hide what the daemon does with them.
+ */
+function rawRequest(method: string, path: string, body?: unknown, token = daemon.token): Promise<{ status: number; json: any }> {
+  const payload = body === undefined ? undefined : JSON.stringify(body);
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(
+      {
+        host: daemon.control.host,
+        port: daemon.control.port,
+        method,
+        path,
+        headers: {
+          ...(token !== '' && { authorization: `Bearer ${token}` }),
+          ...(payload !== undefined && { 'content-type': 'application/json' }),
+        },
+      },
+      (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (chunk: string) => (text += chunk));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, json: JSON.parse(text) }));
+        res.on('error', reject);
+      },
+    );
+    req.on('error', reject);
+    req.end(payload);
+  });
 }
 
 /** Reads SSE frames from a stream until `predicate` accepts one. */
@@ -116,6 +148,7 @@ describe('gannet control API', () => {
     const method = await api(daemon, 'DELETE', '/v1/volumes/vol0');
     expect(method.status).toBe(405);
     expect(method.json.error.code).toBe('method_not_allowed');
+    expect(method.headers.get('allow')).toBe('GET');
   });
 
   it('answers 400 naming the field for bad bodies, 413 for big ones', async () => {
@@ -129,6 +162,14 @@ describe('gannet control API', () => {
     const list = await api(daemon, 'POST', '/v1/checkpoint', { volumes: 'vol0' });
     expect(list.status).toBe(400);
     expect(list.json.error.field).toBe('volumes');
+    // A body is JSON whatever its Content-Type says (curl -d sends a form type).
+    const form = await fetch(`${daemon.controlUrl}/v1/volumes/vol0/failover`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${daemon.token}`, 'content-type': 'application/x-www-form-urlencoded' },
+      body: '{"to":"sideways"}',
+    });
+    expect(form.status).toBe(400);
+    expect((await form.json()).error).toMatchObject({ code: 'bad_request', field: 'to' });
     const json = await api(daemon, 'POST', '/v1/volumes/vol0/checkpoint', '{"oops"');
     expect(json.status).toBe(400);
     expect(json.json.error.field).toBe('body');
@@ -136,6 +177,42 @@ describe('gannet control API', () => {
     expect(big.status).toBe(413);
     expect(big.json.error.code).toBe('payload_too_large');
     expect((await api(daemon, 'GET', '/v1/volumes/vol0')).json.state).toBe('replicating');
+  });
+
+  it('refuses dot segments and encoded slashes in the raw path (400 path) without acting on any volume', async () => {
+    const volumesState = async () =>
+      (await api(daemon, 'GET', '/v1/volumes')).json.volumes.map((v: { name: string; epoch: number; state: string }) => [v.name, v.epoch, v.state]);
+    const before = await volumesState();
+    expect(before).toEqual([
+      ['vol0', expect.any(Number), 'replicating'],
+      ['vol1', expect.any(Number), 'replicating'],
+    ]);
+    const refused: [string, string, unknown?][] = [
+      // URL resolution turned these into POST /v1/checkpoint (every volume) and a failover of vol1.
+      ['POST', '/v1/volumes/%2e%2e/checkpoint'],
+      ['POST', '/v1/volumes/%2E%2e/checkpoint?x=1'],
+      ['POST', '/v1/volumes/w/%2e%2e/vol1/failover', { to: 'checkpoint' }],
+      ['POST', '/v1/volumes/w/%2E./vol1/failover', { to: 'checkpoint' }],
+      ['POST', '/v1/volumes/vol0/../checkpoint'],
+      ['POST', '/v1/volumes/vol0/../../checkpoint'],
+      ['POST', '/v1/./checkpoint'],
+      ['POST', '/v1/volumes/vol0/%2E/checkpoint'],
+      ['POST', '/v1/volumes/x%2f..%2fvol0/checkpoint'],
+      ['POST', '/v1/volumes/x%5C..%5Cvol1/failover', { to: 'checkpoint' }],
+      ['GET', '/v1/volumes/%2e%2e'],
+      ['GET', '/v1/volumes/vol0%2F'],
+    ];
+    const answers = [];
+    for (const [method, path, body] of refused) {
+      const response = await rawRequest(method, path, body);
+      answers.push({ path, status: response.status, error: response.json.error });
+    }
+    expect(await volumesState()).toEqual(before);
+    for (const answer of answers) expect(answer).toMatchObject({ status: 400, error: { code: 'bad_request', field: 'path' } });
+    // Refused before the token is looked at, like any other malformed request.
+    expect((await rawRequest('POST', '/v1/volumes/%2e%2e/checkpoint', undefined, '')).status).toBe(400);
+    // Dots inside a segment are a name, not a dot segment.
+    expect((await rawRequest('GET', '/v1/volumes/..vol0')).json.error.code).toBe('not_found');
   });
 
   it('checkpoints one volume, a group atomically, and delivers checkpoint events over SSE', async () => {

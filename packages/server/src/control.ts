@@ -1,17 +1,21 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import type { FailoverTarget } from '@gannet/core';
+import fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import type { EventHub } from './events.js';
 import type { Metrics } from './metrics.js';
 
 /**
- * The control API: JSON over HTTP (node:http and a table of routes), bearer-token auth on /v1, bodies
- * capped before parsing and checked by strict zod schemas. Every error is `{ error: { code, message } }`
- * (plus `field` for a bad body) with its HTTP status.
+ * The control API: JSON over HTTP (fastify), bearer-token auth on /v1, bodies capped before parsing and
+ * checked by strict zod schemas. Every error is `{ error: { code, message } }` (plus `field` for a bad
+ * body or path) with its HTTP status, whichever layer refused the request.
  */
 
 export const groupVolumesMax = 1024;
+/** Node's own defaults, which fastify would otherwise replace (72 s keep-alive, no request timeout). */
+export const controlKeepAliveTimeoutMs = 5_000;
+export const controlRequestTimeoutMs = 300_000;
 
 export type ErrorCode =
   | 'bad_request'
@@ -84,6 +88,8 @@ const groupCheckpointBodySchema = z
 const failoverBodySchema = z
   .object({ to: z.enum(['secondary', 'checkpoint', 'primary']).default('secondary') })
   .strict();
+/** Not strict: a client may add parameters of its own (a cache-buster, say). */
+const eventsQuerySchema = z.object({ volume: z.string().optional() });
 
 function digest(text: string): Buffer {
   return createHash('sha256').update(text).digest();
@@ -96,185 +102,223 @@ export function tokenMatches(header: string | undefined, token: string): boolean
   return timingSafeEqual(digest(offered), digest(token)) && match !== null;
 }
 
-function sendJson(res: ServerResponse, status: number, value: unknown): void {
-  const body = `${JSON.stringify(value)}\n`;
-  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) });
-  res.end(body);
+/** The path of a request target as it came off the wire, undecoded. */
+const pathOf = (rawUrl: string) => rawUrl.split(/[?#]/, 1)[0];
+
+/**
+ * The router decodes percent-escapes in path parameters, so `%2e%2e` or `%2f` inside a volume name would
+ * otherwise reach a handler as `..` or `a/b`, and a proxy or client that normalises paths would send the
+ * request somewhere else than the operator wrote. Such paths are refused, never resolved.
+ */
+function unsafePathError(rawUrl: string): ApiError | undefined {
+  const path = pathOf(rawUrl);
+  if (/%(2f|5c)/i.test(path)) return new ApiError('bad_request', `path has an encoded slash: ${path}`, 'path');
+  const dotSegment = path.split('/').some((segment) => {
+    const decoded = segment.replace(/%2e/gi, '.');
+    return decoded === '.' || decoded === '..';
+  });
+  if (dotSegment) return new ApiError('bad_request', `path has a dot segment: ${path}`, 'path');
+  return undefined;
 }
 
-function sendError(res: ServerResponse, error: ApiError): void {
-  if (res.headersSent) {
-    res.destroy();
-    return;
-  }
+function validate<T extends z.ZodType>(schema: T, value: unknown): z.output<T> {
+  const result = schema.safeParse(value);
+  if (result.success) return result.data;
+  const issue = result.error.issues[0];
+  const segments = issue.path.map(String);
+  if (issue.code === 'unrecognized_keys') segments.push(issue.keys[0]);
+  const field = segments.length === 0 ? 'body' : segments.join('.');
+  throw new ApiError('bad_request', `${field}: ${issue.message}`, field);
+}
+
+/** Errors from fastify and the engine that have an API code; anything else is an internal error. */
+function apiErrorOf(error: unknown, bodyBytesMax: number): ApiError | undefined {
+  if (error instanceof ApiError) return error;
+  const { code, message } = error as { code?: unknown; message?: string };
+  // The engine refuses operations the volume's state does not allow with code ESTATE.
+  if (code === 'ESTATE') return new ApiError('conflict', message ?? 'conflict');
+  if (code === 'FST_ERR_CTP_BODY_TOO_LARGE') return new ApiError('payload_too_large', `body larger than ${bodyBytesMax} bytes`);
+  // Reading the body: fewer bytes than Content-Length, a Content-Type that does not parse.
+  if (typeof code === 'string' && code.startsWith('FST_ERR_CTP_')) return new ApiError('bad_request', `body: ${message}`, 'body');
+  return undefined;
+}
+
+/** What the router refuses before any hook runs: a percent-escape that does not decode, an overlong name. */
+function routerError(error: { code?: unknown; message: string }, rawUrl: string): ApiError {
+  const path = pathOf(rawUrl);
+  if (error.code === 'FST_ERR_BAD_URL') return new ApiError('bad_request', `malformed path: ${path}`, 'path');
+  // Longer than any volume name can be.
+  if (error.code === 'FST_ERR_MAX_PARAM_LENGTH') return new ApiError('not_found', `no such endpoint: ${path}`);
+  return new ApiError('internal', error.message);
+}
+
+function sendError(reply: FastifyReply, error: ApiError): FastifyReply {
   const body: { code: ErrorCode; message: string; field?: string } = { code: error.code, message: error.message };
   if (error.field !== undefined) body.field = error.field;
-  if (error.code === 'unauthorized') res.setHeader('www-authenticate', 'Bearer realm="gannet"');
-  if (error.code === 'payload_too_large') res.setHeader('connection', 'close');
-  sendJson(res, error.status, { error: body });
+  if (error.code === 'unauthorized') reply.header('www-authenticate', 'Bearer realm="gannet"');
+  if (error.code === 'payload_too_large') reply.header('connection', 'close');
+  return reply.code(error.status).send({ error: body });
 }
 
-/** Reads at most `bytesMax` bytes; the request is refused (and its connection closed) beyond that. */
-function readBody(req: IncomingMessage, bytesMax: number): Promise<Buffer> {
-  const declared = Number(req.headers['content-length'] ?? 0);
-  if (declared > bytesMax) return Promise.reject(new ApiError('payload_too_large', `body larger than ${bytesMax} bytes`));
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let received = 0;
-    req.on('data', (chunk: Buffer) => {
-      received += chunk.length;
-      if (received > bytesMax) {
-        req.removeAllListeners('data');
-        reject(new ApiError('payload_too_large', `body larger than ${bytesMax} bytes`));
-        return;
-      }
-      chunks.push(chunk);
-    });
-    req.on('end', () => resolve(Buffer.concat(chunks, received)));
-    req.on('error', reject);
-  });
-}
-
-async function parseBody<T extends z.ZodType>(req: IncomingMessage, bytesMax: number, schema: T): Promise<z.output<T>> {
-  const bytes = await readBody(req, bytesMax);
-  let value: unknown = {};
-  if (bytes.length > 0) {
-    try {
-      value = JSON.parse(bytes.toString('utf8'));
-    } catch {
-      throw new ApiError('bad_request', 'body is not valid JSON', 'body');
-    }
+/** HTTP that does not parse never reaches a route; it gets the same error shape before the socket closes. */
+function onClientError(error: NodeJS.ErrnoException, socket: Socket): void {
+  if (error.code !== 'ECONNRESET' && socket.writable) {
+    const body = `${JSON.stringify({ error: { code: 'bad_request', message: `malformed HTTP request (${error.code ?? error.message})` } })}\n`;
+    socket.write(
+      `HTTP/1.1 400 Bad Request\r\ncontent-type: application/json; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(body)}\r\n` +
+        `connection: close\r\n\r\n${body}`,
+    );
   }
-  const result = schema.safeParse(value);
-  if (!result.success) {
-    const issue = result.error.issues[0];
-    const segments = issue.path.map(String);
-    if (issue.code === 'unrecognized_keys') segments.push(issue.keys[0]);
-    const field = segments.length === 0 ? 'body' : segments.join('.');
-    throw new ApiError('bad_request', `${field}: ${issue.message}`, field);
-  }
-  return result.data;
-}
-
-interface Context {
-  req: IncomingMessage;
-  res: ServerResponse;
-  url: URL;
-  params: string[];
+  socket.destroy();
 }
 
 interface Route {
-  method: string;
-  pattern: RegExp;
+  method: 'GET' | 'POST';
+  url: string;
   auth: boolean;
-  handle(context: Context, backend: ControlBackend): Promise<void> | void;
+  handle(request: FastifyRequest, reply: FastifyReply, backend: ControlBackend): Promise<unknown>;
 }
 
+const nameOf = (request: FastifyRequest) => (request.params as { name: string }).name;
+/** A POST without a body (no Content-Type, no length) never reaches the parser. */
+const bodyOf = (request: FastifyRequest) => request.body ?? {};
+
 const routes: Route[] = [
+  { method: 'GET', url: '/healthz', auth: false, handle: async () => ({ status: 'ok' }) },
   {
     method: 'GET',
-    pattern: /^\/healthz$/,
+    url: '/metrics',
     auth: false,
-    handle: ({ res }) => sendJson(res, 200, { status: 'ok' }),
-  },
-  {
-    method: 'GET',
-    pattern: /^\/metrics$/,
-    auth: false,
-    async handle({ res }, backend) {
+    async handle(_request, reply, backend) {
       const text = await backend.metrics.text();
-      res.writeHead(200, { 'content-type': backend.metrics.contentType, 'content-length': Buffer.byteLength(text) });
-      res.end(text);
+      reply.type(backend.metrics.contentType);
+      return text;
     },
   },
-  {
-    method: 'GET',
-    pattern: /^\/v1\/volumes$/,
-    auth: true,
-    handle: ({ res }, backend) => sendJson(res, 200, { volumes: backend.volumes() }),
-  },
-  {
-    method: 'GET',
-    pattern: /^\/v1\/volumes\/([^/]+)$/,
-    auth: true,
-    handle: ({ res, params }, backend) => sendJson(res, 200, backend.volume(params[0])),
-  },
+  { method: 'GET', url: '/v1/volumes', auth: true, handle: async (_request, _reply, backend) => ({ volumes: backend.volumes() }) },
+  { method: 'GET', url: '/v1/volumes/:name', auth: true, handle: async (request, _reply, backend) => backend.volume(nameOf(request)) },
   {
     method: 'POST',
-    pattern: /^\/v1\/volumes\/([^/]+)\/checkpoint$/,
+    url: '/v1/volumes/:name/checkpoint',
     auth: true,
-    async handle({ req, res, params }, backend) {
-      await parseBody(req, backend.bodyBytesMax, emptyBodySchema);
-      const [result] = await backend.checkpoint([params[0]]);
-      sendJson(res, 200, { epoch: result.epoch });
+    async handle(request, _reply, backend) {
+      validate(emptyBodySchema, bodyOf(request));
+      const [result] = await backend.checkpoint([nameOf(request)]);
+      return { epoch: result.epoch };
     },
   },
   {
     method: 'POST',
-    pattern: /^\/v1\/checkpoint$/,
+    url: '/v1/checkpoint',
     auth: true,
-    async handle({ req, res }, backend) {
-      const body = await parseBody(req, backend.bodyBytesMax, groupCheckpointBodySchema);
-      sendJson(res, 200, { volumes: await backend.checkpoint(body.volumes) });
+    async handle(request, _reply, backend) {
+      const body = validate(groupCheckpointBodySchema, bodyOf(request));
+      return { volumes: await backend.checkpoint(body.volumes) };
     },
   },
   {
     method: 'POST',
-    pattern: /^\/v1\/volumes\/([^/]+)\/failover$/,
+    url: '/v1/volumes/:name/failover',
     auth: true,
-    async handle({ req, res, params }, backend) {
-      const body = await parseBody(req, backend.bodyBytesMax, failoverBodySchema);
-      sendJson(res, 200, await backend.failover(params[0], body.to));
+    async handle(request, _reply, backend) {
+      const body = validate(failoverBodySchema, bodyOf(request));
+      return backend.failover(nameOf(request), body.to);
     },
   },
   {
     method: 'GET',
-    pattern: /^\/v1\/events$/,
+    url: '/v1/events',
     auth: true,
-    handle({ res, url }, backend) {
-      const volume = url.searchParams.get('volume') ?? undefined;
+    async handle(request, reply, backend) {
+      const { volume } = validate(eventsQuerySchema, request.query);
       if (volume !== undefined) backend.volume(volume);
-      if (!backend.events.subscribe(res, volume)) throw new ApiError('unavailable', 'too many event subscribers');
+      if (!backend.events.subscribe(reply.raw, volume)) throw new ApiError('unavailable', 'too many event subscribers');
+      // The hub writes the stream from here on; fastify must not answer this request.
+      reply.hijack();
     },
   },
 ];
 
-async function dispatch(req: IncomingMessage, res: ServerResponse, backend: ControlBackend): Promise<void> {
-  const url = new URL(req.url ?? '/', 'http://control');
-  const matching = routes
-    .map((route) => ({ route, match: route.pattern.exec(url.pathname) }))
-    .filter((candidate) => candidate.match !== null);
-  if (matching.length === 0) throw new ApiError('not_found', `no such endpoint: ${url.pathname}`);
-  const found = matching.find((candidate) => candidate.route.method === req.method);
-  if (!found) {
-    res.setHeader('allow', matching.map((candidate) => candidate.route.method).join(', '));
-    throw new ApiError('method_not_allowed', `${req.method} is not allowed on ${url.pathname}`);
-  }
-  if (found.route.auth && !tokenMatches(req.headers.authorization, backend.token)) {
-    throw new ApiError('unauthorized', 'missing or wrong bearer token (see DATA_DIR/control.token)');
-  }
-  let params: string[];
-  try {
-    params = found.match!.slice(1).map((param) => decodeURIComponent(param));
-  } catch {
-    throw new ApiError('bad_request', `malformed path: ${url.pathname}`, 'path');
-  }
-  await found.route.handle({ req, res, url, params }, backend);
-}
-
-export function createControlServer(backend: ControlBackend): Server {
-  return createServer((req, res) => {
-    dispatch(req, res, backend).catch((error: unknown) => {
-      // The engine refuses operations the volume's state does not allow with code ESTATE.
-      if ((error as { code?: unknown })?.code === 'ESTATE') error = new ApiError('conflict', (error as Error).message);
-      if (error instanceof ApiError) {
-        sendError(res, error);
-        // Drained, not destroyed: a reset would lose the 413 on clients still sending; nothing is kept.
-        if (error.code === 'payload_too_large') req.resume();
-        return;
-      }
-      backend.onError(error, `${req.method} ${req.url}`);
-      sendError(res, new ApiError('internal', (error as Error)?.message ?? String(error)));
-    });
+/**
+ * One server per listen address; the daemon listens and closes it. Checks run in the order a client can
+ * act on: path shape, endpoint (404), method (405), token (401), then the body is read (413, 400).
+ */
+export function createControlServer(backend: ControlBackend): FastifyInstance {
+  const app = fastify({
+    logger: false,
+    bodyLimit: backend.bodyBytesMax,
+    keepAliveTimeout: controlKeepAliveTimeoutMs,
+    requestTimeout: controlRequestTimeoutMs,
+    exposeHeadRoutes: false,
+    // Requests on open connections during shutdown still get answers in the API's shape (the daemon
+    // refuses volume changes with 503 unavailable); fastify's own 503 body is not.
+    return503OnClosing: false,
+    clientErrorHandler: onClientError,
+    frameworkErrors: (error, request, reply) => {
+      const rawUrl = request.raw.url ?? '/';
+      return sendError(reply, unsafePathError(rawUrl) ?? routerError(error, rawUrl));
+    },
   });
+
+  app.removeAllContentTypeParsers();
+  // Whatever the Content-Type (curl -d sends a form type), a body is JSON. JSON.parse keeps a
+  // `__proto__` key as an own property, which the strict schemas then refuse by name.
+  app.addContentTypeParser('*', { parseAs: 'string' }, (_request, body, done) => {
+    if (body === '') {
+      done(null, {});
+      return;
+    }
+    try {
+      done(null, JSON.parse(body as string));
+    } catch {
+      done(new ApiError('bad_request', 'body is not valid JSON', 'body'));
+    }
+  });
+  app.setReplySerializer((payload) => `${JSON.stringify(payload)}\n`);
+
+  app.setErrorHandler((error, request, reply) => {
+    const known = apiErrorOf(error, backend.bodyBytesMax);
+    if (known === undefined) backend.onError(error, `${request.method} ${request.url}`);
+    // Drained, not destroyed: a reset would lose the 413 on clients still sending; nothing is kept.
+    if (known?.code === 'payload_too_large') request.raw.resume();
+    return sendError(reply, known ?? new ApiError('internal', (error as Error)?.message ?? String(error)));
+  });
+
+  // Unknown endpoints are answered here, before fastify would read a body for its not-found handler.
+  app.addHook('onRequest', async (request) => {
+    const unsafe = unsafePathError(request.raw.url ?? '/');
+    if (unsafe) throw unsafe;
+    if (request.is404) throw new ApiError('not_found', `no such endpoint: ${pathOf(request.url)}`);
+  });
+
+  const requireToken = async (request: FastifyRequest) => {
+    if (!tokenMatches(request.headers.authorization, backend.token)) {
+      throw new ApiError('unauthorized', 'missing or wrong bearer token (see DATA_DIR/control.token)');
+    }
+  };
+  for (const route of routes) {
+    app.route({
+      method: route.method,
+      url: route.url,
+      onRequest: route.auth ? [requireToken] : [],
+      handler: (request, reply) => route.handle(request, reply, backend),
+    });
+  }
+
+  for (const url of new Set(routes.map((route) => route.url))) {
+    const allowed = routes.filter((route) => route.url === url).map((route) => route.method);
+    // Refused in onRequest, before the body is read; the handler is the same function because fastify
+    // requires one.
+    const refuse = async (request: FastifyRequest, reply: FastifyReply) => {
+      reply.header('allow', allowed.join(', '));
+      throw new ApiError('method_not_allowed', `${request.method} is not allowed on ${pathOf(request.url)}`);
+    };
+    app.route({
+      method: app.supportedMethods.filter((method) => !allowed.includes(method as Route['method'])),
+      url,
+      onRequest: refuse,
+      handler: refuse,
+    });
+  }
+  return app;
 }

@@ -1,10 +1,11 @@
 import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
-import type { Server } from 'node:http';
+import { once } from 'node:events';
 import { connect } from 'node:net';
 import { resolve as resolvePath, join } from 'node:path';
 import { checkpointGroup, openVolume, type FailoverTarget, type Volume } from '@gannet/core';
 import { NbdServer, nbdUri, type ListenAddress as NbdListenAddress } from 'nbd-server-js';
+import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { tokenFileName, type DaemonConfig } from './config.js';
 import { ApiError, createControlServer, type ControlBackend, type VolumeView } from './control.js';
@@ -80,7 +81,7 @@ export class Daemon implements ControlBackend {
   readonly bodyBytesMax: number;
   private readonly managed = new Map<string, ManagedVolume>();
   private readonly nbd: NbdServer;
-  private readonly controlServers: Server[] = [];
+  private readonly controlServers: FastifyInstance[] = [];
   private operations: Promise<unknown> = Promise.resolve();
   private closing: Promise<void> | undefined;
 
@@ -176,21 +177,20 @@ export class Daemon implements ControlBackend {
     }
   }
 
-  private listenControl(address: { host: string; port: number } | { path: string }): Promise<ControlAddress> {
-    const server = createControlServer(this);
-    this.controlServers.push(server);
-    return new Promise((resolve, reject) => {
-      server.once('error', reject);
-      const onListening = () => {
-        server.off('error', reject);
-        server.on('error', (error) => this.logger.error({ err: error }, 'control server error'));
-        const bound = server.address();
-        if (bound !== null && typeof bound === 'object') resolve({ host: bound.address, port: bound.port });
-        else resolve({ path: (address as { path: string }).path });
-      };
-      if ('path' in address) server.listen(address.path, onListening);
-      else server.listen(address.port, address.host, onListening);
-    });
+  /**
+   * Listens on the node server under fastify rather than with fastify's listen(), which binds both
+   * 127.0.0.1 and ::1 for `localhost`: the daemon listens on exactly the address it was given and prints.
+   */
+  private async listenControl(address: { host: string; port: number } | { path: string }): Promise<ControlAddress> {
+    const control = createControlServer(this);
+    this.controlServers.push(control);
+    await control.ready();
+    const { server } = control;
+    server.listen('path' in address ? { path: address.path } : { port: address.port, host: address.host });
+    await once(server, 'listening');
+    server.on('error', (error) => this.logger.error({ err: error }, 'control server error'));
+    const bound = server.address();
+    return bound !== null && typeof bound === 'object' ? { host: bound.address, port: bound.port } : { path: (address as { path: string }).path };
   }
 
   get volumeNames(): string[] {
@@ -289,10 +289,9 @@ export class Daemon implements ControlBackend {
   private async shutdown(): Promise<void> {
     this.logger.info('shutting down');
     this.events.closeAll();
-    const controlClosed = Promise.all(
-      this.controlServers.filter((server) => server.listening).map((server) => new Promise<void>((resolve) => server.close(() => resolve()))),
-    );
-    for (const server of this.controlServers) server.closeIdleConnections();
+    // Stops accepting and closes idle keep-alive connections (node's server.close() does both); a request
+    // that still arrives on an open connection is answered with `connection: close`.
+    const controlClosed = Promise.all(this.controlServers.map((control) => control.close()));
     await this.nbd.close({ graceMs: nbdShutdownGraceMs });
     await this.operations;
     let failure: unknown;
@@ -306,7 +305,7 @@ export class Daemon implements ControlBackend {
       }
     }
     const force = setTimeout(() => {
-      for (const server of this.controlServers) server.closeAllConnections();
+      for (const control of this.controlServers) control.server.closeAllConnections();
     }, controlShutdownGraceMs);
     await controlClosed;
     clearTimeout(force);

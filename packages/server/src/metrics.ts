@@ -54,13 +54,18 @@ class RequestTally {
   }
 }
 
+/** A label value in the text exposition format: backslash, double quote and newline are escaped. */
+export function escapeLabelValue(value: string): string {
+  return value.replace(/[\\"\n]/g, (c) => (c === '\n' ? '\\n' : `\\${c}`));
+}
+
 /**
  * A Prometheus histogram by command, kept in plain arrays and written in the text format at scrape
  * time, for the same reason as RequestTally: prom-client's observe() validates and hashes its labels on
  * every call (about 6% of the daemon's CPU at 90k requests per second).
  */
 class LatencyHistogram {
-  private readonly byCommand = new Map<string, { readonly buckets: Float64Array; sum: number; count: number }>();
+  private readonly byCommand = new Map<string, { readonly label: string; readonly buckets: Float64Array; sum: number; count: number }>();
 
   constructor(
     private readonly name: string,
@@ -71,7 +76,7 @@ class LatencyHistogram {
   observe(command: string, seconds: number): void {
     let h = this.byCommand.get(command);
     if (h === undefined) {
-      h = { buckets: new Float64Array(this.bounds.length), sum: 0, count: 0 };
+      h = { label: escapeLabelValue(command), buckets: new Float64Array(this.bounds.length), sum: 0, count: 0 };
       this.byCommand.set(command, h);
     }
     let i = 0;
@@ -84,15 +89,15 @@ class LatencyHistogram {
   /** The text exposition format (version 0.0.4), cumulative buckets, as prom-client writes its own. */
   text(): string {
     const lines = [`# HELP ${this.name} ${this.help}`, `# TYPE ${this.name} histogram`];
-    for (const [command, h] of this.byCommand) {
+    for (const h of this.byCommand.values()) {
       let cumulative = 0;
       this.bounds.forEach((bound, i) => {
         cumulative += h.buckets[i];
-        lines.push(`${this.name}_bucket{le="${bound}",command="${command}"} ${cumulative}`);
+        lines.push(`${this.name}_bucket{le="${bound}",command="${h.label}"} ${cumulative}`);
       });
-      lines.push(`${this.name}_bucket{le="+Inf",command="${command}"} ${h.count}`);
-      lines.push(`${this.name}_sum{command="${command}"} ${h.sum}`);
-      lines.push(`${this.name}_count{command="${command}"} ${h.count}`);
+      lines.push(`${this.name}_bucket{le="+Inf",command="${h.label}"} ${h.count}`);
+      lines.push(`${this.name}_sum{command="${h.label}"} ${h.sum}`);
+      lines.push(`${this.name}_count{command="${h.label}"} ${h.count}`);
     }
     return `${lines.join('\n')}\n`;
   }
