@@ -192,7 +192,7 @@ export class BlockBuffers {
     this.blockBytes = options.blockBytes;
     this.sizeBytes = options.sizeBytes;
     this.blockCount = Math.ceil(options.sizeBytes / options.blockBytes);
-    this.pool = new SlabPool<Layer>(options.blockBytes);
+    this.pool = new SlabPool<Layer>(options.blockBytes, options.memoryBytesMax);
     this.indexEntriesMax = options.indexEntriesMax ?? indexEntriesMaxDefault;
     const slots = Math.ceil(options.memoryBytesMax / options.blockBytes) + 64 * this.pool.slotsPerSlab;
     this.lru = new LRUCache<number, true>({ max: Math.min(slots, lruSlotsMax) });
@@ -396,16 +396,22 @@ export class BlockBuffers {
    * The blocks a committed layer's slab holds now, each with its slot, sorted by block: what the flusher
    * writes from that slab.
    */
-  slabContents(layer: Layer, slab: Slab<Layer>): { blocks: number[]; slots: number[] } {
+  slabContents(layer: Layer, slab: Slab<Layer>): { blocks: Float64Array; slots: Float64Array } {
     const s = layer[state];
-    const pairs: [number, number][] = [];
     const first = slab.id * this.pool.slotsPerSlab;
-    for (let i = 0; i < this.pool.slotsPerSlab && pairs.length < slab.live; i++) {
-      const block = slab.blocks[i];
-      if (s.map.get(block) === first + i) pairs.push([block, first + i]);
+    const order = new Uint32Array(slab.live);
+    let n = 0;
+    for (let i = 0; i < this.pool.slotsPerSlab && n < order.length; i++) {
+      if (s.map.get(slab.blocks[i]) === first + i) order[n++] = i;
     }
-    pairs.sort((a, b) => a[0] - b[0]);
-    return { blocks: pairs.map((p) => p[0]), slots: pairs.map((p) => p[1]) };
+    const live = order.subarray(0, n).sort((a, b) => slab.blocks[a] - slab.blocks[b]);
+    const blocks = new Float64Array(n);
+    const slots = new Float64Array(n);
+    for (let k = 0; k < n; k++) {
+      blocks[k] = slab.blocks[live[k]];
+      slots[k] = first + live[k];
+    }
+    return { blocks, slots };
   }
 
   /** The slabs a committed layer still holds (they leave as their blocks are flushed). */
@@ -432,6 +438,11 @@ export class BlockBuffers {
     s.holes.clear();
     s.zeros.clear();
     assert(this.indexEntriesValue >= 0, 'accounting never negative');
+  }
+
+  /** Gives idle slabs back once the volume is quiet (see SlabPool.trim); the engine calls it every second. */
+  trimIdle(): void {
+    this.pool.trim();
   }
 
   /** Whether `entries` more index entries fit. */

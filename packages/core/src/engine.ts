@@ -9,6 +9,9 @@ import { Spiller } from './spill.js';
 import { join } from 'node:path';
 import type { ByteRange, FailoverTarget, VolumeEvents, VolumeState } from './types.js';
 
+/** How often idle slabs beyond the quiet reserve are handed back (see SlabPool.trim). */
+export const slabTrimIntervalMs = 1000;
+
 /** Where a volume keeps its spill files (scratch: emptied at every open). */
 export function spillDir(dataDir: string): string {
   return join(dataDir, 'spill');
@@ -47,6 +50,7 @@ export class Engine {
   /** Set once close() has begun. */
   closing = false;
   private overPressure = false;
+  private readonly trimTimer: NodeJS.Timeout;
   private waiters: (() => void)[] = [];
   private readonly chores = new Set<Promise<void>>();
 
@@ -70,6 +74,8 @@ export class Engine {
     const lease = new EpochLease(init.epochCeiling, (ceiling) => this.meta.putEpochCeiling(ceiling));
     this.epochs = new Epochs(this.buffers, lease, init.epoch, init.durableEpoch, (layer) => this.dropLayer(layer));
     this.spiller = new Spiller(this.buffers, spillDir(init.options.dataDir), () => this.epochs.live());
+    this.trimTimer = setInterval(() => this.buffers.trimIdle(), slabTrimIntervalMs);
+    this.trimTimer.unref();
   }
 
   emit<K extends keyof VolumeEvents>(event: K, ...args: VolumeEvents[K]): void {
@@ -87,6 +93,7 @@ export class Engine {
 
   /** Memory was released or the state changed: waiters re-check their condition. */
   wake(): void {
+    if (this.waiters.length === 0) return;
     const waiters = this.waiters;
     this.waiters = [];
     for (const resolve of waiters) resolve();
@@ -106,6 +113,7 @@ export class Engine {
   }
 
   async choresDone(): Promise<void> {
+    clearInterval(this.trimTimer);
     await this.spiller.idle();
     await Promise.all(this.chores);
   }

@@ -47,10 +47,16 @@ export class BufferedIo {
     if (!engine.buffers.indexRoom(entries)) {
       throw new BlockDeviceError('ENOMEM', `write of ${blocks} blocks exceeds the block index limit; checkpoint first`);
     }
-    if (role === 'primary' && !(await this.committedRoom())) return false;
+    // Room is checked synchronously first: a write that fits costs no extra turn of the event loop.
+    if (role === 'primary' && engine.epochs.committedBytes() > engine.options.committedBytesMax && !(await this.committedRoom())) return false;
     const reserve = (src === null ? partial.length : blocks) * bs;
-    if (!(await this.reserveMemory(reserve))) return false;
+    if (engine.buffers.memBytes + this.reservedBytes + reserve <= engine.options.memoryBytesMax) this.reservedBytes += reserve;
+    else if (!(await this.reserveMemory(reserve))) return false;
     try {
+      if (partial.length === 0 && engine.state === 'replicating') {
+        this.apply(engine.epochs.top(role), src, offset, length, noHole, noFills);
+        return true;
+      }
       for (let attempt = 0; attempt < writeAttemptsMax; attempt++) {
         if (engine.state !== 'replicating') return false;
         const layer = engine.epochs.top(role);
@@ -161,7 +167,7 @@ export class BufferedIo {
    * blocks become one hole range (one zero range with `noHole`), so its work is bounded by the index, not
    * by its length.
    */
-  private apply(layer: Layer, src: Uint8Array | null, offset: number, length: number, noHole: boolean, fillOf: Map<number, Uint8Array | null>): void {
+  private apply(layer: Layer, src: Uint8Array | null, offset: number, length: number, noHole: boolean, fillOf: ReadonlyMap<number, Uint8Array | null>): void {
     const { buffers } = this.engine;
     const bs = this.engine.geometry.blockBytes;
     const end = offset + length;
@@ -180,7 +186,7 @@ export class BufferedIo {
   }
 
   /** The part of a write at [offset, offset + length) that falls in block `b`. */
-  private writePart(layer: Layer, b: number, src: Uint8Array | null, offset: number, length: number, fillOf: Map<number, Uint8Array | null>): void {
+  private writePart(layer: Layer, b: number, src: Uint8Array | null, offset: number, length: number, fillOf: ReadonlyMap<number, Uint8Array | null>): void {
     const bs = this.engine.geometry.blockBytes;
     const start = Math.max(offset, b * bs);
     const n = Math.min(offset + length, (b + 1) * bs) - start;
@@ -265,6 +271,8 @@ export class BufferedIo {
     return true;
   }
 }
+
+const noFills: ReadonlyMap<number, Uint8Array | null> = new Map();
 
 function needsFill(entry: number | undefined): boolean {
   return entry === undefined || isSpilled(entry);

@@ -7,7 +7,13 @@ import { assert } from './assert.js';
  * SharedArrayBuffers, so the backing file's writer thread writes committed blocks from where they are.
  */
 export const slabBytesDefault = 2 * MiB;
-/** Free slabs kept for reuse (beyond this they are dropped for the GC to return to the OS). */
+/**
+ * Free slabs kept for reuse once the volume is quiet (beyond this they are dropped for the GC to return
+ * to the OS). While slabs are being acquired, released ones are kept up to the pool's busy limit (the
+ * volume's memory cap): under sustained writes a checkpoint's worth of slabs is released and acquired
+ * again every epoch, and a fresh SharedArrayBuffer costs page faults and a major GC for the external
+ * memory it adds.
+ */
 export const idleSlabBytesMax = 16 * MiB;
 
 export interface Slab<Owner> {
@@ -36,17 +42,23 @@ export class SlabPool<Owner> {
   private readonly slabs: (Slab<Owner> | null)[] = [];
   private readonly freeIds: number[] = [];
   private readonly idle: Slab<Owner>[] = [];
+  /** Idle slabs kept while the pool is busy. */
+  private readonly busyIdleBytesMax: number;
+  /** Whether a slab was acquired since the last trim. */
+  private busy = false;
   /** Bytes of slabs currently owned by a layer or idle. */
   allocatedBytes = 0;
 
-  constructor(blockBytes: number, slabBytes = slabBytesDefault) {
+  constructor(blockBytes: number, busyIdleBytesMax: number, slabBytes = slabBytesDefault) {
     this.blockBytes = blockBytes;
+    this.busyIdleBytesMax = Math.max(busyIdleBytesMax, idleSlabBytesMax);
     this.slabBytes = Math.max(slabBytes, blockBytes);
     this.slotsPerSlab = this.slabBytes / blockBytes;
     assert(Number.isInteger(this.slotsPerSlab), 'slab size is a multiple of the block size');
   }
 
   acquire(owner: Owner): Slab<Owner> {
+    this.busy = true;
     let slab = this.idle.pop();
     if (slab === undefined) {
       const id = this.freeIds.length > 0 ? this.freeIds.pop()! : this.slabs.length;
@@ -71,10 +83,17 @@ export class SlabPool<Owner> {
     assert(slab.owner !== null && slab.live === 0, 'a released slab had an owner and no live slot');
     assert(this.slabs[slab.id] === slab, 'released slab belongs to this pool');
     slab.owner = null;
-    if ((this.idle.length + 1) * this.slabBytes <= idleSlabBytesMax) {
-      this.idle.push(slab);
-      return;
-    }
+    if ((this.idle.length + 1) * this.slabBytes <= this.busyIdleBytesMax) this.idle.push(slab);
+    else this.free(slab);
+  }
+
+  /** Called every second or so: a pool that acquired nothing since the last call keeps only idleSlabBytesMax. */
+  trim(): void {
+    if (!this.busy) while (this.idle.length * this.slabBytes > idleSlabBytesMax) this.free(this.idle.pop()!);
+    this.busy = false;
+  }
+
+  private free(slab: Slab<Owner>): void {
     this.slabs[slab.id] = null;
     this.freeIds.push(slab.id);
     this.allocatedBytes -= this.slabBytes;
