@@ -143,7 +143,9 @@ describe('gannet daemon end to end with qemu-io and the gannet CLI', () => {
     assertQemuOk(await run(qemuIoPath, ['--image-opts', secondaryImage, '-c', 'write -P 0x3c 0 4096']), 'SVM drive line');
     await expectReads(daemon, 'vol0/secondary', [{ offset: 0, length: 4096, pattern: 0x3c }], 'written through the SVM line');
 
-    // The PVM's disk: the quorum, with the replication child that QMP's drive_add would attach.
+    // The PVM's disk: the quorum, with the replication child that QMP's drive_add would attach. Only
+    // reads: a replication child writes once replication is started, which test/qemu-primary.test.ts
+    // does in a real QEMU.
     const pvmImage = join(await makeTempDir(), 'pvm.img');
     await writeFile(pvmImage, '');
     await truncate(pvmImage, volumeSizeBytes);

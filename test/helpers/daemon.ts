@@ -1,10 +1,10 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { accessSync, constants } from 'node:fs';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { delimiter, join } from 'node:path';
+import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
+import { requireTool } from './process.js';
 
 /**
  * Runs the real `gannet` daemon (packages/server/bin/gannet.js, from dist: build first) as a child
@@ -45,19 +45,7 @@ export interface DaemonHandle {
 const running = new Set<ChildProcess>();
 const temporaryDirs = new Set<string>();
 
-/** Fails with a clear message when a tool the test needs is missing (tests never skip). */
-export function requireTool(name: string): string {
-  for (const dir of (process.env.PATH ?? '').split(delimiter).concat('/usr/bin')) {
-    const candidate = join(dir, name);
-    try {
-      accessSync(candidate, constants.X_OK);
-      return candidate;
-    } catch {
-      // not in this directory
-    }
-  }
-  throw new Error(`${name} is required by this test but is not installed (Debian: apt-get install qemu-utils / libnbd-bin)`);
-}
+export { requireTool } from './process.js';
 
 export async function makeTempDir(prefix = 'gannet-test-'): Promise<string> {
   const dir = await mkdtemp(join(tmpdir(), prefix));
@@ -234,4 +222,32 @@ export async function api(daemon: DaemonHandle, method: string, path: string, bo
     json = undefined;
   }
   return { status: response.status, json, text, headers: response.headers };
+}
+
+export interface PrintedQemuLines {
+  /** The PVM's `-drive` value (after `-drive `), PVM_IMAGE still in it. */
+  primaryDrive: string;
+  /** The QMP commands for the PVM's monitor, in order. */
+  primaryQmp: { execute: string; arguments?: Record<string, unknown> }[];
+  /** The SVM's `-drive` value. */
+  secondaryDrive: string;
+}
+
+/** The QEMU lines the daemon printed at startup for `volume` (for its first NBD address). */
+export function printedQemuLines(daemon: DaemonHandle, volume: string): PrintedQemuLines {
+  const lines = daemon.stdoutLines.map((line) => line.trim());
+  const block = lines.findIndex((line) => line.startsWith(`volume ${volume}:`));
+  const at = (prefix: string) => lines.findIndex((line, index) => index > block && line.startsWith(prefix));
+  const primary = at('primary QEMU (PVM)');
+  const secondary = at('secondary QEMU (SVM)');
+  if (block < 0 || primary < 0 || secondary < 0 || !lines[primary + 1].startsWith('-drive ') || !lines[secondary + 1].startsWith('-drive ')) {
+    throw new Error(`no QEMU lines for volume ${volume} in:\n${lines.join('\n')}`);
+  }
+  const primaryQmp = [];
+  for (let i = primary + 2; lines[i].startsWith('{'); i++) primaryQmp.push(JSON.parse(lines[i]));
+  return {
+    primaryDrive: lines[primary + 1].slice('-drive '.length),
+    primaryQmp,
+    secondaryDrive: lines[secondary + 1].slice('-drive '.length),
+  };
 }

@@ -9,6 +9,7 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { findProgram, packageOf, systemPython } from '../setup/requirements.mjs';
 
 /** How long a started process gets to print the line we wait for. */
 export const readyTimeoutMs = 15_000;
@@ -19,49 +20,34 @@ export const commandTimeoutMs = 30_000;
 /** Output kept per stream, so a chatty process cannot grow the test's memory without bound. */
 export const outputBytesMax = 16 * 1024 * 1024;
 
-/** Which Debian package provides each external tool the tests use. */
-const toolPackages: Readonly<Record<string, string>> = {
-  'qemu-io': 'qemu-utils',
-  'qemu-img': 'qemu-utils',
-  nbdinfo: 'libnbd-bin',
-  nbdsh: 'libnbd-bin',
-  nbdcopy: 'libnbd-bin',
-  nbdkit: 'nbdkit',
-  fio: 'fio',
-  'python3-nbd': 'python3-libnbd',
-};
-
-const toolChecked = new Set<string>();
+const toolPaths = new Map<string, string>();
 
 /**
- * Throws (never skips) when a tool is missing: interop coverage that silently disappears on a machine
- * without the clients is worse than a red test. `python3-nbd` checks the libnbd Python binding of the
- * system Python.
+ * The full path of a program the tests drive, or an error (never a skip) naming its Debian package:
+ * interop coverage that silently disappears on a machine without the clients is worse than a red test.
+ * `python3-nbd` stands for the libnbd binding of the system Python. `pnpm test` checks all of them
+ * first (test/setup/requirements.mjs), so this fails only when a test runs on its own.
  */
-export function requireTool(name: string): void {
-  if (toolChecked.has(name)) return;
-  const pkg = toolPackages[name];
-  if (pkg === undefined) throw new Error(`requireTool: no package known for tool ${name}`);
-  let ok: boolean;
-  try {
-    if (name === 'python3-nbd') {
+export function requireTool(name: string): string {
+  const known = toolPaths.get(name);
+  if (known !== undefined) return known;
+  let path: string | undefined;
+  if (name === 'python3-nbd') {
+    try {
       execFileSync(systemPython, ['-c', 'import nbd'], { stdio: 'ignore', timeout: 10_000 });
-    } else {
-      execFileSync('sh', ['-c', `command -v "$0"`, name], { stdio: 'ignore', timeout: 10_000 });
+      path = systemPython;
+    } catch {
+      throw new Error(`python3 module nbd (${systemPython}) is not installed: apt-get install python3-libnbd`);
     }
-    ok = true;
-  } catch {
-    ok = false;
+  } else {
+    path = findProgram(name);
+    if (path === undefined) throw new Error(`${name} is not installed: apt-get install ${packageOf(name)}`);
   }
-  if (!ok) {
-    const what = name === 'python3-nbd' ? `python3 module nbd (${systemPython})` : name;
-    throw new Error(`${what} is not installed: apt-get install ${pkg}`);
-  }
-  toolChecked.add(name);
+  toolPaths.set(name, path);
+  return path;
 }
 
-/** libnbd's binding is a Debian package, so it lives in the system Python, not a pyenv/venv one. */
-export const systemPython = '/usr/bin/python3';
+export { systemPython };
 
 export interface CommandResult {
   readonly stdout: string;

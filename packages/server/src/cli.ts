@@ -59,7 +59,10 @@ export function startupLines(daemon: Daemon): string[] {
     for (const uri of view.uris.secondary) lines.push(`  secondary export: ${uri}`);
     for (const address of daemon.nbdAddresses) {
       const qemu = qemuLines(view.name, address);
-      lines.push(`  primary QEMU (PVM) via ${describeAddress(address)}: quorum disk, then on its QMP monitor once the secondary is up:`);
+      lines.push(
+        `  primary QEMU (PVM) via ${describeAddress(address)}: quorum disk, then on its QMP monitor once the secondary is up` +
+          ' (the last command starts replication; under COLO its migration does that instead):',
+      );
       lines.push(`    ${qemu.primaryDrive}`);
       for (const command of qemu.primaryQmp) lines.push(`    ${command}`);
       lines.push(`  secondary QEMU (SVM) disk via ${describeAddress(address)}:`);

@@ -4,8 +4,12 @@
  *
  * - primary host: the PVM's disk is a quorum (read-pattern=fifo, vote-threshold=1) whose child 0 is the
  *   local image; once the secondary is up, a `replication` node in primary mode with an `nbd` child that
- *   points at NAME/primary is added to the quorum with x-blockdev-change, so every PVM write is
- *   forwarded to gannet;
+ *   points at NAME/primary is added to the quorum with x-blockdev-change, and replication is started,
+ *   so every PVM write is forwarded to gannet. A replication node that was never started fails every
+ *   write with EIO, and the quorum hides that from the guest (vote-threshold=1 is met by the local
+ *   image): nothing reaches NAME/primary. COLO starts replication as part of its migration into COLO
+ *   state; without COLO, `xen-set-replication` starts it (despite its name it is in every QEMU built
+ *   with replication, Debian's included);
  * - secondary host: the SVM's disk is NAME/secondary itself; gannet plays the part of the secondary
  *   QEMU's replication driver (active and hidden disks), so that side needs no replication node.
  */
@@ -26,7 +30,10 @@ export function nbdDriveOptions(endpoint: NbdEndpoint, exportName: string): stri
 export interface QemuLines {
   /** The PVM's -drive: quorum over its local image. */
   primaryDrive: string;
-  /** QMP commands that attach NAME/primary to the quorum once the secondary is up. */
+  /**
+   * QMP commands that attach NAME/primary to the quorum once the secondary is up, the last one starting
+   * replication (leave it out under COLO, whose migration starts it).
+   */
   primaryQmp: string[];
   /** The SVM's -drive. */
   secondaryDrive: string;
@@ -45,6 +52,7 @@ export function qemuLines(volume: string, endpoint: NbdEndpoint): QemuLines {
     primaryQmp: [
       JSON.stringify({ execute: 'human-monitor-command', arguments: { 'command-line': replication } }),
       JSON.stringify({ execute: 'x-blockdev-change', arguments: { parent: quorumId, node: nodeName } }),
+      JSON.stringify({ execute: 'xen-set-replication', arguments: { enable: true, primary: true } }),
     ],
     secondaryDrive: `-drive if=virtio,id=${quorumId},cache=none,${nbdDriveOptions(endpoint, `${volume}/secondary`)}`,
   };
