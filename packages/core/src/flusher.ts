@@ -3,9 +3,8 @@ import type { WriteRun } from '@gannet/block-device';
 import { isSpilled, type Layer } from './buffer.js';
 import type { Engine } from './engine.js';
 import { GannetError } from './errors.js';
-import { planFlush, planRanges, planRuns, prepareStepEntries, writeZeroRuns } from './plan.js';
-import { mergeRanges, subtractRanges } from './ranges.js';
-import type { ByteRange } from './types.js';
+import { coveredPairs, planFlush, prepareStepEntries, writeZeroRuns } from './plan.js';
+import { pairsOfRanges, rangesOfPairs, subtractRanges, type RangePairs } from './ranges.js';
 
 /** Slab batches handed to the backing file at once: the writer thread always has the next one queued. */
 export const slabBatchesInFlightMax = 4;
@@ -44,7 +43,7 @@ export class Flusher {
    * Ranges of failed passes: some of their blocks reached the file (and left memory) without an
    * fdatasync, so they stay in the ranges the next pass records until one pass completes.
    */
-  private unfinished: ByteRange[] = [];
+  private unfinished: RangePairs = new Float64Array(0);
 
   constructor(private readonly engine: Engine) {}
 
@@ -105,7 +104,8 @@ export class Flusher {
     const start = performance.now();
     const plan = await planFlush(layers);
     const retrying = this.unfinished.length > 0;
-    const ranges = mergeRanges([...this.unfinished, ...planRanges(planRuns(plan.blocks, geometry.blockBytes), plan, geometry)]);
+    const covered = coveredPairs(plan.blocks, plan.holeRuns, plan.zeroRuns, geometry);
+    const ranges = retrying ? pairsOfRanges([...rangesOfPairs(this.unfinished), ...rangesOfPairs(covered)]) : covered;
     if (ranges.length > 0) await meta.recordFlushing(ranges);
     this.unfinished = ranges;
     await this.dropHidden(layers);
@@ -118,9 +118,9 @@ export class Flusher {
     // a failed pass, blocks it wrote left memory unsynced: this pass syncs even with nothing left to write.
     if (bytes > 0 || retrying) await backing.flush();
     const durable = layers.at(-1)!.sealedEpoch;
-    const torn = subtractRanges(engine.torn, ranges);
+    const torn = engine.torn.length > 0 ? subtractRanges(engine.torn, rangesOfPairs(ranges)) : engine.torn;
     await meta.recordDurable(durable, torn);
-    this.unfinished = [];
+    this.unfinished = new Float64Array(0);
     engine.torn = torn;
     engine.epochs.flushed(layers);
     engine.wake();

@@ -32,6 +32,25 @@ export class BufferedIo {
     private readonly flusher: Flusher,
   ) {}
 
+  /**
+   * The write path's fast lane: a write of whole blocks (or a zero whose head and tail are whole) that
+   * fits in memory and under the committed bound is applied at once, synchronously. Returns false, having
+   * done nothing, when the write needs the slow path (`write`).
+   */
+  tryWrite(role: ViewRole, src: Uint8Array | null, offset: number, length: number, noHole: boolean): boolean {
+    const { engine } = this;
+    const bs = engine.geometry.blockBytes;
+    const first = Math.floor(offset / bs);
+    const last = Math.floor((offset + length - 1) / bs);
+    if (!this.covers(first, offset, length) || !this.covers(last, offset, length)) return false;
+    const bytes = src === null ? 0 : (last - first + 1) * bs;
+    if (!engine.buffers.indexRoom(src === null ? zeroRangeEntriesMax : last - first + 1)) return false;
+    if (role === 'primary' && engine.epochs.committedBytes() > engine.options.committedBytesMax) return false;
+    if (engine.buffers.memBytes + this.reservedBytes + bytes > engine.options.memoryBytesMax) return false;
+    this.apply(engine.epochs.top(role), src, offset, length, noHole, noFills);
+    return true;
+  }
+
   /** Returns false when the volume left the replicating state (the caller starts over). */
   async write(role: ViewRole, src: Uint8Array | null, offset: number, length: number, noHole: boolean): Promise<boolean> {
     const { engine } = this;

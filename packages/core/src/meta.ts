@@ -2,7 +2,7 @@ import { Level } from 'level';
 import { assert } from './assert.js';
 import { GannetError } from './errors.js';
 import type { Run } from './plan.js';
-import { decodeRanges, encodeRanges } from './ranges.js';
+import { decodeRanges, encodePairs, encodeRanges, type RangePairs } from './ranges.js';
 import type { ByteRange, FailoverTarget } from './types.js';
 
 /**
@@ -151,8 +151,8 @@ export class MetaStore {
   }
 
   /** Before a flush writes anything: the ranges it may leave torn if the process dies mid-write. */
-  async recordFlushing(ranges: readonly ByteRange[]): Promise<void> {
-    await this.db.put(key.flushing, encodeRanges(ranges), { sync: true });
+  async recordFlushing(ranges: RangePairs): Promise<void> {
+    await this.db.put(key.flushing, encodePairs(ranges), { sync: true });
   }
 
   /** After the flush's fdatasync: the durable epoch advances and nothing is in flight any more. */

@@ -2,7 +2,7 @@ import { zeroes, type BlockDevice, KiB, MiB } from '@gannet/block-device';
 import { assert } from './assert.js';
 import { isSlot, isSpilled, type BlockBuffers, type Layer } from './buffer.js';
 import type { Spiller } from './spill.js';
-import { mergeRanges } from './ranges.js';
+import { mergeRanges, type RangePairs } from './ranges.js';
 import type { ByteRange } from './types.js';
 
 /**
@@ -368,6 +368,46 @@ export async function writePlan(
   bytes += await writeZeroRuns(backing, plan.holeRuns, false, geometry);
   bytes += await writeZeroRuns(backing, plan.zeroRuns, true, geometry);
   return bytes;
+}
+
+/**
+ * The byte ranges a plan writes, as merged pairs: the sorted `blocks` (runs of consecutive blocks) and
+ * the hole and zero runs, swept together in one pass with no object per range.
+ */
+export function coveredPairs(blocks: Float64Array, holeRuns: readonly Run[], zeroRuns: readonly Run[], geometry: Geometry): RangePairs {
+  const { blockBytes, sizeBytes } = geometry;
+  const out: number[] = [];
+  let i = 0;
+  let h = 0;
+  let z = 0;
+  for (;;) {
+    const nextBlock = i < blocks.length ? blocks[i] : Infinity;
+    const nextHole = h < holeRuns.length ? holeRuns[h].first : Infinity;
+    const nextZero = z < zeroRuns.length ? zeroRuns[z].first : Infinity;
+    const first = Math.min(nextBlock, nextHole, nextZero);
+    if (first === Infinity) break;
+    let end: number;
+    if (first === nextBlock) {
+      end = blocks[i] + 1;
+      i++;
+      while (i < blocks.length && blocks[i] === end) {
+        end++;
+        i++;
+      }
+    } else if (first === nextHole) {
+      end = holeRuns[h].first + holeRuns[h].count;
+      h++;
+    } else {
+      end = zeroRuns[z].first + zeroRuns[z].count;
+      z++;
+    }
+    const offset = first * blockBytes;
+    const stop = Math.min(end * blockBytes, sizeBytes);
+    const last = out.length - 2;
+    if (last >= 0 && out[last] + out[last + 1] >= offset) out[last + 1] = Math.max(out[last + 1], stop - out[last]);
+    else out.push(offset, stop - offset);
+  }
+  return Float64Array.from(out);
 }
 
 /** The byte ranges a plan writes: what an interruption may leave torn. */

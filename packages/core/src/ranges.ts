@@ -133,6 +133,39 @@ export function subtractRanges(ranges: readonly ByteRange[], cut: readonly ByteR
   return out;
 }
 
+/**
+ * Ranges as (offset, length) pairs in one Float64Array, sorted and merged: what a flush pass records for
+ * the ranges it may tear. A pass over a GiB of random blocks covers tens of thousands of ranges, and as
+ * objects they outlive the young generation and cost every scavenge of the pass.
+ */
+export type RangePairs = Float64Array;
+
+export function rangesOfPairs(pairs: RangePairs): ByteRange[] {
+  const out: ByteRange[] = [];
+  for (let i = 0; i < pairs.length; i += 2) out.push({ offset: pairs[i], length: pairs[i + 1] });
+  return out;
+}
+
+export function pairsOfRanges(ranges: readonly ByteRange[]): RangePairs {
+  const merged = mergeRanges(ranges);
+  const pairs = new Float64Array(merged.length * 2);
+  merged.forEach((r, i) => {
+    pairs[2 * i] = r.offset;
+    pairs[2 * i + 1] = r.length;
+  });
+  return pairs;
+}
+
+/** The pairs' bytes as encodeRanges writes them (little-endian float64s). */
+export function encodePairs(pairs: RangePairs): Buffer {
+  if (littleEndian) return Buffer.from(pairs.buffer, pairs.byteOffset, pairs.byteLength);
+  const out = Buffer.alloc(pairs.byteLength);
+  for (let i = 0; i < pairs.length; i++) out.writeDoubleLE(pairs[i], i * 8);
+  return out;
+}
+
+const littleEndian = new Uint8Array(new Float64Array([1]).buffer)[7] === 0x3f;
+
 /** Ranges as little-endian float64 pairs (offsets are safe integers, exact in a double). */
 export function encodeRanges(ranges: readonly ByteRange[]): Buffer {
   const out = Buffer.alloc(ranges.length * 16);
