@@ -1,9 +1,10 @@
 /**
- * The benchmark harness (packages/bench). Goal: `gannet-bench --quick` produces a complete report, and
- * its pieces (profile schema, workload generator, statistics, report writers) do what the report relies
- * on. Method: the pieces in-process with known inputs; then the built CLI end to end against daemons it
- * starts itself, asserting the report's shape (every profile x strategy row with its fields, the
- * Markdown table rows, the SVG's bars), never its numbers.
+ * The benchmark harness (packages/bench). Goal: `gannet-bench --quick` and `gannet-bench --sustained`
+ * produce complete reports, and their pieces (profile schema, workload generator, statistics, fio log
+ * parsing, report writers) do what the reports rely on. Method: the pieces in-process with known
+ * inputs; then the built CLI end to end against daemons (and fio) it starts itself, asserting the
+ * report's shape (every row with its fields, the Markdown table rows, the SVG's bars and lines), never
+ * its numbers.
  */
 import { mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -14,6 +15,15 @@ import {
   LatencyRecorder,
   WorkloadGenerator,
   addRelativeFigures,
+  addSustainedFigures,
+  callLatency,
+  niceStep,
+  parseFioLog,
+  perSecond,
+  spread,
+  sustainedChart,
+  sustainedProfiles,
+  sustainedTable,
   loadProfiles,
   markdownTable,
   medianRun,
@@ -26,14 +36,19 @@ import {
   svgChart,
   type Profile,
   type ResultRow,
+  type SustainedReport,
+  type SustainedRow,
 } from '@gannet/bench';
-import { describeResult, runCommand } from './helpers/process.js';
+import { describeResult, requireTool, runCommand } from './helpers/process.js';
 
 const root = fileURLToPath(new URL('..', import.meta.url));
 const benchBin = join(root, 'packages/bench/bin/gannet-bench.js');
 const profilesDir = join(root, 'fixtures/profiles');
 /** The smoke run must stay well under a minute; this is its hard limit. */
 const quickRunTimeoutMs = 90_000;
+/** The sustained smoke run (3 strategies x one 3 s row) takes about 20 s; this is its hard limit. */
+const sustainedRunTimeoutMs = 90_000;
+const sustainedSmokeSeconds = 3;
 
 const tmpDirs: string[] = [];
 afterAll(async () => {
@@ -211,6 +226,74 @@ describe('bench pieces', () => {
   });
 });
 
+function sustainedRow(strategy: SustainedRow['strategy'], iops: number[]): SustainedRow {
+  return {
+    row: 'p@1000ms',
+    profile: 'p',
+    checkpointMs: 1000,
+    strategy,
+    cadenceCall: strategy === 'native' ? 'flush' : 'checkpoint',
+    perSecond: { iops, mbPerSec: iops.map((v) => (v * 4096) / 1e6) },
+    iops: spread(iops),
+    mbPerSec: spread(iops.map((v) => (v * 4096) / 1e6)),
+    slowestToFastest: Math.min(...iops) / Math.max(...iops),
+    medianVsNative: null,
+    medianVsColo: null,
+    cadenceCallMs: callLatency([1, 2, 3]),
+    goals: { steady: false, atLeastNative: null, twiceColo: null },
+    fio: { iops: 1, mbPerSec: 1, runtimeS: 1 },
+  };
+}
+
+describe('sustained pieces', () => {
+  it('reads fio\'s 1 s logs as one value per second: gaps are seconds with nothing done, the tail is dropped', () => {
+    const log = ['1000, 500, 1, 4096, 0', '2001, 700, 1, 4096, 0', '2001, 9, 0, 4096, 0', '', '5000, 300, 1, 4096, 0', '6000, 800, 1, 4096, 0'].join('\n');
+    const samples = parseFioLog(log, 'x.log');
+    // Reads (ddir 0) are not the writes' throughput.
+    expect(samples).toEqual([
+      { timeMs: 1000, value: 500 },
+      { timeMs: 2001, value: 700 },
+      { timeMs: 5000, value: 300 },
+      { timeMs: 6000, value: 800 },
+    ]);
+    expect(perSecond(samples, 5)).toEqual([500, 700, 0, 0, 300]);
+    expect(perSecond([{ timeMs: 1000, value: 2 }, { timeMs: 1400, value: 4 }], 2)).toEqual([3, 0]);
+    expect(() => parseFioLog('1000, x, 1, 0, 0', 'x.log')).toThrow(/x\.log:1: not a fio log line/);
+  });
+
+  it('summarises a series and holds each strategy to the issue\'s goals against native and colo', () => {
+    expect(spread([5, 1, 9, 3])).toEqual({ min: 1, median: 3, max: 9 });
+    expect(callLatency([])).toEqual({ count: 0, p50Ms: null, p99Ms: null, maxMs: null });
+    expect(callLatency([4, 1, 2])).toEqual({ count: 3, p50Ms: 2, p99Ms: 4, maxMs: 4 });
+    const rows = addSustainedFigures([
+      sustainedRow('native', [100, 100, 100]),
+      sustainedRow('colo', [40, 50, 60]),
+      sustainedRow('gannet', [100, 120, 40]),
+    ]);
+    expect(rows[0].goals).toEqual({ steady: true, atLeastNative: null, twiceColo: null });
+    expect(rows[1].goals).toEqual({ steady: true, atLeastNative: false, twiceColo: null });
+    expect(rows[2].medianVsNative).toBeCloseTo(1);
+    expect(rows[2].medianVsColo).toBeCloseTo(2);
+    expect(rows[2].goals).toEqual({ steady: false, atLeastNative: true, twiceColo: true });
+    const table = sustainedTable(rows).split('\n');
+    expect(table).toHaveLength(2 + rows.length);
+    expect(table[4]).toMatch(/^\| p@1000ms \| gannet \| 40 \| 100 \| 120 \| .* \| 1\.00x \| 2\.00x \| 2\.00 \| 3\.00 \| 3\.00 \| FAIL \| pass \| pass \|$/);
+  });
+
+  it('draws a line per strategy per row with a point per second', () => {
+    expect([niceStep(95_000), niceStep(1), niceStep(0), niceStep(40)]).toEqual([20_000, 0.2, 1, 10]);
+    const rows = [sustainedRow('native', [10, 20, 30, 40]), sustainedRow('gannet', [40, 0, 0, 0])];
+    const svg = sustainedChart([...rows, { ...sustainedRow('colo', [1, 2, 3, 4]), row: 'q@100ms', profile: 'q', checkpointMs: 100 }]);
+    const lines = [...svg.matchAll(/<polyline data-row="([^"]+)" data-strategy="(\w+)"[^>]* points="([^"]+)">/g)];
+    expect(lines.map((m) => `${m[1]} ${m[2]}`)).toEqual(['p@1000ms native', 'p@1000ms gannet', 'q@100ms colo']);
+    for (const m of lines) expect(m[3].split(' ')).toHaveLength(4);
+    // A second with nothing done is drawn on the x axis, the busiest at the top of the plot.
+    const gannetYs = lines[1][3].split(' ').map((p) => Number(p.split(',')[1]));
+    expect(gannetYs[1]).toBeGreaterThan(gannetYs[0]);
+    expect(svg).toContain('checkpoint every 100 ms');
+  });
+});
+
 describe('gannet-bench --quick (built CLI, real daemons)', () => {
   it('writes a complete report: every profile x strategy in results.json, report.md and chart.svg', async () => {
     const out = await mkdtemp(join(tmpdir(), 'gannet-bench-out-'));
@@ -262,4 +345,86 @@ describe('gannet-bench --quick (built CLI, real daemons)', () => {
     expect(svg.match(/<rect [^>]*fill="#(?:7f8c8d|e67e22|2980b9)">/g)).toHaveLength(profiles.length * strategyOrder.length);
     for (const profile of profiles) expect(svg).toContain(`>${profile}</text>`);
   }, quickRunTimeoutMs + 10_000);
+});
+
+describe('gannet-bench --sustained (built CLI, real daemons, fio)', () => {
+  it('refuses options that do not apply, before starting anything', async () => {
+    for (const args of [['--repeat', '2'], ['--duration', '1.5'], ['--checkpoint-ms', '5'], ['--profiles', 'oltp-16k']]) {
+      const r = await runCommand(process.execPath, [benchBin, '--sustained', ...args, '--out', join(tmpdir(), 'never-written')]);
+      expect(r.status, describeResult(`gannet-bench --sustained ${args.join(' ')}`, r)).toBe(2);
+      expect(r.stderr).toMatch(/^gannet-bench: --/);
+    }
+    // `pnpm bench -- --sustained ...` passes the `--` along.
+    const viaPnpm = await runCommand(process.execPath, [benchBin, '--', '--sustained', '--repeat', '2']);
+    expect(viaPnpm.stderr).toMatch(/^gannet-bench: --repeat does not apply to --sustained/);
+  });
+
+  it('writes the per-second series of every strategy to results.json, report.md and chart.svg', async () => {
+    requireTool('fio');
+    const out = await mkdtemp(join(tmpdir(), 'gannet-bench-sustained-'));
+    tmpDirs.push(out);
+    const [profile] = sustainedProfiles;
+    const args = [
+      benchBin,
+      '--sustained',
+      '--duration',
+      String(sustainedSmokeSeconds),
+      '--checkpoint-ms',
+      '500',
+      '--profiles',
+      profile.name,
+      '--size',
+      '256',
+      '--quiet',
+      '--out',
+      out,
+    ];
+    const r = await runCommand(process.execPath, args, { timeoutMs: sustainedRunTimeoutMs });
+    expect(r.status, describeResult('gannet-bench --sustained', r)).toBe(0);
+    expect((await readdir(out)).sort()).toEqual(['chart.svg', 'report.md', 'results.json']);
+
+    const report = JSON.parse(await readFile(join(out, 'results.json'), 'utf8')) as SustainedReport;
+    expect(report.settings).toMatchObject({ suite: 'sustained', durationS: sustainedSmokeSeconds, checkpointMs: [500], queueDepth: 32 });
+    expect(report.settings.fio).toMatch(/^fio-/);
+    expect(report.rows.map((x) => x.strategy)).toEqual([...strategyOrder]);
+    const row = `${profile.name}@500ms`;
+    for (const result of report.rows) {
+      const what = `${result.strategy} ${result.row}`;
+      expect(result.row).toBe(row);
+      expect(result.perSecond.iops, what).toHaveLength(sustainedSmokeSeconds);
+      expect(result.perSecond.mbPerSec, what).toHaveLength(sustainedSmokeSeconds);
+      for (const value of [...result.perSecond.iops, ...result.perSecond.mbPerSec]) expect(value, what).toBeGreaterThanOrEqual(0);
+      expect(result.iops.median, what).toBeGreaterThan(0);
+      expect(result.mbPerSec.median, what).toBeGreaterThan(0);
+      expect(result.iops.max).toBe(Math.max(...result.perSecond.iops));
+      expect(result.fio.iops, what).toBeGreaterThan(0);
+      expect(result.cadenceCall).toBe(result.strategy === 'native' ? 'flush' : 'checkpoint');
+      expect(result.cadenceCallMs.count, `${what} cadence calls`).toBeGreaterThan(0);
+      expect(result.cadenceCallMs.p50Ms).toBeGreaterThan(0);
+      expect(result.cadenceCallMs.maxMs).toBeGreaterThanOrEqual(result.cadenceCallMs.p99Ms!);
+      expect(typeof result.goals.steady).toBe('boolean');
+      expect(result.medianVsNative, what).toBeGreaterThan(0);
+      expect(result.medianVsColo, what).toBeGreaterThan(0);
+    }
+    expect(report.rows[2].goals.twiceColo).not.toBeNull();
+
+    const markdown = await readFile(join(out, 'report.md'), 'utf8');
+    for (const strategy of strategyOrder) {
+      expect(markdown).toMatch(new RegExp(`^\\| ${row} \\| ${strategy} \\| \\d+ \\| \\d+ \\| \\d+ \\|`, 'm'));
+      expect(markdown).toMatch(new RegExp(`^${row} ${strategy}: \\d+ \\d+ \\d+$`, 'm'));
+    }
+    expect(r.stdout).toContain(`| ${row} | gannet |`);
+
+    const svg = await readFile(join(out, 'chart.svg'), 'utf8');
+    expect(svg).toMatch(/^<svg [^>]*xmlns="http:\/\/www\.w3\.org\/2000\/svg"/);
+    expect(svg.trim().endsWith('</svg>')).toBe(true);
+    const opened = (svg.match(/<(?!\/)[a-z]+[^>]*[^/]>/g) ?? []).length;
+    const closed = (svg.match(/<\/[a-z]+>/g) ?? []).length;
+    expect(opened).toBe(closed);
+    for (const strategy of strategyOrder) {
+      const line = new RegExp(`<polyline data-row="${row}" data-strategy="${strategy}"[^>]* points="([^"]+)">`).exec(svg);
+      expect(line, `${strategy} line in chart.svg`).not.toBeNull();
+      expect(line![1].split(' ')).toHaveLength(sustainedSmokeSeconds);
+    }
+  }, sustainedRunTimeoutMs + 10_000);
 });

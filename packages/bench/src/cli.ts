@@ -1,18 +1,30 @@
 import { execFile } from 'node:child_process';
 import { mkdtemp, readFile, rm } from 'node:fs/promises';
-import { cpus, tmpdir, totalmem } from 'node:os';
+import { cpus, loadavg, tmpdir, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { loadProfiles, selectProfiles } from './profiles.js';
 import { Progress } from './progress.js';
 import { addRelativeFigures, markdownTable, strategyOrder, writeReport, type BenchStrategy, type MachineInfo } from './report.js';
 import { runBench } from './runner.js';
-import { KiB, MiB } from '@gannet/block-device';
+import {
+  fioVersion,
+  runSustained,
+  sustainedCheckpointMsDefault,
+  sustainedDurationSDefault,
+  sustainedDurationSMin,
+  sustainedProfiles,
+  sustainedQueueDepth,
+  sustainedVolumeBytesDefault,
+} from './sustained.js';
+import { sustainedTable, writeSustainedReport } from './sustained-report.js';
+import { MiB } from '@gannet/block-device';
 
 /**
  * `gannet-bench` / `pnpm bench`: native vs COLO-style vs GANNET over the workload
- * profiles, through NBD, with a report in --out. Exit status 0 on success, 1 on a failed run, 2 on
- * bad usage.
+ * profiles, through NBD, with a report in --out; `--sustained` runs the sustained suite (fio at QD32
+ * under frequent checkpoints, per-second throughput) instead. Exit status 0 on success, 1 on a failed
+ * run, 2 on bad usage.
  */
 
 
@@ -50,7 +62,18 @@ volumes of a gannet daemon through NBD, and writes results.json, report.md and c
   --volume S=NAME       with --daemon: the volume to use for strategy S (default: the first with its strategy)
   --quiet               no progress on stderr
   -h, --help            this text
+
+  --sustained           the sustained suite instead: one fio job (nbd engine, QD${sustainedQueueDepth}) per profile
+                        into <vol>/primary while colo and gannet are checkpointed (native: NBD FLUSH) at
+                        each cadence; reports per-second throughput and the checkpoint call's latency.
+                        Profiles: ${sustainedProfiles.map((p) => p.name).join(', ')}. With it:
+                        --duration S (whole seconds, default ${sustainedDurationSDefault}), --checkpoint-ms A,B (cadences,
+                        default ${sustainedCheckpointMsDefault.join(',')}), --profiles, --strategies, --size MIB (default
+                        ${sustainedVolumeBytesDefault / MiB}), --seed, --work-dir, --gannet, --out, --quiet.
 `;
+
+/** Options of the profile runs that mean nothing to the sustained suite. */
+const notSustained = ['quick', 'repeat', 'profiles-dir', 'daemon', 'token-file', 'daemon-pid', 'volume'] as const;
 
 class UsageError extends Error {}
 
@@ -84,16 +107,21 @@ async function machineInfo(dir: string): Promise<MachineInfo> {
   };
 }
 
-export async function main(argv: readonly string[]): Promise<number> {
+export async function main(rawArgv: readonly string[]): Promise<number> {
+  // `pnpm bench -- --flag` hands the script a literal `--` first, which would end the options.
+  const argv = rawArgv[0] === '--' ? rawArgv.slice(1) : rawArgv;
   const progress = new Progress({ quiet: argv.includes('--quiet') });
   const stops = new Set<() => Promise<void>>();
-  const onSignal = (signal: NodeJS.Signals) => {
-    progress.line(`${signal}: stopping daemons`);
-    void Promise.all([...stops].map((stop) => stop())).finally(() => process.exit(130));
-  };
   let code: number;
   let workDir: string | undefined;
   let removeWorkDir = false;
+  const onSignal = (signal: NodeJS.Signals) => {
+    progress.line(`${signal}: stopping the processes started`);
+    // process.exit skips main's finally, so the temporary data (gigabytes after a sustained row) goes here.
+    void Promise.all([...stops].map((stop) => stop()))
+      .then(() => (workDir !== undefined && removeWorkDir ? rm(workDir, { recursive: true, force: true }) : undefined))
+      .finally(() => process.exit(130));
+  };
   try {
     const { values } = parseArgs({
       args: [...argv],
@@ -117,6 +145,7 @@ export async function main(argv: readonly string[]): Promise<number> {
         'daemon-pid': { type: 'string' },
         volume: { type: 'string', multiple: true },
         quiet: { type: 'boolean' },
+        sustained: { type: 'boolean' },
         help: { type: 'boolean', short: 'h' },
       },
     });
@@ -124,35 +153,15 @@ export async function main(argv: readonly string[]): Promise<number> {
       process.stdout.write(usage);
       return 0;
     }
-    const quick = values.quick === true;
-    const durationS = positiveNumber(values.duration, '--duration', quick ? quickDurationS : durationSDefault, durationSMax);
-    const checkpointMs = positiveNumber(values['checkpoint-ms'], '--checkpoint-ms', quick ? quickCheckpointMs : checkpointMsDefault);
-    if (checkpointMs < checkpointMsMin) throw new UsageError(`--checkpoint-ms: at least ${checkpointMsMin}`);
-    const volumeBytes = values.size === undefined ? (quick ? quickVolumeBytes : volumeBytesDefault) : positiveNumber(values.size, '--size', 0) * MiB;
-    if (!Number.isInteger(volumeBytes / 4096)) throw new UsageError('--size: the volume must be a multiple of 4 KiB');
-    const seed = Math.floor(positiveNumber(values.seed, '--seed', 1));
-    const repeat = positiveNumber(values.repeat, '--repeat', 1, repeatMax);
-    if (!Number.isInteger(repeat)) throw new UsageError('--repeat: expected a whole number');
     const strategies = (list(values.strategies) ?? [...strategyOrder]).map((s) => {
       if (!(strategyOrder as readonly string[]).includes(s)) throw new UsageError(`--strategies: unknown "${s}" (native, colo, gannet)`);
       return s as BenchStrategy;
     });
-    const profiles = selectProfiles(await loadProfiles(values['profiles-dir']), list(values.profiles));
+    const seed = Math.floor(positiveNumber(values.seed, '--seed', 1));
     const out = resolve(values.out ?? 'bench-results');
-
-    let daemon: Parameters<typeof runBench>[0]['daemon'];
-    if (values.daemon !== undefined) {
-      const token = values['token-file'] !== undefined ? (await readFile(values['token-file'], 'utf8')).trim() : process.env.GANNET_TOKEN;
-      if (!token) throw new UsageError('--daemon needs --token-file FILE or $GANNET_TOKEN');
-      const volumes: Partial<Record<BenchStrategy, string>> = {};
-      for (const spec of values.volume ?? []) {
-        const [s, name] = spec.split('=');
-        if (!(strategyOrder as readonly string[]).includes(s) || !name) throw new UsageError(`--volume: expected S=NAME, got "${spec}"`);
-        volumes[s as BenchStrategy] = name;
-      }
-      const pid = values['daemon-pid'] === undefined ? undefined : positiveNumber(values['daemon-pid'], '--daemon-pid', 0);
-      daemon = { url: values.daemon, token, pid, volumes };
-    }
+    const run = values.sustained
+      ? sustainedSuite(values, { strategies, seed, out, progress, stops })
+      : await profileSuite(values, { strategies, seed, out, progress, stops });
 
     if (values['work-dir'] !== undefined) workDir = resolve(values['work-dir']);
     else {
@@ -161,36 +170,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     }
     process.on('SIGINT', onSignal);
     process.on('SIGTERM', onSignal);
-    const machine = await machineInfo(workDir);
-    progress.line(
-      `gannet-bench: ${profiles.length} profile(s) x ${strategies.join(', ')}, ${durationS} s each` +
-        `${repeat > 1 ? `, ${repeat} rounds` : ''}, checkpoint every ${checkpointMs} ms`,
-    );
-    const rows = await runBench({
-      profiles,
-      strategies,
-      durationMs: durationS * 1000,
-      checkpointMs,
-      volumeBytes,
-      seed,
-      repeat,
-      workDir,
-      progress,
-      gannetBin: values.gannet,
-      daemon,
-      onStop: (stop) => stops.add(stop),
-    });
-    // Rows grouped by profile, strategies in a fixed order, whatever order they ran in.
-    rows.sort((a, b) => profiles.findIndex((p) => p.name === a.profile) - profiles.findIndex((p) => p.name === b.profile) ||
-      strategyOrder.indexOf(a.strategy) - strategyOrder.indexOf(b.strategy));
-    addRelativeFigures(rows);
-    const files = await writeReport(out, {
-      generatedAt: new Date().toISOString(),
-      machine,
-      settings: { durationS, checkpointMs, volumeBytes, seed, repeat, quick, daemon: daemon?.url ?? 'started per strategy' },
-      rows,
-    });
-    process.stdout.write(`${markdownTable(rows)}\n\nreport: ${files.markdown}\nresults: ${files.json}\nchart: ${files.svg}\n`);
+    process.stdout.write(await run(workDir, await machineInfo(workDir)));
     code = 0;
   } catch (error) {
     progress.clearLive();
@@ -209,4 +189,146 @@ export async function main(argv: readonly string[]): Promise<number> {
   }
   process.exitCode = code;
   return code;
+}
+
+interface SuiteContext {
+  readonly strategies: readonly BenchStrategy[];
+  readonly seed: number;
+  readonly out: string;
+  readonly progress: Progress;
+  readonly stops: Set<() => Promise<void>>;
+}
+
+interface SuiteValues {
+  readonly [flag: string]: string | boolean | string[] | undefined;
+}
+
+/** A checked plan: given the work directory and the machine, runs and reports, and returns the text for stdout. */
+type Suite = (workDir: string, machine: MachineInfo) => Promise<string>;
+
+const text = (values: SuiteValues, flag: string): string | undefined => values[flag] as string | undefined;
+
+/** The workload profiles of fixtures/profiles, with the in-JS NbdClient workload. */
+async function profileSuite(values: SuiteValues, { strategies, seed, out, progress, stops }: SuiteContext): Promise<Suite> {
+  const quick = values.quick === true;
+  const durationS = positiveNumber(text(values, 'duration'), '--duration', quick ? quickDurationS : durationSDefault, durationSMax);
+  const checkpointMs = positiveNumber(text(values, 'checkpoint-ms'), '--checkpoint-ms', quick ? quickCheckpointMs : checkpointMsDefault);
+  if (checkpointMs < checkpointMsMin) throw new UsageError(`--checkpoint-ms: at least ${checkpointMsMin}`);
+  const size = text(values, 'size');
+  const volumeBytes = size === undefined ? (quick ? quickVolumeBytes : volumeBytesDefault) : positiveNumber(size, '--size', 0) * MiB;
+  if (!Number.isInteger(volumeBytes / 4096)) throw new UsageError('--size: the volume must be a multiple of 4 KiB');
+  const repeat = positiveNumber(text(values, 'repeat'), '--repeat', 1, repeatMax);
+  if (!Number.isInteger(repeat)) throw new UsageError('--repeat: expected a whole number');
+  const profiles = selectProfiles(await loadProfiles(text(values, 'profiles-dir')), list(text(values, 'profiles')));
+
+  let daemon: Parameters<typeof runBench>[0]['daemon'];
+  const daemonUrl = text(values, 'daemon');
+  if (daemonUrl !== undefined) {
+    const tokenFile = text(values, 'token-file');
+    const token = tokenFile !== undefined ? (await readFile(tokenFile, 'utf8')).trim() : process.env.GANNET_TOKEN;
+    if (!token) throw new UsageError('--daemon needs --token-file FILE or $GANNET_TOKEN');
+    const volumes: Partial<Record<BenchStrategy, string>> = {};
+    for (const spec of (values.volume as string[] | undefined) ?? []) {
+      const [s, name] = spec.split('=');
+      if (!(strategyOrder as readonly string[]).includes(s) || !name) throw new UsageError(`--volume: expected S=NAME, got "${spec}"`);
+      volumes[s as BenchStrategy] = name;
+    }
+    const pidText = text(values, 'daemon-pid');
+    const pid = pidText === undefined ? undefined : positiveNumber(pidText, '--daemon-pid', 0);
+    daemon = { url: daemonUrl, token, pid, volumes };
+  }
+
+  return async (workDir, machine) => {
+    progress.line(
+      `gannet-bench: ${profiles.length} profile(s) x ${strategies.join(', ')}, ${durationS} s each` +
+        `${repeat > 1 ? `, ${repeat} rounds` : ''}, checkpoint every ${checkpointMs} ms`,
+    );
+    const rows = await runBench({
+      profiles,
+      strategies,
+      durationMs: durationS * 1000,
+      checkpointMs,
+      volumeBytes,
+      seed,
+      repeat,
+      workDir,
+      progress,
+      gannetBin: text(values, 'gannet'),
+      daemon,
+      onStop: (stop) => stops.add(stop),
+    });
+    // Rows grouped by profile, strategies in a fixed order, whatever order they ran in.
+    rows.sort((a, b) => profiles.findIndex((p) => p.name === a.profile) - profiles.findIndex((p) => p.name === b.profile) ||
+      strategyOrder.indexOf(a.strategy) - strategyOrder.indexOf(b.strategy));
+    addRelativeFigures(rows);
+    const files = await writeReport(out, {
+      generatedAt: new Date().toISOString(),
+      machine,
+      settings: { durationS, checkpointMs, volumeBytes, seed, repeat, quick, daemon: daemon?.url ?? 'started per strategy' },
+      rows,
+    });
+    return `${markdownTable(rows)}\n\nreport: ${files.markdown}\nresults: ${files.json}\nchart: ${files.svg}\n`;
+  };
+}
+
+/** The sustained suite: fio at QD32 into <vol>/primary under frequent checkpoints, per second. */
+function sustainedSuite(values: SuiteValues, { strategies, seed, out, progress, stops }: SuiteContext): Suite {
+  for (const flag of notSustained) {
+    if (values[flag] !== undefined) throw new UsageError(`--${flag} does not apply to --sustained`);
+  }
+  const durationS = positiveNumber(text(values, 'duration'), '--duration', sustainedDurationSDefault, durationSMax);
+  if (!Number.isInteger(durationS) || durationS < sustainedDurationSMin) {
+    throw new UsageError(`--duration: whole seconds, at least ${sustainedDurationSMin}, with --sustained`);
+  }
+  const cadences = list(text(values, 'checkpoint-ms'))?.map((ms) => positiveNumber(ms, '--checkpoint-ms', 0)) ?? [...sustainedCheckpointMsDefault];
+  if (cadences.length === 0 || cadences.some((ms) => !Number.isInteger(ms) || ms < checkpointMsMin)) {
+    throw new UsageError(`--checkpoint-ms: whole milliseconds, at least ${checkpointMsMin} each`);
+  }
+  const size = text(values, 'size');
+  const volumeBytes = size === undefined ? sustainedVolumeBytesDefault : positiveNumber(size, '--size', 0) * MiB;
+  if (!Number.isInteger(volumeBytes / 65536)) throw new UsageError('--size: with --sustained, a multiple of 64 KiB (the largest request)');
+  const names = list(text(values, 'profiles'));
+  const profiles = (names ?? sustainedProfiles.map((p) => p.name)).map((name) => {
+    const found = sustainedProfiles.find((p) => p.name === name);
+    if (!found) throw new UsageError(`--profiles: unknown sustained profile "${name}" (known: ${sustainedProfiles.map((p) => p.name).join(', ')})`);
+    return found;
+  });
+
+  return async (workDir, machine) => {
+    const fio = await fioVersion();
+    const loadAverageStart = loadavg();
+    progress.line(
+      `gannet-bench --sustained: ${profiles.length} profile(s) x checkpoint every ${cadences.join(', ')} ms x ` +
+        `${strategies.join(', ')}, ${durationS} s each, ${fio}, load average ${loadAverageStart.map((l) => l.toFixed(2)).join(' ')}`,
+    );
+    const rows = await runSustained({
+      profiles,
+      checkpointMs: cadences,
+      strategies,
+      durationS,
+      volumeBytes,
+      seed,
+      workDir,
+      progress,
+      gannetBin: text(values, 'gannet'),
+      onStop: (stop) => stops.add(stop),
+    });
+    const files = await writeSustainedReport(out, {
+      generatedAt: new Date().toISOString(),
+      machine,
+      settings: {
+        suite: 'sustained',
+        durationS,
+        checkpointMs: cadences,
+        volumeBytes,
+        queueDepth: sustainedQueueDepth,
+        seed,
+        fio,
+        loadAverageStart,
+        loadAverageEnd: loadavg(),
+      },
+      rows,
+    });
+    return `${sustainedTable(rows)}\n\nreport: ${files.markdown}\nresults: ${files.json}\nchart: ${files.svg}\n`;
+  };
 }

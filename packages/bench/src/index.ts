@@ -6,3 +6,5 @@ export * from './report.js';
 export * from './daemon.js';
 export { runBench, medianRun, strategyOf, type RunnerOptions } from './runner.js';
 export { Progress } from './progress.js';
+export * from './sustained.js';
+export * from './sustained-report.js';

@@ -144,10 +144,10 @@ export function markdownReport(report: BenchReport): string {
   ].join('\n');
 }
 
-const escapeXml = (text: string): string =>
+export const escapeXml = (text: string): string =>
   text.replace(/[<>&'"]/g, (c) => ({ '<': '&lt;', '>': '&gt;', '&': '&amp;', "'": '&apos;', '"': '&quot;' })[c]!);
 
-const strategyColors: Record<BenchStrategy, string> = { native: '#7f8c8d', colo: '#e67e22', gannet: '#2980b9' };
+export const strategyColors: Record<BenchStrategy, string> = { native: '#7f8c8d', colo: '#e67e22', gannet: '#2980b9' };
 
 /** Bars above this (relative to native) are clipped, with a break mark, so one outlier does not flatten the rest. */
 export const chartPercentMax = 400;
