@@ -1,4 +1,3 @@
-import { KiB, MiB } from './units.js';
 /**
  * The one seam of the project: a block device is a flat table of verbs on byte ranges plus capability
  * queries, like nbdkit's plugin interface. The NBD server serves one; every view of a replicated volume
@@ -23,6 +22,8 @@ import { KiB, MiB } from './units.js';
  *   is no volatile cache to empty); writeZeroes always works, and only `fastZero` is refused (ENOTSUP)
  *   by a device that cannot zero quickly.
  */
+
+import { MiB } from './units.js';
 
 export interface Capabilities {
   /** Writes, trims and zeroes are refused with EPERM. */

@@ -38,8 +38,6 @@ interface LayerState {
   readonly zeros: RangeSet;
   memBlocks: number;
   spilledBlocks: number;
-  /** Pinned layers (being failed over) have slots in use by I/O: never spilled, never freed. */
-  pinned: boolean;
   dropped: boolean;
   /** The spill store may hold copies for this layer (cleared when it is dropped). */
   hasSpillKeys: boolean;
@@ -68,7 +66,6 @@ export class Layer {
       zeros: new RangeSet(),
       memBlocks: 0,
       spilledBlocks: 0,
-      pinned: false,
       dropped: false,
       hasSpillKeys: false,
       slabs: [],
@@ -93,10 +90,6 @@ export class Layer {
 
   get spilledBlocks(): number {
     return this[state].spilledBlocks;
-  }
-
-  get pinned(): boolean {
-    return this[state].pinned;
   }
 
   get dropped(): boolean {
@@ -133,6 +126,24 @@ export class Layer {
   holds(b: number): boolean {
     const s = this[state];
     return s.map.has(b) || inRange(s, b);
+  }
+
+  /** Whether this layer decides the content of any block of [first, end), looking at whichever is smaller. */
+  touches(first: number, end: number): boolean {
+    const s = this[state];
+    if (s.holes.intersects(first, end) || s.zeros.intersects(first, end)) return true;
+    if (s.map.size <= end - first) {
+      for (const b of s.map.keys()) if (b >= first && b < end) return true;
+      return false;
+    }
+    for (let b = first; b < end; b++) if (s.map.has(b)) return true;
+    return false;
+  }
+
+  /** Whether the layer holds nothing at all. */
+  get empty(): boolean {
+    const s = this[state];
+    return s.map.size === 0 && s.holes.size === 0 && s.zeros.size === 0;
   }
 
   /** The blocks with data, in no particular order. */
@@ -214,17 +225,30 @@ export class BlockBuffers {
     return new Layer(this.nextLayerId++, role, epoch);
   }
 
-  /** A checkpoint sealed `layer` (P) into the committed set, as the epoch `sealedEpoch` returns. */
+  /**
+   * `layer` joins the committed set as epoch `sealedEpoch`: P at a checkpoint, the kept side at a
+   * failover, the write buffer at a FLUSH after failover.
+   */
   seal(layer: Layer, sealedEpoch: number): void {
     const s = layer[state];
-    assert(s.role === 'primary' && !s.pinned && !s.dropped, 'only a live primary buffer is sealed');
+    assert(s.role !== 'committed' && !s.dropped, 'only a live buffer is sealed');
     s.role = 'committed';
     s.sealedEpoch = sealedEpoch;
   }
 
-  /** Pins layers while a flush or failover writes them from their slots (see LayerState.pinned). */
-  pin(layers: Iterable<Layer>, pinned: boolean): void {
-    for (const layer of layers) layer[state].pinned = pinned;
+  /**
+   * A committed layer over a failover journal reopened after a crash: its blocks are in the journal file
+   * (spilled entries at `firstIndex + i` for the i-th journal block), its zeroed ranges as recorded.
+   */
+  journalLayer(sealedEpoch: number, blocks: Float64Array, firstIndex: number, holeRuns: readonly { first: number; count: number }[], zeroRuns: readonly { first: number; count: number }[]): Layer {
+    const layer = new Layer(this.nextLayerId++, 'committed', sealedEpoch);
+    const s = layer[state];
+    s.sealedEpoch = sealedEpoch;
+    s.hasSpillKeys = true;
+    blocks.forEach((b, i) => this.replaceEntry(layer, b, undefined, spillTagFirst - (firstIndex + i)));
+    for (const run of holeRuns) this.indexEntriesValue += s.holes.add(run.first, run.first + run.count);
+    for (const run of zeroRuns) this.indexEntriesValue += s.zeros.add(run.first, run.first + run.count);
+    return layer;
   }
 
   /** Bytes of block `b` inside the volume (the last block may be short). */
@@ -262,7 +286,7 @@ export class BlockBuffers {
     fill: Uint8Array | null,
   ): void {
     const s = layer[state];
-    assert(!s.dropped && !s.pinned && s.role !== 'committed', 'writes go to a live buffer');
+    assert(!s.dropped && s.role !== 'committed', 'writes go to a live buffer');
     const entry = s.map.get(b);
     const reused = entry !== undefined && isSlot(entry);
     const slot = reused ? entry : this.allocSlot(layer, b);
@@ -302,7 +326,7 @@ export class BlockBuffers {
    */
   zeroRange(layer: Layer, first: number, end: number, noHole: boolean): void {
     const s = layer[state];
-    assert(!s.dropped && !s.pinned && s.role !== 'committed', 'zeroes go to a live buffer');
+    assert(!s.dropped && s.role !== 'committed', 'zeroes go to a live buffer');
     assert(first >= 0 && first < end && end <= this.blockCount, `zero range ${first}..${end} inside the volume`);
     if (s.map.size <= end - first) {
       for (const [b, entry] of s.map) if (b >= first && b < end) this.removeEntry(layer, b, entry);
@@ -338,7 +362,6 @@ export class BlockBuffers {
           continue;
         }
         const s = layer[state];
-        if (s.pinned) continue;
         const index = pool.slotIndex(slot);
         const block = slab.blocks[index];
         // Committed data is never spilled (the flusher writes it to the backing file instead).
@@ -359,7 +382,7 @@ export class BlockBuffers {
     if (victims.length > 0) return victims;
     for (const layer of layers) {
       const s = layer[state];
-      if (s.pinned || s.dropped || s.role === 'committed') continue;
+      if (s.dropped || s.role === 'committed') continue;
       for (const [block, entry] of s.map) {
         if (victims.length >= count) return victims;
         if (!isSlot(entry)) continue;
@@ -378,13 +401,13 @@ export class BlockBuffers {
 
   /**
    * The victim's block is in its layer's spill file now, at block `index`: free its slot, unless the slot
-   * changed since it was picked (another block, another write, the layer dropped, pinned or sealed).
+   * changed since it was picked (another block, another write, the layer dropped or sealed).
    * Returns whether it was freed.
    */
   spilled(victim: SpillVictim, index: number): boolean {
     const { layer, block, slot } = victim;
     const s = layer[state];
-    if (s.dropped || s.pinned || s.role === 'committed' || s.map.get(block) !== slot) return false;
+    if (s.dropped || s.role === 'committed' || s.map.get(block) !== slot) return false;
     const slab = this.pool.slabOf(slot);
     if (slab === null || slab.versions[this.pool.slotIndex(slot)] !== victim.version) return false;
     this.replaceEntry(layer, block, slot, spillTagFirst - index);

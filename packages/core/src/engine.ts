@@ -1,13 +1,19 @@
 import type { EventEmitter } from 'node:events';
-import type { BlockDevice } from '@gannet/block-device';
+import { join } from 'node:path';
+import { blockErrorCode, type BlockDevice } from '@gannet/block-device';
+import { InvariantError } from './assert.js';
 import { BlockBuffers, type Layer } from './buffer.js';
 import { EpochLease, Epochs } from './epochs.js';
-import type { MetaStore } from './meta.js';
+import type { LostFailover, MetaStore } from './meta.js';
 import type { ResolvedVolumeOptions } from './options.js';
 import type { Geometry } from './plan.js';
 import { Spiller } from './spill.js';
-import { join } from 'node:path';
-import type { ByteRange, FailoverTarget, VolumeEvents, VolumeState } from './types.js';
+import type { VolumeStateFile, VolumeStateRecord } from './state-file.js';
+import type { Storage } from './storage.js';
+import type { ByteRange, FailoverStatus, FailoverTarget, VolumeError, VolumeEvents, VolumeState } from './types.js';
+
+/** Which part set an error (and may clear it). */
+export type ErrorSource = 'flush' | 'failover' | 'halt';
 
 /** How often idle slabs beyond the quiet reserve are handed back (see SlabPool.trim). */
 export const slabTrimIntervalMs = 1000;
@@ -20,7 +26,10 @@ export function spillDir(dataDir: string): string {
 /** What a volume's parts share: its files, buffers, epochs and state, and the signals between them. */
 export interface EngineInit {
   readonly options: ResolvedVolumeOptions;
+  readonly storage: Storage;
   readonly meta: MetaStore;
+  readonly stateFile: VolumeStateFile;
+  readonly record: VolumeStateRecord;
   readonly backing: BlockDevice;
   readonly state: VolumeState;
   readonly target: FailoverTarget | undefined;
@@ -28,6 +37,7 @@ export interface EngineInit {
   readonly durableEpoch: number;
   readonly epochCeiling: number;
   readonly torn: ByteRange[];
+  readonly lostFailover: LostFailover | null;
 }
 
 /**
@@ -38,17 +48,27 @@ export interface EngineInit {
 export class Engine {
   readonly options: ResolvedVolumeOptions;
   readonly geometry: Geometry;
+  readonly storage: Storage;
   readonly meta: MetaStore;
+  readonly stateFile: VolumeStateFile;
   readonly backing: BlockDevice;
   readonly buffers: BlockBuffers;
   readonly spiller: Spiller;
   readonly epochs: Epochs;
+  /** The state file's content as last written. */
+  record: VolumeStateRecord;
   state: VolumeState;
   target: FailoverTarget | undefined;
   /** Ranges an interrupted flush may have left half-written (they need a resync from the primary). */
   torn: ByteRange[];
+  failover: (FailoverStatus & { readonly epoch: number }) | null = null;
+  /** A failover the last run requested but never made durable (until the next one is). */
+  lostFailover: LostFailover | null;
   /** Set once close() has begun. */
   closing = false;
+  /** Called after every flush pass (the failover retires its journal once the kept state is applied). */
+  onPassDone: (() => void) | null = null;
+  private errorValue: (VolumeError & { readonly source: ErrorSource }) | null = null;
   private overPressure = false;
   private readonly trimTimer: NodeJS.Timeout;
   private waiters: (() => void)[] = [];
@@ -60,29 +80,81 @@ export class Engine {
   ) {
     this.options = init.options;
     this.geometry = { blockBytes: init.options.blockBytes, sizeBytes: init.options.sizeBytes };
+    this.storage = init.storage;
     this.meta = init.meta;
+    this.stateFile = init.stateFile;
+    this.record = init.record;
     this.backing = init.backing;
     this.state = init.state;
     this.target = init.target;
     this.torn = init.torn;
+    this.lostFailover = init.lostFailover;
     this.buffers = new BlockBuffers({
       blockBytes: init.options.blockBytes,
       sizeBytes: init.options.sizeBytes,
       memoryBytesMax: init.options.memoryBytesMax,
       indexEntriesMax: init.options.indexEntriesMax,
     });
-    const lease = new EpochLease(init.epochCeiling, (ceiling) => this.meta.putEpochCeiling(ceiling));
+    const lease = new EpochLease(init.epochCeiling, (ceiling) => this.persistCeiling(ceiling));
     this.epochs = new Epochs(this.buffers, lease, init.epoch, init.durableEpoch, (layer) => this.dropLayer(layer));
     this.spiller = new Spiller(this.buffers, spillDir(init.options.dataDir), () => this.epochs.live());
     this.trimTimer = setInterval(() => this.buffers.trimIdle(), slabTrimIntervalMs);
     this.trimTimer.unref();
   }
 
+  get uuid(): string {
+    return this.record.uuid;
+  }
+
+  get error(): VolumeError | null {
+    return this.errorValue;
+  }
+
+  /** Whether the volume takes writes into its buffers: replicating, or failed over (into W). */
+  get buffering(): boolean {
+    return this.state === 'replicating' || this.state === 'failed-over';
+  }
+
+  /** Whether the flusher may move committed layers to the backing file now (not before a failover's journal commits). */
+  get flushAllowed(): boolean {
+    if (this.state === 'replicating') return true;
+    return this.state === 'failed-over' && this.failover !== null && this.failover.phase !== 'journaling';
+  }
+
+  /**
+   * Something holds the volume back (a full disk under the flusher, a failover that cannot become
+   * durable): shown in status until the same part clears it. Reported through the 'error' event.
+   */
+  setError(source: ErrorSource, err: unknown, context: string): void {
+    const code = blockErrorCode(err);
+    const message = `${context}: ${(err as Error)?.message ?? String(err)}`;
+    if (this.state !== 'halted' && (this.errorValue?.code !== code || this.errorValue.message !== message)) {
+      this.errorValue = { code, message, since: new Date().toISOString(), source };
+    }
+    this.reportError(err instanceof Error ? err : new Error(message));
+  }
+
+  clearError(source: ErrorSource): void {
+    if (this.errorValue?.source === source) this.errorValue = null;
+  }
+
+  /**
+   * An invariant broke: the buffers may no longer describe the disk, so nothing more is written, to the
+   * backing file or the store, and every request fails, until an operator reopens the volume.
+   */
+  halt(err: InvariantError): void {
+    if (this.state === 'halted' || this.state === 'closed') return;
+    this.state = 'halted';
+    this.errorValue = { code: 'EHALTED', message: err.message, since: new Date().toISOString(), source: 'halt' };
+    this.reportError(err);
+    this.wake();
+  }
+
   emit<K extends keyof VolumeEvents>(event: K, ...args: VolumeEvents[K]): void {
     (this.events.emit as (event: K, ...args: VolumeEvents[K]) => boolean)(event, ...args);
   }
 
-  /** 'error' is emitted only with a listener: an unheard I/O error surfaces at the next checkpoint. */
+  /** 'error' is emitted only with a listener: an unheard error still shows in status. */
   reportError(err: Error): void {
     if (this.events.listenerCount('error') > 0) this.emit('error', err);
   }
@@ -97,6 +169,19 @@ export class Engine {
     const waiters = this.waiters;
     this.waiters = [];
     for (const resolve of waiters) resolve();
+  }
+
+  /** Replaces the state file with `record` merged in. */
+  async writeRecord(change: Partial<VolumeStateRecord>): Promise<void> {
+    const record = { ...this.record, ...change };
+    await this.stateFile.write(record);
+    this.record = record;
+  }
+
+  /** The lease goes to the state file first: a recovery that lost the metadata starts above it. */
+  private async persistCeiling(ceiling: number): Promise<void> {
+    await this.writeRecord({ epochCeiling: ceiling });
+    await this.meta.putEpochCeiling(ceiling);
   }
 
   private dropLayer(layer: Layer): void {

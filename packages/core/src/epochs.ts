@@ -13,6 +13,10 @@ import type { Volume } from './types.js';
  * first, B the backing file. `seal` is the whole foreground of a checkpoint and is O(1) in the bytes
  * buffered: P joins C, S is dropped, new P and S start the next epoch. Nothing is copied or written; the
  * flusher moves C to B in the background and drops each layer once it is durable.
+ *
+ * Failover ends the epochs: the kept side (S, P, or neither) is sealed into C like a checkpoint seals P,
+ * the other side is dropped, and both views read W over C over B, W taking the writes made after it.
+ * A FLUSH then seals W (`sealWrites`) so the flusher makes it durable.
  */
 export class Epochs {
   /** The current epoch: the number the last checkpoint returned (0 before the first). */
@@ -21,7 +25,9 @@ export class Epochs {
   durableEpoch: number;
   P: Layer;
   S: Layer;
-  /** Sealed P buffers not yet dropped, oldest first. */
+  /** After failover: the one write buffer both views read through (P and S are gone). */
+  W: Layer | null = null;
+  /** Sealed buffers not yet dropped, oldest first. */
   readonly committed: Layer[] = [];
 
   constructor(
@@ -38,7 +44,7 @@ export class Epochs {
   }
 
   top(role: 'primary' | 'secondary'): Layer {
-    return role === 'primary' ? this.P : this.S;
+    return this.W ?? (role === 'primary' ? this.P : this.S);
   }
 
   /** Seals P into C, drops S, starts the next epoch and returns its number: no per-block work. */
@@ -56,6 +62,43 @@ export class Epochs {
     return this.epoch;
   }
 
+  /**
+   * Failover's foreground, O(1) like a checkpoint: `keep` (P, S or neither) is sealed into C as the next
+   * epoch, the rest of P and S is dropped, and W starts. Returns the epoch that ends with the kept state.
+   */
+  failover(keep: 'primary' | 'secondary' | null): number {
+    assert(this.W === null, 'a volume fails over once');
+    assert(this.lease.covers(this.epoch + 1), 'the failover epoch is covered by the durable epoch lease');
+    const kept = keep === null ? null : keep === 'primary' ? this.P : this.S;
+    this.epoch += 1;
+    if (kept !== null) {
+      this.buffers.seal(kept, this.epoch);
+      this.committed.push(kept);
+    }
+    for (const layer of [this.P, this.S]) if (layer !== kept) this.drop(layer);
+    this.W = this.buffers.newLayer('secondary', this.epoch);
+    return this.epoch;
+  }
+
+  /** A reopened failed-over volume: the given committed layers (a failover journal) under a new W. */
+  failedOver(committed: readonly Layer[]): void {
+    assert(this.W === null && this.committed.length === 0, 'a reopened volume starts with no buffers');
+    this.committed.push(...committed);
+    for (const layer of [this.P, this.S]) this.drop(layer);
+    this.W = this.buffers.newLayer('secondary', this.epoch);
+  }
+
+  /** After failover, a FLUSH: W joins C as the next epoch (the flusher makes it durable), a new W starts. */
+  sealWrites(): number {
+    assert(this.W !== null && this.lease.covers(this.epoch + 1), 'writes are sealed after failover, under the lease');
+    this.epoch += 1;
+    this.buffers.seal(this.W, this.epoch);
+    this.committed.push(this.W);
+    this.W = this.buffers.newLayer('secondary', this.epoch);
+    this.lease.advanced(this.epoch);
+    return this.epoch;
+  }
+
   /** The flush of the oldest `layers` is durable: they leave C, and the durable epoch moves up. */
   flushed(layers: readonly Layer[]): void {
     const durable = layers.at(-1)!.sealedEpoch;
@@ -66,9 +109,9 @@ export class Epochs {
     for (const layer of layers) this.drop(layer);
   }
 
-  /** Every layer, dropped: the volume has failed over or closed. */
+  /** Every layer, dropped: the volume has closed. */
   dropAll(): void {
-    for (const layer of [...this.committed, this.P, this.S]) if (!layer.dropped) this.drop(layer);
+    for (const layer of [...this.committed, this.P, this.S, ...(this.W === null ? [] : [this.W])]) if (!layer.dropped) this.drop(layer);
     this.committed.length = 0;
   }
 
@@ -87,8 +130,12 @@ export class Epochs {
   }
 
   *live(): Iterable<Layer> {
-    yield this.P;
-    yield this.S;
+    if (this.W !== null) {
+      yield this.W;
+    } else {
+      yield this.P;
+      yield this.S;
+    }
     yield* this.committed;
   }
 

@@ -1,6 +1,6 @@
 /**
  * Errors of the engine carry a stable `code` (tests assert codes, never messages). Errors on the block
- * device verbs are `BlockDeviceError`s from nbd-server-js, so the NBD server maps them to wire errnos.
+ * device verbs are `BlockDeviceError`s (@gannet/block-device), so the NBD server maps them to wire errnos.
  */
 export type GannetErrorCode =
   /** Options failed validation; the message names the field. */
@@ -11,6 +11,14 @@ export type GannetErrorCode =
   | 'ESTATE'
   /** The backing file failed; committed data stays buffered. */
   | 'EIO'
+  /** The file system is full: what needed the space waits for it and is retried. */
+  | 'ENOSPC'
+  /** The volume's metadata or state file is missing, locked or damaged; the message names the file. */
+  | 'EMETA'
+  /** A failover was refused: a flush was interrupted and some ranges of the disk are a mix of epochs. */
+  | 'ETORN'
+  /** An engine invariant broke: the volume stopped writing anything until it is reopened. */
+  | 'EHALTED'
   /** The strategy is not available in this build. */
   | 'ENOTAVAILABLE';
 

@@ -1,5 +1,6 @@
 import { performance } from 'node:perf_hooks';
-import type { WriteRun } from '@gannet/block-device';
+import { blockErrorCode, type WriteRun } from '@gannet/block-device';
+import { InvariantError } from './assert.js';
 import { isSpilled, type Layer } from './buffer.js';
 import type { Engine } from './engine.js';
 import { GannetError } from './errors.js';
@@ -52,21 +53,26 @@ export class Flusher {
     return this.error;
   }
 
-  /** Whether committed data is on its way to the file (memory held by it will be released). */
+  /**
+   * Whether committed data is on its way to the file (memory held by it will be released): the flusher
+   * has work and no failure, and may run now or once a failover's journal commits.
+   */
   get draining(): boolean {
-    return this.error === null && this.engine.epochs.committed.length > 0;
+    const { engine } = this;
+    if (this.error !== null || engine.epochs.committed.length === 0) return false;
+    return engine.flushAllowed || (engine.failover?.phase === 'journaling' && engine.error === null);
   }
 
   kick(): void {
     const { engine } = this;
-    if (this.running !== null || this.error !== null || engine.state !== 'replicating') return;
+    if (this.running !== null || this.error !== null || !engine.flushAllowed) return;
     if (engine.epochs.committed.length === 0) return;
     this.running = this.loop();
   }
 
   /** After a failure: try again (the next checkpoint calls this). */
   retry(): void {
-    if (this.running !== null || this.engine.state !== 'replicating') return;
+    if (this.running !== null || !this.engine.flushAllowed) return;
     this.error = null;
     this.kick();
   }
@@ -81,13 +87,19 @@ export class Flusher {
     // Started on the next turn of the event loop: nothing of the flush runs inside checkpoint().
     await yieldToEventLoop();
     let failure: GannetError | null = null;
-    while (engine.epochs.committed.length > 0 && this.error === null && engine.state === 'replicating') {
+    while (engine.epochs.committed.length > 0 && this.error === null && engine.flushAllowed) {
       const layers = engine.epochs.committed.slice();
       try {
         await this.pass(layers);
+        engine.clearError('flush');
+        engine.onPassDone?.();
       } catch (err) {
+        if (err instanceof InvariantError) {
+          engine.halt(err);
+          break;
+        }
         this.error = err instanceof Error ? err : new Error(String(err));
-        failure = new GannetError('EIO', `flush of epochs up to ${layers.at(-1)!.sealedEpoch} failed: ${this.error.message}`, {
+        failure = new GannetError(blockErrorCode(err) === 'ENOSPC' ? 'ENOSPC' : 'EIO', `flush of epochs up to ${layers.at(-1)!.sealedEpoch} failed: ${this.error.message}`, {
           cause: err,
         });
       }
@@ -95,7 +107,7 @@ export class Flusher {
     // Idle before anyone hears of the failure, so a listener's checkpoint() can start the retry.
     this.running = null;
     engine.wake();
-    if (failure !== null) engine.reportError(failure);
+    if (failure !== null) engine.setError('flush', failure, 'flushing committed data to the backing file');
   }
 
   private async pass(layers: Layer[]): Promise<void> {

@@ -51,6 +51,15 @@ export class BufferedIo {
     return true;
   }
 
+  /** Whether any layer (after failover: W or a committed layer) holds a block of [offset, offset + length). */
+  held(offset: number, length: number): boolean {
+    const { epochs, geometry } = this.engine;
+    const first = Math.floor(offset / geometry.blockBytes);
+    const end = Math.floor((offset + length - 1) / geometry.blockBytes) + 1;
+    if (epochs.W !== null && epochs.W.touches(first, end)) return true;
+    return epochs.committed.some((layer) => layer.touches(first, end));
+  }
+
   /** Returns false when the volume left the replicating state (the caller starts over). */
   async write(role: ViewRole, src: Uint8Array | null, offset: number, length: number, noHole: boolean): Promise<boolean> {
     const { engine } = this;
@@ -72,17 +81,17 @@ export class BufferedIo {
     if (engine.buffers.memBytes + this.reservedBytes + reserve <= engine.options.memoryBytesMax) this.reservedBytes += reserve;
     else if (!(await this.reserveMemory(reserve))) return false;
     try {
-      if (partial.length === 0 && engine.state === 'replicating') {
+      if (partial.length === 0 && engine.buffering) {
         this.apply(engine.epochs.top(role), src, offset, length, noHole, noFills);
         return true;
       }
       for (let attempt = 0; attempt < writeAttemptsMax; attempt++) {
-        if (engine.state !== 'replicating') return false;
+        if (!engine.buffering) return false;
         const layer = engine.epochs.top(role);
         const seen = partial.map((b) => layer.entry(b));
         const fills = partial.map((b, i) => (needsFill(seen[i]) ? this.readBlockFrom(layer, b, seen[i]) : null));
         const filled = fills.some((f) => f !== null) ? await Promise.all(fills) : fills;
-        if (engine.state !== 'replicating') return false;
+        if (!engine.buffering) return false;
         if (layer !== engine.epochs.top(role)) continue;
         const fillOf = new Map<number, Uint8Array | null>();
         let stale = false;
@@ -248,7 +257,7 @@ export class BufferedIo {
     const { engine } = this;
     const max = engine.options.memoryBytesMax;
     for (;;) {
-      if (engine.state !== 'replicating') return false;
+      if (!engine.buffering) return false;
       const used = engine.buffers.memBytes + this.reservedBytes;
       if (used + bytes <= max || used === 0) {
         this.reservedBytes += bytes;
@@ -282,9 +291,9 @@ export class BufferedIo {
   private async committedRoom(): Promise<boolean> {
     const { engine } = this;
     while (engine.epochs.committedBytes() > engine.options.committedBytesMax) {
-      if (engine.state !== 'replicating') return false;
+      if (!engine.buffering) return false;
       const failure = this.flusher.failure;
-      if (failure !== null) throw new BlockDeviceError('EIO', 'committed data cannot reach the backing file', { cause: failure });
+      if (failure !== null) throw toBlockDeviceError(failure, 'committed data cannot reach the backing file');
       await engine.nextWake();
     }
     return true;

@@ -1,257 +1,243 @@
-import { Level } from 'level';
-import { assert } from './assert.js';
+import { z } from 'zod';
 import { GannetError } from './errors.js';
-import type { Run } from './plan.js';
+import type { KvOp, KvRange, KvStore } from './kv.js';
 import { decodeRanges, encodePairs, encodeRanges, type RangePairs } from './ranges.js';
 import type { ByteRange, FailoverTarget } from './types.js';
 
 /**
- * The volume's LevelDB (one per volume, in dataDir): metadata and the failover journal.
- * Every state change is one batch; batches that a restart relies on are written with `sync: true`.
+ * The volume's replication metadata, in a key-value store (LevelDB, one per volume, in dataDir): the
+ * identity, the durable epoch and the epoch lease, the ranges a flush has in flight and the torn ones,
+ * and where a failover stands. Every state change is one batch; batches a restart relies on are synced.
+ * Every value is checked when the volume opens: a damaged one refuses the volume with the key named.
  *
- * Keys: m/<name> metadata; j/<block> journal (block data, empty value = zero block); j/h<first block>
- * journal hole range (zeroes the file may deallocate) and j/z<first block> journal zero range (zeroes that
- * stay allocated), both valued with their block count in decimal and sorting after every j/<block> since
- * 'h' and 'z' follow the hex digits. Journals written before hole ranges existed hold only j/z, which
- * replays as before.
+ * Keys: m/identity {uuid, sizeBytes, blockBytes} (JSON); m/state replicating | failover-pending |
+ * failed-over; m/target; m/failover-at (when a pending failover was requested); m/durable-epoch and
+ * m/epoch-ceiling (decimal); m/flushing and m/torn (byte ranges, float64 pairs); m/lost-failover (JSON:
+ * a failover the process stopped before it was durable). Earlier versions kept a journal under j/ and
+ * spilled blocks under s/; `clearLegacy` drops them.
  */
-type Db = Level<string, Uint8Array>;
-type BatchOp = { type: 'put'; key: string; value: Uint8Array } | { type: 'del'; key: string };
 
-export type PersistedState = 'replicating' | 'failing-over' | 'failed-over';
+export type PersistedState = 'replicating' | 'failover-pending' | 'failed-over';
+
+export interface Identity {
+  /** Names the volume for good: its state file and its metadata must agree on it. */
+  readonly uuid: string;
+  readonly sizeBytes: number;
+  readonly blockBytes: number;
+}
+
+export interface LostFailover {
+  readonly target: FailoverTarget;
+  readonly requestedAt: string;
+  readonly lostAt: string;
+}
 
 export interface PersistedMeta {
-  identity: { sizeBytes: number; blockBytes: number } | null;
+  identity: Identity | null;
   state: PersistedState;
   target: FailoverTarget | null;
+  failoverAt: string | null;
   durableEpoch: number;
   epochCeiling: number;
   flushing: ByteRange[];
   torn: ByteRange[];
+  lostFailover: LostFailover | null;
 }
 
 const key = {
   identity: 'm/identity',
   state: 'm/state',
   target: 'm/target',
+  failoverAt: 'm/failover-at',
   durableEpoch: 'm/durable-epoch',
   epochCeiling: 'm/epoch-ceiling',
   flushing: 'm/flushing',
   torn: 'm/torn',
-};
-const journalPrefix = 'j/';
-const journalHolesPrefix = `${journalPrefix}h`;
-const journalZeroesPrefix = `${journalPrefix}z`;
-/** What a hole or zero range record counts for in a journal chunk's size (its key and value, roughly). */
-export const journalZeroRecordBytes = 32;
-const spillPrefix = 's/';
-const hex = (n: number, width: number) => n.toString(16).padStart(width, '0');
-const blockKey = (b: number) => hex(b, 13);
+  lostFailover: 'm/lost-failover',
+} as const;
+const legacyRanges: KvRange[] = [
+  { gte: 'j/', lt: 'j0' },
+  { gte: 's/', lt: 's0' },
+];
+
 const text = (s: string) => Buffer.from(s);
-const str = (v: Uint8Array | undefined) => (v === undefined ? undefined : Buffer.from(v).toString());
-const num = (v: Uint8Array | undefined) => (v === undefined ? 0 : Number(str(v)));
-/** The key just past every key starting with `prefix` (prefixes end in '/', and '0' follows '/'). */
-const prefixEnd = (prefix: string) => `${prefix.slice(0, -1)}0`;
-
-/**
- * One journal record: a block's final content, or a run of blocks that end as zeroes, as a hole or kept
- * allocated. Records of one journal never overlap, so the order they are applied in does not matter and
- * applying one twice is harmless (punching a hole or zeroing a range again leaves the same zeroes).
- */
-export type JournalEntry =
-  | {
-      block: number;
-      /** Block content (blockBytes), or null for a zero block. */
-      data: Uint8Array | null;
+const str = (v: Uint8Array) => Buffer.from(v.buffer, v.byteOffset, v.byteLength).toString('utf8');
+const target = z.enum(['secondary', 'checkpoint', 'primary']);
+const epochNumber = z
+  .string()
+  .regex(/^\d{1,16}$/, 'must be a decimal epoch number')
+  .transform(Number)
+  .pipe(z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER));
+const json = <T extends z.ZodType>(schema: T) =>
+  z.string().transform((s, ctx) => {
+    try {
+      return JSON.parse(s) as unknown;
+    } catch {
+      ctx.addIssue({ code: 'custom', message: 'is not JSON' });
+      return z.NEVER;
     }
-  | { holes: Run }
-  | { zeroes: Run };
-
-const journalKey = (e: JournalEntry) =>
-  'holes' in e
-    ? journalHolesPrefix + blockKey(e.holes.first)
-    : 'zeroes' in e
-      ? journalZeroesPrefix + blockKey(e.zeroes.first)
-      : journalPrefix + blockKey(e.block);
-
-const journalValue = (e: JournalEntry) =>
-  'holes' in e ? text(String(e.holes.count)) : 'zeroes' in e ? text(String(e.zeroes.count)) : (e.data ?? new Uint8Array(0));
-
-function journalRun(k: string, prefix: string, v: Uint8Array): Run {
-  const run = { first: parseInt(k.slice(prefix.length), 16), count: num(v) };
-  assert(Number.isSafeInteger(run.count) && run.count > 0, `journal range ${k} holds a block count`);
-  return run;
-}
+  }).pipe(schema);
+const identitySchema = json(
+  z
+    .object({
+      uuid: z.uuid().optional(),
+      sizeBytes: z.number().int().positive().max(2 ** 52),
+      blockBytes: z.number().int().positive(),
+    })
+    .strict(),
+);
+const lostFailoverSchema = json(z.object({ target, requestedAt: z.string(), lostAt: z.string() }).strict());
 
 export class MetaStore {
-  private readonly db: Db;
+  constructor(
+    private readonly kv: KvStore,
+    /** Where the store is, for messages. */
+    readonly location: string,
+  ) {}
 
-  private constructor(db: Db) {
-    this.db = db;
-  }
-
-  static async open(location: string): Promise<MetaStore> {
-    const db: Db = new Level<string, Uint8Array>(location, { keyEncoding: 'utf8', valueEncoding: 'view' });
-    try {
-      await db.open();
-    } catch (err) {
-      throw new GannetError('EMISMATCH', `cannot open the volume metadata store ${location}`, { cause: err });
-    }
-    return new MetaStore(db);
-  }
-
-  async load(): Promise<PersistedMeta> {
-    const [identity, state, target, durable, ceiling, flushing, torn] = await this.db.getMany([
-      key.identity,
-      key.state,
-      key.target,
-      key.durableEpoch,
-      key.epochCeiling,
-      key.flushing,
-      key.torn,
-    ]);
-    return {
-      identity: identity === undefined ? null : JSON.parse(str(identity)!),
-      state: (str(state) as PersistedState | undefined) ?? 'replicating',
-      target: (str(target) as FailoverTarget | undefined) ?? null,
-      durableEpoch: num(durable),
-      epochCeiling: num(ceiling),
-      flushing: storedRanges(key.flushing, flushing),
-      torn: storedRanges(key.torn, torn),
+  async load(): Promise<PersistedMeta & { legacyIdentity: boolean }> {
+    const keys = Object.values(key);
+    const values = await this.kv.getMany(keys);
+    const raw = Object.fromEntries(keys.map((k, i) => [k, values[i]])) as Record<string, Uint8Array | undefined>;
+    const field = <T>(k: string, schema: z.ZodType<T>): T | null => {
+      const v = raw[k];
+      if (v === undefined) return null;
+      const parsed = schema.safeParse(str(v));
+      if (!parsed.success) throw this.damaged(k, parsed.error.issues[0].message);
+      return parsed.data;
     };
+    const ranges = (k: string): ByteRange[] => {
+      const decoded = decodeRanges(raw[k]);
+      if (decoded === undefined) throw this.damaged(k, 'holds no valid list of byte ranges');
+      return decoded;
+    };
+    const identity = field(key.identity, identitySchema);
+    const state = field(key.state, z.enum(['replicating', 'failover-pending', 'failed-over', 'failing-over']));
+    if (state === 'failing-over') {
+      throw this.damaged(key.state, 'records a failover journal of an earlier gannet version: finish that failover with it first');
+    }
+    const loaded = {
+      identity: identity === null ? null : { uuid: identity.uuid ?? '', sizeBytes: identity.sizeBytes, blockBytes: identity.blockBytes },
+      legacyIdentity: identity !== null && identity.uuid === undefined,
+      state: state ?? 'replicating',
+      target: field(key.target, target),
+      failoverAt: field(key.failoverAt, z.string()),
+      durableEpoch: field(key.durableEpoch, epochNumber) ?? 0,
+      epochCeiling: field(key.epochCeiling, epochNumber) ?? 0,
+      flushing: ranges(key.flushing),
+      torn: ranges(key.torn),
+      lostFailover: field(key.lostFailover, lostFailoverSchema),
+    };
+    if (identity !== null && state === null) throw this.damaged(key.state, 'is missing');
+    if (state !== null && identity === null) throw this.damaged(key.identity, 'is missing');
+    if ((loaded.state === 'failover-pending' || loaded.state === 'failed-over') && loaded.target === null) {
+      throw this.damaged(key.target, `is missing while the state is ${loaded.state}`);
+    }
+    return loaded;
   }
 
   /** First open: the identity, state and first epoch lease in one batch. */
-  async create(identity: { sizeBytes: number; blockBytes: number }, epochCeiling: number): Promise<void> {
-    await this.db.batch(
+  async create(identity: Identity, epochCeiling: number, durable: { epoch: number; torn: readonly ByteRange[] }): Promise<void> {
+    await this.kv.batch(
       [
         { type: 'put', key: key.identity, value: text(JSON.stringify(identity)) },
         { type: 'put', key: key.state, value: text('replicating') },
-        { type: 'put', key: key.durableEpoch, value: text('0') },
+        { type: 'put', key: key.durableEpoch, value: text(String(durable.epoch)) },
         { type: 'put', key: key.epochCeiling, value: text(String(epochCeiling)) },
+        tornOp(durable.torn),
       ],
       { sync: true },
     );
   }
 
+  /** A store written before volumes had a uuid gets one. */
+  async putIdentity(identity: Identity): Promise<void> {
+    await this.kv.batch([{ type: 'put', key: key.identity, value: text(JSON.stringify(identity)) }], { sync: true });
+  }
+
   /** Reopen after a flush was interrupted: its ranges become torn ranges, and a new epoch lease. */
   async reopen(torn: readonly ByteRange[], epochCeiling: number): Promise<void> {
-    await this.db.batch(
-      [
-        tornOp(torn),
-        { type: 'del', key: key.flushing },
-        { type: 'put', key: key.epochCeiling, value: text(String(epochCeiling)) },
-      ],
+    await this.kv.batch(
+      [tornOp(torn), { type: 'del', key: key.flushing }, { type: 'put', key: key.epochCeiling, value: text(String(epochCeiling)) }],
       { sync: true },
     );
   }
 
   async putEpochCeiling(epochCeiling: number): Promise<void> {
-    await this.db.put(key.epochCeiling, text(String(epochCeiling)), { sync: true });
+    await this.kv.batch([{ type: 'put', key: key.epochCeiling, value: text(String(epochCeiling)) }], { sync: true });
   }
 
   /** Before a flush writes anything: the ranges it may leave torn if the process dies mid-write. */
   async recordFlushing(ranges: RangePairs): Promise<void> {
-    await this.db.put(key.flushing, encodePairs(ranges), { sync: true });
+    await this.kv.batch([{ type: 'put', key: key.flushing, value: encodePairs(ranges) }], { sync: true });
   }
 
   /** After the flush's fdatasync: the durable epoch advances and nothing is in flight any more. */
   async recordDurable(durableEpoch: number, torn: readonly ByteRange[]): Promise<void> {
-    await this.db.batch(
+    await this.kv.batch(
+      [{ type: 'put', key: key.durableEpoch, value: text(String(durableEpoch)) }, { type: 'del', key: key.flushing }, tornOp(torn)],
+      { sync: true },
+    );
+  }
+
+  /** The foreground of a failover: requested, not durable yet (a restart before it is reports it lost). */
+  async recordFailoverPending(to: FailoverTarget, at: string): Promise<void> {
+    await this.kv.batch(
       [
-        { type: 'put', key: key.durableEpoch, value: text(String(durableEpoch)) },
+        { type: 'put', key: key.state, value: text('failover-pending') },
+        { type: 'put', key: key.target, value: text(to) },
+        { type: 'put', key: key.failoverAt, value: text(at) },
+      ],
+      { sync: true },
+    );
+  }
+
+  /** The process stopped before a requested failover was durable: the volume is back at its checkpoint. */
+  async recordFailoverLost(lost: LostFailover): Promise<void> {
+    await this.kv.batch(
+      [
+        { type: 'put', key: key.state, value: text('replicating') },
+        { type: 'del', key: key.target },
+        { type: 'del', key: key.failoverAt },
+        { type: 'put', key: key.lostFailover, value: text(JSON.stringify(lost)) },
+      ],
+      { sync: true },
+    );
+  }
+
+  /** The failover is durable (its journal committed): replication state is over for good. */
+  async recordFailedOver(to: FailoverTarget): Promise<void> {
+    await this.kv.batch(
+      [
+        { type: 'put', key: key.state, value: text('failed-over') },
+        { type: 'put', key: key.target, value: text(to) },
+        { type: 'del', key: key.failoverAt },
         { type: 'del', key: key.flushing },
-        tornOp(torn),
+        { type: 'del', key: key.torn },
+        { type: 'del', key: key.lostFailover },
       ],
       { sync: true },
     );
   }
 
-  /** Spilled blocks were kept here by earlier versions (under s/); a store that still holds some drops them. */
-  async clearLegacySpill(): Promise<void> {
-    await this.db.clear({ gte: spillPrefix, lt: prefixEnd(spillPrefix) });
-  }
-
-  /**
-   * Journal records (blocks, hole and zero ranges) are written in synced chunks before the state record;
-   * until that record lands they are not a journal (a restart discards them), so the chunks and the record
-   * act as one batch without holding the whole buffer twice in memory.
-   */
-  async putJournal(entries: readonly JournalEntry[]): Promise<void> {
-    const ops: BatchOp[] = entries.map((e) => ({ type: 'put', key: journalKey(e), value: journalValue(e) }));
-    await this.db.batch(ops, { sync: true });
-  }
-
-  async clearJournal(): Promise<void> {
-    await this.db.clear({ gte: journalPrefix, lt: prefixEnd(journalPrefix) });
-  }
-
-  async recordFailingOver(target: FailoverTarget): Promise<void> {
-    await this.db.batch(
-      [
-        { type: 'put', key: key.state, value: text('failing-over') },
-        { type: 'put', key: key.target, value: text(target) },
-      ],
-      { sync: true },
-    );
-  }
-
-  /**
-   * Journal records, blocks in block order, then hole ranges, then zero ranges (each in block order), in
-   * chunks of about `chunkBytes`.
-   */
-  async *readJournal(chunkBytes: number): AsyncGenerator<JournalEntry[]> {
-    let chunk: JournalEntry[] = [];
-    let bytes = 0;
-    for await (const [k, v] of this.db.iterator({ gte: journalPrefix, lt: prefixEnd(journalPrefix) })) {
-      if (k.startsWith(journalHolesPrefix)) {
-        chunk.push({ holes: journalRun(k, journalHolesPrefix, v) });
-        bytes += journalZeroRecordBytes;
-      } else if (k.startsWith(journalZeroesPrefix)) {
-        chunk.push({ zeroes: journalRun(k, journalZeroesPrefix, v) });
-        bytes += journalZeroRecordBytes;
-      } else {
-        chunk.push({ block: parseInt(k.slice(journalPrefix.length), 16), data: v.length === 0 ? null : v });
-        bytes += v.length;
-      }
-      if (bytes >= chunkBytes) {
-        yield chunk;
-        chunk = [];
-        bytes = 0;
-      }
+  /** Drops what earlier versions kept here (journal, spilled blocks) and gives the space back. */
+  async clearLegacy(): Promise<void> {
+    for (const range of legacyRanges) {
+      if (!(await this.kv.any(range))) continue;
+      await this.kv.clear(range);
+      await this.kv.compact(range);
     }
-    if (chunk.length > 0) yield chunk;
-  }
-
-  /** Failover done: the state, and the journal deleted, in one batch. */
-  async recordFailedOver(
-    target: FailoverTarget,
-    journal: { blocks: Iterable<number>; holeRuns: Iterable<Run>; zeroRuns: Iterable<Run> },
-    torn: readonly ByteRange[],
-  ): Promise<void> {
-    const ops: BatchOp[] = [
-      { type: 'put', key: key.state, value: text('failed-over') },
-      { type: 'put', key: key.target, value: text(target) },
-      { type: 'del', key: key.flushing },
-      tornOp(torn),
-    ];
-    for (const block of journal.blocks) ops.push({ type: 'del', key: journalKey({ block, data: null }) });
-    for (const holes of journal.holeRuns) ops.push({ type: 'del', key: journalKey({ holes }) });
-    for (const zeroes of journal.zeroRuns) ops.push({ type: 'del', key: journalKey({ zeroes }) });
-    await this.db.batch(ops, { sync: true });
   }
 
   async close(): Promise<void> {
-    await this.db.close();
+    await this.kv.close();
+  }
+
+  private damaged(k: string, problem: string): GannetError {
+    return new GannetError('EMETA', `the metadata store ${this.location} is damaged: key ${k} ${problem}`);
   }
 }
 
-function storedRanges(name: string, bytes: Uint8Array | undefined): ByteRange[] {
-  const ranges = decodeRanges(bytes);
-  if (ranges === undefined) throw new GannetError('EMISMATCH', `metadata key ${name} holds no valid list of byte ranges`);
-  return ranges;
-}
-
-function tornOp(torn: readonly ByteRange[]): BatchOp {
+function tornOp(torn: readonly ByteRange[]): KvOp {
   return torn.length === 0 ? { type: 'del', key: key.torn } : { type: 'put', key: key.torn, value: encodeRanges(torn) };
 }

@@ -1,20 +1,15 @@
-import { zeroes, type BlockDevice, KiB, MiB } from '@gannet/block-device';
+import { KiB, type BlockDevice } from '@gannet/block-device';
 import { assert } from './assert.js';
 import { isSlot, isSpilled, type BlockBuffers, type Layer } from './buffer.js';
 import type { Spiller } from './spill.js';
-import { mergeRanges, type RangePairs } from './ranges.js';
+import type { RangePairs } from './ranges.js';
 import type { ByteRange } from './types.js';
 
 /**
- * What a flush (or failover) writes, and the writing: the background flush of committed epochs, the
- * failover apply and the journal replay share this. Blocks go out in offset order, coalesced into runs of
- * consecutive blocks of up to runBytesMax, each run one vectored positional write whose entries point
- * into the slabs (adjacent slots of one slab merge into one entry), so the data is never copied on its
- * way to the file; then the hole runs, then the zero runs, each one call however long.
+ * Planning what a flush pass (or a failover's journal) writes: the blocks, newest layer winning, and the
+ * zeroed ranges, with the byte ranges they cover; and the helpers that write zero runs and read a block
+ * from the layers.
  */
-export const runBytesMax = 4 * MiB;
-/** Runs written concurrently: keeps the disk queue fed while the next run's entries are gathered. */
-export const runsInFlightMax = 4;
 
 /** Work done between yields to the event loop while preparing a flush (keys gathered, sorted, merged). */
 export const prepareStepEntries = 8 * KiB;
@@ -259,34 +254,6 @@ export interface Run {
   readonly count: number;
 }
 
-/** Consecutive blocks, at most runBytesMax per run. */
-export function planRuns(blocks: ArrayLike<number>, blockBytes: number): Run[] {
-  const runBlocksMax = Math.max(1, Math.floor(runBytesMax / blockBytes));
-  const runs: Run[] = [];
-  let i = 0;
-  while (i < blocks.length) {
-    const first = blocks[i];
-    let count = 1;
-    while (i + count < blocks.length && count < runBlocksMax && blocks[i + count] === first + count) count++;
-    runs.push({ first, count });
-    i += count;
-  }
-  return runs;
-}
-
-/** Byte ranges of `runs` (adjacent runs merged), clipped to the volume. */
-export function runRanges(runs: readonly Run[], blockBytes: number, sizeBytes: number): ByteRange[] {
-  const out: { offset: number; length: number }[] = [];
-  for (const run of runs) {
-    const offset = run.first * blockBytes;
-    const length = Math.min((run.first + run.count) * blockBytes, sizeBytes) - offset;
-    const last = out[out.length - 1];
-    if (last !== undefined && last.offset + last.length === offset) last.length += length;
-    else out.push({ offset, length });
-  }
-  return out;
-}
-
 /** A block's content: bytes (at least the block's length), null for zeroes; may need a LevelDB read. */
 export type BlockSource = (block: number) => Uint8Array | null | Promise<Uint8Array | null>;
 
@@ -315,58 +282,6 @@ export async function writeZeroRuns(backing: BlockDevice, runs: readonly Run[], 
     await backing.writeZeroes(range.offset, range.length, { noHole });
     bytes += range.length;
   }
-  return bytes;
-}
-
-/** Writes `runs` to the backing file, up to runsInFlightMax at once; returns the bytes written. */
-export async function writeRuns(backing: BlockDevice, runs: readonly Run[], source: BlockSource, geometry: Geometry): Promise<number> {
-  const { blockBytes, sizeBytes } = geometry;
-  let bytes = 0;
-  const inFlight = new Set<Promise<void>>();
-  let failure: unknown = null;
-  for (const run of runs) {
-    const iov: Uint8Array[] = [];
-    for (let b = run.first; b < run.first + run.count; b++) {
-      const length = Math.min(blockBytes, sizeBytes - b * blockBytes);
-      const found = source(b);
-      const data = found instanceof Promise ? await found : found;
-      const chunk = data === null ? zeroes(length) : data.subarray(0, length);
-      assert(chunk.length === length, `block ${b} source holds ${chunk.length} of ${length} bytes`);
-      const prev = iov[iov.length - 1];
-      if (prev !== undefined && prev.buffer === chunk.buffer && prev.byteOffset + prev.byteLength === chunk.byteOffset && data !== null) {
-        iov[iov.length - 1] = new Uint8Array(prev.buffer, prev.byteOffset, prev.byteLength + chunk.byteLength);
-      } else {
-        iov.push(chunk);
-      }
-      bytes += length;
-    }
-    const write: Promise<void> = backing.writev(iov, run.first * blockBytes).then(
-      () => void inFlight.delete(write),
-      (err: unknown) => {
-        inFlight.delete(write);
-        failure ??= err;
-      },
-    );
-    inFlight.add(write);
-    if (inFlight.size >= runsInFlightMax) await Promise.race(inFlight);
-    if (failure !== null) break;
-  }
-  await Promise.all(inFlight);
-  if (failure !== null) throw failure;
-  return bytes;
-}
-
-/** Writes a plan's data runs, then its hole and zero runs; returns the bytes they cover. */
-export async function writePlan(
-  backing: BlockDevice,
-  runs: readonly Run[],
-  source: BlockSource,
-  plan: Pick<FlushPlan, 'holeRuns' | 'zeroRuns'>,
-  geometry: Geometry,
-): Promise<number> {
-  let bytes = await writeRuns(backing, runs, source, geometry);
-  bytes += await writeZeroRuns(backing, plan.holeRuns, false, geometry);
-  bytes += await writeZeroRuns(backing, plan.zeroRuns, true, geometry);
   return bytes;
 }
 
@@ -410,31 +325,21 @@ export function coveredPairs(blocks: Float64Array, holeRuns: readonly Run[], zer
   return Float64Array.from(out);
 }
 
-/** The byte ranges a plan writes: what an interruption may leave torn. */
-export function planRanges(runs: readonly Run[], plan: Pick<FlushPlan, 'holeRuns' | 'zeroRuns'>, geometry: Geometry): ByteRange[] {
-  const { blockBytes, sizeBytes } = geometry;
-  return mergeRanges([
-    ...runRanges(runs, blockBytes, sizeBytes),
-    ...zeroRunRanges(plan.holeRuns, blockBytes, sizeBytes),
-    ...zeroRunRanges(plan.zeroRuns, blockBytes, sizeBytes),
-  ]);
-}
-
 /**
- * The content of a block of a pinned layer (flush and failover pin what they write, so slots stay put
- * and spilled blocks stay in LevelDB until the layer is dropped).
+ * The content of a block of committed `layers` (the newest holding it): committed layers never change
+ * under a reader, their slots stay put and their spilled blocks stay in their file until they are dropped.
  */
 export function layerSource(buffers: BlockBuffers, spiller: Spiller, layers: readonly Layer[]): BlockSource {
   const holder = newestHolder(layers);
   return (b) => {
     const layer = holder(b);
-    assert(layer !== undefined && layer.pinned && !layer.dropped, `block ${b} comes from a pinned layer`);
+    assert(layer !== undefined && !layer.dropped, `block ${b} comes from a committed layer`);
     const entry = layer.dataEntry(b);
     assert(entry !== undefined, `block ${b} is in layer ${layer.id}`);
     if (isSlot(entry)) return buffers.slotBytes(entry);
     assert(isSpilled(entry), `block ${b} entry ${entry} is a spill tag`);
     return spiller.read(layer, entry).then((data) => {
-      assert(data !== undefined, `spilled block ${b} of pinned layer ${layer.id} is in the spill store`);
+      assert(data !== undefined, `spilled block ${b} of committed layer ${layer.id} is in its spill file`);
       return data;
     });
   };

@@ -32,6 +32,12 @@ export class RangeSet {
     return i < this.starts.length && this.starts[i] <= x;
   }
 
+  /** Whether any of [start, end) is in the set. */
+  intersects(start: number, end: number): boolean {
+    const i = firstAbove(this.ends, start);
+    return i < this.starts.length && this.starts[i] < end;
+  }
+
   /** Adds [start, end); returns the change in the number of ranges (1 at most, negative when it merges). */
   add(start: number, end: number): number {
     assert(Number.isSafeInteger(start) && Number.isSafeInteger(end) && start >= 0 && start < end, `range ${start}..${end}`);

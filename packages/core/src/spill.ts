@@ -1,6 +1,6 @@
 import { mkdir, rm, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
-import { FileDevice, MiB, TiB } from '@gannet/block-device';
+import { FileDevice, MiB, TiB, type BlockDevice } from '@gannet/block-device';
 import { spillIndex, type BlockBuffers, type Layer } from './buffer.js';
 
 /** Bytes moved to a spill file per batch. */
@@ -12,9 +12,11 @@ export const spillBatchBytesMax = 4 * MiB;
 export const spillFileBytesMax = 8 * TiB;
 
 interface SpillFile {
-  readonly device: Promise<FileDevice>;
+  readonly device: Promise<BlockDevice>;
   /** The next free block index: indexes are never reused, so a spill tag names one copy for good. */
   next: number;
+  /** A file the layer was given (a failover journal): closed with the layer, deleted by its owner. */
+  readonly adopted: boolean;
 }
 
 /**
@@ -80,7 +82,12 @@ export class Spiller {
     return data;
   }
 
-  /** Deletes a dropped layer's spill file, after any batch in flight that may still write it. */
+  /** Serves `layer`'s spilled entries from `device`, a file it did not write (a reopened failover journal). */
+  adopt(layer: Layer, device: BlockDevice): void {
+    this.files.set(layer, { device: Promise.resolve(device), next: Infinity, adopted: true });
+  }
+
+  /** Deletes a dropped layer's spill file (an adopted one is only closed), after any batch in flight. */
   async forget(layer: Layer): Promise<void> {
     const file = this.files.get(layer);
     if (file === undefined) return;
@@ -88,7 +95,7 @@ export class Spiller {
     this.files.delete(layer);
     const device = await file.device;
     await device.close();
-    await unlink(device.path);
+    if (!file.adopted) await unlink((device as FileDevice).path);
   }
 
   private async spillBatch(bytes: number): Promise<number> {
@@ -126,7 +133,7 @@ export class Spiller {
       const device = this.dirMade.then(() => FileDevice.open(path, { create: spillFileBytesMax, truncate: true, sync: 'none', atEnd: 'zero-fill' }));
       // A file that cannot be created is tried again by the next spill.
       device.catch(() => this.files.delete(layer));
-      file = { device, next: 0 };
+      file = { device, next: 0, adopted: false };
       this.files.set(layer, file);
     }
     return file;

@@ -11,7 +11,32 @@ export type StrategyName = 'gannet' | 'colo' | 'passthrough';
 /** COLO/GANNET keep the secondary; Remus/LLM roll back to the checkpoint; rRVM keeps the primary. */
 export type FailoverTarget = 'secondary' | 'checkpoint' | 'primary';
 
-export type VolumeState = 'replicating' | 'failing-over' | 'failed-over' | 'closed';
+/**
+ * `failing-over` is the colo and passthrough baselines' copy in progress (gannet's failover switches at
+ * once); `halted`: an engine invariant broke and the volume stopped writing anything.
+ */
+export type VolumeState = 'replicating' | 'failing-over' | 'failed-over' | 'closed' | 'halted';
+
+/** An error that holds the volume back until it heals (or, halted, until it is reopened). */
+export interface VolumeError {
+  /** ENOSPC, EIO, EHALTED, ... */
+  readonly code: string;
+  readonly message: string;
+  /** ISO time it began. */
+  readonly since: string;
+}
+
+/** Where a failover stands: switched at once, then made durable, then applied to the backing file. */
+export interface FailoverStatus {
+  readonly target: FailoverTarget;
+  readonly requestedAt: string;
+  /** The foreground: until both views read and wrote the kept state (absent after a restart). */
+  readonly foregroundMs?: number;
+  /** Until the kept state was durable (its journal committed); absent until then or after a restart. */
+  readonly durableMs?: number;
+  /** journaling: not durable yet; applying: durable, being written to the backing file; done. */
+  readonly phase: 'journaling' | 'applying' | 'done';
+}
 
 export interface ByteRange {
   readonly offset: number;
@@ -29,6 +54,10 @@ export interface VolumeStats {
   readonly spilledBytes: number;
   /** Ranges an interrupted flush may have left half-written: they need a resync from the primary. */
   readonly tornRanges: readonly ByteRange[];
+  readonly error?: VolumeError;
+  readonly failover?: FailoverStatus;
+  /** A failover requested before the last stop that never became durable: the volume is at its checkpoint. */
+  readonly lostFailover?: { readonly target: FailoverTarget; readonly requestedAt: string; readonly lostAt: string };
 }
 
 export interface CheckpointEvent {
@@ -46,7 +75,20 @@ export interface PressureEvent {
 }
 export interface FailoverEvent {
   readonly to: FailoverTarget;
+  /** The foreground: until both views served the kept state. */
   readonly durationMs: number;
+}
+export interface FailoverDurableEvent {
+  readonly to: FailoverTarget;
+  /** From the request until the kept state was durable. */
+  readonly durableMs: number;
+  /** Bytes of kept state the journal holds. */
+  readonly journalBytes: number;
+}
+export interface FailoverAppliedEvent {
+  readonly to: FailoverTarget;
+  /** From the request (or the reopen) until the kept state was in the backing file. */
+  readonly appliedMs: number;
 }
 
 export interface VolumeEvents {
@@ -54,7 +96,15 @@ export interface VolumeEvents {
   flushed: [FlushedEvent];
   pressure: [PressureEvent];
   failover: [FailoverEvent];
+  'failover-durable': [FailoverDurableEvent];
+  'failover-applied': [FailoverAppliedEvent];
   error: [Error];
+}
+
+export interface FailoverOptions {
+  readonly to?: FailoverTarget;
+  /** Fail over although an interrupted flush left torn ranges (the kept disk then mixes epochs there). */
+  readonly force?: boolean;
 }
 
 export interface Volume extends EventEmitter<VolumeEvents> {
@@ -65,7 +115,7 @@ export interface Volume extends EventEmitter<VolumeEvents> {
   readonly sizeBytes: number;
   /** Seals the current epoch and returns the new epoch number. */
   checkpoint(): Promise<number>;
-  failover(options?: { to?: FailoverTarget }): Promise<void>;
+  failover(options?: FailoverOptions): Promise<void>;
   stats(): VolumeStats;
   /** Waits for committed flushes, then closes the metadata store. */
   close(): Promise<void>;

@@ -5,7 +5,7 @@ export type CrashStep =
   | { kind: 'write'; view: 'primary' | 'secondary'; offset: number; data: Uint8Array }
   | { kind: 'zero'; view: 'primary' | 'secondary'; offset: number; length: number; trim: boolean }
   | { kind: 'checkpoint' | 'wait-flushed' | 'final-flush' }
-  | { kind: 'failover'; to: FailoverTarget };
+  | { kind: 'failover'; to: FailoverTarget; after: { offset: number; data: Uint8Array }[] };
 export interface CrashPlan {
   sizeBytes: number;
   blockBytes: number;

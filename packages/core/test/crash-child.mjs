@@ -5,7 +5,10 @@
  *   flushed <epoch>         'flushed' event
  *   flushing <epoch>        the final checkpoint resolved; the flush of <epoch> is in progress
  *   failing-over <to>       failover({ to }) is about to be called (everything before it was acknowledged)
- *   failed-over <to>        failover() resolved
+ *   failed-over <to>        failover() resolved: both views serve the kept state
+ *   durable <to>            'failover-durable' event: the kept state is durable (its journal committed)
+ *   post-write <i>          the i-th write after failover (to the secondary view) resolved
+ *   post-flushed            a FLUSH after those writes resolved: they and the kept state are on disk
  *   tick <n>                one step of the critical phase (the parent answers each with a line on stdin)
  *   done                    the critical phase finished; the child waits to be killed
  * In the critical phase (the last flush, or the failover) the child and the parent go in lockstep: the
@@ -68,7 +71,8 @@ function mutation(r, view, lengthMax) {
 /**
  * Steps: {kind:'write', view, offset, data} | {kind:'zero', view, offset, length, trim} | {kind:'checkpoint'}
  * | {kind:'wait-flushed'} and, last, {kind:'final-flush'} (a checkpoint whose flush is the critical phase)
- * or {kind:'failover', to}.
+ * or {kind:'failover', to, after} (`after`: whole-block writes to the secondary view once failed over,
+ * then a FLUSH).
  */
 export function crashPlan(seed, scenario) {
   if (!crashScenarios.includes(scenario)) throw new Error(`crashPlan: unknown scenario ${scenario}`);
@@ -96,7 +100,18 @@ export function crashPlan(seed, scenario) {
       const trailing = r.between(5, 20);
       for (let i = 0; i < trailing; i++) steps.push(mutation(r, r.chance(0.5) ? 'primary' : 'secondary', 64 * KiB));
     }
-    steps.push({ kind: 'failover', to: scenario.slice('failover-'.length) });
+    const after = [];
+    const blocks = crashVolumeBytes / crashBlockBytes;
+    const used = new Set();
+    for (let i = r.between(1, 6); i > 0; i--) {
+      const block = r.below(blocks);
+      if (used.has(block)) continue;
+      used.add(block);
+      const data = new Uint8Array(crashBlockBytes).fill(r.between(1, 255));
+      new DataView(data.buffer).setUint32(0, r.u32());
+      after.push({ offset: block * crashBlockBytes, data });
+    }
+    steps.push({ kind: 'failover', to: scenario.slice('failover-'.length), after });
   }
   return { sizeBytes: crashVolumeBytes, blockBytes: crashBlockBytes, steps };
 }
@@ -184,8 +199,17 @@ async function main(argv) {
         break;
       case 'failover':
         say(`failing-over ${step.to}`);
-        await critical(() => vol.failover({ to: step.to }));
-        say(`failed-over ${step.to}`);
+        vol.on('failover-durable', () => say(`durable ${step.to}`));
+        await critical(async () => {
+          await vol.failover({ to: step.to });
+          say(`failed-over ${step.to}`);
+          for (const [i, w] of step.after.entries()) {
+            await vol.secondary.write(w.data, w.offset);
+            say(`post-write ${i}`);
+          }
+          await vol.secondary.flush();
+          say('post-flushed');
+        });
         break;
       default:
         throw new Error(`unknown step ${step.kind}`);

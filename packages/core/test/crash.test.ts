@@ -2,7 +2,10 @@
  * Goal: a volume killed with SIGKILL in the middle of a flush or a failover reopens consistent: either at
  * its last durable checkpoint (backing file == the model's checkpoint view at durableEpoch, except inside
  * stats().tornRanges, which must cover every byte that differs and nothing outside the epochs being
- * flushed), or fully failed over (backing file == the kept view), and stats().state says which.
+ * flushed), with a failover it had switched to reported lost and nothing written after it visible; or
+ * fully failed over (the views, and after a FLUSH the backing file, == the kept view with every write
+ * after the failover that a FLUSH acknowledged, and each other one either wholly there or not at all),
+ * and stats().state says which.
  *
  * Method: crash-child.mjs runs a seeded workload on the built package and, in its critical phase (the
  * final flush, or the failover), ticks in lockstep with this test; we kill it on a chosen tick, so kill
@@ -120,6 +123,7 @@ async function verify(dir: string, seed: number, scenario: Scenario, run: ChildR
   const primaryWrites: { epoch: number; offset: number; length: number }[] = [];
   let failoverTo: FailoverTarget | undefined;
   let kept: Uint8Array | undefined;
+  let after: { offset: number; data: Uint8Array }[] = [];
   for (const step of p.steps) {
     if (step.kind === 'write') {
       model.write(step.view, step.offset, step.data);
@@ -132,6 +136,7 @@ async function verify(dir: string, seed: number, scenario: Scenario, run: ChildR
     } else if (step.kind === 'failover') {
       failoverTo = step.to;
       kept = model.keptView(step.to);
+      after = step.after;
     }
   }
   const acked = run.lines.filter((l) => l.startsWith('checkpoint ')).map((l) => Number(l.split(' ')[1]));
@@ -139,7 +144,9 @@ async function verify(dir: string, seed: number, scenario: Scenario, run: ChildR
   expect(acked.length, 'the child reached its critical phase, so every checkpoint was acknowledged').toBe(model.epoch);
   const flushed = Math.max(0, ...run.lines.filter((l) => l.startsWith('flushed ')).map((l) => Number(l.split(' ')[1])));
   const failingOver = run.lines.some((l) => l.startsWith('failing-over '));
-  const failedOver = run.lines.some((l) => l.startsWith('failed-over '));
+  const switched = run.lines.some((l) => l.startsWith('failed-over '));
+  const durable = run.lines.some((l) => l.startsWith('durable '));
+  const postFlushed = run.lines.includes('post-flushed');
 
   const opts = crashVolumeOptions(dir, p);
   const vol = await openVolume(opts);
@@ -161,13 +168,27 @@ async function verify(dir: string, seed: number, scenario: Scenario, run: ChildR
       if (!failingOver) throw new Error(`reopened failed-over, but the child never started a failover`);
       expect(s.failoverTarget).toBe(failoverTo);
       expect(s.tornRanges, 'a failed-over volume has no torn ranges').toEqual([]);
-      sameBytes(`failed over to ${failoverTo}: backing file vs the kept view`, kept!, file);
-      sameBytes('failed over: primary view', kept!, await readWhole('primary'));
-      sameBytes('failed over: secondary view', kept!, await readWhole('secondary'));
+      // The kept view, then each write after failover: one a FLUSH acknowledged is there, any other one is
+      // wholly there or wholly absent (a plain disk may lose unflushed writes, never tear a block).
+      const want = kept!.slice();
+      const secondary = await readWhole('secondary');
+      for (const w of after) {
+        const at = secondary.subarray(w.offset, w.offset + w.data.length);
+        const landed = firstDifference(w.data, at) < 0;
+        if (postFlushed && !landed) throw new Error(`a write after failover at ${w.offset} was acknowledged by a FLUSH and is gone`);
+        if (landed) want.set(w.data, w.offset);
+      }
+      sameBytes('failed over: secondary view', want, secondary);
+      sameBytes('failed over: primary view', want, await readWhole('primary'));
+      await vol.secondary.flush();
+      sameBytes(`failed over to ${failoverTo}, flushed: backing file`, want, readFileSync(opts.path));
       return { state: 'failed-over', durableEpoch: s.durableEpoch, tornBytes: 0 };
     }
     if (s.state !== 'replicating') throw new Error(`reopened in state ${s.state}; want replicating or failed-over`);
-    if (failedOver) throw new Error(`the child saw failover --to ${failoverTo} resolve, but the volume reopened replicating`);
+    if (durable) throw new Error(`the failover to ${failoverTo} was durable, but the volume reopened replicating`);
+    if (switched && s.lostFailover?.target !== failoverTo) {
+      throw new Error(`the volume switched to ${failoverTo} before the kill and reopened replicating without reporting the failover lost`);
+    }
     const d = s.durableEpoch;
     if (d < flushed || d > model.epoch) throw new Error(`durableEpoch ${d}: want between ${flushed} (last 'flushed' seen) and ${model.epoch}`);
     if (flushed === model.epoch) expect(s.tornRanges, 'every epoch was flushed: nothing may be torn').toEqual([]);

@@ -428,9 +428,10 @@ async function runBatch(ctx: RunContext, v: Volume, batch: readonly Op[]): Promi
     await v.failover({ to: head.to });
     ctx.model.failover(head.to);
     expectBytes(`failover --to ${head.to}: plain disk`, kept, ctx.model.committedBytes());
-    // Failover reports done only once the kept bytes are durable in the backing file.
-    compareBackingFile(ctx, `after failover --to ${head.to}`, kept);
+    // Both views serve the kept state at once; a FLUSH returns once it is in the backing file.
     await compareWholeViews(ctx, v, `after failover --to ${head.to}`);
+    await v.secondary.flush();
+    compareBackingFile(ctx, `after failover --to ${head.to} and a flush`, kept);
   } else if (head.kind === 'settle') {
     if (ctx.model.failedOver) {
       await v.secondary.flush();

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { runBlockDeviceSuite } from '@gannet/block-device/conformance';
-import { BlockDeviceError, EXTENT_ZERO, type BlockDevice } from '@gannet/block-device';
+import { BlockDeviceError, EXTENT_ZERO, type BlockDevice, type FaultDevice } from '@gannet/block-device';
 import { GannetError, ReplicatedVolume, checkpointGroup, openVolume, type FailoverTarget, type VolumeOptions } from '@gannet/core';
 import { faultyStorage, failWrites } from './faulty-storage.js';
 
@@ -52,6 +52,19 @@ function expectBytes(actual: Uint8Array, expected: Uint8Array): void {
   let i = 0;
   while (i < a.length && i < e.length && a[i] === e[i]) i++;
   expect.fail(`bytes differ at offset ${i} (lengths ${a.length}, ${e.length}): got ${a[i]}, expected ${e[i]}`);
+}
+
+/**
+ * Fails over with every change to the backing file failing: the failover becomes durable (its journal
+ * is another file) but cannot be applied; the volume is then closed, as a crash would leave it.
+ */
+async function interruptedFailover(volume: ReplicatedVolume, backing: FaultDevice, to: FailoverTarget): Promise<void> {
+  failWrites(backing, new Error('injected'));
+  const durable = once(volume, 'failover-durable');
+  await volume.failover({ to });
+  await durable;
+  while (volume.stats().error === undefined) await once(volume, 'error');
+  await volume.close().catch(() => undefined);
 }
 
 async function expectCode(promise: Promise<unknown>, code: string): Promise<void> {
@@ -206,8 +219,17 @@ describe('ReplicatedVolume', () => {
     await volume.secondary.writeZeroes(4096, 4096, { fua: true });
     await volume.secondary.flush();
     failWrites(backing, null);
-    await expect(volume.failover()).rejects.toSatisfy((err: unknown) => (err as GannetError).code === 'EIO');
+    // The failover itself switches at once; making it durable needs the fdatasync that fails.
+    await volume.failover();
+    expect(volume.stats()).toMatchObject({ state: 'failed-over', failoverTarget: 'secondary' });
     await expectCode(volume.secondary.flush(), 'EIO');
+    expect(volume.stats().error).toMatchObject({ code: 'EIO' });
+    backing.fail('flush', null);
+    // Asked again, the same failover retries what failed, and a FLUSH then is durable.
+    await volume.failover();
+    await volume.secondary.flush();
+    expect(volume.stats()).toMatchObject({ failover: { target: 'secondary', phase: 'done' } });
+    expect(volume.stats().error).toBeUndefined();
     await volume.close();
   });
 
@@ -294,15 +316,23 @@ describe('ReplicatedVolume', () => {
           expected.fill(0, 0, 8 * KiB);
         }
         const events: unknown[] = [];
-        volume.on('failover', (ev) => events.push(ev));
+        for (const name of ['failover', 'failover-durable', 'failover-applied'] as const) volume.on(name, (ev) => events.push({ name, ...ev }));
         await volume.failover({ to });
+        expectBytes(await readAll(volume.secondary, 0, size), expected);
+        // A FLUSH after failover returns once the kept state is in the file.
+        await volume.secondary.flush();
         expectBytes(readFileSync(options.path), expected);
         expect(volume.stats()).toMatchObject({
           state: 'failed-over',
           failoverTarget: to,
           bufferedBytes: { primary: 0, secondary: 0, committed: 0 },
+          failover: { target: to, phase: 'done', foregroundMs: expect.any(Number), durableMs: expect.any(Number) },
         });
-        expect(events).toEqual([{ to, durationMs: expect.any(Number) }]);
+        expect(events).toEqual([
+          { name: 'failover', to, durationMs: expect.any(Number) },
+          { name: 'failover-durable', to, durableMs: expect.any(Number), journalBytes: expect.any(Number) },
+          { name: 'failover-applied', to, appliedMs: expect.any(Number) },
+        ]);
         expectBytes(await readAll(volume.primary, 0, size), expected);
         expectBytes(await readAll(volume.secondary, 0, size), expected);
         // A plain disk now: the secondary writes through, the primary is read-only.
@@ -322,23 +352,52 @@ describe('ReplicatedVolume', () => {
     }
   });
 
-  it('finishes an interrupted failover on the next open', async () => {
+  it('finishes on the next open a failover that was durable but not yet applied', async () => {
     const options = volumeOptions(MiB);
     const faults = faultyStorage();
     const volume = await ReplicatedVolume.open(options, faults.context);
+    volume.on('error', () => undefined);
     const s = pattern(100 * KiB, 80);
     await volume.secondary.write(s, 4000);
-    faults.backing().fail('flush', new Error('injected'));
-    await expect(volume.failover()).rejects.toSatisfy((err: unknown) => (err as GannetError).code === 'EIO');
-    expect(volume.stats().state).toBe('failing-over');
-    await expectCode(volume.secondary.read(Buffer.alloc(1), 0), 'EIO');
-    await volume.close();
-    // The journal landed before the apply failed: the reopen applies it again.
+    await interruptedFailover(volume, faults.backing(), 'secondary');
+    // Served from the journal while it is applied: the data reads at once, and a FLUSH makes it land.
     const reopened = await ReplicatedVolume.open(options);
-    expect(reopened.stats()).toMatchObject({ state: 'failed-over', failoverTarget: 'secondary' });
+    expect(reopened.stats()).toMatchObject({ state: 'failed-over', failoverTarget: 'secondary', failover: { phase: 'applying' } });
     const expected = Buffer.alloc(MiB);
     s.copy(expected, 4000);
+    expectBytes(await readAll(reopened.secondary, 0, MiB), expected);
+    await reopened.secondary.flush();
+    expect(reopened.stats().failover).toMatchObject({ phase: 'done' });
     expectBytes(readFileSync(options.path), expected);
+    await reopened.close();
+  });
+
+  it('reports a failover the process stopped before it was durable, and reopens at the checkpoint', async () => {
+    const options = volumeOptions(MiB);
+    const faults = faultyStorage();
+    const volume = await ReplicatedVolume.open(options, faults.context);
+    volume.on('error', () => undefined);
+    const base = pattern(8 * KiB, 81);
+    await volume.primary.write(base, 0);
+    await flushed(volume, await volume.checkpoint());
+    await volume.secondary.write(pattern(100 * KiB, 82), 4000);
+    faults.backing().fail('flush', new Error('injected'));
+    await volume.failover({ to: 'secondary' });
+    expect(volume.stats().failover).toMatchObject({ phase: 'journaling' });
+    await expect(volume.close()).rejects.toBeDefined();
+    const reopened = await ReplicatedVolume.open(options);
+    expect(reopened.stats()).toMatchObject({
+      state: 'replicating',
+      lostFailover: { target: 'secondary', requestedAt: expect.any(String), lostAt: expect.any(String) },
+    });
+    const expected = Buffer.alloc(MiB);
+    base.copy(expected, 0);
+    expectBytes(await readAll(reopened.secondary, 0, MiB), expected);
+    expectBytes(readFileSync(options.path), expected);
+    // The next failover is the operator's to ask for again.
+    await reopened.failover({ to: 'checkpoint' });
+    await reopened.secondary.flush();
+    expect(reopened.stats().lostFailover).toBeUndefined();
     await reopened.close();
   });
 
@@ -653,19 +712,19 @@ describe('ReplicatedVolume', () => {
           expectBytes(await readAll(kept, 0, rangeVolumeBytes), expected);
           if (!interrupted) {
             await volume.failover({ to });
+            await volume.secondary.flush();
             expectBytes(readFileSync(options.path), expected);
             expectBytes(await readAll(volume.secondary, 0, rangeVolumeBytes), expected);
             await volume.close();
           } else {
-            backing.fail('flush', new Error('injected'));
-            await expect(volume.failover({ to })).rejects.toSatisfy((err: unknown) => (err as GannetError).code === 'EIO');
-            await volume.close().catch(() => undefined);
+            await interruptedFailover(volume, backing, to);
           }
           // Reopen replays the journal when the failover was cut short, and is a no-op otherwise.
           const reopened = await ReplicatedVolume.open(options);
           expect(reopened.stats()).toMatchObject({ state: 'failed-over', failoverTarget: to, tornRanges: [] });
-          expectBytes(readFileSync(options.path), expected);
           expectBytes(await readAll(reopened.secondary, 0, rangeVolumeBytes), expected);
+          await reopened.secondary.flush();
+          expectBytes(readFileSync(options.path), expected);
           await reopened.close();
         });
       }
@@ -748,12 +807,12 @@ describe('ReplicatedVolume', () => {
       await volume.checkpoint();
       await once(volume, 'error');
       const written = allocatedBytes(options.path);
-      await expectCode(volume.failover({ to: 'checkpoint' }), 'EIO');
-      await volume.close().catch(() => undefined);
+      await interruptedFailover(volume, backing, 'checkpoint');
       expect(allocatedBytes(options.path)).toBe(written);
 
       const reopened = await ReplicatedVolume.open(options);
       expect(reopened.stats()).toMatchObject({ state: 'failed-over', failoverTarget: 'checkpoint', tornRanges: [] });
+      await reopened.secondary.flush();
       expectFreed(options.path, written, 8 * MiB);
       expectBytes(readFileSync(options.path), expected);
       expectBytes(await readAll(reopened.secondary, 0, holeVolumeBytes), expected);
@@ -768,6 +827,7 @@ describe('ReplicatedVolume', () => {
       await volume.secondary.write(data, 0);
       data.copy(expected, 0);
       await volume.failover({ to: 'secondary' });
+      await volume.secondary.flush();
       const written = allocatedBytes(options.path);
       expect(written).toBeGreaterThanOrEqual(dataBytes);
       await volume.secondary.trim(4 * MiB, 4 * MiB);

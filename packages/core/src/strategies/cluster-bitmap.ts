@@ -1,8 +1,9 @@
-import { KiB, MiB } from '@gannet/block-device';
 /**
  * One bit per cluster: which clusters of a scratch file (COLO's hidden or active disk) hold data for
  * the current epoch. A count is kept so stats are O(1).
  */
+
+import { MiB } from '@gannet/block-device';
 
 /** 64 MiB of bitmap covers 2 TiB at 4 KiB clusters; a larger volume needs larger clusters. */
 export const bitmapBytesMax = 64 * MiB;

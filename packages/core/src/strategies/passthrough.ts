@@ -6,7 +6,7 @@ import { parseVolumeOptions } from '../parse.js';
 import type { FailoverTarget, Volume, VolumeEvents, VolumeState, VolumeStats } from '../types.js';
 import { RangeLock } from './range-lock.js';
 import { readStrategyMeta, writeStrategyMeta, type StrategyMeta } from './strategy-meta.js';
-import { diskView, openBackingFile, openScratchFile } from './disk.js';
+import { diskView, openBackingFile } from './disk.js';
 import type { VolumeView } from '../view.js';
 
 /**

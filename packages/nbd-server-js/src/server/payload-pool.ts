@@ -1,4 +1,3 @@
-import { KiB, MiB } from '@gannet/block-device';
 /**
  * Recycled buffers for WRITE payloads and READ replies. A fresh 1 MiB buffer per request costs more
  * than the copy into it: malloc hands back newly mapped pages, each faulted in on first touch, and the
@@ -11,6 +10,9 @@ import { KiB, MiB } from '@gannet/block-device';
  * `length` bytes of one. Smaller payloads use Node's allocator, which slices buffers under 4 KiB out of
  * a shared pool already (a 4 KiB buffer is its own allocation there, hence the pool from 4 KiB).
  */
+
+import { KiB, MiB } from '@gannet/block-device';
+
 export const pooledBytesMin = 4 * KiB;
 /** Free buffers kept per server; what a burst allocated beyond this is left to the garbage collector. */
 export const payloadPoolBytesMaxDefault = 64 * MiB;
