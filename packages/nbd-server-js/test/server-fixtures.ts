@@ -252,6 +252,7 @@ export function harness(registry: ExportRegistry, limits: Partial<ConnectionCont
     isShuttingDown: () => h.shuttingDown,
     wantsEvents: () => true,
     event: (ev) => events.push(ev),
+    betweenBatches: () => {},
     ...limits,
   };
   (h as { connection: Connection }).connection = new Connection(socket as never, ctx);

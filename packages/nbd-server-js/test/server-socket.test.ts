@@ -105,6 +105,35 @@ describe('NbdServer over sockets', () => {
     await expect(RawClient.open(addr)).rejects.toThrow();
   });
 
+  it('betweenBatches runs after each read, once its requests are with the device and before they complete', async () => {
+    const device = new TestDevice(MiB);
+    const gates = new Gates();
+    const dispatched: number[] = [];
+    const server = new NbdServer({ betweenBatches: () => dispatched.push(device.calls.length) });
+    servers.push(server);
+    server.addExport('vol0/primary', device);
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    const c = await RawClient.open(addr);
+    await c.go('vol0/primary');
+    // The handshake's reads are batches too.
+    expect(dispatched.length).toBeGreaterThan(0);
+    const handshakeCalls = dispatched.length;
+    const answered = c.bytes().length;
+    device.gate = gates.gate;
+    const n = 8;
+    const writes = Array.from({ length: n }, (_, i) => buildRequest({ type: CMD_WRITE, cookie: i, offset: i * 512, length: 512 }, Buffer.alloc(512, i + 1)));
+    c.socket.write(Buffer.concat(writes));
+    await gates.until(n);
+    // The read that brought the last request ran the callback before this test could resume.
+    expect(dispatched.length).toBeGreaterThan(handshakeCalls);
+    expect(dispatched.at(-1)).toBe(n);
+    expect(dispatched.slice(handshakeCalls).every((count, i, all) => i === 0 || count >= all[i - 1])).toBe(true);
+    expect(c.bytes().length).toBe(answered);
+    for (let i = 0; i < n; i++) gates.release(`write@${i * 512}`);
+    c.start = answered;
+    expect((await c.replies(n)).every((r) => r.kind === 'simple' && r.error === 0)).toBe(true);
+  });
+
   it('one misbehaving connection does not disturb another', async () => {
     const device = new TestDevice(MiB);
     const server = await serve(device);

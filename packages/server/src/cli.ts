@@ -101,18 +101,13 @@ async function serve(flags: ServeFlags): Promise<void> {
     fail(`start failed: ${(error as Error).message}`, exitRefused);
     process.exit(exitRefused);
   }
-  let signalled = false;
-  const onSignal = (signal: NodeJS.Signals) => {
-    if (signalled) {
-      logger.warn({ signal }, 'second signal: exiting at once');
-      process.exit(exitRefused);
-    }
-    signalled = true;
-    logger.info({ signal }, 'stopping: draining requests, finishing committed flushes');
+  let stopping = false;
+  const stop = (exitCode: number) => {
+    stopping = true;
     daemon.close().then(
       () => {
         logger.info('stopped');
-        process.exit(exitOk);
+        process.exit(exitCode);
       },
       (error: unknown) => {
         logger.fatal({ err: error }, 'shutdown failed');
@@ -120,8 +115,22 @@ async function serve(flags: ServeFlags): Promise<void> {
       },
     );
   };
+  const onSignal = (signal: NodeJS.Signals) => {
+    if (stopping) {
+      logger.warn({ signal }, 'second signal: exiting at once');
+      process.exit(exitRefused);
+    }
+    logger.info({ signal }, 'stopping: draining requests, finishing committed flushes');
+    stop(exitOk);
+  };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  // A daemon nobody can checkpoint or fail over is stopped cleanly, with an error status for its supervisor.
+  void daemon.failed.then((error) => {
+    if (stopping) return;
+    logger.fatal({ err: error }, 'the control API is down: stopping');
+    stop(exitRefused);
+  });
   process.stdout.write(`${[...startupLines(daemon), readyLine].join('\n')}\n`);
   logger.info(
     { nbd: daemon.nbdAddresses, control: daemon.controlAddresses, volumes: daemon.volumeNames },

@@ -4,7 +4,6 @@ import type { FailoverTarget } from '@gannet/core';
 import fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import type { EventHub } from './events.js';
-import type { Metrics } from './metrics.js';
 
 /**
  * The control API: JSON over HTTP (fastify), bearer-token auth on /v1, bodies capped before parsing and
@@ -68,16 +67,19 @@ export interface VolumeView {
   tornRanges: { offset: number; length: number }[];
 }
 
-/** What the control API drives; the daemon implements it. */
+/**
+ * What the control API drives. It runs on the control thread; every volume operation is a call to the
+ * main thread, which owns the volumes (control-lane.ts).
+ */
 export interface ControlBackend {
   readonly token: string;
   readonly events: EventHub;
-  readonly metrics: Metrics;
   readonly bodyBytesMax: number;
-  volumes(): VolumeView[];
-  volume(name: string): VolumeView;
+  volumes(): Promise<VolumeView[]>;
+  volume(name: string): Promise<VolumeView>;
   checkpoint(names?: string[]): Promise<{ name: string; epoch: number }[]>;
   failover(name: string, to: FailoverTarget): Promise<VolumeView>;
+  metrics(): Promise<{ contentType: string; text: string }>;
   onError(error: unknown, request: string): void;
 }
 
@@ -131,12 +133,20 @@ function validate<T extends z.ZodType>(schema: T, value: unknown): z.output<T> {
   throw new ApiError('bad_request', `${field}: ${issue.message}`, field);
 }
 
-/** Errors from fastify and the engine that have an API code; anything else is an internal error. */
-function apiErrorOf(error: unknown, bodyBytesMax: number): ApiError | undefined {
+/** The API's own errors and the engine's refusals; anything else is an internal error. */
+export function apiErrorOf(error: unknown): ApiError | undefined {
   if (error instanceof ApiError) return error;
+  if (typeof error !== 'object' || error === null) return undefined;
   const { code, message } = error as { code?: unknown; message?: string };
   // The engine refuses operations the volume's state does not allow with code ESTATE.
   if (code === 'ESTATE') return new ApiError('conflict', message ?? 'conflict');
+  return undefined;
+}
+
+/** Errors fastify raises while reading a body. */
+function bodyErrorOf(error: unknown, bodyBytesMax: number): ApiError | undefined {
+  if (typeof error !== 'object' || error === null) return undefined;
+  const { code, message } = error as { code?: unknown; message?: string };
   if (code === 'FST_ERR_CTP_BODY_TOO_LARGE') return new ApiError('payload_too_large', `body larger than ${bodyBytesMax} bytes`);
   // Reading the body: fewer bytes than Content-Length, a Content-Type that does not parse.
   if (typeof code === 'string' && code.startsWith('FST_ERR_CTP_')) return new ApiError('bad_request', `body: ${message}`, 'body');
@@ -190,12 +200,12 @@ const routes: Route[] = [
     url: '/metrics',
     auth: false,
     async handle(_request, reply, backend) {
-      const text = await backend.metrics.text();
-      reply.type(backend.metrics.contentType);
+      const { contentType, text } = await backend.metrics();
+      reply.type(contentType);
       return text;
     },
   },
-  { method: 'GET', url: '/v1/volumes', auth: true, handle: async (_request, _reply, backend) => ({ volumes: backend.volumes() }) },
+  { method: 'GET', url: '/v1/volumes', auth: true, handle: async (_request, _reply, backend) => ({ volumes: await backend.volumes() }) },
   { method: 'GET', url: '/v1/volumes/:name', auth: true, handle: async (request, _reply, backend) => backend.volume(nameOf(request)) },
   {
     method: 'POST',
@@ -231,7 +241,12 @@ const routes: Route[] = [
     auth: true,
     async handle(request, reply, backend) {
       const { volume } = validate(eventsQuerySchema, request.query);
-      if (volume !== undefined) backend.volume(volume);
+      if (volume !== undefined) await backend.volume(volume);
+      // The check waited for the main thread; a client that left meanwhile would never be unsubscribed.
+      if (reply.raw.destroyed) {
+        reply.hijack();
+        return;
+      }
       if (!backend.events.subscribe(reply.raw, volume)) throw new ApiError('unavailable', 'too many event subscribers');
       // The hub writes the stream from here on; fastify must not answer this request.
       reply.hijack();
@@ -240,7 +255,7 @@ const routes: Route[] = [
 ];
 
 /**
- * One server per listen address; the daemon listens and closes it. Checks run in the order a client can
+ * One server per listen address; the control thread listens and closes it. Checks run in the order a client can
  * act on: path shape, endpoint (404), method (405), token (401), then the body is read (413, 400).
  */
 export function createControlServer(backend: ControlBackend): FastifyInstance {
@@ -277,7 +292,7 @@ export function createControlServer(backend: ControlBackend): FastifyInstance {
   app.setReplySerializer((payload) => `${JSON.stringify(payload)}\n`);
 
   app.setErrorHandler((error, request, reply) => {
-    const known = apiErrorOf(error, backend.bodyBytesMax);
+    const known = apiErrorOf(error) ?? bodyErrorOf(error, backend.bodyBytesMax);
     if (known === undefined) backend.onError(error, `${request.method} ${request.url}`);
     // Drained, not destroyed: a reset would lose the 413 on clients still sending; nothing is kept.
     if (known?.code === 'payload_too_large') request.raw.resume();

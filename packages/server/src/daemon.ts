@@ -1,21 +1,23 @@
 import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
-import { once } from 'node:events';
 import { connect } from 'node:net';
 import { resolve as resolvePath, join } from 'node:path';
 import { checkpointGroup, openVolume, type FailoverTarget, type Volume } from '@gannet/core';
 import { NbdServer, nbdUri, type ListenAddress as NbdListenAddress } from 'nbd-server-js';
-import type { FastifyInstance } from 'fastify';
 import type { Logger } from 'pino';
 import { tokenFileName, type DaemonConfig } from './config.js';
-import { ApiError, createControlServer, type ControlBackend, type VolumeView } from './control.js';
-import { EventHub } from './events.js';
+import { ApiError, type VolumeView } from './control.js';
+import type { ControlListenAddress, ControlOperations, MetricsText } from './control-lane.js';
+import { ControlThread, type ControlThreadOptions } from './control-thread.js';
+import type { EventName } from './events.js';
 import { Metrics } from './metrics.js';
 import { createVolumeRecord, resolveVolumes, type VolumeSpec } from './registry.js';
 
 /**
  * The gannet daemon: opens every volume of the data directory, serves NAME/primary and NAME/secondary
- * per volume over NBD, and the control API over HTTP. Control operations that change a volume
+ * per volume over NBD, and the control API over HTTP on a thread of its own (control-thread.ts). The
+ * main thread owns the volumes and answers the control thread's calls, also from inside the NBD data
+ * path so that they do not wait behind it (control-lane.ts). Control operations that change a volume
  * (checkpoint, failover) run one at a time, so a failover never races a checkpoint of the same group.
  */
 
@@ -25,7 +27,7 @@ export const nbdShutdownGraceMs = 10_000;
 /** How long shutdown waits for control responses in flight before closing their sockets. */
 export const controlShutdownGraceMs = 5_000;
 
-export type ControlAddress = { host: string; port: number } | { path: string };
+export type ControlAddress = ControlListenAddress;
 
 interface ManagedVolume {
   readonly spec: VolumeSpec;
@@ -73,15 +75,16 @@ export async function removeStaleSocket(path: string): Promise<void> {
   if (!live) await unlink(path);
 }
 
-export class Daemon implements ControlBackend {
-  readonly events = new EventHub();
+export class Daemon implements ControlOperations {
   readonly metrics: Metrics;
   readonly nbdAddresses: NbdListenAddress[] = [];
   readonly controlAddresses: ControlAddress[] = [];
-  readonly bodyBytesMax: number;
+  /** Resolves, with why, if the control API went down for good; the CLI then shuts the daemon down. */
+  readonly failed: Promise<Error>;
+  private reportFailure!: (error: Error) => void;
   private readonly managed = new Map<string, ManagedVolume>();
   private readonly nbd: NbdServer;
-  private readonly controlServers: FastifyInstance[] = [];
+  private control: ControlThread | undefined;
   private operations: Promise<unknown> = Promise.resolve();
   private closing: Promise<void> | undefined;
 
@@ -91,11 +94,15 @@ export class Daemon implements ControlBackend {
     readonly token: string,
     readonly tokenFile: string,
   ) {
-    this.bodyBytesMax = config.control.bodyBytesMax;
+    this.failed = new Promise((resolve) => {
+      this.reportFailure = resolve;
+    });
     const nbdLogger = logger.child({ component: 'nbd' });
     this.nbd = new NbdServer({
       ...(config.nbd.requestBytesMax !== undefined && { requestBytesMax: config.nbd.requestBytesMax }),
       logger: (level, message, fields) => nbdLogger[level](fields ?? {}, message),
+      // Control calls waiting on the lane are answered between NBD request batches.
+      betweenBatches: () => this.control?.poll(),
     });
     this.metrics = new Metrics(() => this.nbd.connectionCount);
     this.nbd.on('request', (event) => this.metrics.onRequest(event));
@@ -130,23 +137,23 @@ export class Daemon implements ControlBackend {
     this.metrics.addVolume(name, volume);
     volume.on('checkpoint', (event) => {
       log.info(event, 'checkpoint');
-      this.events.publish('checkpoint', name, { ...event });
+      this.publish('checkpoint', name, { ...event });
     });
     volume.on('flushed', (event) => {
       log.debug(event, 'flushed');
-      this.events.publish('flushed', name, { ...event });
+      this.publish('flushed', name, { ...event });
     });
     volume.on('pressure', (event) => {
       log.warn(event, 'memory pressure: checkpoint soon');
-      this.events.publish('pressure', name, { ...event });
+      this.publish('pressure', name, { ...event });
     });
     volume.on('failover', (event) => {
       log.warn(event, 'failed over');
-      this.events.publish('failover', name, { ...event });
+      this.publish('failover', name, { ...event });
     });
     volume.on('error', (error) => {
       log.error({ err: error }, 'volume error');
-      this.events.publish('error', name, { message: error.message, code: (error as { code?: unknown }).code ?? null });
+      this.publish('error', name, { message: error.message, code: (error as { code?: unknown }).code ?? null });
     });
     this.nbd.addExport(`${name}/primary`, volume.primary, {
       description: `gannet volume ${name}: primary view (the PVM's forwarded writes)`,
@@ -169,28 +176,26 @@ export class Daemon implements ControlBackend {
       await removeStaleSocket(path);
       this.nbdAddresses.push(await this.nbd.listen({ path }));
     }
-    this.controlAddresses.push(await this.listenControl(control.listen));
-    if (control.socket !== undefined) {
-      const path = resolvePath(control.socket);
-      await removeStaleSocket(path);
-      this.controlAddresses.push(await this.listenControl({ path }));
-    }
+    const listen: ControlAddress[] = [control.listen];
+    if (control.socket !== undefined) listen.push({ path: resolvePath(control.socket) });
+    const options: ControlThreadOptions = {
+      token: this.token,
+      bodyBytesMax: control.bodyBytesMax,
+      listen,
+      operations: this,
+      logger: this.logger,
+      served: (lane) => this.metrics.onControlCall(lane),
+      prepare: async (addresses) => {
+        for (const address of addresses) if ('path' in address) await removeStaleSocket(address.path);
+      },
+    };
+    this.control = await ControlThread.start(options);
+    void this.control.failed.then(this.reportFailure);
+    this.controlAddresses.push(...this.control.addresses);
   }
 
-  /**
-   * Listens on the node server under fastify rather than with fastify's listen(), which binds both
-   * 127.0.0.1 and ::1 for `localhost`: the daemon listens on exactly the address it was given and prints.
-   */
-  private async listenControl(address: { host: string; port: number } | { path: string }): Promise<ControlAddress> {
-    const control = createControlServer(this);
-    this.controlServers.push(control);
-    await control.ready();
-    const { server } = control;
-    server.listen('path' in address ? { path: address.path } : { port: address.port, host: address.host });
-    await once(server, 'listening');
-    server.on('error', (error) => this.logger.error({ err: error }, 'control server error'));
-    const bound = server.address();
-    return bound !== null && typeof bound === 'object' ? { host: bound.address, port: bound.port } : { path: (address as { path: string }).path };
+  private publish(event: EventName, volume: string, data: Record<string, unknown>): void {
+    this.control?.publish(event, volume, data);
   }
 
   get volumeNames(): string[] {
@@ -276,8 +281,8 @@ export class Daemon implements ControlBackend {
     });
   }
 
-  onError(error: unknown, request: string): void {
-    this.logger.error({ err: error, request }, 'control request failed');
+  async metricsText(): Promise<MetricsText> {
+    return { contentType: this.metrics.contentType, text: await this.metrics.text() };
   }
 
   /** Stops accepting, drains NBD requests, lets control operations finish, then closes every volume. */
@@ -288,10 +293,10 @@ export class Daemon implements ControlBackend {
 
   private async shutdown(): Promise<void> {
     this.logger.info('shutting down');
-    this.events.closeAll();
-    // Stops accepting and closes idle keep-alive connections (node's server.close() does both); a request
-    // that still arrives on an open connection is answered with `connection: close`.
-    const controlClosed = Promise.all(this.controlServers.map((control) => control.close()));
+    // Ends the event streams, stops accepting and closes idle keep-alive connections (node's
+    // server.close() does both); a request that still arrives on an open connection is answered with
+    // `connection: close`.
+    const controlClosed = this.control?.stopAccepting() ?? Promise.resolve();
     await this.nbd.close({ graceMs: nbdShutdownGraceMs });
     await this.operations;
     let failure: unknown;
@@ -304,11 +309,10 @@ export class Daemon implements ControlBackend {
         failure ??= error;
       }
     }
-    const force = setTimeout(() => {
-      for (const control of this.controlServers) control.server.closeAllConnections();
-    }, controlShutdownGraceMs);
+    const force = setTimeout(() => this.control?.forceClose(), controlShutdownGraceMs);
     await controlClosed;
     clearTimeout(force);
+    await this.control?.terminate();
     if (failure !== undefined) throw failure;
   }
 }

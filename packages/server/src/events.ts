@@ -53,9 +53,10 @@ export class EventHub {
     return true;
   }
 
-  publish(event: EventName, volume: string, data: Record<string, unknown>): void {
+  /** `time` is when the event happened, which a busy daemon may tell the hub somewhat later. */
+  publish(event: EventName, volume: string, data: Record<string, unknown>, time = new Date().toISOString()): void {
     const id = this.nextId++;
-    const frame = `id: ${id}\nevent: ${event}\ndata: ${JSON.stringify({ volume, ...data, time: new Date().toISOString() })}\n\n`;
+    const frame = `id: ${id}\nevent: ${event}\ndata: ${JSON.stringify({ volume, ...data, time })}\n\n`;
     for (const subscriber of this.subscribers) {
       if (subscriber.volume === undefined || subscriber.volume === volume) this.write(subscriber, frame);
     }

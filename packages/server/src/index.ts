@@ -1,6 +1,15 @@
 export * from './config.js';
 export * from './registry.js';
 export * from './control.js';
+export * from './control-lane.js';
+export {
+  ControlThread,
+  controlRestartsMax,
+  controlRestartWindowMs,
+  controlThreadNice,
+  controlWorkerEntry,
+  type ControlThreadOptions,
+} from './control-thread.js';
 export * from './events.js';
 export * from './metrics.js';
 export * from './qemu.js';

@@ -1,5 +1,6 @@
 import type { Volume } from '@gannet/core';
 import type { RequestEvent } from 'nbd-server-js';
+import type { Lane } from './control-lane.js';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
 /**
@@ -127,6 +128,7 @@ export class Metrics {
     requestBucketsSeconds,
   );
   private readonly nbdConnectionsTotal: Counter;
+  private readonly controlCalls: Counter<'lane'>;
 
   constructor(connectionCount: () => number) {
     const registers = [this.registry];
@@ -212,6 +214,13 @@ export class Metrics {
       registers,
     });
     this.volumeErrors = new Counter({ name: 'gannet_volume_errors_total', help: 'Errors the engine reported.', labelNames: ['volume'], registers });
+    this.controlCalls = new Counter({
+      name: 'gannet_control_calls_total',
+      help: 'Calls from the control thread answered by the main thread, by lane: data-path (between NBD request batches) or event-loop.',
+      labelNames: ['lane'],
+      registers,
+    });
+    for (const lane of ['data-path', 'event-loop'] satisfies Lane[]) this.controlCalls.inc({ lane }, 0);
     const tally = this.tally;
     new Counter({
       name: 'gannet_nbd_requests_total',
@@ -250,6 +259,10 @@ export class Metrics {
     volume.on('failover', (event) => this.failovers.inc({ volume: name, to: event.to }));
     volume.on('pressure', () => this.pressureEvents.inc({ volume: name }));
     volume.on('error', () => this.volumeErrors.inc({ volume: name }));
+  }
+
+  onControlCall(lane: Lane): void {
+    this.controlCalls.inc({ lane });
   }
 
   onConnection(): void {

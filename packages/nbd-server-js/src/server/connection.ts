@@ -29,6 +29,8 @@ export interface ConnectionContext {
   isShuttingDown(): boolean;
   wantsEvents(): boolean;
   event(ev: RequestEvent): void;
+  /** The server's `betweenBatches` option: called after each read's requests are dispatched. */
+  betweenBatches(): void;
 }
 
 /** Errors that only mean the client went away. */
@@ -111,6 +113,7 @@ export class Connection {
         if (!this.parsing()) return;
         this.parser.push(chunk);
         this.pump();
+        ctx.betweenBatches();
       });
       socket.resume();
     }
@@ -147,6 +150,7 @@ export class Connection {
       this.receiveUsed += n;
     }
     this.pump();
+    this.ctx.betweenBatches();
   }
 
   /** After DISC or once closed, whatever the client still sends is dropped, not queued. */

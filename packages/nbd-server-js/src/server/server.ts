@@ -39,9 +39,17 @@ export interface NbdServerOptions {
   readonly requestBytesMax?: number;
   readonly inflightBytesMax?: number;
   readonly logger?: Logger;
+  /**
+   * Called between request batches: after each socket read, once the requests it completed have been
+   * handed to their devices. It runs on the data path as often as reads arrive, so keep it cheap. It
+   * lets an application serve work of its own that must not wait for a busy event loop to come round
+   * (gannet's control calls); an exception it throws is the application's bug and is not caught.
+   */
+  readonly betweenBatches?: () => void;
 }
 
 const noLogger: Logger = () => {};
+const nothingBetweenBatches = () => {};
 
 export class NbdServer extends EventEmitter {
   readonly requestBytesMax: number;
@@ -53,6 +61,7 @@ export class NbdServer extends EventEmitter {
    */
   readonly writeSkipBytesMax: number;
   private readonly logger: Logger;
+  private readonly betweenBatches: () => void;
   private readonly exports = new Map<string, ExportEntry>();
   private defaultName: string | null = null;
   private readonly listeners_: Server[] = [];
@@ -68,6 +77,7 @@ export class NbdServer extends EventEmitter {
     this.inflightBytesMax = options.inflightBytesMax ?? inflightBytesMaxDefault;
     this.writeSkipBytesMax = Math.min(2 * this.requestBytesMax, payloadBytesLimit);
     this.logger = options.logger ?? noLogger;
+    this.betweenBatches = options.betweenBatches ?? nothingBetweenBatches;
     if (!(Number.isSafeInteger(this.requestBytesMax) && this.requestBytesMax >= 512 && this.requestBytesMax <= payloadBytesLimit - 8)) {
       throw new RangeError(`requestBytesMax must be an integer in [512, 2^32 - 9]: ${this.requestBytesMax}`);
     }
@@ -148,6 +158,7 @@ export class NbdServer extends EventEmitter {
       isShuttingDown: () => this.shuttingDown,
       wantsEvents: () => this.listenerCount('request') > 0,
       event: (ev: RequestEvent) => this.emit('request', ev),
+      betweenBatches: this.betweenBatches,
     });
     this.connections.add(conn);
     this.emit('connection', { remote: conn.remote, receiveMode: conn.receiveMode });

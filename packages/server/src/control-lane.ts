@@ -1,0 +1,225 @@
+import { receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import type { FailoverTarget } from '@gannet/core';
+import { ApiError, apiErrorOf, type ErrorCode, type VolumeView } from './control.js';
+import type { EventName } from './events.js';
+
+/**
+ * The priority lane between the control thread, which speaks HTTP, and the main thread, which owns the
+ * volumes. The control thread posts each call on a MessagePort and raises a flag in shared memory; the
+ * main thread answers calls from two places: the port's 'message' event, when its event loop comes round,
+ * and `poll()`, which the NBD data path calls between request batches. Under a saturated data path the
+ * event loop comes round only after a pass over every busy socket (several milliseconds), while a batch
+ * ends every few hundred microseconds; the flag makes `poll()` one shared-memory read when nothing waits.
+ * The messages about the control thread's life (start, listening, logs, shutdown) are defined here too.
+ */
+
+/** What the control API asks of the main thread. */
+export type Call =
+  | { op: 'volumes' }
+  | { op: 'volume'; name: string }
+  | { op: 'checkpoint'; names?: string[] }
+  | { op: 'failover'; name: string; to: FailoverTarget }
+  | { op: 'metrics' };
+
+export interface MetricsText {
+  contentType: string;
+  text: string;
+}
+
+/** The answer each call gets. */
+export interface Results {
+  volumes: VolumeView[];
+  volume: VolumeView;
+  checkpoint: { name: string; epoch: number }[];
+  failover: VolumeView;
+  metrics: MetricsText;
+}
+
+/** An error as the API returns it; it crosses the thread boundary as plain data. */
+export interface WireError {
+  code: ErrorCode;
+  message: string;
+  field?: string;
+}
+
+/** Control thread to main thread. */
+export type LaneRequest = { kind: 'call'; id: number; call: Call };
+/** Main thread to control thread: answers, and engine events for the SSE subscribers. */
+export type LaneMessage =
+  | { kind: 'result'; id: number; result: unknown }
+  | { kind: 'error'; id: number; error: WireError }
+  | { kind: 'event'; event: EventName; volume: string; data: Record<string, unknown>; time: string };
+
+/** Which way the main thread took a call: from the data path's check, or from its event loop. */
+export type Lane = 'data-path' | 'event-loop';
+
+/** One Int32 in a SharedArrayBuffer: non-zero while a call may be waiting on the port. */
+export const laneFlagBytes = Int32Array.BYTES_PER_ELEMENT;
+
+// The control thread's life: its start data, its reports and the main thread's commands.
+
+export type ControlListenAddress = { host: string; port: number } | { path: string };
+
+export interface ControlWorkerData {
+  readonly token: string;
+  readonly bodyBytesMax: number;
+  /** The nice value the control thread asks for (control-thread.ts). */
+  readonly nice: number;
+  readonly listen: readonly ControlListenAddress[];
+  readonly lanePort: MessagePort;
+  readonly laneFlag: SharedArrayBuffer;
+}
+
+export type WorkerLogLevel = 'error' | 'warn' | 'info' | 'debug';
+/** An error as plain data, for the main thread's log (structured clone keeps no class nor `code`). */
+export interface ErrorData {
+  name: string;
+  message: string;
+  stack?: string;
+  code?: string;
+}
+
+/** Control thread to main thread. */
+export type WorkerReport =
+  | { kind: 'listening'; addresses: ControlListenAddress[] }
+  | { kind: 'listen-failed'; error: ErrorData }
+  | { kind: 'log'; level: WorkerLogLevel; message: string; fields: Record<string, unknown> }
+  | { kind: 'closed' };
+
+/** Main thread to control thread: stop accepting and close idle connections; then cut the rest. */
+export type WorkerCommand = { kind: 'close' } | { kind: 'force-close' };
+
+export function errorData(error: unknown): ErrorData {
+  if (!(error instanceof Error)) return { name: 'Error', message: String(error) };
+  const code = (error as NodeJS.ErrnoException).code;
+  return { name: error.name, message: error.message, stack: error.stack, ...(typeof code === 'string' && { code }) };
+}
+
+/** What the main thread does for each call; the daemon implements it. */
+export interface ControlOperations {
+  volumes(): VolumeView[];
+  volume(name: string): VolumeView;
+  checkpoint(names?: string[]): Promise<Results['checkpoint']>;
+  failover(name: string, to: FailoverTarget): Promise<VolumeView>;
+  metricsText(): Promise<MetricsText>;
+}
+
+function perform(operations: ControlOperations, call: Call): unknown {
+  switch (call.op) {
+    case 'volumes':
+      return operations.volumes();
+    case 'volume':
+      return operations.volume(call.name);
+    case 'checkpoint':
+      return operations.checkpoint(call.names);
+    case 'failover':
+      return operations.failover(call.name, call.to);
+    case 'metrics':
+      return operations.metricsText();
+  }
+}
+
+/** The main thread's end: answers calls and forwards events. */
+export class LaneServer {
+  private readonly flag: Int32Array;
+
+  constructor(
+    private readonly port: MessagePort,
+    flagBuffer: SharedArrayBuffer,
+    private readonly operations: ControlOperations,
+    private readonly served: (lane: Lane) => void,
+    /** An error with no API code: logged by the daemon, answered as `internal`. */
+    private readonly unexpected: (error: unknown, call: Call) => void,
+  ) {
+    this.flag = new Int32Array(flagBuffer);
+    port.on('message', (request: LaneRequest) => this.serve(request, 'event-loop'));
+  }
+
+  /** The data path's check: nearly free when nothing is pending. */
+  poll(): void {
+    if (Atomics.load(this.flag, 0) === 0) return;
+    // Cleared before draining: a call posted from here on raises the flag again after it is on the port.
+    Atomics.store(this.flag, 0, 0);
+    for (let received = receiveMessageOnPort(this.port); received !== undefined; received = receiveMessageOnPort(this.port)) {
+      this.serve(received.message as LaneRequest, 'data-path');
+    }
+  }
+
+  publish(event: EventName, volume: string, data: Record<string, unknown>): void {
+    this.port.postMessage({ kind: 'event', event, volume, data, time: new Date().toISOString() } satisfies LaneMessage);
+  }
+
+  close(): void {
+    this.port.close();
+  }
+
+  private serve({ id, call }: LaneRequest, lane: Lane): void {
+    this.served(lane);
+    let pending: unknown;
+    try {
+      pending = perform(this.operations, call);
+    } catch (error) {
+      this.fail(id, call, error);
+      return;
+    }
+    // A call that finished synchronously is answered now, not a microtask later.
+    if (!(pending instanceof Promise)) {
+      this.port.postMessage({ kind: 'result', id, result: pending } satisfies LaneMessage);
+      return;
+    }
+    pending.then(
+      (result: unknown) => this.port.postMessage({ kind: 'result', id, result } satisfies LaneMessage),
+      (error: unknown) => this.fail(id, call, error),
+    );
+  }
+
+  private fail(id: number, call: Call, error: unknown): void {
+    const known = apiErrorOf(error);
+    if (known === undefined) this.unexpected(error, call);
+    const api = known ?? new ApiError('internal', (error as Error)?.message ?? String(error));
+    const wire: WireError = { code: api.code, message: api.message };
+    if (api.field !== undefined) wire.field = api.field;
+    this.port.postMessage({ kind: 'error', id, error: wire } satisfies LaneMessage);
+  }
+}
+
+/** The control thread's end: one promise per call, settled by the main thread's answer. */
+export class LaneClient {
+  private readonly flag: Int32Array;
+  private nextId = 1;
+  private readonly waiting = new Map<number, { resolve: (result: unknown) => void; reject: (error: ApiError) => void }>();
+
+  constructor(
+    private readonly port: MessagePort,
+    flagBuffer: SharedArrayBuffer,
+    onEvent: (event: EventName, volume: string, data: Record<string, unknown>, time: string) => void,
+  ) {
+    this.flag = new Int32Array(flagBuffer);
+    port.on('message', (message: LaneMessage) => {
+      if (message.kind === 'event') {
+        onEvent(message.event, message.volume, message.data, message.time);
+        return;
+      }
+      const waiter = this.waiting.get(message.id);
+      if (waiter === undefined) return;
+      this.waiting.delete(message.id);
+      if (message.kind === 'result') waiter.resolve(message.result);
+      else waiter.reject(new ApiError(message.error.code, message.error.message, message.error.field));
+    });
+  }
+
+  call<C extends Call>(call: C): Promise<Results[C['op']]> {
+    const id = this.nextId++;
+    const answer = new Promise<Results[C['op']]>((resolve, reject) => {
+      this.waiting.set(id, { resolve: resolve as (result: unknown) => void, reject });
+    });
+    this.port.postMessage({ kind: 'call', id, call } satisfies LaneRequest);
+    // Raised after the post, so the main thread that sees it finds the call on the port.
+    Atomics.store(this.flag, 0, 1);
+    return answer;
+  }
+
+  close(): void {
+    this.port.close();
+  }
+}
