@@ -102,7 +102,8 @@ export type ReceiveMode = 'direct' | 'stream';
 function clientCertificateError(secure: tls.TLSSocket): string | null {
   const handle = (secure as unknown as { _handle?: { verifyError?: () => (Error & { code?: string }) | null } })._handle;
   if (typeof handle?.verifyError !== 'function') return 'this Node offers no way to check client certificates';
-  if (secure.getPeerCertificate() === null || Object.keys(secure.getPeerCertificate()).length === 0) return 'no client certificate';
+  const peer = secure.getPeerCertificate();
+  if (peer === null || Object.keys(peer).length === 0) return 'no client certificate';
   const error = handle.verifyError();
   return error === null || error === undefined ? null : (error.code ?? error.message);
 }
@@ -175,7 +176,7 @@ export class Connection {
     this.socket = socket;
     this.receiveMode = adopted === null ? 'stream' : 'direct';
     this.remote = socket.remoteAddress !== undefined ? `${socket.remoteAddress}:${socket.remotePort}` : 'unix';
-    this.listen(socket);
+    this.watchSocket(socket);
     if (adopted === null) {
       socket.on('data', (chunk: Buffer) => this.onData(chunk));
       socket.resume();
@@ -185,7 +186,7 @@ export class Connection {
   }
 
   /** Close, error and drain handling, for the plain socket and for the TLS socket that replaces it. */
-  private listen(socket: Socket): void {
+  private watchSocket(socket: Socket): void {
     this.sockets.push(socket);
     socket.once('close', () => this.onClose());
     socket.on('error', (err: NodeJS.ErrnoException) => {
@@ -246,11 +247,6 @@ export class Connection {
 
   get inflightCount(): number {
     return this.transmission?.inflightCount ?? 0;
-  }
-
-  /** True once STARTTLS succeeded. */
-  get secure(): boolean {
-    return this.tlsActive;
   }
 
   /** Graceful shutdown: negotiation ends now; transmission drains (new requests get ESHUTDOWN), then closes. */
@@ -407,7 +403,7 @@ export class Connection {
       ...(setup.pskCallback !== undefined && { pskCallback: setup.pskCallback }),
     });
     this.socket = secure;
-    this.listen(secure);
+    this.watchSocket(secure);
     secure.once('secure', () => {
       const refused = setup.requestCert ? clientCertificateError(secure) : null;
       if (refused !== null) {

@@ -58,12 +58,12 @@ class WaitQueue {
 
   first(): Waiter | undefined {
     while (this.head < this.items.length && this.items[this.head] === null) this.head += 1;
-    if (this.head === this.items.length) {
-      this.items = [];
+    if (this.head < this.items.length) return this.items[this.head]!;
+    if (this.head > 0) {
+      this.items.length = 0;
       this.head = 0;
-      return undefined;
     }
-    return this.items[this.head]!;
+    return undefined;
   }
 
   shift(): void {
