@@ -40,6 +40,11 @@ describe('gannet serve configuration', () => {
       ['name.yaml', 'volumes:\n  "a/b": {}\n', 'volumes.a/b'],
       ['level.yaml', 'logLevel: loud\n', 'logLevel'],
       ['listen.yaml', 'control:\n  listen: localhost\n', 'control.listen'],
+      ['connections.yaml', 'nbd:\n  connectionsMax: 0\n', 'nbd.connectionsMax'],
+      ['stall.yaml', 'nbd:\n  stallTimeoutMs: 5\n', 'nbd.stallTimeoutMs'],
+      ['memory.yaml', 'nbd:\n  memoryBytesMax: 8M\n', 'nbd.memoryBytesMax'],
+      ['tls.yaml', 'nbd:\n  tls:\n    mode: sometimes\n', 'nbd.tls.mode'],
+      ['control-cap.yaml', 'control:\n  connectionsMax: 2\n', 'control.connectionsMax'],
       ['list.yaml', '- 1\n- 2\n', '--config'],
       ['broken.json', '{"volumes": ', '--config'],
     ];

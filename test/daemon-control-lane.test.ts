@@ -133,6 +133,7 @@ describe('the control thread', () => {
     const thread = await ControlThread.start({
       token: 'x'.repeat(32),
       bodyBytesMax: 1024,
+      connectionsMax: 128,
       listen,
       operations,
       logger,

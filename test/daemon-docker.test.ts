@@ -1,9 +1,10 @@
 /**
  * Goal: docker/Dockerfile and docker/compose.yaml say what the daemon accepts, without a Docker engine
  * (none runs on our machines or in CI). The image's ENTRYPOINT+CMD and the compose service's command are
- * run as `gannet` with the same flags (only the in-container data dir and 0.0.0.0 ports swapped for a
- * temporary dir and free loopback ports), and the HEALTHCHECK's exact `node -e` command is run against
- * that daemon (passing) and after it stopped (failing).
+ * run as `gannet` with the same flags (only the in-container data dir, the certificate mount and the
+ * 0.0.0.0 ports swapped for a temporary dir, certificates made by the test and free loopback ports),
+ * and the HEALTHCHECK's exact `node -e` command is run against that daemon (passing) and after it
+ * stopped (failing).
  *
  * Method: a small Dockerfile reader (instructions, JSON-form arguments, stages) and the yaml package.
  */
@@ -11,8 +12,11 @@ import { existsSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { createRequire } from 'node:module';
 import { join } from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { loadClientX509, NbdClient, REP_ERR_TLS_REQD } from 'nbd-server-js';
 import { makeTempDir, repoRoot, run, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
+import { makePki } from './helpers/pki.js';
+import { removeTmpDirs } from './helpers/process.js';
 
 // yaml is a dependency of @gannet/server, not of the root package: load it the way the daemon does.
 const YAML = createRequire(join(repoRoot, 'packages/server/package.json'))('yaml') as { parse(text: string): any };
@@ -55,9 +59,9 @@ const only = (instructions: Instruction[], keyword: string) => {
   return found[found.length - 1];
 };
 
-/** The container's arguments with its data dir and public ports swapped for test-safe ones. */
-function localize(args: string[], dataDir: string): string[] {
-  return args.map((arg) => (arg === '/data' ? dataDir : arg.replace(/^0\.0\.0\.0:\d+$/, '127.0.0.1:0')));
+/** The container's arguments with its paths (data dir, mounts) and public ports swapped for test-safe ones. */
+function localize(args: string[], paths: Record<string, string>): string[] {
+  return args.map((arg) => paths[arg] ?? arg.replace(/^0\.0\.0\.0:\d+$/, '127.0.0.1:0'));
 }
 
 function flagValue(args: string[], flag: string): string {
@@ -67,15 +71,16 @@ function flagValue(args: string[], flag: string): string {
 }
 
 /** Starts `gannet` with the given container arguments (after the entrypoint's script). */
-async function startAsContainer(containerArgs: string[]): Promise<DaemonHandle> {
+async function startAsContainer(containerArgs: string[], mounts: Record<string, string> = {}): Promise<DaemonHandle> {
   const dataDir = await makeTempDir();
-  const args = localize(containerArgs, dataDir);
+  const args = localize(containerArgs, { '/data': dataDir, ...mounts });
   expect(args[0]).toBe('serve');
   return startDaemon({ dataDir, volumes: [], args: args.slice(1) });
 }
 
 describe('docker/ files, checked without Docker', () => {
   afterEach(stopAll);
+  afterAll(removeTmpDirs);
 
   it('the Dockerfile: pnpm build stage, node:20-slim non-root runtime, ports, existing inputs', async () => {
     const instructions = await dockerfile();
@@ -130,9 +135,18 @@ describe('docker/ files, checked without Docker', () => {
     expect(Object.keys(compose.volumes)).toContain('gannet-data');
     expect(service.ports).toEqual(expect.arrayContaining([expect.stringMatching(/:10809:10809$|^10809:10809$/), expect.stringMatching(/10810:10810$/)]));
 
-    const daemon = await startAsContainer(command);
+    // NBD is published, so TLS is required, with certificates from a read-only bind mount of ./pki.
+    expect(flagValue(command, '--tls')).toBe('require');
+    const certificates = flagValue(command, '--tls-certificates');
+    expect(mount).toContainEqual(['./pki', certificates, 'ro']);
+    const pki = await makePki();
+    const daemon = await startAsContainer(command, { [certificates]: pki.serverDir });
     const volume = flagValue(command, '--volume').split(':')[0];
     expect(daemon.stdoutLines.some((line) => line.startsWith(`volume ${volume}:`))).toBe(true);
+    const exportName = `${volume}/primary`;
+    await expect(NbdClient.connect(daemon.nbd, { exportName })).rejects.toMatchObject({ replyType: REP_ERR_TLS_REQD });
+    const client = await NbdClient.connect(daemon.nbd, { exportName, tls: { x509: await loadClientX509(pki.anonymousDir) } });
+    await client.close();
     expect((await daemon.stop()).code).toBe(0);
   });
 });

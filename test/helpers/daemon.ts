@@ -73,6 +73,12 @@ export interface StartOptions {
   /** Extra arguments after `serve`; defaults give free loopback ports and one 64 MiB volume. */
   args?: string[];
   volumes?: string[];
+  /** A command the daemon runs under, e.g. `['prlimit', '--nofile=1024:4096', '--']` (it must exec it, keeping the pid). */
+  wrapper?: string[];
+  /** Options for node itself, before the script (`--import` a test preload, say). */
+  nodeArgs?: string[];
+  /** Added to the environment the daemon inherits. */
+  env?: Record<string, string>;
 }
 
 export async function startDaemon(options: StartOptions = {}): Promise<DaemonHandle> {
@@ -92,7 +98,8 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonHan
     ...volumes.flatMap((volume) => ['--volume', volume]),
     ...(options.args ?? []),
   ];
-  const child = spawn(process.execPath, args, { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'] });
+  const [command, ...prefix] = [...(options.wrapper ?? []), process.execPath, ...(options.nodeArgs ?? [])];
+  const child = spawn(command, [...prefix, ...args], { cwd: repoRoot, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env } });
   running.add(child);
   const exited = waitExit(child).finally(() => running.delete(child));
   let stderr = '';

@@ -38,7 +38,7 @@ export interface NbdCli {
   stop(): ReturnType<StartedProcess['stop']>;
 }
 
-const servingLine = /^nbd-server-js: serving (nbd(?:\+unix)?:\/\/\S*)\s*$/;
+const servingLine = /^nbd-server-js: serving (nbds?(?:\+unix)?:\/\/\S*)\s*$/;
 
 export function cliArgs(options: NbdCliOptions): string[] {
   if ((options.file === undefined) === (options.memory === undefined)) {
@@ -57,11 +57,11 @@ export function cliArgs(options: NbdCliOptions): string[] {
 /** Parses what the CLI printed into an address; asserts the URI has the shape the contract gives. */
 export function parseNbdUri(uri: string): { address: NbdAddress; exportName: string } {
   const u = new URL(uri);
-  if (u.protocol === 'nbd:') {
+  if (u.protocol === 'nbd:' || u.protocol === 'nbds:') {
     const port = Number(u.port || '10809');
     return { address: { host: u.hostname, port }, exportName: decodeURIComponent(u.pathname.slice(1)) };
   }
-  if (u.protocol === 'nbd+unix:') {
+  if (u.protocol === 'nbd+unix:' || u.protocol === 'nbds+unix:') {
     const path = u.searchParams.get('socket');
     if (!path) throw new Error(`parseNbdUri: no socket= in ${uri}`);
     return { address: { path }, exportName: decodeURIComponent(u.pathname.slice(1)) };

@@ -106,6 +106,8 @@ const requirements = [
     ['libnbd-bin', ['nbdinfo', 'nbdcopy']],
     ['python3-libnbd', ['nbdsh']],
     ['nbdkit', ['nbdkit']],
+    ['gnutls-bin', ['certtool', 'psktool']],
+    ['util-linux', ['prlimit']],
     ['fio', ['fio']],
     ['qemu-system-x86', ['qemu-system-x86_64']],
     ['e2fsprogs', ['mkfs.ext4', 'e2fsck', 'debugfs']],

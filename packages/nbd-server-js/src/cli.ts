@@ -7,6 +7,7 @@ import { parseArgs } from 'node:util';
 import { FileDevice, MemoryDevice, ReadOnlyDevice, parseSize as parseSizeBytes, type BlockDevice } from '@gannet/block-device';
 import { DEFAULT_PORT } from './protocol/constants.js';
 import { NbdServer, nbdUri, type Logger } from './server/server.js';
+import { loadPskFile, loadServerX509, tlsModes, type TlsMode, type TlsServerCredentials } from './tls.js';
 
 export const usage = `Usage: nbd-server-js FILE [options]
        nbd-server-js --memory SIZE [options]
@@ -20,6 +21,12 @@ Options:
   --name NAME      export name (the empty name selects it too)
   --read-only      refuse writes
   --memory SIZE    serve a memory disk instead of a file; SIZE like 4096, 512M, 1G
+  --tls MODE       off (default), on (clients may use TLS) or require (no export without TLS)
+  --tls-certificates DIR
+                   X.509 credentials: DIR/server-cert.pem, DIR/server-key.pem, DIR/ca-cert.pem
+  --tls-verify-peer
+                   ask clients for a certificate signed by DIR/ca-cert.pem; refuse those without
+  --tls-psk FILE   pre-shared keys instead, one identity:hexkey per line (as psktool writes them)
   --help           show this help
 `;
 
@@ -43,6 +50,10 @@ interface CliOptions {
   readonly socket?: string;
   readonly name?: string;
   readonly readOnly: boolean;
+  readonly tls: TlsMode;
+  readonly tlsCertificates?: string;
+  readonly tlsVerifyPeer: boolean;
+  readonly tlsPsk?: string;
 }
 
 function parse(argv: string[]): CliOptions | 'help' {
@@ -59,6 +70,10 @@ function parse(argv: string[]): CliOptions | 'help' {
         name: { type: 'string' },
         'read-only': { type: 'boolean', default: false },
         memory: { type: 'string' },
+        tls: { type: 'string' },
+        'tls-certificates': { type: 'string' },
+        'tls-verify-peer': { type: 'boolean', default: false },
+        'tls-psk': { type: 'string' },
         help: { type: 'boolean', default: false },
       },
     });
@@ -73,6 +88,17 @@ function parse(argv: string[]): CliOptions | 'help' {
   if (values.socket !== undefined && (values.port !== undefined || values.host !== undefined)) {
     throw new UsageError('--socket cannot be combined with --host or --port');
   }
+  const tls = (values.tls ?? 'off') as TlsMode;
+  if (!tlsModes.includes(tls)) throw new UsageError(`--tls must be one of ${tlsModes.join(', ')}, got ${JSON.stringify(values.tls)}`);
+  const certificates = values['tls-certificates'];
+  const psk = values['tls-psk'];
+  if (tls === 'off' && (certificates !== undefined || psk !== undefined || values['tls-verify-peer'])) {
+    throw new UsageError('--tls-certificates, --tls-psk and --tls-verify-peer need --tls on or --tls require');
+  }
+  if (tls !== 'off' && (certificates === undefined) === (psk === undefined)) {
+    throw new UsageError(`--tls ${tls} needs either --tls-certificates DIR or --tls-psk FILE`);
+  }
+  if (values['tls-verify-peer'] && certificates === undefined) throw new UsageError('--tls-verify-peer needs --tls-certificates');
   let port = DEFAULT_PORT;
   if (values.port !== undefined) {
     if (!/^\d+$/.test(values.port) || Number(values.port) > 65535) throw new UsageError(`invalid port ${JSON.stringify(values.port)}`);
@@ -86,7 +112,16 @@ function parse(argv: string[]): CliOptions | 'help' {
     socket: values.socket,
     name: values.name,
     readOnly: values['read-only'],
+    tls,
+    tlsCertificates: certificates,
+    tlsVerifyPeer: values['tls-verify-peer'],
+    tlsPsk: psk,
   };
+}
+
+async function tlsCredentials(o: CliOptions): Promise<TlsServerCredentials> {
+  if (o.tlsCertificates !== undefined) return { x509: await loadServerX509(o.tlsCertificates, { verifyPeer: o.tlsVerifyPeer }) };
+  return { psk: await loadPskFile(o.tlsPsk!) };
 }
 
 const logger: Logger = (level, msg, fields) => {
@@ -126,8 +161,9 @@ export async function main(argv: string[]): Promise<void> {
 }
 
 async function serve(o: CliOptions): Promise<void> {
+  const tls = o.tls === 'off' ? undefined : { mode: o.tls, credentials: await tlsCredentials(o) };
   const device = await openDevice(o);
-  const server = new NbdServer({ logger });
+  const server = new NbdServer({ logger, ...(tls !== undefined && { tls }) });
   const name = o.name ?? '';
   server.addExport(name, device, { readOnly: o.readOnly });
   if (name !== '') server.setDefaultExport(name);
@@ -158,5 +194,5 @@ async function serve(o: CliOptions): Promise<void> {
   };
   process.on('SIGINT', stop);
   process.on('SIGTERM', stop);
-  process.stdout.write(`nbd-server-js: serving ${nbdUri(address, name)}\n`);
+  process.stdout.write(`nbd-server-js: serving ${nbdUri(address, name, { tls: o.tls === 'require' })}\n`);
 }

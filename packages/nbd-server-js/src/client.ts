@@ -9,14 +9,16 @@
  * exactly as asked, so tests can probe how a server handles out-of-range or unsupported requests.
  */
 import net from 'node:net';
+import tls from 'node:tls';
 import type { BlockDevice, BlockErrorCode, BlockSizes, Capabilities, Extent, WriteOptions, WriteRun, ZeroOptions } from '@gannet/block-device';
 import { BlockDeviceError, checkRange, settleAll, zeroChunkBytes, zeroes, KiB, MiB } from '@gannet/block-device';
 import type { ExportListing, Negotiated } from './client/handshake.js';
-import { clientHandshake, HandshakeReader, listExports, NbdHandshakeError } from './client/handshake.js';
+import { clientHandshake, HandshakeReader, listExports, NbdHandshakeError, requestStartTls } from './client/handshake.js';
 import type { PendingReply } from './client/reply-parser.js';
 import { NbdProtocolError, ReplyParser } from './client/reply-parser.js';
 import { BASE_ALLOCATION, CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLAG_DF, CMD_FLAG_FAST_ZERO, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, REQUEST_HEADER_BYTES, REQUEST_MAGIC, TFLAG_CAN_MULTI_CONN, TFLAG_READ_ONLY, TFLAG_SEND_CACHE, TFLAG_SEND_DF, TFLAG_SEND_FAST_ZERO, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES } from './protocol/constants.js';
 import { errnoToCode } from './protocol/errno.js';
+import { pskCiphers, tlsMinVersion, type TlsClientCredentials } from './tls.js';
 
 export { NbdHandshakeError } from './client/handshake.js';
 export type { ExportListing } from './client/handshake.js';
@@ -36,6 +38,11 @@ export interface NbdClientOptions {
   readonly metaContexts?: string[];
   /** Check ranges and capabilities client-side and split oversized payloads. Default true. */
   readonly strict?: boolean;
+  /**
+   * Use TLS (STARTTLS as the first option) with these credentials; a server that refuses it, or a
+   * handshake that fails (an unknown CA, a wrong key), fails the connection. Without it, plaintext.
+   */
+  readonly tls?: TlsClientCredentials;
 }
 
 /**
@@ -95,6 +102,68 @@ function describe(address: NbdAddress): string {
   return 'path' in address ? address.path : `${address.host}:${address.port}`;
 }
 
+/** Wraps the connected socket in TLS after the server acknowledged STARTTLS. */
+function secureSocket(plain: net.Socket, credentials: TlsClientCredentials, address: NbdAddress): Promise<tls.TLSSocket> {
+  const { x509, psk } = credentials;
+  if ((x509 === undefined) === (psk === undefined)) throw new Error('TLS client credentials: give either x509 or psk');
+  const options: tls.ConnectionOptions = {
+    socket: plain,
+    minVersion: tlsMinVersion,
+    // The name the server certificate must carry: the address connected to, unless told otherwise.
+    ...('host' in address && { host: address.host }),
+    ...(x509 !== undefined && {
+      ca: x509.ca,
+      ...(x509.cert !== undefined && { cert: x509.cert, key: x509.key }),
+      ...(x509.servername !== undefined && { servername: x509.servername }),
+    }),
+    ...(psk !== undefined && {
+      ciphers: pskCiphers,
+      pskCallback: () => ({ psk: psk.key, identity: psk.identity }),
+      // A PSK handshake has no certificate: knowing the key is what proves the server.
+      checkServerIdentity: () => undefined,
+    }),
+  };
+  return new Promise((resolve, reject) => {
+    const secure = tls.connect(options);
+    const onError = (err: Error) => {
+      secure.destroy();
+      reject(new NbdHandshakeError(`TLS handshake failed: ${err.message}`, undefined, { cause: err }));
+    };
+    secure.once('error', onError);
+    secure.once('secureConnect', () => {
+      secure.off('error', onError);
+      secure.setNoDelay(true);
+      resolve(secure);
+    });
+  });
+}
+
+/** The socket a handshake runs on, and the reader over it: both change when STARTTLS succeeds. */
+class Link {
+  reader: HandshakeReader;
+
+  constructor(
+    public socket: net.Socket,
+    private readonly address: NbdAddress,
+    private readonly credentials: TlsClientCredentials | undefined,
+  ) {
+    this.reader = new HandshakeReader(socket);
+  }
+
+  async startTls(r: HandshakeReader): Promise<HandshakeReader> {
+    await requestStartTls(r);
+    r.detach();
+    this.socket = await secureSocket(this.socket, this.credentials!, this.address);
+    this.reader = new HandshakeReader(this.socket);
+    return this.reader;
+  }
+
+  destroy(): void {
+    this.reader.detach();
+    this.socket.destroy();
+  }
+}
+
 export class NbdClient implements BlockDevice {
   readonly size: number;
   readonly exportName: string;
@@ -118,18 +187,17 @@ export class NbdClient implements BlockDevice {
 
   /** Connects, negotiates and attaches an export; rejects with NbdHandshakeError if the server refuses. */
   static async connect(address: NbdAddress, options: NbdClientOptions = {}): Promise<NbdClient> {
-    const socket = await connectSocket(address);
-    const reader = new HandshakeReader(socket);
+    const link = new Link(await connectSocket(address), address, options.tls);
     try {
-      const negotiated = await clientHandshake(reader, {
+      const negotiated = await clientHandshake(link.reader, {
         exportName: options.exportName ?? '',
         structuredReplies: options.structuredReplies ?? true,
         metaContexts: options.metaContexts ?? [BASE_ALLOCATION],
+        ...(options.tls !== undefined && { startTls: (r) => link.startTls(r) }),
       });
-      return new NbdClient(socket, negotiated, reader.detach(), options.strict ?? true);
+      return new NbdClient(link.socket, negotiated, link.reader.detach(), options.strict ?? true);
     } catch (err) {
-      reader.detach();
-      socket.destroy();
+      link.destroy();
       if (err instanceof NbdHandshakeError) {
         err.message = `NBD handshake with ${describe(address)} failed: ${err.message}`;
       }
@@ -137,15 +205,13 @@ export class NbdClient implements BlockDevice {
     }
   }
 
-  /** The server's exports, via NBD_OPT_LIST. */
-  static async list(address: NbdAddress): Promise<ExportListing[]> {
-    const socket = await connectSocket(address);
-    const reader = new HandshakeReader(socket);
+  /** The server's exports, via NBD_OPT_LIST (over TLS with `options.tls`). */
+  static async list(address: NbdAddress, options: { tls?: TlsClientCredentials } = {}): Promise<ExportListing[]> {
+    const link = new Link(await connectSocket(address), address, options.tls);
     try {
-      return await listExports(reader);
+      return await listExports(link.reader, options.tls !== undefined ? (r) => link.startTls(r) : undefined);
     } finally {
-      reader.detach();
-      socket.destroy();
+      link.destroy();
     }
   }
 

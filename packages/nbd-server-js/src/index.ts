@@ -3,3 +3,4 @@ export * from './client.js';
 export * from './protocol/builders.js';
 export * from './protocol/constants.js';
 export * from './server/server.js';
+export * from './tls.js';

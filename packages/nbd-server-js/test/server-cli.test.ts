@@ -58,7 +58,9 @@ function addressOf(uri: string) {
 
 describe('nbd-server-js CLI', () => {
   it('usage errors exit 2 with a message', async () => {
-    for (const args of [[], ['--memory', '12Q'], ['--memory', '0'], ['--memory', '1M', 'file.img'], ['--memory', '1M', '--port', 'x'], ['--memory', '1M', '--socket', '/tmp/s', '--port', '1'], ['--bogus']]) {
+    for (const args of [[], ['--memory', '12Q'], ['--memory', '0'], ['--memory', '1M', 'file.img'], ['--memory', '1M', '--port', 'x'], ['--memory', '1M', '--socket', '/tmp/s', '--port', '1'], ['--bogus'],
+      ['--memory', '1M', '--tls', 'maybe'], ['--memory', '1M', '--tls', 'require'], ['--memory', '1M', '--tls-psk', 'keys.psk'],
+      ['--memory', '1M', '--tls', 'on', '--tls-psk', 'k', '--tls-certificates', 'd'], ['--memory', '1M', '--tls', 'on', '--tls-psk', 'k', '--tls-verify-peer']]) {
       const r = await run(args).exited;
       expect(r.code, args.join(' ')).toBe(2);
       expect(r.stderr).toMatch(/nbd-server-js: .+/);

@@ -4,6 +4,7 @@
  * runs a real `Connection` over an in-memory duplex stream (no sockets), and a decoder for what the
  * server sends, written independently of the server's encoders.
  */
+import { MemoryBudget } from '../src/server/memory-budget.js';
 import { PayloadPool } from '../src/server/payload-pool.js';
 import { connect, type Socket } from 'node:net';
 import { Duplex } from 'node:stream';
@@ -248,11 +249,16 @@ export function harness(registry: ExportRegistry, limits: Partial<ConnectionCont
     optionBytesMax: 64 * 1024,
     inflightBytesMax: 64 * 1024 * 1024,
     payloadPool: new PayloadPool(),
+    memoryBudget: new MemoryBudget(256 * 1024 * 1024),
+    tls: { mode: 'off', setup: null },
     logger: () => {},
     isShuttingDown: () => h.shuttingDown,
     wantsEvents: () => true,
     event: (ev) => events.push(ev),
     betweenBatches: () => {},
+    exportFull: () => false,
+    joined: () => {},
+    left: () => {},
     ...limits,
   };
   (h as { connection: Connection }).connection = new Connection(socket as never, ctx);

@@ -208,6 +208,16 @@ export function buildProgram(): Command {
     .option('--control-socket <PATH>', 'also serve the control API on this Unix socket')
     .addOption(new Option('--log-level <LEVEL>', 'log level (default: info)').choices(logLevels))
     .option('--volume <NAME[:SIZE]>', 'serve this volume, created sparse if new (repeatable; default: vol0:1G)', collect)
+    .option('--nbd-memory-max <SIZE>', 'memory for NBD payloads and unsent replies, all connections together (default: 256M)')
+    .option('--nbd-stall-timeout-ms <MS>', 'drop a client that holds NBD memory without moving it for this long (default: 30000)')
+    .option('--nbd-connections-max <N>', 'NBD connections open at once; more are refused (default: 1024)')
+    .option('--nbd-export-connections-max <N>', 'NBD connections per export (default: 128)')
+    .option('--nbd-handshake-timeout-ms <MS>', 'drop an NBD client that has not finished its handshake after this long (default: 10000)')
+    .option('--control-connections-max <N>', 'control API connections open at once, per listener (default: 128)')
+    .addOption(new Option('--tls <MODE>', 'NBD over TLS: on lets clients use it, require refuses clients without it (default: off)').choices(['off', 'on', 'require']))
+    .option('--tls-certificates <DIR>', 'X.509 credentials: DIR/server-cert.pem, DIR/server-key.pem, DIR/ca-cert.pem')
+    .option('--tls-verify-peer', 'require client certificates signed by DIR/ca-cert.pem')
+    .option('--tls-psk <FILE>', 'pre-shared keys instead of certificates, identity:hexkey per line (psktool)')
     .action((flags: ServeFlags) => serve(flags));
 
   addClientOptions(

@@ -6,6 +6,17 @@
 import { readFile } from 'node:fs/promises';
 import { extname } from 'node:path';
 import { volumeOptionsSchema } from '@gannet/core';
+import {
+  connectionsMaxDefault,
+  exportConnectionsMaxDefault,
+  handshakeTimeoutMsDefault,
+  memoryBytesMaxDefault,
+  memoryBytesMinFor,
+  requestBytesMaxDefault,
+  stallTimeoutMsDefault,
+  tlsModes,
+  type TlsMode,
+} from 'nbd-server-js';
 import YAML from 'yaml';
 import { z } from 'zod';
 import { defaultControlListen, defaultDataDir, defaultNbdListen, logLevels, parseHostPort } from './defaults.js';
@@ -21,6 +32,15 @@ export const defaultBodyBytesMax = 64 * KiB;
 export const bodyBytesMaxLimit = 16 * MiB;
 export const configFileBytesMax = 1 * MiB;
 export const volumeNameLengthMax = 64;
+/**
+ * Control API connections open at once; more are closed on accept. Event stream subscribers (at most
+ * 64, events.ts) hold one each, so the cap leaves room for calls beside them.
+ */
+export const controlConnectionsMaxDefault = 128;
+export const controlConnectionsMaxMin = 80;
+/** Far above any host's memory: a larger NBD budget is a unit mistake. */
+export const nbdMemoryBytesMaxLimit = 64 * GiB;
+export const timeoutMsMax = 3_600_000;
 
 /** Volume names become export names (`NAME/primary`) and directory names, so no '/' and no dot-first. */
 export const volumeNamePattern = /^[A-Za-z0-9][A-Za-z0-9_.-]*$/;
@@ -35,6 +55,34 @@ const sizeSchema = z.union([z.number(), z.string()]).transform((value, ctx) => {
   }
   return bytes;
 });
+
+/** A whole number given as a number or as decimal digits (command-line flags arrive as strings). */
+const integerSchema = z.union([z.number(), z.string().regex(/^\d+$/, 'expected a whole number').transform(Number)]).pipe(z.number().int());
+
+/** A yes/no setting; a flag without a value arrives as `true`. */
+const booleanSchema = z.union([z.boolean(), z.enum(['true', 'false']).transform((value) => value === 'true')]);
+
+const tlsSchema = z
+  .object({
+    mode: z.enum(tlsModes as [TlsMode, ...TlsMode[]]).default('off'),
+    certificates: z.string().min(1).optional(),
+    psk: z.string().min(1).optional(),
+    verifyPeer: booleanSchema.default(false),
+  })
+  .strict()
+  .superRefine((tls, ctx) => {
+    const given = [tls.certificates, tls.psk].filter((value) => value !== undefined).length;
+    if (tls.mode === 'off' && (given > 0 || tls.verifyPeer)) {
+      const set = tls.certificates !== undefined ? 'certificates' : tls.psk !== undefined ? 'psk' : 'verifyPeer';
+      ctx.addIssue({ code: 'custom', path: [set], message: 'needs TLS mode on or require' });
+    } else if (tls.mode !== 'off' && given !== 1) {
+      ctx.addIssue({ code: 'custom', path: ['mode'], message: `mode ${tls.mode} needs either certificates (a directory) or psk (a file), not both` });
+    } else if (tls.verifyPeer && tls.certificates === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['verifyPeer'], message: 'verifyPeer needs certificates' });
+    }
+  });
+
+export type TlsConfig = z.output<typeof tlsSchema>;
 
 const listenSchema = z.string().transform((value, ctx) => {
   const address = parseHostPort(value);
@@ -85,14 +133,27 @@ export const daemonConfigSchema = z
         listen: listenSchema.prefault(defaultNbdListen),
         socket: z.string().min(1).optional(),
         requestBytesMax: sizeSchema.pipe(z.number().int().min(64 * KiB).max(256 * MiB)).optional(),
+        memoryBytesMax: sizeSchema.pipe(z.number().int().min(1 * MiB).max(nbdMemoryBytesMaxLimit)).default(memoryBytesMaxDefault),
+        stallTimeoutMs: integerSchema.pipe(z.number().min(100).max(timeoutMsMax)).default(stallTimeoutMsDefault),
+        connectionsMax: integerSchema.pipe(z.number().min(1).max(1_000_000)).default(connectionsMaxDefault),
+        exportConnectionsMax: integerSchema.pipe(z.number().min(1).max(1_000_000)).default(exportConnectionsMaxDefault),
+        handshakeTimeoutMs: integerSchema.pipe(z.number().min(100).max(timeoutMsMax)).default(handshakeTimeoutMsDefault),
+        tls: tlsSchema.prefault({}),
       })
       .strict()
+      .superRefine((nbd, ctx) => {
+        const least = memoryBytesMinFor(nbd.requestBytesMax ?? requestBytesMaxDefault);
+        if (nbd.memoryBytesMax < least) {
+          ctx.addIssue({ code: 'custom', path: ['memoryBytesMax'], message: `must be at least ${least} bytes to fit the largest request (requestBytesMax)` });
+        }
+      })
       .prefault({}),
     control: z
       .object({
         listen: listenSchema.prefault(defaultControlListen),
         socket: z.string().min(1).optional(),
         bodyBytesMax: sizeSchema.pipe(z.number().int().min(1 * KiB).max(bodyBytesMaxLimit)).default(defaultBodyBytesMax),
+        connectionsMax: integerSchema.pipe(z.number().min(controlConnectionsMaxMin).max(100_000)).default(controlConnectionsMaxDefault),
       })
       .strict()
       .prefault({}),
@@ -130,6 +191,16 @@ export interface ServeFlags {
   controlSocket?: string;
   logLevel?: string;
   volume?: string[];
+  nbdMemoryMax?: string;
+  nbdStallTimeoutMs?: string;
+  nbdConnectionsMax?: string;
+  nbdExportConnectionsMax?: string;
+  nbdHandshakeTimeoutMs?: string;
+  controlConnectionsMax?: string;
+  tls?: string;
+  tlsCertificates?: string;
+  tlsPsk?: string;
+  tlsVerifyPeer?: boolean;
 }
 
 /** Which config field each flag sets, so errors about a flag's value name the flag. */
@@ -138,8 +209,18 @@ const flagFields: Record<string, string> = {
   logLevel: '--log-level',
   'nbd.listen': '--nbd',
   'nbd.socket': '--nbd-socket',
+  'nbd.memoryBytesMax': '--nbd-memory-max',
+  'nbd.stallTimeoutMs': '--nbd-stall-timeout-ms',
+  'nbd.connectionsMax': '--nbd-connections-max',
+  'nbd.exportConnectionsMax': '--nbd-export-connections-max',
+  'nbd.handshakeTimeoutMs': '--nbd-handshake-timeout-ms',
+  'nbd.tls.mode': '--tls',
+  'nbd.tls.certificates': '--tls-certificates',
+  'nbd.tls.psk': '--tls-psk',
+  'nbd.tls.verifyPeer': '--tls-verify-peer',
   'control.listen': '--control',
   'control.socket': '--control-socket',
+  'control.connectionsMax': '--control-connections-max',
 };
 
 export async function readConfigFile(file: string): Promise<unknown> {
@@ -166,22 +247,34 @@ export async function loadConfig(flags: ServeFlags): Promise<DaemonConfig> {
   }
   const merged = structuredClone(raw) as Record<string, any>;
   const fromFlags = new Map<string, string>();
-  const set = (path: string, value: string | undefined) => {
+  const set = (path: string, value: string | boolean | undefined) => {
     if (value === undefined) return;
-    const [head, tail] = path.split('.');
-    if (tail === undefined) merged[head] = value;
-    else {
-      if (typeof merged[head] !== 'object' || merged[head] === null) merged[head] = {};
-      merged[head][tail] = value;
+    const keys = path.split('.');
+    const last = keys.pop()!;
+    let parent = merged;
+    for (const key of keys) {
+      if (typeof parent[key] !== 'object' || parent[key] === null) parent[key] = {};
+      parent = parent[key];
     }
+    parent[last] = value;
     fromFlags.set(path, flagFields[path]);
   };
   set('dataDir', flags.dataDir);
   set('logLevel', flags.logLevel);
   set('nbd.listen', flags.nbd);
   set('nbd.socket', flags.nbdSocket);
+  set('nbd.memoryBytesMax', flags.nbdMemoryMax);
+  set('nbd.stallTimeoutMs', flags.nbdStallTimeoutMs);
+  set('nbd.connectionsMax', flags.nbdConnectionsMax);
+  set('nbd.exportConnectionsMax', flags.nbdExportConnectionsMax);
+  set('nbd.handshakeTimeoutMs', flags.nbdHandshakeTimeoutMs);
+  set('nbd.tls.mode', flags.tls);
+  set('nbd.tls.certificates', flags.tlsCertificates);
+  set('nbd.tls.psk', flags.tlsPsk);
+  set('nbd.tls.verifyPeer', flags.tlsVerifyPeer);
   set('control.listen', flags.control);
   set('control.socket', flags.controlSocket);
+  set('control.connectionsMax', flags.controlConnectionsMax);
   for (const spec of flags.volume ?? []) {
     const colon = spec.indexOf(':');
     const name = colon === -1 ? spec : spec.slice(0, colon);

@@ -63,6 +63,8 @@ export type ControlListenAddress = { host: string; port: number } | { path: stri
 export interface ControlWorkerData {
   readonly token: string;
   readonly bodyBytesMax: number;
+  /** Control connections open at once, per listener; more are closed on accept. */
+  readonly connectionsMax: number;
   /** The nice value the control thread asks for (control-thread.ts). */
   readonly nice: number;
   readonly listen: readonly ControlListenAddress[];

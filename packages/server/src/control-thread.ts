@@ -43,6 +43,8 @@ export const controlWorkerEntry = new URL('./control-worker.js', import.meta.url
 export interface ControlThreadOptions {
   readonly token: string;
   readonly bodyBytesMax: number;
+  /** Control connections open at once; more are closed on accept. */
+  readonly connectionsMax: number;
   readonly listen: readonly ControlListenAddress[];
   readonly operations: ControlOperations;
   readonly logger: Logger;
@@ -131,6 +133,7 @@ export class ControlThread {
     const data: ControlWorkerData = {
       token: options.token,
       bodyBytesMax: options.bodyBytesMax,
+      connectionsMax: options.connectionsMax,
       nice: controlThreadNice,
       listen,
       lanePort: port2,

@@ -46,6 +46,26 @@ const backend: ControlBackend = {
 
 const apps: FastifyInstance[] = [];
 
+/** Connections closed at the cap are logged as a count, at most this often. */
+const dropLogIntervalMs = 1_000;
+let droppedConnections = 0;
+let dropLog: NodeJS.Timeout | null = null;
+
+/**
+ * Node closes connections past `maxConnections` as it accepts them, so a flood of idle sockets on this
+ * port costs the daemon at most the cap in descriptors; the NBD cap leaves room for them (nbd-setup.ts).
+ */
+function onDrop(): void {
+  droppedConnections += 1;
+  if (dropLog !== null) return;
+  dropLog = setTimeout(() => {
+    dropLog = null;
+    log('warn', 'control connections refused at the cap', { refused: droppedConnections, connectionsMax: data.connectionsMax });
+    droppedConnections = 0;
+  }, dropLogIntervalMs);
+  dropLog.unref();
+}
+
 function raisePriority(nice: number): void {
   try {
     // PID/task/TID: setpriority() on a thread id sets the nice value of that thread alone.
@@ -65,6 +85,8 @@ async function listen(address: ControlListenAddress): Promise<ControlListenAddre
   apps.push(app);
   await app.ready();
   const { server } = app;
+  server.maxConnections = data.connectionsMax;
+  server.on('drop', onDrop);
   server.listen('path' in address ? { path: address.path } : { port: address.port, host: address.host });
   await once(server, 'listening');
   server.on('error', (error) => log('error', 'control server error', { err: errorData(error) }));

@@ -11,6 +11,7 @@ import type { ControlListenAddress, ControlOperations, MetricsText } from './con
 import { ControlThread, type ControlThreadOptions } from './control-thread.js';
 import type { EventName } from './events.js';
 import { Metrics } from './metrics.js';
+import { prepareNbd, watchNbdLimits, type NbdSetup } from './nbd-setup.js';
 import { createVolumeRecord, resolveVolumes, type VolumeSpec } from './registry.js';
 
 /**
@@ -93,13 +94,21 @@ export class Daemon implements ControlOperations {
     readonly logger: Logger,
     readonly token: string,
     readonly tokenFile: string,
+    nbdSetup: NbdSetup,
   ) {
     this.failed = new Promise((resolve) => {
       this.reportFailure = resolve;
     });
     const nbdLogger = logger.child({ component: 'nbd' });
+    const { nbd } = config;
     this.nbd = new NbdServer({
-      ...(config.nbd.requestBytesMax !== undefined && { requestBytesMax: config.nbd.requestBytesMax }),
+      ...(nbd.requestBytesMax !== undefined && { requestBytesMax: nbd.requestBytesMax }),
+      memoryBytesMax: nbd.memoryBytesMax,
+      stallTimeoutMs: nbd.stallTimeoutMs,
+      connectionsMax: nbdSetup.connectionsMax,
+      exportConnectionsMax: nbd.exportConnectionsMax,
+      handshakeTimeoutMs: nbd.handshakeTimeoutMs,
+      ...(nbdSetup.tls !== undefined && { tls: nbdSetup.tls }),
       logger: (level, message, fields) => nbdLogger[level](fields ?? {}, message),
       // Control calls waiting on the lane are answered between NBD request batches.
       betweenBatches: () => this.control?.poll(),
@@ -110,6 +119,7 @@ export class Daemon implements ControlOperations {
       this.metrics.onConnection();
       nbdLogger.debug(event, 'connection');
     });
+    watchNbdLimits(this.nbd, this.metrics.registry, logger);
   }
 
   static async start(config: DaemonConfig, logger: Logger): Promise<Daemon> {
@@ -117,7 +127,8 @@ export class Daemon implements ControlOperations {
     await mkdir(dataDir, { recursive: true, mode: 0o700 });
     const { token, file } = await ensureToken(dataDir, logger);
     const specs = await resolveVolumes({ ...config, dataDir });
-    const daemon = new Daemon({ ...config, dataDir }, logger, token, file);
+    const nbdSetup = await prepareNbd(config, specs.length, logger);
+    const daemon = new Daemon({ ...config, dataDir }, logger, token, file, nbdSetup);
     try {
       for (const spec of specs) await daemon.openManaged(spec);
       await daemon.listen();
@@ -181,6 +192,7 @@ export class Daemon implements ControlOperations {
     const options: ControlThreadOptions = {
       token: this.token,
       bodyBytesMax: control.bodyBytesMax,
+      connectionsMax: control.connectionsMax,
       listen,
       operations: this,
       logger: this.logger,
@@ -196,6 +208,11 @@ export class Daemon implements ControlOperations {
 
   private publish(event: EventName, volume: string, data: Record<string, unknown>): void {
     this.control?.publish(event, volume, data);
+  }
+
+  /** With TLS required, the URIs handed out are `nbds`: clients given them insist on TLS. */
+  private get tlsRequired(): boolean {
+    return this.config.nbd.tls.mode === 'require';
   }
 
   get volumeNames(): string[] {
@@ -219,8 +236,8 @@ export class Daemon implements ControlOperations {
       name,
       exports,
       uris: {
-        primary: this.nbdAddresses.map((address) => nbdUri(address, exports.primary)),
-        secondary: this.nbdAddresses.map((address) => nbdUri(address, exports.secondary)),
+        primary: this.nbdAddresses.map((address) => nbdUri(address, exports.primary, { tls: this.tlsRequired })),
+        secondary: this.nbdAddresses.map((address) => nbdUri(address, exports.secondary, { tls: this.tlsRequired })),
       },
       strategy: stats.strategy,
       state: stats.state,

@@ -28,6 +28,7 @@ import {
   OPT_GO,
   OPT_LIST,
   OPT_SET_META_CONTEXT,
+  OPT_STARTTLS,
   OPT_STRUCTURED_REPLY,
   OPTION_REPLY_HEADER_BYTES,
   OPTION_REPLY_MAGIC,
@@ -157,6 +158,24 @@ export interface HandshakeOptions {
   readonly exportName: string;
   readonly structuredReplies: boolean;
   readonly metaContexts: readonly string[];
+  /**
+   * Upgrades the connection to TLS right after the greeting, before any other option (so none can be
+   * tampered with): sends STARTTLS, and once the server acknowledged it, hands over to the caller, who
+   * wraps the socket and returns a reader on the TLS socket for the rest of the handshake.
+   */
+  readonly startTls?: (r: HandshakeReader) => Promise<HandshakeReader>;
+}
+
+/**
+ * Sends NBD_OPT_STARTTLS and waits for its ACK. Any refusal fails the handshake: a client that asked
+ * for TLS does not carry on in plaintext (a man in the middle could have forged the refusal).
+ */
+export async function requestStartTls(r: HandshakeReader): Promise<void> {
+  r.write(buildOption(OPT_STARTTLS));
+  const reply = await readOptionReply(r, OPT_STARTTLS);
+  if (isOptionReplyError(reply.type)) throw refusal('NBD_OPT_STARTTLS', reply);
+  if (reply.type !== REP_ACK) throw new NbdHandshakeError(`unexpected reply type ${reply.type} to NBD_OPT_STARTTLS`);
+  if (r.cursor.available > 0) throw new NbdHandshakeError('the server sent plaintext after acknowledging STARTTLS');
 }
 
 /** Greeting and client flags; returns whether the server omits the EXPORT_NAME padding. */
@@ -229,8 +248,9 @@ function readSize(b: Buffer, at: number): number {
   return Number(size);
 }
 
-export async function clientHandshake(r: HandshakeReader, options: HandshakeOptions): Promise<Negotiated> {
-  const { noZeroes } = await greet(r);
+export async function clientHandshake(reader: HandshakeReader, options: HandshakeOptions): Promise<Negotiated> {
+  const { noZeroes } = await greet(reader);
+  const r = options.startTls === undefined ? reader : await options.startTls(reader);
   const structuredReplies = options.structuredReplies && (await negotiateStructuredReplies(r));
   const metaContexts = structuredReplies && options.metaContexts.length > 0
     ? await negotiateMetaContexts(r, options.exportName, options.metaContexts)
@@ -283,8 +303,9 @@ export interface ExportListing {
   readonly description: string;
 }
 
-export async function listExports(r: HandshakeReader): Promise<ExportListing[]> {
-  await greet(r);
+export async function listExports(reader: HandshakeReader, startTls?: (r: HandshakeReader) => Promise<HandshakeReader>): Promise<ExportListing[]> {
+  await greet(reader);
+  const r = startTls === undefined ? reader : await startTls(reader);
   r.write(buildOption(OPT_LIST));
   const exports: ExportListing[] = [];
   await collectReplies(r, OPT_LIST, 'NBD_OPT_LIST', (reply) => {

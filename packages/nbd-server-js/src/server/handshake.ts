@@ -1,6 +1,7 @@
 /**
  * The server side of fixed newstyle negotiation as a synchronous state machine: client flags and
- * options go in, reply frames and a decision (keep negotiating, close, enter transmission) come out.
+ * options go in, reply frames and a decision (keep negotiating, close, start TLS, enter transmission)
+ * come out. With TLS, the modes of the spec's TLS section: 'require' is FORCEDTLS, 'on' SELECTIVETLS.
  * No I/O and no device calls, so every path is testable with bytes alone.
  */
 import type { BlockDevice } from '@gannet/block-device';
@@ -24,6 +25,7 @@ import {
   REP_ERR_INVALID,
   REP_ERR_POLICY,
   REP_ERR_SHUTDOWN,
+  REP_ERR_TLS_REQD,
   REP_ERR_UNKNOWN,
   REP_ERR_UNSUP,
   REP_INFO,
@@ -64,6 +66,8 @@ export interface ExportEntry {
   readonly device: BlockDevice;
   readonly description: string;
   readonly readOnly: boolean;
+  /** Served only over TLS (a server in TLS mode 'require' treats every export so). */
+  readonly tlsRequired?: boolean;
 }
 
 export interface ExportRegistry {
@@ -77,6 +81,14 @@ export interface HandshakeContext {
   /** Largest READ/WRITE payload, advertised as the BLOCK_SIZE maximum (capped by the device's). */
   readonly requestBytesMax: number;
   isShuttingDown(): boolean;
+  /**
+   * 'off': STARTTLS is refused (the spec's NOTLS). 'on': clients may upgrade, and exports marked
+   * `tlsRequired` are refused until they do (SELECTIVETLS). 'require': every option but STARTTLS and
+   * ABORT is refused until TLS is up (FORCEDTLS). Default 'off'.
+   */
+  readonly tls?: 'off' | 'on' | 'require';
+  /** True when the export has as many connections as it may: GO and EXPORT_NAME are then refused. */
+  exportFull?(entry: ExportEntry): boolean;
 }
 
 /** What transmission needs to know about the negotiation. */
@@ -93,6 +105,8 @@ export interface Session {
 export type HandshakeStep =
   | { readonly frames: Buffer[]; readonly next: 'continue' }
   | { readonly frames: Buffer[]; readonly next: 'close'; readonly reason: string }
+  /** The frames (the ACK) go out, then the TLS handshake; `tlsStarted` is called once it succeeds. */
+  | { readonly frames: Buffer[]; readonly next: 'starttls' }
   | { readonly frames: Buffer[]; readonly next: 'transmission'; readonly session: Session };
 
 export function isWritable(entry: ExportEntry): boolean {
@@ -184,8 +198,29 @@ export class Handshake {
   /** LIST grants its INFO/GO allowance once. */
   private listed = false;
   private done = false;
+  private tlsActive = false;
+  private readonly tlsMode: 'off' | 'on' | 'require';
 
-  constructor(private readonly context: HandshakeContext) {}
+  constructor(private readonly context: HandshakeContext) {
+    this.tlsMode = context.tls ?? 'off';
+  }
+
+  /**
+   * The TLS handshake after STARTTLS succeeded. What was negotiated before it is forgotten (the spec:
+   * a man in the middle could have chosen it); the client flags stay, they are not sent again.
+   */
+  tlsStarted(): void {
+    this.tlsActive = true;
+    this.structuredReplies = false;
+    this.metaExportName = null;
+    this.baseAllocation = false;
+  }
+
+  /** Whether `entry` may be used on this connection yet: TLS-only exports need TLS to be up. */
+  private needsTls(entry: ExportEntry): boolean {
+    if (this.tlsActive || this.tlsMode === 'off') return false;
+    return this.tlsMode === 'require' || entry.tlsRequired === true;
+  }
 
   clientFlags(flags: number): HandshakeStep {
     if ((flags & ~CLIENT_FLAGS_KNOWN) !== 0) {
@@ -206,13 +241,16 @@ export class Handshake {
     if (shuttingDown && option !== OPT_ABORT) {
       return this.reply([encodeOptionError(option, REP_ERR_SHUTDOWN, 'server is shutting down')]);
     }
+    if (this.tlsMode === 'require' && !this.tlsActive && option !== OPT_STARTTLS && option !== OPT_ABORT) {
+      return this.reply([encodeOptionError(option, REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first')]);
+    }
     switch (option) {
       case OPT_ABORT:
         return this.close('client aborted', [encodeOptionReply(option, REP_ACK)]);
       case OPT_LIST:
         return this.list(data);
       case OPT_STARTTLS:
-        return this.reply([encodeOptionError(option, REP_ERR_POLICY, 'TLS is not configured on this server')]);
+        return this.startTls(data);
       case OPT_INFO:
       case OPT_GO:
         return this.infoOrGo(option, data);
@@ -253,20 +291,31 @@ export class Handshake {
     return { frames, next: 'transmission', session };
   }
 
+  private startTls(data: Buffer): HandshakeStep {
+    if (this.tlsMode === 'off') return this.reply([encodeOptionError(OPT_STARTTLS, REP_ERR_POLICY, 'TLS is not configured on this server')]);
+    if (data.length !== 0) return this.invalid(OPT_STARTTLS, 'STARTTLS carries no data');
+    if (this.tlsActive) return this.invalid(OPT_STARTTLS, 'TLS is already running');
+    return { frames: [encodeOptionReply(OPT_STARTTLS, REP_ACK)], next: 'starttls' };
+  }
+
   private exportName(data: Buffer): HandshakeStep {
     // EXPORT_NAME cannot carry an error: refusing means closing.
     if (this.context.isShuttingDown()) return this.close('server is shutting down');
+    if (this.tlsMode === 'require' && !this.tlsActive) return this.close('EXPORT_NAME before STARTTLS on a server that requires TLS');
     if (data.length > stringBytesMax) return this.close('export name too long');
     const name = data.toString('utf8');
     const entry = this.context.exports.lookup(name);
     if (entry === undefined) return this.close(`unknown export ${JSON.stringify(name)}`);
+    if (this.needsTls(entry)) return this.close(`export ${JSON.stringify(name)} requires TLS`);
+    if (this.context.exportFull?.(entry) === true) return this.close(`export ${JSON.stringify(name)} has as many connections as it may`);
     const flags = transmissionFlagsFor(entry, this.structuredReplies);
     return this.enter(entry, [encodeExportNameReply(entry.device.size, flags, this.noZeroes)]);
   }
 
   private list(data: Buffer): HandshakeStep {
     if (data.length !== 0) return this.invalid(OPT_LIST, 'LIST carries no data');
-    const exports = this.context.exports.list();
+    // TLS-only exports are not named to a client that has not started TLS (the spec allows leaving them out).
+    const exports = this.context.exports.list().filter((e) => !this.needsTls(e));
     // The allowance for INFO/GO on the listed exports is granted once, or repeated LISTs would lift
     // the option cap for ever.
     if (!this.listed) this.optionsLeft += optionCountPerListedExport * exports.length;
@@ -286,6 +335,12 @@ export class Handshake {
     const entry = this.context.exports.lookup(name);
     if (entry === undefined) {
       return this.reply([encodeOptionError(option, REP_ERR_UNKNOWN, `unknown export ${JSON.stringify(name)}`)]);
+    }
+    if (this.needsTls(entry)) {
+      return this.reply([encodeOptionError(option, REP_ERR_TLS_REQD, `export ${JSON.stringify(name)} requires TLS: send NBD_OPT_STARTTLS first`)]);
+    }
+    if (option === OPT_GO && this.context.exportFull?.(entry) === true) {
+      return this.reply([encodeOptionError(option, REP_ERR_POLICY, `export ${JSON.stringify(name)} has as many connections as it may; try again later`)]);
     }
     const flags = transmissionFlagsFor(entry, this.structuredReplies);
     const frames = [encodeOptionReply(option, REP_INFO, encodeInfoExport(entry.device.size, flags))];
@@ -317,7 +372,9 @@ export class Handshake {
     const queries: string[] = [];
     for (let i = 0; i < count && !r.invalid; i++) queries.push(r.string(r.u32()));
     if (r.invalid || r.remaining !== 0) return this.invalid(option, `malformed ${optionNames[option]} request`);
-    if (this.context.exports.lookup(name) === undefined) {
+    const metaEntry = this.context.exports.lookup(name);
+    // Only INFO, GO and EXPORT_NAME may answer TLS_REQD; a TLS-only export is as unknown here as in LIST.
+    if (metaEntry === undefined || this.needsTls(metaEntry)) {
       return this.reply([encodeOptionError(option, REP_ERR_UNKNOWN, `unknown export ${JSON.stringify(name)}`)]);
     }
     // LIST with no queries lists everything; "base:" lists the namespace. SET selects by full name only.

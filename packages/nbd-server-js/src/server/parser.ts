@@ -11,7 +11,7 @@
  * consumes them synchronously.
  */
 import { CMD_WRITE, IHAVEOPT, OPTION_HEADER_BYTES, REQUEST_HEADER_BYTES, REQUEST_MAGIC } from '../protocol/constants.js';
-import { PayloadPool } from './payload-pool.js';
+import { PayloadPool, type PayloadSource } from './payload-pool.js';
 
 export interface ParserLimits {
   /** Largest option payload accepted; a longer one ends the connection. */
@@ -179,12 +179,12 @@ export class ClientStreamParser {
   private readonly queue = new ChunkQueue();
   private readonly scratch = Buffer.allocUnsafe(REQUEST_HEADER_BYTES);
   private phase: Phase = 'client-flags';
-  /** The request whose WRITE payload is being collected or skipped. */
-  private pending: { request: Mutable<Request>; filled: number } | null = null;
+  /** The request whose WRITE payload is being collected or skipped (or waits for its buffer). */
+  private pending: { request: Mutable<Request>; filled: number; awaitingMemory: boolean } | null = null;
 
   constructor(
     private readonly limits: ParserLimits,
-    private readonly pool: PayloadPool = new PayloadPool(),
+    private readonly pool: PayloadSource = new PayloadPool(),
   ) {
     if (!(limits.requestBytesMax <= limits.writeSkipBytesMax)) {
       throw new RangeError('writeSkipBytesMax must be at least requestBytesMax');
@@ -194,6 +194,36 @@ export class ClientStreamParser {
   /** Bytes received and not yet parsed (excludes a partly collected WRITE payload). */
   get bufferedBytes(): number {
     return this.queue.available;
+  }
+
+  /** A WRITE header was parsed but the budget had no room for its payload: `next` asks again. */
+  get awaitingMemory(): boolean {
+    return this.pending?.awaitingMemory ?? false;
+  }
+
+  /** Length of the WRITE payload waiting for memory (0 when none waits). */
+  get awaitingBytes(): number {
+    return this.pending?.awaitingMemory === true ? this.pending.request.length : 0;
+  }
+
+  /** Bytes of a WRITE payload being collected (its buffer is held), 0 when none is. */
+  get receivingPayloadBytes(): number {
+    const p = this.pending;
+    return p !== null && p.request.payload !== null ? p.request.length : 0;
+  }
+
+  /**
+   * Takes the buffer of a WRITE whose payload was still being collected, for the caller to hand back
+   * (the connection closed). Null when there is none.
+   */
+  takePartialPayload(): Buffer | null {
+    const p = this.pending;
+    if (p === null || p.request.payload === null) return null;
+    const payload = p.request.payload;
+    p.request.payload = null;
+    this.pending = null;
+    this.phase = 'failed';
+    return payload;
   }
 
   push(chunk: Buffer): void {
@@ -300,11 +330,16 @@ export class ClientStreamParser {
       if (request.length > this.limits.writeSkipBytesMax) {
         return this.fail(`write length ${request.length} exceeds ${this.limits.writeSkipBytesMax}`);
       }
-      if (request.length <= this.limits.requestBytesMax) request.payload = this.pool.acquire(request.length);
-      else request.payloadSkipped = true;
-      this.pending = { request, filled: 0 };
+      this.pending = { request, filled: 0, awaitingMemory: request.length <= this.limits.requestBytesMax };
+      if (!this.pending.awaitingMemory) request.payloadSkipped = true;
     }
     const p = this.pending;
+    if (p.awaitingMemory) {
+      const payload = this.pool.tryAcquire(p.request.length);
+      if (payload === null) return undefined;
+      p.request.payload = payload;
+      p.awaitingMemory = false;
+    }
     const want = p.request.length - p.filled;
     if (p.request.payload !== null) {
       p.filled += this.queue.take(p.request.payload, p.filled, want);

@@ -32,7 +32,7 @@ import {
 import { requestError, toWireError } from './errors.js';
 import { baseAllocationContextId, isWritable, type Session } from './handshake.js';
 import type { Request } from './parser.js';
-import type { PayloadPool } from './payload-pool.js';
+import type { PayloadSource } from './payload-pool.js';
 import {
   encodeBlockStatusChunk,
   encodeErrorChunk,
@@ -67,7 +67,7 @@ export interface TransmissionHooks {
    */
   send(frames: Buffer[], lent: Buffer | null): void;
   /** Where WRITE payloads come from and READ buffers are taken; both are handed back here. */
-  readonly pool: PayloadPool;
+  readonly pool: PayloadSource;
   /** Called after each request settles (replied or dropped), for backpressure and draining. */
   settled(): void;
   /** When false, no timing is taken and no events are built. */
@@ -185,29 +185,39 @@ export class Transmission {
     this.dead = true;
   }
 
-  /** Starts one request. DISC must be handled by the caller (no reply, drain then close). */
-  handle(req: Request): void {
+  /**
+   * Starts one request. DISC must be handled by the caller (no reply, drain then close). Returns false,
+   * having started nothing, when a READ's buffer does not fit the memory budget: the caller waits for
+   * room and hands the same request in again.
+   */
+  handle(req: Request): boolean {
     if (req.type === CMD_DISC) throw new Error('DISC reaches Transmission.handle');
     const startNs = this.hooks.wantsEvents() ? process.hrtime.bigint() : 0n;
     const error = validateRequest(this.session, req, this.hooks.isShuttingDown());
-    const carriesData = req.payload !== null || (req.type === CMD_READ && error === null);
+    let readBuffer: Buffer | null = null;
+    if (error === null && req.type === CMD_READ && req.length > 0) {
+      readBuffer = this.hooks.pool.tryAcquire(req.length);
+      if (readBuffer === null) return false;
+    }
+    const carriesData = req.payload !== null || readBuffer !== null;
     const dataBytes = carriesData ? this.hooks.pool.footprint(req.length) : 0;
     const held = Math.max(dataBytes, requestHeldBytesMin);
     this.inflight += 1;
     this.bytes += held;
     if (error !== null) {
       this.finish(req, held, startNs, this.errorReply(req, error), error);
-      return;
+      return true;
     }
     // WRITE is most of the traffic: straight to the device, without run()'s extra promise.
     const work =
       req.type === CMD_WRITE && req.length > 0
         ? this.device.write(req.payload!, req.offset, (req.flags & CMD_FLAG_FUA) !== 0 ? fuaOptions : undefined).then(() => this.ok(req))
-        : this.run(req);
+        : this.run(req, readBuffer);
     work.then(
       (reply) => this.finish(req, held, startNs, reply, null),
       (err: unknown) => this.finish(req, held, startNs, this.errorReply(req, err), err),
     );
+    return true;
   }
 
   private finish(req: Request, held: number, startNs: bigint, reply: Reply, err: unknown): void {
@@ -240,12 +250,12 @@ export class Transmission {
     return { frames: [encodeSimpleReply(0, req.cookieHi, req.cookieLo)], lent: null };
   }
 
-  private async run(req: Request): Promise<Reply> {
+  private async run(req: Request, readBuffer: Buffer | null): Promise<Reply> {
     const fua = (req.flags & CMD_FLAG_FUA) !== 0 ? fuaOptions : undefined;
     const d = this.device;
     switch (req.type) {
       case CMD_READ:
-        return this.readReply(req);
+        return this.readReply(req, readBuffer);
       case CMD_WRITE:
         if (req.length > 0) await d.write(req.payload!, req.offset, fua);
         return this.ok(req);
@@ -278,10 +288,10 @@ export class Transmission {
     await this.device.writeZeroes(req.offset, req.length, { fua, noHole, fastZero });
   }
 
-  private async readReply(req: Request): Promise<Reply> {
-    const { cookieHi, cookieLo, length } = req;
-    if (length === 0) return this.structured ? { frames: [encodeNoneChunk(cookieHi, cookieLo)], lent: null } : this.ok(req);
-    const buf = this.hooks.pool.acquire(length);
+  /** `buf` is the READ's buffer, taken within the memory budget when the request started; null for length 0. */
+  private async readReply(req: Request, buf: Buffer | null): Promise<Reply> {
+    const { cookieHi, cookieLo } = req;
+    if (buf === null) return this.structured ? { frames: [encodeNoneChunk(cookieHi, cookieLo)], lent: null } : this.ok(req);
     try {
       return { frames: await this.read(req, buf), lent: buf };
     } catch (err) {

@@ -8,9 +8,11 @@ function encodeSocketPath(path: string): string {
   return path.replace(/[^A-Za-z0-9/._~-]/g, (c) => encodeURIComponent(c));
 }
 
-export function nbdUri(addr: ListenAddress, exportName: string): string {
+/** `tls` gives the `nbds` schemes, with which libnbd and qemu insist on TLS. */
+export function nbdUri(addr: ListenAddress, exportName: string, options: { tls?: boolean } = {}): string {
   const name = encodeURIComponent(exportName);
-  if ('path' in addr) return `nbd+unix:///${name}?socket=${encodeSocketPath(addr.path)}`;
+  const scheme = options.tls ? 'nbds' : 'nbd';
+  if ('path' in addr) return `${scheme}+unix:///${name}?socket=${encodeSocketPath(addr.path)}`;
   const host = addr.host.includes(':') ? `[${addr.host}]` : addr.host;
-  return `nbd://${host}:${addr.port}/${name}`;
+  return `${scheme}://${host}:${addr.port}/${name}`;
 }
