@@ -53,6 +53,12 @@ import {
 export const volumeOpenConcurrency = 16;
 /** How long a deleted volume's NBD connections get to finish the requests in flight before they are cut. */
 export const exportCloseGraceMs = 10_000;
+/**
+ * How long a delete without force waits for the volume's connections to go before it refuses. A client
+ * that has just disconnected (its process exited) is noticed when the main thread reads its socket
+ * again, which can come after the delete's call: `qemu-io ...; gannet volume delete` must not fail.
+ */
+export const clientDisconnectGraceMs = 1_000;
 /** The ordering key of reloads; no volume can have it (volume names start with a letter or digit). */
 const reloadKey = '*reload';
 
@@ -173,7 +179,7 @@ export class VolumeSet {
     return this.view(this.lookup(name));
   }
 
-  /** The engine volume of an open volume (tests and the bench drive it in process). */
+  /** The engine volume of an open volume, for a caller that embeds the daemon. */
   volumeOf(name: string): Volume {
     const entry = this.lookup(name);
     if (entry.kind !== 'open') throw unavailable(entry);
@@ -189,7 +195,7 @@ export class VolumeSet {
     return this.order.idle();
   }
 
-  /** Closes every open volume; the NBD server has already stopped. */
+  /** Closes every open volume (the NBD server has already stopped); resolves with the first failure, if any. */
   async closeAll(): Promise<unknown> {
     let failure: unknown;
     for (const name of this.names) {
@@ -496,7 +502,17 @@ export class VolumeSet {
       let closeError: string | undefined;
       if (entry.kind === 'open') {
         const exports = [`${name}/primary`, `${name}/secondary`];
-        const clients = exports.reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0);
+        const connected = () => exports.reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0);
+        let clients = connected();
+        if (clients > 0 && !force) {
+          let timer: NodeJS.Timeout | undefined;
+          const grace = new Promise<void>((resolve) => {
+            timer = setTimeout(resolve, clientDisconnectGraceMs);
+          });
+          await Promise.race([Promise.all(exports.map((exportName) => nbd.exportConnectionsClosed(exportName))), grace]);
+          clearTimeout(timer);
+          clients = connected();
+        }
         if (clients > 0 && !force) {
           throw new ApiError('conflict', `volume ${name} has ${clients} NBD client(s) connected: disconnect them first, or force (which closes them)`);
         }

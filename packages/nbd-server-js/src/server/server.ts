@@ -125,6 +125,13 @@ export class NbdServer extends EventEmitter {
     return count;
   }
 
+  /** Resolves once every connection using `name` now has closed (new ones are not waited for). */
+  exportConnectionsClosed(name: string): Promise<void> {
+    const closing: Promise<void>[] = [];
+    for (const [conn, client] of this.clients) if (client.exportName === name) closing.push(conn.closed);
+    return Promise.all(closing).then(() => undefined);
+  }
+
   /**
    * New connections no longer see the export, and the connections using it are closed as `close()`
    * closes every connection: a negotiation ends at once; requests in flight finish, later ones get
