@@ -88,6 +88,16 @@ interface BrokenEntry {
 
 type Entry = OpenEntry | BrokenEntry;
 
+/** What a reload did to the volumes and groups (the daemon adds its own settings to the answer). */
+export interface VolumeReload {
+  readonly added: string[];
+  readonly failed: ReloadResult['failed'];
+  readonly notInConfig: string[];
+  /** Limits of open volumes that changed: the engine takes them when it opens a volume. */
+  readonly restartNeeded: string[];
+  readonly groupsChanged: boolean;
+}
+
 export interface VolumeSetContext {
   readonly dataDir: string;
   readonly nbd: NbdServer;
@@ -588,7 +598,7 @@ export class VolumeSet {
    * reports the rest (volumes it no longer names are kept; limits of open volumes apply when they are
    * next opened, since the engine takes them only then). A contradiction is refused before anything changes.
    */
-  reload(config: DaemonConfig): Promise<Omit<ReloadResult, 'applied' | 'restartNeeded'> & { restartNeeded: string[]; groupsChanged: boolean }> {
+  reload(config: DaemonConfig): Promise<VolumeReload> {
     return this.ordered([reloadKey], async () => {
       const configured = Object.entries(config.volumes);
       const known = new Set([...this.entries.keys(), ...configured.map(([name]) => name)]);
