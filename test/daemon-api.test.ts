@@ -145,10 +145,11 @@ describe('gannet control API', () => {
     expect((await api(daemon, 'POST', '/v1/volumes/nope/checkpoint')).status).toBe(404);
     expect((await api(daemon, 'POST', '/v1/checkpoint', { volumes: ['vol0', 'nope'] })).status).toBe(404);
     expect((await api(daemon, 'GET', '/v2/volumes')).status).toBe(404);
-    const method = await api(daemon, 'DELETE', '/v1/volumes/vol0');
+    const method = await api(daemon, 'PUT', '/v1/volumes/vol0');
     expect(method.status).toBe(405);
     expect(method.json.error.code).toBe('method_not_allowed');
-    expect(method.headers.get('allow')).toBe('GET');
+    expect(method.headers.get('allow')).toBe('GET, DELETE');
+    expect((await api(daemon, 'DELETE', '/v1/volumes/nope')).status).toBe(404);
   });
 
   it('answers 400 naming the field for bad bodies, 413 for big ones', async () => {
@@ -299,7 +300,7 @@ describe('gannet control API', () => {
     }
   });
 
-  it('fails over, then answers 409 to checkpoint and failover, with the failover event', async () => {
+  it('fails over, then answers 409 to checkpoint and to another target, 200 to the same one, with the failover event', async () => {
     const response = await fetch(`${daemon.controlUrl}/v1/events?volume=vol1`, { headers: { authorization: `Bearer ${daemon.token}` } });
     const reader = response.body!.getReader();
     try {
@@ -314,8 +315,17 @@ describe('gannet control API', () => {
     const checkpoint = await api(daemon, 'POST', '/v1/volumes/vol1/checkpoint');
     expect(checkpoint.status).toBe(409);
     expect(checkpoint.json.error.code).toBe('conflict');
-    expect((await api(daemon, 'POST', '/v1/checkpoint', {})).status).toBe(409);
+    // Every volume: the failed-over one is left out, and said so.
+    const all = await api(daemon, 'POST', '/v1/checkpoint', {});
+    expect(all.status).toBe(200);
+    expect(all.json.volumes.map((entry: { name: string }) => entry.name)).toEqual(['vol0']);
+    expect(all.json.skipped).toEqual([{ name: 'vol1', reason: 'failed-over (to checkpoint)' }]);
+    expect((await api(daemon, 'POST', '/v1/checkpoint', { volumes: ['vol0', 'vol1'] })).status).toBe(409);
     expect((await api(daemon, 'POST', '/v1/volumes/vol1/failover', { to: 'secondary' })).status).toBe(409);
+    // The same target again answers as the first time did.
+    const again = await api(daemon, 'POST', '/v1/volumes/vol1/failover', { to: 'checkpoint' });
+    expect(again.status).toBe(200);
+    expect(again.json).toMatchObject({ name: 'vol1', state: 'failed-over', failoverTarget: 'checkpoint' });
     const other = await api(daemon, 'POST', '/v1/checkpoint', { volumes: ['vol0'] });
     expect(other.status).toBe(200);
   });

@@ -47,6 +47,9 @@ describe('gannet serve configuration', () => {
       ['control-cap.yaml', 'control:\n  connectionsMax: 2\n', 'control.connectionsMax'],
       ['list.yaml', '- 1\n- 2\n', '--config'],
       ['broken.json', '{"volumes": ', '--config'],
+      ['member.yaml', 'volumes:\n  a: { sizeBytes: 1M }\ngroups:\n  g: [a, b]\n', 'groups.g.1: no volume "b"'],
+      ['twice.yaml', 'volumes:\n  a: { sizeBytes: 1M }\ngroups:\n  g: [a, a]\n', 'groups.g.1: volume "a" is listed twice'],
+      ['clash.yaml', 'volumes:\n  a: { sizeBytes: 1M }\ngroups:\n  a: [a]\n', 'groups.a: "a" is also a volume\'s name'],
     ];
     for (const [name, text, field] of cases) {
       const file = await configFile(name, text);

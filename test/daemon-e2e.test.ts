@@ -113,9 +113,14 @@ describe('gannet daemon end to end with qemu-io and the gannet CLI', () => {
     const refused = await qemuIo(daemon, 'vol0/primary', ['write -P 0x11 8M 4096']);
     expect(refused.stdout + refused.stderr).toMatch(/Permission denied|Operation not permitted/i);
 
+    // The same failover again answers as the first did; another target is refused.
     const again = await gannet(['failover', 'vol0', '--to', target, ...clientFlags(daemon)]);
-    expect(again.status).toBe(1);
-    expect(again.stderr).toMatch(/409 conflict.*failed-over/);
+    expect(again.status, again.stderr).toBe(0);
+    expect(again.stdout).toContain(`failed over to ${target}`);
+    const other = target === 'secondary' ? 'primary' : 'secondary';
+    const refusedTarget = await gannet(['failover', 'vol0', '--to', other, ...clientFlags(daemon)]);
+    expect(refusedTarget.status).toBe(1);
+    expect(refusedTarget.stderr).toMatch(new RegExp(`409 conflict.*already failed over to ${target}`));
     const late = await gannet(['checkpoint', 'vol0', ...clientFlags(daemon)]);
     expect(late.status).toBe(1);
     expect(late.stderr).toMatch(/409 conflict/);

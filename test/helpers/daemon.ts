@@ -30,6 +30,7 @@ export interface Exit {
 
 export interface DaemonHandle {
   readonly child: ChildProcess;
+  readonly pid: number;
   readonly dataDir: string;
   readonly nbd: Address;
   readonly control: Address;
@@ -37,6 +38,8 @@ export interface DaemonHandle {
   readonly token: string;
   readonly stdoutLines: string[];
   stderr(): string;
+  /** Resolves with the first stderr log line (JSON, pino) that `match` accepts, seen from now on or already. */
+  logLine(match: (line: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
   readonly exited: Promise<Exit>;
   /** Sends `signal` (SIGTERM by default) and waits for the exit. */
   stop(signal?: NodeJS.Signals): Promise<Exit>;
@@ -44,6 +47,24 @@ export interface DaemonHandle {
 
 const running = new Set<ChildProcess>();
 const temporaryDirs = new Set<string>();
+/**
+ * Run by stopAll: `beforeKill` ones first (resuming a paused file system, which a process blocked on it
+ * needs to die), the others once the processes are gone and before the temporary directories go
+ * (unmounting); last registered, first run.
+ */
+const cleanups: { run: () => Promise<void>; beforeKill: boolean }[] = [];
+
+export function onCleanup(run: () => Promise<void>, options: { beforeKill?: boolean } = {}): void {
+  cleanups.push({ run, beforeKill: options.beforeKill ?? false });
+}
+
+async function runCleanups(beforeKill: boolean): Promise<void> {
+  const due = cleanups.filter((cleanup) => cleanup.beforeKill === beforeKill).reverse();
+  for (const cleanup of due) cleanups.splice(cleanups.indexOf(cleanup), 1);
+  for (const cleanup of due) await cleanup.run();
+}
+
+export const logLineTimeoutMs = 20_000;
 
 export { requireTool } from './process.js';
 
@@ -103,9 +124,33 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonHan
   running.add(child);
   const exited = waitExit(child).finally(() => running.delete(child));
   let stderr = '';
-  child.stderr!.setEncoding('utf8').on('data', (chunk: string) => {
-    stderr += chunk;
+  const logWaiters = new Set<(line: string) => void>();
+  createInterface({ input: child.stderr! }).on('line', (line) => {
+    stderr += `${line}\n`;
+    for (const waiter of logWaiters) waiter(line);
   });
+  const parseLog = (line: string): Record<string, unknown> | undefined => {
+    try {
+      return JSON.parse(line) as Record<string, unknown>;
+    } catch {
+      return undefined;
+    }
+  };
+  const logLine = (match: (line: Record<string, unknown>) => boolean, timeoutMs = logLineTimeoutMs) => {
+    for (const line of stderr.split('\n')) {
+      const parsed = parseLog(line);
+      if (parsed !== undefined && match(parsed)) return Promise.resolve(parsed);
+    }
+    let waiter!: (line: string) => void;
+    const found = new Promise<Record<string, unknown>>((resolve) => {
+      waiter = (line) => {
+        const parsed = parseLog(line);
+        if (parsed !== undefined && match(parsed)) resolve(parsed);
+      };
+      logWaiters.add(waiter);
+    });
+    return withTimeout(found, timeoutMs, 'daemon log line').finally(() => logWaiters.delete(waiter));
+  };
   const stdoutLines: string[] = [];
   const lines = createInterface({ input: child.stdout! });
   const ready = new Promise<void>((resolve, reject) => {
@@ -136,6 +181,8 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonHan
   const token = (await readFile(join(dataDir, 'control.token'), 'utf8')).trim();
   return {
     child,
+    pid: child.pid!,
+    logLine,
     dataDir,
     nbd,
     control,
@@ -151,11 +198,16 @@ export async function startDaemon(options: StartOptions = {}): Promise<DaemonHan
   };
 }
 
-/** Kills whatever is still running and removes temporary directories; call from afterEach/afterAll. */
+/**
+ * Kills whatever is still running, runs the registered cleanups (unmounting what tests mounted inside
+ * temporary directories) and removes the temporary directories; call from afterEach/afterAll.
+ */
 export async function stopAll(): Promise<void> {
+  await runCleanups(true);
   const children = [...running];
   for (const child of children) child.kill('SIGKILL');
   await Promise.all(children.map(waitExit));
+  await runCleanups(false);
   for (const dir of temporaryDirs) await rm(dir, { recursive: true, force: true });
   temporaryDirs.clear();
 }
@@ -209,6 +261,18 @@ export function assertQemuOk(result: RunResult, what: string): void {
   if (result.status !== 0 || /fail|error|mismatch/i.test(text)) {
     throw new Error(`${what}: qemu-io status ${result.status}\n${text}`);
   }
+}
+
+/** The NBD URI of one of the daemon's exports, as libnbd tools take it. */
+export function exportUri(daemon: DaemonHandle, exportName: string): string {
+  return `nbd://${daemon.nbd.host}:${daemon.nbd.port}/${encodeURIComponent(exportName)}`;
+}
+
+/** The export names `nbdinfo --list` shows. */
+export async function listedExports(daemon: DaemonHandle): Promise<string[]> {
+  const listed = await run(requireTool('nbdinfo'), ['--list', '--json', `nbd://${daemon.nbd.host}:${daemon.nbd.port}`]);
+  if (listed.status !== 0) throw new Error(`nbdinfo --list: status ${listed.status}\n${listed.stderr}`);
+  return (JSON.parse(listed.stdout) as { exports: { 'export-name': string }[] }).exports.map((entry) => entry['export-name']).sort();
 }
 
 /** An authorised request to the control API. */

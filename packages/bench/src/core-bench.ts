@@ -8,7 +8,9 @@
  *     size to the same disk (writeSync in 4 MiB pieces + fdatasync), measured in the same run, as a
  *     ratio; target >= 0.8x raw;
  *   - buffered write throughput, 64 KiB and 4 KiB writes into the primary view;
- *   - RSS against buffered bytes, RSS / (buffered + 64 MiB), each size in a fresh process; target <= 1.1.
+ *   - RSS against buffered bytes, RSS / (buffered + 64 MiB), each size in a fresh process; target <= 1.1;
+ *   - idle volumes: the time to open 100 and 1000 existing volumes of 1 GiB (a daemon's start) and the RSS
+ *     each one adds while idle, in a fresh process; target <= 1 MiB per volume.
  * `--quick` runs tiny sizes (a smoke test); `--dir DIR` picks the disk (default: the OS temp dir).
  * Run with --expose-gc (the root script does) so RSS is measured after a full collection.
  */
@@ -33,6 +35,8 @@ interface BenchPlan {
   /** Alternating rounds of raw write and flush; the median of each is reported. */
   readonly flushRounds: number;
   readonly writeBytes: number;
+  /** How many idle volumes to open for the start time and RSS per idle volume. */
+  readonly idleVolumeCounts: readonly number[];
 }
 
 const fullPlan: BenchPlan = {
@@ -44,6 +48,7 @@ const fullPlan: BenchPlan = {
   flushBytes: 1 * GiB,
   flushRounds: 3,
   writeBytes: 256 * MiB,
+  idleVolumeCounts: [100, 1000],
 };
 
 const quickPlan: BenchPlan = {
@@ -55,6 +60,7 @@ const quickPlan: BenchPlan = {
   flushBytes: 16 * MiB,
   flushRounds: 1,
   writeBytes: 16 * MiB,
+  idleVolumeCounts: [],
 };
 
 /** Fill requests: the size a guest's large sequential I/O reaches the primary view in. */
@@ -73,7 +79,14 @@ const targets = {
   checkpointP99MsMax: 1,
   flushRatioMin: 0.8,
   rssRatioMax: 1.1,
+  idleVolumeRssBytesMax: 1 * MiB,
 };
+/** Size of each idle volume (sparse: it takes no space). */
+const idleVolumeBytes = 1 * GiB;
+/** Volumes opened at once, as the daemon opens them at start (volumeOpenConcurrency in @gannet/server). */
+const idleOpenConcurrency = 16;
+/** How long creating or opening the idle volumes may take. */
+const idleChildMsMax = 600_000;
 
 interface Row {
   readonly metric: string;
@@ -213,6 +226,78 @@ async function rssChild(parent: string, bytes: number): Promise<void> {
   }
 }
 
+function idleVolumeOptions(dir: string, index: number) {
+  return { path: join(dir, `idle-${index}.img`), dataDir: join(dir, `idle-${index}.meta`), sizeBytes: idleVolumeBytes, strategy: 'gannet' as const };
+}
+
+/** Runs `work` on 0..count-1, `idleOpenConcurrency` at a time. */
+async function eachIdle(count: number, work: (index: number) => Promise<void>): Promise<void> {
+  let next = 0;
+  const worker = async () => {
+    while (next < count) await work(next++);
+  };
+  await Promise.all(Array.from({ length: Math.min(idleOpenConcurrency, count) }, worker));
+}
+
+/**
+ * The idle child: with `create`, makes `count` volumes in `dir` and closes them; otherwise opens them (a
+ * daemon's start), and prints the milliseconds that took, then the RSS before and after, once collected.
+ */
+async function idleChild(dir: string, count: number, create: boolean): Promise<void> {
+  if (create) {
+    await eachIdle(count, async (index) => (await openVolume(idleVolumeOptions(dir, index))).close());
+    return;
+  }
+  const volumes: Volume[] = [];
+  collectGarbage();
+  const before = process.memoryUsage.rss();
+  const t0 = nowMs();
+  await eachIdle(count, async (index) => {
+    volumes.push(await openVolume(idleVolumeOptions(dir, index)));
+  });
+  const ms = nowMs() - t0;
+  collectGarbage();
+  console.log(`${ms} ${before} ${process.memoryUsage.rss()}`);
+  for (const volume of volumes) await volume.close();
+}
+
+/** The child's output, or why it failed: running out of memory with many volumes is a result, not a bench bug. */
+function runIdleChild(dir: string, count: number, create: boolean): { output: string } | { failed: string } {
+  const args = ['--expose-gc', fileURLToPath(import.meta.url), '--dir', dir, '--idle-child', String(count), ...(create ? ['--idle-create'] : [])];
+  const child = spawnSync(process.execPath, args, { encoding: 'utf8', timeout: idleChildMsMax });
+  if (child.status === 0) return { output: child.stdout.trim() };
+  if (/heap out of memory|FatalProcessOutOfMemory/.test(child.stderr)) return { failed: 'out of memory (JS heap)' };
+  throw new Error(`idle child (${count} volumes${create ? ', create' : ''}) failed: status ${child.status} ${child.signal ?? ''}\n${child.stderr}`);
+}
+
+/** Start time and RSS per idle volume, each count in fresh processes (one creates, one opens and measures). */
+function benchIdleVolumes(dir: string, plan: BenchPlan, rows: Row[]): void {
+  for (const count of plan.idleVolumeCounts) {
+    const volumesDir = mkdtempSync(join(dir, 'idle-'));
+    try {
+      const created = runIdleChild(volumesDir, count, true);
+      const opened = 'failed' in created ? created : runIdleChild(volumesDir, count, false);
+      if ('failed' in opened) {
+        rows.push({ metric: `open ${count} idle volumes of ${formatBytes(idleVolumeBytes)} (a start)`, value: opened.failed, target: '' });
+        rows.push({ metric: `RSS per idle volume, ${count} volumes of ${formatBytes(idleVolumeBytes)}`, value: opened.failed, target: `<= ${formatBytes(targets.idleVolumeRssBytesMax)}`, ok: false });
+        continue;
+      }
+      const [ms, before, after] = opened.output.split(' ').map(Number);
+      if (!(ms > 0 && before > 0 && after > 0)) throw new Error(`idle child (${count} volumes) printed ${JSON.stringify(opened.output)}`);
+      const perVolume = (after - before) / count;
+      rows.push({ metric: `open ${count} idle volumes of ${formatBytes(idleVolumeBytes)} (a start)`, value: `${ms.toFixed(0)} ms`, target: '' });
+      rows.push({
+        metric: `RSS per idle volume, ${count} volumes of ${formatBytes(idleVolumeBytes)}`,
+        value: `${(perVolume / MiB).toFixed(2)} MiB (RSS ${(after / MiB).toFixed(0)} MiB)`,
+        target: `<= ${formatBytes(targets.idleVolumeRssBytesMax)}`,
+        ok: perVolume <= targets.idleVolumeRssBytesMax,
+      });
+    } finally {
+      rmSync(volumesDir, { recursive: true, force: true });
+    }
+  }
+}
+
 /** Writes `bytes` over the file in order, like the flush overwrites the volume's backing file in place. */
 function rawWrite(path: string, bytes: number): number {
   const piece = new Uint8Array(rawPieceBytes).fill(0x5c);
@@ -299,10 +384,17 @@ function printTable(rows: readonly Row[]): void {
 async function main(argv: readonly string[]): Promise<void> {
   const { values } = parseArgs({
     args: [...argv],
-    options: { quick: { type: 'boolean', default: false }, dir: { type: 'string' }, 'rss-child': { type: 'string' } },
+    options: {
+      quick: { type: 'boolean', default: false },
+      dir: { type: 'string' },
+      'rss-child': { type: 'string' },
+      'idle-child': { type: 'string' },
+      'idle-create': { type: 'boolean', default: false },
+    },
     strict: true,
   });
   if (values['rss-child'] !== undefined) return rssChild(values.dir ?? tmpdir(), Number(values['rss-child']));
+  if (values['idle-child'] !== undefined) return idleChild(values.dir ?? tmpdir(), Number(values['idle-child']), values['idle-create']);
   const plan = values.quick ? quickPlan : fullPlan;
   const dir = mkdtempSync(join(values.dir ?? tmpdir(), 'gannet-core-bench-'));
   const rows: Row[] = [];
@@ -316,6 +408,7 @@ async function main(argv: readonly string[]): Promise<void> {
     benchRss(dir, plan, rows);
     await benchFlush(dir, plan, rows);
     await benchWrites(dir, plan, rows);
+    benchIdleVolumes(dir, plan, rows);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

@@ -3,12 +3,13 @@ import { Command, CommanderError, Option } from 'commander';
 import { defaultControlListen, defaultDataDir, formatHostPort, logLevels, parseHostPort } from './defaults.js';
 import type { ServeFlags } from './config.js';
 import { callControl, describeEndpoint, readToken, RefusedError, UnreachableError, UsageError, type ControlEndpoint } from './client.js';
-import type { VolumeView } from './control.js';
+import type { CheckpointResult, RecoverResult, ReloadResult, RemoveResult, VolumeView } from './control.js';
 import type { Daemon } from './daemon.js';
 import { qemuLines } from './qemu.js';
 
 /**
- * `gannet serve` runs the daemon; `gannet status|checkpoint|failover` talk to it over the control API.
+ * `gannet serve` runs the daemon; `gannet status|checkpoint|failover|volume|reload` talk to it over the
+ * control API.
  * Exit status: 0 success, 1 refused by the daemon (or the daemon unreachable, or a failed start),
  * 2 usage or configuration error. Human output goes to stdout, logs (pino, JSON) to stderr.
  */
@@ -51,8 +52,12 @@ export function startupLines(daemon: Daemon): string[] {
   }
   for (const view of daemon.volumes()) {
     lines.push('');
+    if (view.error !== undefined && view.state === 'error') {
+      lines.push(`volume ${view.name}: error ${view.error.code}, not served: ${view.error.message}`);
+      continue;
+    }
     lines.push(
-      `volume ${view.name}: ${formatBytes(view.sizeBytes)}, strategy ${view.strategy}, ${view.state}` +
+      `volume ${view.name}: ${formatBytes(view.sizeBytes ?? 0)}, strategy ${view.strategy}, ${view.state}` +
         `${view.failoverTarget !== undefined ? ` (to ${view.failoverTarget})` : ''}, epoch ${view.epoch} (durable ${view.durableEpoch})`,
     );
     for (const uri of view.uris.primary) lines.push(`  primary export:   ${uri}`);
@@ -74,6 +79,7 @@ export function startupLines(daemon: Daemon): string[] {
 
 async function serve(flags: ServeFlags): Promise<void> {
   const { ConfigError, loadConfig } = await import('./config.js');
+  const reloadConfig = flags.config === undefined ? undefined : () => loadConfig(flags);
   const { default: pino } = await import('pino');
   let config;
   try {
@@ -89,7 +95,7 @@ async function serve(flags: ServeFlags): Promise<void> {
   const { Daemon } = await import('./daemon.js');
   let daemon: Daemon;
   try {
-    daemon = await Daemon.start(config, logger);
+    daemon = await Daemon.start(config, logger, { reloadConfig });
   } catch (error) {
     // The engine's EOPTIONS/EMISMATCH: options it refuses, or files on disk that contradict them.
     const code = (error as { code?: unknown }).code;
@@ -125,6 +131,12 @@ async function serve(flags: ServeFlags): Promise<void> {
   };
   process.on('SIGTERM', onSignal);
   process.on('SIGINT', onSignal);
+  // The daemon logs what the reload did; a file it refuses changes nothing.
+  process.on('SIGHUP', () => {
+    if (stopping) return;
+    logger.info({ signal: 'SIGHUP' }, 'rereading the config file');
+    daemon.reload().catch((error: unknown) => logger.error({ err: error }, 'reload refused'));
+  });
   // A daemon nobody can checkpoint or fail over is stopped cleanly, with an error status for its supervisor.
   void daemon.failed.then((error) => {
     if (stopping) return;
@@ -136,6 +148,23 @@ async function serve(flags: ServeFlags): Promise<void> {
     { nbd: daemon.nbdAddresses, control: daemon.controlAddresses, volumes: daemon.volumeNames },
     readyLine,
   );
+}
+
+/** The `volume create` flag of each config field, so a refusal names what the user typed. */
+const createFlags: Record<string, string> = {
+  sizeBytes: '--size',
+  strategy: '--strategy',
+  blockBytes: '--block-size',
+  memoryBytesMax: '--memory-max',
+  pressureRatio: '--pressure-ratio',
+  committedBytesMax: '--committed-max',
+};
+
+function withFlagNames(error: unknown, flags: Record<string, string>): unknown {
+  if (!(error instanceof RefusedError) || error.field === undefined || flags[error.field] === undefined) return error;
+  const flag = flags[error.field];
+  const message = error.message.startsWith(`${error.field}:`) ? `${flag}${error.message.slice(error.field.length)}` : `${flag}: ${error.message}`;
+  return new RefusedError(error.status, error.code, message, error.field);
 }
 
 interface ClientFlags {
@@ -152,7 +181,9 @@ function endpointOf(flags: ClientFlags): ControlEndpoint {
 }
 
 /** Runs one client command, mapping its failure to an exit status. */
-async function client(flags: ClientFlags, run: (call: (method: 'GET' | 'POST', path: string, body?: unknown) => Promise<unknown>) => Promise<void>) {
+type Call = (method: 'GET' | 'POST' | 'DELETE', path: string, body?: unknown) => Promise<unknown>;
+
+async function client(flags: ClientFlags, run: (call: Call) => Promise<void>) {
   try {
     const endpoint = endpointOf(flags);
     const token = await readToken(flags.dataDir);
@@ -165,22 +196,42 @@ async function client(flags: ClientFlags, run: (call: (method: 'GET' | 'POST', p
   }
 }
 
+const dash = '-';
+
+function stateText(view: VolumeView): string {
+  if (view.state === 'error') return `error(${view.error?.code ?? '?'})`;
+  if (view.failoverTarget === undefined) return view.state;
+  const phase = view.failover !== undefined && view.failover.phase !== 'done' ? `, ${view.failover.phase}` : '';
+  return `${view.state}(${view.failoverTarget}${phase})`;
+}
+
 function statusTable(views: VolumeView[]): string {
-  const header = ['VOLUME', 'STRATEGY', 'STATE', 'EPOCH', 'DURABLE', 'PRIMARY', 'SECONDARY', 'COMMITTED', 'SPILLED', 'TORN'];
+  const header = ['VOLUME', 'STRATEGY', 'STATE', 'EPOCH', 'DURABLE', 'PRIMARY', 'SECONDARY', 'COMMITTED', 'SPILLED', 'TORN', 'CLIENTS'];
+  const bytes = (n: number | undefined) => (n === undefined ? dash : formatBytes(n));
+  const number = (n: number | undefined) => (n === undefined ? dash : String(n));
   const rows = views.map((view) => [
     view.name,
     view.strategy,
-    view.state + (view.failoverTarget !== undefined ? `(${view.failoverTarget})` : ''),
-    String(view.epoch),
-    String(view.durableEpoch),
-    formatBytes(view.bufferedBytes.primary),
-    formatBytes(view.bufferedBytes.secondary),
-    formatBytes(view.bufferedBytes.committed),
-    formatBytes(view.spilledBytes),
-    String(view.tornRanges.length),
+    stateText(view),
+    number(view.epoch),
+    number(view.durableEpoch),
+    bytes(view.bufferedBytes?.primary),
+    bytes(view.bufferedBytes?.secondary),
+    bytes(view.bufferedBytes?.committed),
+    bytes(view.spilledBytes),
+    number(view.tornRanges?.length),
+    number(view.clients),
   ]);
   const widths = header.map((title, column) => Math.max(title.length, ...rows.map((row) => row[column].length)));
-  return [header, ...rows].map((row) => row.map((cell, column) => cell.padEnd(widths[column])).join('  ').trimEnd()).join('\n');
+  const table = [header, ...rows].map((row) => row.map((cell, column) => cell.padEnd(widths[column])).join('  ').trimEnd());
+  // What an operator must read in full: errors, a failover under way or lost.
+  for (const view of views) {
+    if (view.error !== undefined) table.push(`${view.name}: error ${view.error.code} since ${view.error.since}: ${view.error.message}`);
+    if (view.lostFailover !== undefined) {
+      table.push(`${view.name}: a failover to ${view.lostFailover.target} requested at ${view.lostFailover.requestedAt} was lost (the volume is at its checkpoint)`);
+    }
+  }
+  return table.join('\n');
 }
 
 function addClientOptions(command: Command): Command {
@@ -239,13 +290,14 @@ export function buildProgram(): Command {
   addClientOptions(
     program
       .command('checkpoint')
-      .description('checkpoint volumes atomically as one group (all volumes when none are named)')
-      .argument('[NAME...]', 'volumes to checkpoint together'),
+      .description('checkpoint volumes atomically as one group: the named volumes and groups, or every replicating volume when none is named')
+      .argument('[NAME...]', 'volumes or consistency groups to checkpoint together'),
   ).action((names: string[], flags: ClientFlags) =>
     client(flags, async (call) => {
       const body = names.length === 0 ? {} : { volumes: names };
-      const result = (await call('POST', '/v1/checkpoint', body)) as { volumes: { name: string; epoch: number }[] };
+      const result = (await call('POST', '/v1/checkpoint', body)) as CheckpointResult;
       for (const { name, epoch } of result.volumes) process.stdout.write(`${name}: epoch ${epoch}\n`);
+      for (const { name, reason } of result.skipped ?? []) process.stdout.write(`${name}: skipped: ${reason}\n`);
     }),
   );
 
@@ -254,11 +306,95 @@ export function buildProgram(): Command {
       .command('failover')
       .description('fail a volume over: keep the secondary (COLO), roll back to the checkpoint (Remus), or keep the primary (rRVM)')
       .argument('<NAME>', 'volume')
-      .addOption(new Option('--to <TARGET>', 'which side becomes the disk').choices(['secondary', 'checkpoint', 'primary']).default('secondary')),
-  ).action((name: string, flags: ClientFlags & { to: string }) =>
+      .addOption(new Option('--to <TARGET>', 'which side becomes the disk').choices(['secondary', 'checkpoint', 'primary']).default('secondary'))
+      .option('--force', 'fail over although an interrupted flush left torn ranges (the disk then mixes epochs there)', false),
+  ).action((name: string, flags: ClientFlags & { to: string; force: boolean }) =>
     client(flags, async (call) => {
-      const view = (await call('POST', `/v1/volumes/${encodeURIComponent(name)}/failover`, { to: flags.to })) as VolumeView;
+      const view = (await call('POST', `/v1/volumes/${encodeURIComponent(name)}/failover`, { to: flags.to, force: flags.force })) as VolumeView;
       process.stdout.write(`${view.name}: failed over to ${flags.to}; ${view.exports.secondary} is now the disk (state ${view.state}, epoch ${view.epoch})\n`);
+    }),
+  );
+
+  const volume = program.command('volume').description('create, delete or recover a volume while the daemon runs');
+  addClientOptions(
+    volume
+      .command('create')
+      .description('create a volume (created sparse) and serve its exports at once')
+      .argument('<NAME>', 'volume name')
+      .requiredOption('--size <SIZE>', 'size, e.g. 20G')
+      .addOption(new Option('--strategy <STRATEGY>', 'gannet, or a benchmark baseline').choices(['gannet', 'colo', 'passthrough']))
+      .option('--block-size <SIZE>', 'block size, a power of two from 512 to 1M (default 4K)')
+      .option('--memory-max <SIZE>', 'buffered bytes kept in memory before cold blocks spill to disk')
+      .option('--pressure-ratio <RATIO>', "fraction of --memory-max at which a 'pressure' event asks for an early checkpoint")
+      .option('--committed-max <SIZE>', 'committed bytes not yet flushed before writes wait'),
+  ).action(
+    (
+      name: string,
+      flags: ClientFlags & { size: string; strategy?: string; blockSize?: string; memoryMax?: string; pressureRatio?: string; committedMax?: string },
+    ) =>
+      client(flags, async (call) => {
+        const ratio = flags.pressureRatio === undefined ? undefined : Number(flags.pressureRatio);
+        const body = {
+          name,
+          sizeBytes: flags.size,
+          ...(flags.strategy !== undefined && { strategy: flags.strategy }),
+          ...(flags.blockSize !== undefined && { blockBytes: flags.blockSize }),
+          ...(flags.memoryMax !== undefined && { memoryBytesMax: flags.memoryMax }),
+          // Sent as given when it is not a number, so the daemon names the field.
+          ...(flags.pressureRatio !== undefined && { pressureRatio: Number.isFinite(ratio) ? ratio : flags.pressureRatio }),
+          ...(flags.committedMax !== undefined && { committedBytesMax: flags.committedMax }),
+        };
+        const view = (await call('POST', '/v1/volumes', body).catch((error: unknown) => {
+          throw withFlagNames(error, createFlags);
+        })) as VolumeView;
+        process.stdout.write(`${view.name}: created, ${formatBytes(view.sizeBytes ?? 0)}, strategy ${view.strategy}\n`);
+        for (const uri of [...view.uris.primary, ...view.uris.secondary]) process.stdout.write(`  ${uri}\n`);
+      }),
+  );
+
+  addClientOptions(
+    volume
+      .command('delete')
+      .description("stop serving a volume and move its directory to DATA_DIR/deleted (refused while a client is connected or committed data is not yet flushed, unless --force)")
+      .argument('<NAME>', 'volume name')
+      .option('--force', 'close the connected clients and drop what is not yet flushed', false)
+      .option('--purge', 'delete the directory instead of keeping it', false),
+  ).action((name: string, flags: ClientFlags & { force: boolean; purge: boolean }) =>
+    client(flags, async (call) => {
+      const query = new URLSearchParams({ force: String(flags.force), purge: String(flags.purge) });
+      const result = (await call('DELETE', `/v1/volumes/${encodeURIComponent(name)}?${query}`)) as RemoveResult;
+      const where = result.purged ? 'purged' : result.movedTo !== undefined ? `moved to ${result.movedTo}` : 'had no directory';
+      process.stdout.write(`${result.name}: deleted, ${where}\n`);
+      if (result.closeError !== undefined) process.stdout.write(`${result.name}: closing it failed: ${result.closeError}\n`);
+    }),
+  );
+
+  addClientOptions(
+    volume
+      .command('recover')
+      .description('rebuild the lost or damaged metadata of a volume in error (EMETA) from its state file, then serve it (see README: when it is safe)')
+      .argument('<NAME>', 'volume name'),
+  ).action((name: string, flags: ClientFlags) =>
+    client(flags, async (call) => {
+      const result = (await call('POST', `/v1/volumes/${encodeURIComponent(name)}/recover`)) as RecoverResult;
+      const { lifecycle, movedTo, fullResync } = result.recovered;
+      process.stdout.write(`${name}: recovered as ${lifecycle}, now ${stateText(result.volume)}\n`);
+      if (movedTo !== null) process.stdout.write(`${name}: the damaged metadata store was moved to ${movedTo}\n`);
+      if (fullResync) process.stdout.write(`${name}: the whole disk needs a resync from the primary (it is torn until then)\n`);
+    }),
+  );
+
+  addClientOptions(
+    program.command('reload').description('make the daemon reread its config file (as SIGHUP does) and print what changed'),
+  ).action((flags: ClientFlags) =>
+    client(flags, async (call) => {
+      const result = (await call('POST', '/v1/reload')) as ReloadResult;
+      const line = (label: string, items: string[]) => process.stdout.write(`${label}: ${items.length === 0 ? 'none' : items.join(', ')}\n`);
+      line('added', result.added);
+      line('failed', result.failed.map(({ name, code, message }) => `${name} (${code}: ${message})`));
+      line('not in the config file (kept)', result.notInConfig);
+      line('applied', result.applied);
+      line('needs a restart', result.restartNeeded);
     }),
   );
 

@@ -21,6 +21,8 @@ export class RefusedError extends Error {
     readonly status: number,
     readonly code: string,
     message: string,
+    /** The request field the daemon refused, when it named one. */
+    readonly field?: string,
   ) {
     super(message);
     this.name = 'RefusedError';
@@ -55,7 +57,7 @@ export async function readToken(dataDir: string): Promise<string> {
 export function callControl(
   endpoint: ControlEndpoint,
   token: string,
-  method: 'GET' | 'POST',
+  method: 'GET' | 'POST' | 'DELETE',
   path: string,
   body?: unknown,
 ): Promise<unknown> {
@@ -99,8 +101,8 @@ export function callControl(
             resolve(value);
             return;
           }
-          const error = (value as { error?: { code?: string; message?: string } }).error;
-          reject(new RefusedError(status, error?.code ?? 'unknown', error?.message ?? `HTTP ${status}`));
+          const error = (value as { error?: { code?: string; message?: string; field?: string } }).error;
+          reject(new RefusedError(status, error?.code ?? 'unknown', error?.message ?? `HTTP ${status}`, error?.field));
         });
       },
     );

@@ -19,7 +19,7 @@ import {
 } from 'nbd-server-js';
 import YAML from 'yaml';
 import { z } from 'zod';
-import { defaultControlListen, defaultDataDir, defaultNbdListen, logLevels, parseHostPort } from './defaults.js';
+import { defaultControlListen, defaultDataDir, defaultNbdListen, groupVolumesMax, logLevels, parseHostPort } from './defaults.js';
 import { GiB, KiB, MiB, parseSize } from '@gannet/block-device';
 
 export * from './defaults.js';
@@ -105,8 +105,9 @@ const volumeFields = {
 /**
  * Per-volume options. Fields left out keep the value recorded when the volume was created (size, block
  * size, strategy) or the engine's default; the engine's own schema checks the limits of what is set.
+ * `POST /v1/volumes` takes the same fields.
  */
-const volumeConfigSchema = z
+export const volumeConfigSchema = z
   .object(volumeFields)
   .strict()
   .superRefine((volume, ctx) => {
@@ -123,6 +124,27 @@ const volumeConfigSchema = z
   });
 
 export type VolumeConfig = z.output<typeof volumeConfigSchema>;
+
+/** Settings of a volume that may differ from one start to the next (the rest is fixed at creation). */
+export const volumeLimitFields = ['memoryBytesMax', 'pressureRatio', 'committedBytesMax'] as const;
+
+export const volumeNameSchema = z
+  .string()
+  .max(volumeNameLengthMax)
+  .regex(volumeNamePattern, 'volume names use letters, digits, "_", "." and "-", and start with a letter or digit');
+
+/** Volumes of one VM, checkpointed together atomically (`gannet checkpoint GROUP`). */
+const groupSchema = z
+  .array(volumeNameSchema)
+  .min(1)
+  .max(groupVolumesMax)
+  .superRefine((members, ctx) => {
+    const seen = new Set<string>();
+    members.forEach((member, index) => {
+      if (seen.has(member)) ctx.addIssue({ code: 'custom', message: `volume "${member}" is listed twice`, path: [index] });
+      seen.add(member);
+    });
+  });
 
 export const daemonConfigSchema = z
   .object({
@@ -157,17 +179,16 @@ export const daemonConfigSchema = z
       })
       .strict()
       .prefault({}),
-    volumes: z
-      .record(
-        z
-          .string()
-          .max(volumeNameLengthMax)
-          .regex(volumeNamePattern, 'volume names use letters, digits, "_", "." and "-", and start with a letter or digit'),
-        volumeConfigSchema.prefault({}),
-      )
-      .default({}),
+    volumes: z.record(volumeNameSchema, volumeConfigSchema.prefault({})).default({}),
+    groups: z.record(volumeNameSchema, groupSchema).default({}),
   })
-  .strict();
+  .strict()
+  .superRefine((config, ctx) => {
+    // `gannet checkpoint NAME` takes a volume or a group: one name cannot be both.
+    for (const group of Object.keys(config.groups)) {
+      if (group in config.volumes) ctx.addIssue({ code: 'custom', message: `"${group}" is also a volume's name`, path: ['groups', group] });
+    }
+  });
 
 export type DaemonConfigInput = z.input<typeof daemonConfigSchema>;
 export type DaemonConfig = z.output<typeof daemonConfigSchema>;

@@ -1,6 +1,16 @@
 import { receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
 import type { FailoverTarget } from '@gannet/core';
-import { ApiError, apiErrorOf, type ErrorCode, type VolumeView } from './control.js';
+import {
+  ApiError,
+  apiErrorOf,
+  type CheckpointResult,
+  type ErrorCode,
+  type GroupView,
+  type RecoverResult,
+  type ReloadResult,
+  type RemoveResult,
+  type VolumeView,
+} from './control.js';
 import type { EventName } from './events.js';
 
 /**
@@ -17,8 +27,13 @@ import type { EventName } from './events.js';
 export type Call =
   | { op: 'volumes' }
   | { op: 'volume'; name: string }
+  | { op: 'create'; body: unknown }
+  | { op: 'remove'; name: string; force: boolean; purge: boolean }
+  | { op: 'recover'; name: string }
   | { op: 'checkpoint'; names?: string[] }
-  | { op: 'failover'; name: string; to: FailoverTarget }
+  | { op: 'failover'; name: string; to: FailoverTarget; force: boolean }
+  | { op: 'groups' }
+  | { op: 'reload' }
   | { op: 'metrics' };
 
 export interface MetricsText {
@@ -30,8 +45,13 @@ export interface MetricsText {
 export interface Results {
   volumes: VolumeView[];
   volume: VolumeView;
-  checkpoint: { name: string; epoch: number }[];
+  create: VolumeView;
+  remove: RemoveResult;
+  recover: RecoverResult;
+  checkpoint: CheckpointResult;
   failover: VolumeView;
+  groups: GroupView[];
+  reload: ReloadResult;
   metrics: MetricsText;
 }
 
@@ -40,6 +60,7 @@ export interface WireError {
   code: ErrorCode;
   message: string;
   field?: string;
+  reason?: string;
 }
 
 /** Control thread to main thread. */
@@ -101,8 +122,13 @@ export function errorData(error: unknown): ErrorData {
 export interface ControlOperations {
   volumes(): VolumeView[];
   volume(name: string): VolumeView;
-  checkpoint(names?: string[]): Promise<Results['checkpoint']>;
-  failover(name: string, to: FailoverTarget): Promise<VolumeView>;
+  create(body: unknown): Promise<VolumeView>;
+  remove(name: string, options: { force: boolean; purge: boolean }): Promise<RemoveResult>;
+  recover(name: string): Promise<RecoverResult>;
+  checkpoint(names?: string[]): Promise<CheckpointResult>;
+  failover(name: string, to: FailoverTarget, force: boolean): Promise<VolumeView>;
+  groups(): GroupView[];
+  reload(): Promise<ReloadResult>;
   metricsText(): Promise<MetricsText>;
 }
 
@@ -112,10 +138,20 @@ function perform(operations: ControlOperations, call: Call): unknown {
       return operations.volumes();
     case 'volume':
       return operations.volume(call.name);
+    case 'create':
+      return operations.create(call.body);
+    case 'remove':
+      return operations.remove(call.name, { force: call.force, purge: call.purge });
+    case 'recover':
+      return operations.recover(call.name);
     case 'checkpoint':
       return operations.checkpoint(call.names);
     case 'failover':
-      return operations.failover(call.name, call.to);
+      return operations.failover(call.name, call.to, call.force);
+    case 'groups':
+      return operations.groups();
+    case 'reload':
+      return operations.reload();
     case 'metrics':
       return operations.metricsText();
   }
@@ -181,6 +217,7 @@ export class LaneServer {
     const api = known ?? new ApiError('internal', (error as Error)?.message ?? String(error));
     const wire: WireError = { code: api.code, message: api.message };
     if (api.field !== undefined) wire.field = api.field;
+    if (api.reason !== undefined) wire.reason = api.reason;
     this.port.postMessage({ kind: 'error', id, error: wire } satisfies LaneMessage);
   }
 }
@@ -206,7 +243,7 @@ export class LaneClient {
       if (waiter === undefined) return;
       this.waiting.delete(message.id);
       if (message.kind === 'result') waiter.resolve(message.result);
-      else waiter.reject(new ApiError(message.error.code, message.error.message, message.error.field));
+      else waiter.reject(new ApiError(message.error.code, message.error.message, message.error.field, message.error.reason));
     });
   }
 

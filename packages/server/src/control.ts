@@ -1,8 +1,9 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { Socket } from 'node:net';
-import type { FailoverTarget } from '@gannet/core';
+import type { FailoverStatus, FailoverTarget } from '@gannet/core';
 import fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { z } from 'zod';
+import { groupVolumesMax } from './defaults.js';
 import type { EventHub } from './events.js';
 
 /**
@@ -11,7 +12,6 @@ import type { EventHub } from './events.js';
  * body or path) with its HTTP status, whichever layer refused the request.
  */
 
-export const groupVolumesMax = 1024;
 /** Node's own defaults, which fastify would otherwise replace (72 s keep-alive, no request timeout). */
 export const controlKeepAliveTimeoutMs = 5_000;
 export const controlRequestTimeoutMs = 300_000;
@@ -40,31 +40,88 @@ const statusOf: Record<ErrorCode, number> = {
 export class ApiError extends Error {
   readonly code: ErrorCode;
   readonly field?: string;
-  constructor(code: ErrorCode, message: string, field?: string) {
+  /** For `unavailable`: the engine's or the system's code (ENOSPC, EIO, EMETA, EHALTED, ...). */
+  readonly reason?: string;
+  constructor(code: ErrorCode, message: string, field?: string, reason?: string) {
     super(message);
     this.name = 'ApiError';
     this.code = code;
     this.field = field;
+    this.reason = reason;
   }
   get status(): number {
     return statusOf[this.code];
   }
 }
 
+export interface VolumeErrorView {
+  code: string;
+  message: string;
+  since: string;
+}
+
+/**
+ * A volume as the API shows it. A volume in state `error` could not be opened: it carries `error`, its
+ * exports are not served (`uris` are empty), and what only an open volume knows (epochs, buffers) is
+ * absent; `sizeBytes` and `blockBytes` are there when its volume.json could be read.
+ */
 export interface VolumeView {
   name: string;
   exports: { primary: string; secondary: string };
   uris: { primary: string[]; secondary: string[] };
   strategy: string;
   state: string;
+  error?: VolumeErrorView;
   failoverTarget?: FailoverTarget;
-  sizeBytes: number;
-  blockBytes: number;
-  epoch: number;
-  durableEpoch: number;
-  bufferedBytes: { primary: number; secondary: number; committed: number };
-  spilledBytes: number;
-  tornRanges: { offset: number; length: number }[];
+  failover?: FailoverStatus;
+  lostFailover?: { target: FailoverTarget; requestedAt: string; lostAt: string };
+  sizeBytes?: number;
+  blockBytes?: number;
+  epoch?: number;
+  durableEpoch?: number;
+  bufferedBytes?: { primary: number; secondary: number; committed: number };
+  spilledBytes?: number;
+  tornRanges?: { offset: number; length: number }[];
+  /** NBD connections on the volume's exports. */
+  clients?: number;
+}
+
+export interface CheckpointResult {
+  volumes: { name: string; epoch: number }[];
+  /** When no names were given: the volumes left out of the group, and why (failed over, error). */
+  skipped?: { name: string; reason: string }[];
+}
+
+export interface RemoveResult {
+  name: string;
+  /** Where the volume's directory went; absent when it was purged (or never had one). */
+  movedTo?: string;
+  purged: boolean;
+  /** Closing the volume failed (with force): what was not flushed. */
+  closeError?: string;
+}
+
+export interface RecoverResult {
+  volume: VolumeView;
+  recovered: { lifecycle: 'replicating' | 'failed-over'; movedTo: string | null; fullResync: boolean };
+}
+
+export interface ReloadResult {
+  /** Volumes the file names that were added now. */
+  added: string[];
+  /** Volumes the file names that could not be added (they show in state `error`). */
+  failed: { name: string; code: string; message: string }[];
+  /** Volumes served but not named by the file: kept (a reload never removes a volume). */
+  notInConfig: string[];
+  /** Changed settings taken only at the next start (or, for a volume, its next open). */
+  restartNeeded: string[];
+  /** Changed settings in effect now. */
+  applied: string[];
+}
+
+export interface GroupView {
+  name: string;
+  volumes: string[];
 }
 
 /**
@@ -77,8 +134,14 @@ export interface ControlBackend {
   readonly bodyBytesMax: number;
   volumes(): Promise<VolumeView[]>;
   volume(name: string): Promise<VolumeView>;
-  checkpoint(names?: string[]): Promise<{ name: string; epoch: number }[]>;
-  failover(name: string, to: FailoverTarget): Promise<VolumeView>;
+  /** The body as sent: the main thread checks it with the config file's schema. */
+  create(body: unknown): Promise<VolumeView>;
+  remove(name: string, options: { force: boolean; purge: boolean }): Promise<RemoveResult>;
+  recover(name: string): Promise<RecoverResult>;
+  checkpoint(names?: string[]): Promise<CheckpointResult>;
+  failover(name: string, to: FailoverTarget, force: boolean): Promise<VolumeView>;
+  groups(): Promise<GroupView[]>;
+  reload(): Promise<ReloadResult>;
   metrics(): Promise<{ contentType: string; text: string }>;
   onError(error: unknown, request: string): void;
 }
@@ -88,8 +151,10 @@ const groupCheckpointBodySchema = z
   .object({ volumes: z.array(z.string().min(1)).min(1).max(groupVolumesMax).optional() })
   .strict();
 const failoverBodySchema = z
-  .object({ to: z.enum(['secondary', 'checkpoint', 'primary']).default('secondary') })
+  .object({ to: z.enum(['secondary', 'checkpoint', 'primary']).default('secondary'), force: z.boolean().default(false) })
   .strict();
+const flag = z.enum(['true', 'false']).transform((value) => value === 'true');
+const deleteQuerySchema = z.object({ force: flag.default(false), purge: flag.default(false) }).strict();
 /** Not strict: a client may add parameters of its own (a cache-buster, say). */
 const eventsQuerySchema = z.object({ volume: z.string().optional() });
 
@@ -123,7 +188,8 @@ function unsafePathError(rawUrl: string): ApiError | undefined {
   return undefined;
 }
 
-function validate<T extends z.ZodType>(schema: T, value: unknown): z.output<T> {
+/** Checks `value`; a failure is a 400 naming the first bad field. */
+export function validate<T extends z.ZodType>(schema: T, value: unknown): z.output<T> {
   const result = schema.safeParse(value);
   if (result.success) return result.data;
   const issue = result.error.issues[0];
@@ -133,13 +199,24 @@ function validate<T extends z.ZodType>(schema: T, value: unknown): z.output<T> {
   throw new ApiError('bad_request', `${field}: ${issue.message}`, field);
 }
 
+/**
+ * Codes of failures that are no fault of the request and may heal (space freed, metadata recovered, the
+ * volume reopened): answered 503 with the code as `reason`.
+ */
+const unavailableCodes = new Set(['ENOSPC', 'EDQUOT', 'EFBIG', 'EIO', 'EMETA', 'EHALTED', 'EPERM', 'EACCES', 'EROFS', 'ENOMEM', 'ESHUTDOWN']);
+
 /** The API's own errors and the engine's refusals; anything else is an internal error. */
 export function apiErrorOf(error: unknown): ApiError | undefined {
   if (error instanceof ApiError) return error;
   if (typeof error !== 'object' || error === null) return undefined;
-  const { code, message } = error as { code?: unknown; message?: string };
-  // The engine refuses operations the volume's state does not allow with code ESTATE.
-  if (code === 'ESTATE') return new ApiError('conflict', message ?? 'conflict');
+  const { code, message = String(code) } = error as { code?: unknown; message?: string };
+  if (typeof code !== 'string') return undefined;
+  // ESTATE: the volume's state forbids it; ETORN: failover over torn ranges without force.
+  if (code === 'ESTATE' || code === 'ETORN' || code === 'EMISMATCH') return new ApiError('conflict', message);
+  if (code === 'EOPTIONS') return new ApiError('bad_request', message);
+  if (unavailableCodes.has(code)) return new ApiError('unavailable', message, undefined, code);
+  // The metadata store (LevelDB) failed under the engine.
+  if (code.startsWith('LEVEL_')) return new ApiError('unavailable', message, undefined, 'EMETA');
   return undefined;
 }
 
@@ -163,8 +240,9 @@ function routerError(error: { code?: unknown; message: string }, rawUrl: string)
 }
 
 function sendError(reply: FastifyReply, error: ApiError): FastifyReply {
-  const body: { code: ErrorCode; message: string; field?: string } = { code: error.code, message: error.message };
+  const body: { code: ErrorCode; message: string; field?: string; reason?: string } = { code: error.code, message: error.message };
   if (error.field !== undefined) body.field = error.field;
+  if (error.reason !== undefined) body.reason = error.reason;
   if (error.code === 'unauthorized') reply.header('www-authenticate', 'Bearer realm="gannet"');
   if (error.code === 'payload_too_large') reply.header('connection', 'close');
   return reply.code(error.status).send({ error: body });
@@ -183,7 +261,7 @@ function onClientError(error: NodeJS.ErrnoException, socket: Socket): void {
 }
 
 interface Route {
-  method: 'GET' | 'POST';
+  method: 'GET' | 'POST' | 'DELETE';
   url: string;
   auth: boolean;
   handle(request: FastifyRequest, reply: FastifyReply, backend: ControlBackend): Promise<unknown>;
@@ -206,15 +284,43 @@ const routes: Route[] = [
     },
   },
   { method: 'GET', url: '/v1/volumes', auth: true, handle: async (_request, _reply, backend) => ({ volumes: await backend.volumes() }) },
+  {
+    method: 'POST',
+    url: '/v1/volumes',
+    auth: true,
+    async handle(request, reply, backend) {
+      const view = await backend.create(bodyOf(request));
+      reply.code(201);
+      return view;
+    },
+  },
   { method: 'GET', url: '/v1/volumes/:name', auth: true, handle: async (request, _reply, backend) => backend.volume(nameOf(request)) },
+  {
+    method: 'DELETE',
+    url: '/v1/volumes/:name',
+    auth: true,
+    async handle(request, _reply, backend) {
+      validate(emptyBodySchema, bodyOf(request));
+      return backend.remove(nameOf(request), validate(deleteQuerySchema, request.query));
+    },
+  },
+  {
+    method: 'POST',
+    url: '/v1/volumes/:name/recover',
+    auth: true,
+    async handle(request, _reply, backend) {
+      validate(emptyBodySchema, bodyOf(request));
+      return backend.recover(nameOf(request));
+    },
+  },
   {
     method: 'POST',
     url: '/v1/volumes/:name/checkpoint',
     auth: true,
     async handle(request, _reply, backend) {
       validate(emptyBodySchema, bodyOf(request));
-      const [result] = await backend.checkpoint([nameOf(request)]);
-      return { epoch: result.epoch };
+      const { volumes } = await backend.checkpoint([nameOf(request)]);
+      return { epoch: volumes[0].epoch };
     },
   },
   {
@@ -223,7 +329,7 @@ const routes: Route[] = [
     auth: true,
     async handle(request, _reply, backend) {
       const body = validate(groupCheckpointBodySchema, bodyOf(request));
-      return { volumes: await backend.checkpoint(body.volumes) };
+      return backend.checkpoint(body.volumes);
     },
   },
   {
@@ -232,7 +338,17 @@ const routes: Route[] = [
     auth: true,
     async handle(request, _reply, backend) {
       const body = validate(failoverBodySchema, bodyOf(request));
-      return backend.failover(nameOf(request), body.to);
+      return backend.failover(nameOf(request), body.to, body.force);
+    },
+  },
+  { method: 'GET', url: '/v1/groups', auth: true, handle: async (_request, _reply, backend) => ({ groups: await backend.groups() }) },
+  {
+    method: 'POST',
+    url: '/v1/reload',
+    auth: true,
+    async handle(request, _reply, backend) {
+      validate(emptyBodySchema, bodyOf(request));
+      return backend.reload();
     },
   },
   {

@@ -2,24 +2,26 @@ import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { resolve as resolvePath, join } from 'node:path';
-import { checkpointGroup, openVolume, type FailoverTarget, type Volume } from '@gannet/core';
-import { NbdServer, nbdUri, type ListenAddress as NbdListenAddress } from 'nbd-server-js';
+import type { FailoverTarget, Volume } from '@gannet/core';
+import { NbdServer, type ListenAddress as NbdListenAddress } from 'nbd-server-js';
 import type { Logger } from 'pino';
-import { tokenFileName, type DaemonConfig } from './config.js';
-import { ApiError, type VolumeView } from './control.js';
+import { ConfigError, tokenFileName, type DaemonConfig } from './config.js';
+import { ApiError, type CheckpointResult, type GroupView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
 import type { ControlListenAddress, ControlOperations, MetricsText } from './control-lane.js';
 import { ControlThread, type ControlThreadOptions } from './control-thread.js';
 import type { EventName } from './events.js';
 import { Metrics } from './metrics.js';
 import { prepareNbd, watchNbdLimits, type NbdSetup } from './nbd-setup.js';
-import { createVolumeRecord, resolveVolumes, type VolumeSpec } from './registry.js';
+import { scanVolumes } from './registry.js';
+import { VolumeSet } from './volume-set.js';
 
 /**
  * The gannet daemon: opens every volume of the data directory, serves NAME/primary and NAME/secondary
  * per volume over NBD, and the control API over HTTP on a thread of its own (control-thread.ts). The
- * main thread owns the volumes and answers the control thread's calls, also from inside the NBD data
- * path so that they do not wait behind it (control-lane.ts). Control operations that change a volume
- * (checkpoint, failover) run one at a time, so a failover never races a checkpoint of the same group.
+ * main thread owns the volumes (volume-set.ts) and answers the control thread's calls, also from inside
+ * the NBD data path so that they do not wait behind it (control-lane.ts). Control operations that change
+ * a volume run one at a time per volume (ordering.ts), so a failover never races a checkpoint of the
+ * same group, and a slow one on one volume holds up no other volume.
  */
 
 export const tokenBytes = 32;
@@ -30,9 +32,31 @@ export const controlShutdownGraceMs = 5_000;
 
 export type ControlAddress = ControlListenAddress;
 
-interface ManagedVolume {
-  readonly spec: VolumeSpec;
-  readonly volume: Volume;
+export interface DaemonOptions {
+  /** Rereads the config file (with the start's flags over it), for SIGHUP and POST /v1/reload. */
+  readonly reloadConfig?: () => Promise<DaemonConfig>;
+}
+
+/** Top-level settings a reload applies at once; every other setting is taken only at start. */
+const liveSettings = new Set(['volumes', 'groups', 'logLevel']);
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/** The fields (dotted paths) of `next` that differ from the running configuration and need a restart. */
+export function settingsNeedingRestart(running: DaemonConfig, next: DaemonConfig): string[] {
+  const changed: string[] = [];
+  const walk = (a: unknown, b: unknown, path: string) => {
+    if (isObject(a) && isObject(b)) {
+      for (const key of new Set([...Object.keys(a), ...Object.keys(b)])) walk(a[key], b[key], `${path}.${key}`);
+    } else if (JSON.stringify(a) !== JSON.stringify(b)) {
+      changed.push(path);
+    }
+  };
+  const keys = new Set([...Object.keys(running), ...Object.keys(next)]);
+  for (const key of keys) if (!liveSettings.has(key)) walk((running as Record<string, unknown>)[key], (next as Record<string, unknown>)[key], key);
+  return changed;
 }
 
 /** Reads the control token, creating it (mode 0600) on first start. */
@@ -83,18 +107,19 @@ export class Daemon implements ControlOperations {
   /** Resolves, with why, if the control API went down for good; the CLI then shuts the daemon down. */
   readonly failed: Promise<Error>;
   private reportFailure!: (error: Error) => void;
-  private readonly managed = new Map<string, ManagedVolume>();
+  private readonly volumeSet: VolumeSet;
   private readonly nbd: NbdServer;
   private control: ControlThread | undefined;
-  private operations: Promise<unknown> = Promise.resolve();
   private closing: Promise<void> | undefined;
 
   private constructor(
-    readonly config: DaemonConfig,
+    /** As started, with the live settings of the last reload. */
+    public config: DaemonConfig,
     readonly logger: Logger,
     readonly token: string,
     readonly tokenFile: string,
     nbdSetup: NbdSetup,
+    private readonly options: DaemonOptions,
   ) {
     this.failed = new Promise((resolve) => {
       this.reportFailure = resolve;
@@ -120,63 +145,35 @@ export class Daemon implements ControlOperations {
       nbdLogger.debug(event, 'connection');
     });
     watchNbdLimits(this.nbd, this.metrics.registry, logger);
+    this.volumeSet = new VolumeSet({
+      dataDir: config.dataDir,
+      nbd: this.nbd,
+      nbdAddresses: this.nbdAddresses,
+      metrics: this.metrics,
+      logger,
+      publish: (event, volume, data) => this.publish(event, volume, data),
+      closing: () => this.closing !== undefined,
+      tlsRequired: config.nbd.tls.mode === 'require',
+    });
   }
 
-  static async start(config: DaemonConfig, logger: Logger): Promise<Daemon> {
+  static async start(config: DaemonConfig, logger: Logger, options: DaemonOptions = {}): Promise<Daemon> {
     const dataDir = resolvePath(config.dataDir);
     await mkdir(dataDir, { recursive: true, mode: 0o700 });
     const { token, file } = await ensureToken(dataDir, logger);
-    const specs = await resolveVolumes({ ...config, dataDir });
-    const nbdSetup = await prepareNbd(config, specs.length, logger);
-    const daemon = new Daemon({ ...config, dataDir }, logger, token, file, nbdSetup);
+    // The descriptor budget counts the volumes known now; volumes created at run time share it.
+    const scan = await scanVolumes(dataDir);
+    const volumes = new Set([...scan.volumes.map((found) => found.name), ...Object.keys(config.volumes)]).size;
+    const nbdSetup = await prepareNbd(config, Math.max(volumes, 1), logger);
+    const daemon = new Daemon({ ...config, dataDir }, logger, token, file, nbdSetup, options);
     try {
-      for (const spec of specs) await daemon.openManaged(spec);
+      await daemon.volumeSet.start(daemon.config);
       await daemon.listen();
     } catch (error) {
       await daemon.close().catch((closeError: unknown) => logger.error({ err: closeError }, 'cleanup after failed start'));
       throw error;
     }
     return daemon;
-  }
-
-  private async openManaged(spec: VolumeSpec): Promise<void> {
-    if (spec.created) await createVolumeRecord(spec);
-    const volume = await openVolume(spec.options);
-    const name = spec.name;
-    const log = this.logger.child({ volume: name });
-    this.managed.set(name, { spec, volume });
-    this.metrics.addVolume(name, volume);
-    volume.on('checkpoint', (event) => {
-      log.info(event, 'checkpoint');
-      this.publish('checkpoint', name, { ...event });
-    });
-    volume.on('flushed', (event) => {
-      log.debug(event, 'flushed');
-      this.publish('flushed', name, { ...event });
-    });
-    volume.on('pressure', (event) => {
-      log.warn(event, 'memory pressure: checkpoint soon');
-      this.publish('pressure', name, { ...event });
-    });
-    volume.on('failover', (event) => {
-      log.warn(event, 'failed over');
-      this.publish('failover', name, { ...event });
-    });
-    volume.on('error', (error) => {
-      log.error({ err: error }, 'volume error');
-      this.publish('error', name, { message: error.message, code: (error as { code?: unknown }).code ?? null });
-    });
-    this.nbd.addExport(`${name}/primary`, volume.primary, {
-      description: `gannet volume ${name}: primary view (the PVM's forwarded writes)`,
-    });
-    this.nbd.addExport(`${name}/secondary`, volume.secondary, {
-      description: `gannet volume ${name}: secondary view (the SVM's disk)`,
-    });
-    const stats = volume.stats();
-    log.info(
-      { created: spec.created, sizeBytes: stats.sizeBytes, strategy: stats.strategy, epoch: stats.epoch, state: stats.state },
-      spec.created ? 'created volume' : 'opened volume',
-    );
   }
 
   private async listen(): Promise<void> {
@@ -210,92 +207,81 @@ export class Daemon implements ControlOperations {
     this.control?.publish(event, volume, data);
   }
 
-  /** With TLS required, the URIs handed out are `nbds`: clients given them insist on TLS. */
-  private get tlsRequired(): boolean {
-    return this.config.nbd.tls.mode === 'require';
-  }
-
   get volumeNames(): string[] {
-    return [...this.managed.keys()];
+    return this.volumeSet.names;
   }
 
   volumeOf(name: string): Volume {
-    return this.lookup(name).volume;
-  }
-
-  private lookup(name: string): ManagedVolume {
-    const managed = this.managed.get(name);
-    if (!managed) throw new ApiError('not_found', `no such volume: ${name}`);
-    return managed;
-  }
-
-  private view(name: string, { spec, volume }: ManagedVolume): VolumeView {
-    const stats = volume.stats();
-    const exports = { primary: `${name}/primary`, secondary: `${name}/secondary` };
-    return {
-      name,
-      exports,
-      uris: {
-        primary: this.nbdAddresses.map((address) => nbdUri(address, exports.primary, { tls: this.tlsRequired })),
-        secondary: this.nbdAddresses.map((address) => nbdUri(address, exports.secondary, { tls: this.tlsRequired })),
-      },
-      strategy: stats.strategy,
-      state: stats.state,
-      ...(stats.failoverTarget !== undefined && { failoverTarget: stats.failoverTarget }),
-      sizeBytes: stats.sizeBytes,
-      blockBytes: spec.options.blockBytes,
-      epoch: stats.epoch,
-      durableEpoch: stats.durableEpoch,
-      bufferedBytes: { ...stats.bufferedBytes },
-      spilledBytes: stats.spilledBytes,
-      tornRanges: stats.tornRanges.map((range) => ({ offset: range.offset, length: range.length })),
-    };
+    return this.volumeSet.volumeOf(name);
   }
 
   volumes(): VolumeView[] {
-    return [...this.managed].map(([name, managed]) => this.view(name, managed));
+    return this.volumeSet.views();
   }
 
   volume(name: string): VolumeView {
-    return this.view(name, this.lookup(name));
+    return this.volumeSet.viewOf(name);
   }
 
-  /** Runs volume-changing operations one after another, and never after shutdown began. */
-  private serialize<T>(operation: () => Promise<T>): Promise<T> {
-    if (this.closing) return Promise.reject(new ApiError('unavailable', 'the daemon is shutting down'));
-    const result = this.operations.then(operation);
-    this.operations = result.catch(() => undefined);
+  create(body: unknown): Promise<VolumeView> {
+    return this.volumeSet.create(body);
+  }
+
+  remove(name: string, options: { force: boolean; purge: boolean }): Promise<RemoveResult> {
+    return this.volumeSet.remove(name, options);
+  }
+
+  recover(name: string): Promise<RecoverResult> {
+    return this.volumeSet.recover(name);
+  }
+
+  checkpoint(names?: string[]): Promise<CheckpointResult> {
+    return this.volumeSet.checkpoint(names);
+  }
+
+  failover(name: string, to: FailoverTarget, force = false): Promise<VolumeView> {
+    return this.volumeSet.failover(name, to, force);
+  }
+
+  groups(): GroupView[] {
+    return this.volumeSet.groups();
+  }
+
+  /**
+   * Rereads the config file (SIGHUP, POST /v1/reload): adds the volumes it names, takes its groups and
+   * log level, and reports what it cannot apply while running. A bad file changes nothing.
+   */
+  async reload(): Promise<ReloadResult> {
+    if (this.options.reloadConfig === undefined) {
+      throw new ApiError('conflict', 'the daemon was started without --config: there is no config file to reread');
+    }
+    if (this.closing) throw new ApiError('unavailable', 'the daemon is shutting down');
+    let next: DaemonConfig;
+    try {
+      next = await this.options.reloadConfig();
+    } catch (error) {
+      if (error instanceof ConfigError) throw new ApiError('bad_request', error.message, error.field);
+      throw error;
+    }
+    next = { ...next, dataDir: resolvePath(next.dataDir) };
+    const restartNeeded = settingsNeedingRestart(this.config, next);
+    const outcome = await this.volumeSet.reload(next);
+    const applied: string[] = [];
+    if (next.logLevel !== this.config.logLevel) {
+      this.logger.level = next.logLevel;
+      applied.push('logLevel');
+    }
+    if (outcome.groupsChanged) applied.push('groups');
+    this.config = { ...this.config, logLevel: next.logLevel, volumes: next.volumes, groups: next.groups };
+    const result: ReloadResult = {
+      added: outcome.added,
+      failed: outcome.failed,
+      notInConfig: outcome.notInConfig,
+      restartNeeded: [...restartNeeded, ...outcome.restartNeeded],
+      applied,
+    };
+    this.logger.info(result, 'reread the config file');
     return result;
-  }
-
-  private requireReplicating(name: string, volume: Volume, action: string): void {
-    const stats = volume.stats();
-    if (stats.state === 'replicating') return;
-    const detail = stats.failoverTarget !== undefined ? ` (to ${stats.failoverTarget})` : '';
-    throw new ApiError('conflict', `cannot ${action} volume ${name}: it is ${stats.state}${detail}`);
-  }
-
-  checkpoint(names?: string[]): Promise<{ name: string; epoch: number }[]> {
-    const chosen = [...new Set(names ?? this.volumeNames)];
-    for (const name of chosen) this.lookup(name);
-    return this.serialize(async () => {
-      const volumes = chosen.map((name) => this.lookup(name).volume);
-      chosen.forEach((name, index) => this.requireReplicating(name, volumes[index], 'checkpoint'));
-      const epochs = volumes.length === 1 ? [await volumes[0].checkpoint()] : await checkpointGroup(volumes);
-      if (epochs.length !== volumes.length) throw new Error(`checkpointGroup returned ${epochs.length} epochs for ${volumes.length} volumes`);
-      this.logger.info({ volumes: chosen, epochs }, 'checkpoint requested');
-      return chosen.map((name, index) => ({ name, epoch: epochs[index] }));
-    });
-  }
-
-  failover(name: string, to: FailoverTarget): Promise<VolumeView> {
-    const managed = this.lookup(name);
-    return this.serialize(async () => {
-      this.requireReplicating(name, managed.volume, 'fail over');
-      this.logger.warn({ volume: name, to }, 'failover requested');
-      await managed.volume.failover({ to });
-      return this.view(name, managed);
-    });
   }
 
   async metricsText(): Promise<MetricsText> {
@@ -315,17 +301,8 @@ export class Daemon implements ControlOperations {
     // `connection: close`.
     const controlClosed = this.control?.stopAccepting() ?? Promise.resolve();
     await this.nbd.close({ graceMs: nbdShutdownGraceMs });
-    await this.operations;
-    let failure: unknown;
-    for (const [name, { volume }] of this.managed) {
-      try {
-        await volume.close();
-        this.logger.info({ volume: name }, 'closed volume');
-      } catch (error) {
-        this.logger.error({ err: error, volume: name }, 'closing volume failed');
-        failure ??= error;
-      }
-    }
+    await this.volumeSet.idle();
+    const failure = await this.volumeSet.closeAll();
     const force = setTimeout(() => this.control?.forceClose(), controlShutdownGraceMs);
     await controlClosed;
     clearTimeout(force);

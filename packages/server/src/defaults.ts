@@ -4,6 +4,8 @@ export const defaultDataDir = './data';
 export const defaultNbdListen = '127.0.0.1:10809';
 export const defaultControlListen = '127.0.0.1:10810';
 export const tokenFileName = 'control.token';
+/** Volumes in one atomic checkpoint: a consistency group of the config, or the names of one request. */
+export const groupVolumesMax = 1024;
 
 export const logLevels = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 export type LogLevel = (typeof logLevels)[number];

@@ -3,7 +3,7 @@ import { MiB } from '@gannet/block-device';
 
 /**
  * Server-Sent Events fan-out. Volume events are small and rare (checkpoints, flushes, pressure,
- * failover, errors), so each subscriber gets a plain stream; a subscriber that stops reading is cut off
+ * failover, errors, volumes added and removed), so each subscriber gets a plain stream; a subscriber that stops reading is cut off
  * once its unsent backlog passes `sseBacklogBytesMax`, so a stuck client cannot grow the daemon's memory.
  */
 
@@ -11,7 +11,16 @@ export const sseSubscribersMax = 64;
 export const sseBacklogBytesMax = MiB;
 export const sseHeartbeatMs = 15_000;
 
-export type EventName = 'checkpoint' | 'flushed' | 'pressure' | 'failover' | 'error';
+export type EventName =
+  | 'checkpoint'
+  | 'flushed'
+  | 'pressure'
+  | 'failover'
+  | 'failover-durable'
+  | 'failover-applied'
+  | 'error'
+  | 'volume-added'
+  | 'volume-removed';
 
 interface Subscriber {
   readonly res: ServerResponse;

@@ -1,4 +1,4 @@
-import type { Volume } from '@gannet/core';
+import type { Volume, VolumeStats } from '@gannet/core';
 import type { RequestEvent } from 'nbd-server-js';
 import type { Lane } from './control-lane.js';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
@@ -16,7 +16,8 @@ const checkpointBucketsSeconds = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.002
 const flushBucketsSeconds = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 const requestBucketsSeconds = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1];
 
-const volumeStates = ['replicating', 'failing-over', 'failed-over', 'closed'] as const;
+/** `error`: the volume could not be opened and is not served (its exports are absent). */
+const volumeStates = ['replicating', 'failing-over', 'failed-over', 'halted', 'closed', 'error'] as const;
 const bufferNames = ['primary', 'secondary', 'committed'] as const;
 
 /**
@@ -114,13 +115,19 @@ export class Metrics {
   readonly registry = new Registry();
   readonly contentType = this.registry.contentType;
   private readonly volumes = new Map<string, Volume>();
+  /** Volumes in state `error`, by name. */
+  private readonly broken = new Set<string>();
+  /** The error codes counted per volume, so a removed volume's series can be dropped. */
+  private readonly errorCodes = new Map<string, Set<string>>();
   private readonly checkpointPause: Histogram<'volume'>;
   private readonly checkpoints: Counter<'volume'>;
   private readonly flushDuration: Histogram<'volume'>;
   private readonly flushedBytes: Counter<'volume'>;
   private readonly failovers: Counter<'volume' | 'to'>;
   private readonly pressureEvents: Counter<'volume'>;
-  private readonly volumeErrors: Counter<'volume'>;
+  private readonly volumeErrors: Counter<'volume' | 'code'>;
+  private readonly volumesAdded: Counter;
+  private readonly volumesRemoved: Counter;
   private readonly tally = new RequestTally();
   private readonly nbdLatency = new LatencyHistogram(
     'gannet_nbd_request_duration_seconds',
@@ -134,6 +141,7 @@ export class Metrics {
     const registers = [this.registry];
     collectDefaultMetrics({ register: this.registry });
     const volumes = this.volumes;
+    const broken = this.broken;
     const perVolume = (name: string, help: string, read: (volume: Volume) => number) =>
       new Gauge({
         name,
@@ -150,6 +158,31 @@ export class Metrics {
     perVolume('gannet_volume_size_bytes', 'Size of the volume.', (v) => v.stats().sizeBytes);
     perVolume('gannet_volume_spilled_bytes', 'Buffered bytes spilled from memory to disk.', (v) => v.stats().spilledBytes);
     perVolume('gannet_volume_torn_ranges', 'Ranges an interrupted flush may have left half-written.', (v) => v.stats().tornRanges.length);
+    const failoverTime = (name: string, help: string, read: (failover: NonNullable<VolumeStats['failover']>) => number | undefined) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['volume'],
+        registers,
+        collect() {
+          this.reset();
+          for (const [volumeName, volume] of volumes) {
+            const failover = volume.stats().failover;
+            const ms = failover === undefined ? undefined : read(failover);
+            if (ms !== undefined) this.set({ volume: volumeName }, ms / msPerSecond);
+          }
+        },
+      });
+    failoverTime(
+      'gannet_volume_failover_foreground_seconds',
+      'Failover in this run: from the request until both exports served the kept state.',
+      (failover) => failover.foregroundMs,
+    );
+    failoverTime(
+      'gannet_volume_failover_durable_seconds',
+      'Failover in this run: from the request until the kept state was durable (journal committed).',
+      (failover) => failover.durableMs,
+    );
     new Gauge({
       name: 'gannet_volume_buffered_bytes',
       help: 'Bytes held in each buffer: primary (P), secondary (S), committed not yet flushed (C).',
@@ -170,9 +203,25 @@ export class Metrics {
       registers,
       collect() {
         this.reset();
-        for (const [volumeName, volume] of volumes) {
-          const current = volume.stats().state;
+        const stateOf = new Map<string, string>();
+        for (const [volumeName, volume] of volumes) stateOf.set(volumeName, volume.stats().state);
+        for (const volumeName of broken) stateOf.set(volumeName, 'error');
+        for (const [volumeName, current] of stateOf) {
           for (const state of volumeStates) this.set({ volume: volumeName, state }, state === current ? 1 : 0);
+        }
+      },
+    });
+    new Gauge({
+      name: 'gannet_volume_failover_phase',
+      help: '1 for the phase a failover of this run is in: journaling (not durable yet), applying, done.',
+      labelNames: ['volume', 'phase'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [volumeName, volume] of volumes) {
+          const failover = volume.stats().failover;
+          if (failover === undefined) continue;
+          for (const phase of ['journaling', 'applying', 'done'] as const) this.set({ volume: volumeName, phase }, phase === failover.phase ? 1 : 0);
         }
       },
     });
@@ -213,7 +262,14 @@ export class Metrics {
       labelNames: ['volume'],
       registers,
     });
-    this.volumeErrors = new Counter({ name: 'gannet_volume_errors_total', help: 'Errors the engine reported.', labelNames: ['volume'], registers });
+    this.volumeErrors = new Counter({
+      name: 'gannet_volume_errors_total',
+      help: 'Errors by volume and code: the engine\'s (ENOSPC, EIO, EHALTED, ...) and volumes that could not be opened or created (EMETA, ...).',
+      labelNames: ['volume', 'code'],
+      registers,
+    });
+    this.volumesAdded = new Counter({ name: 'gannet_volumes_added_total', help: 'Volumes added while the daemon runs (created, reloaded or recovered).', registers });
+    this.volumesRemoved = new Counter({ name: 'gannet_volumes_removed_total', help: 'Volumes deleted while the daemon runs.', registers });
     this.controlCalls = new Counter({
       name: 'gannet_control_calls_total',
       help: 'Calls from the control thread answered by the main thread, by lane: data-path (between NBD request batches) or event-loop.',
@@ -247,6 +303,7 @@ export class Metrics {
   }
 
   addVolume(name: string, volume: Volume): void {
+    this.broken.delete(name);
     this.volumes.set(name, volume);
     volume.on('checkpoint', (event) => {
       this.checkpoints.inc({ volume: name });
@@ -258,7 +315,39 @@ export class Metrics {
     });
     volume.on('failover', (event) => this.failovers.inc({ volume: name, to: event.to }));
     volume.on('pressure', () => this.pressureEvents.inc({ volume: name }));
-    volume.on('error', () => this.volumeErrors.inc({ volume: name }));
+  }
+
+  /** A volume that could not be opened: shown in state `error` until it is recovered or removed. */
+  addBrokenVolume(name: string): void {
+    this.volumes.delete(name);
+    this.broken.add(name);
+  }
+
+  onVolumeError(name: string, code: string): void {
+    this.volumeErrors.inc({ volume: name, code });
+    let codes = this.errorCodes.get(name);
+    if (codes === undefined) this.errorCodes.set(name, (codes = new Set()));
+    codes.add(code);
+  }
+
+  /** Forgets a volume (it was deleted, or replaced by its recovered self): its series go too. */
+  removeVolume(name: string): void {
+    this.volumes.delete(name);
+    this.broken.delete(name);
+  }
+
+  onVolumeAdded(): void {
+    this.volumesAdded.inc();
+  }
+
+  /** A deleted volume's series go: a counter that stops being reported is how Prometheus sees a removal. */
+  onVolumeRemoved(name: string): void {
+    this.removeVolume(name);
+    this.volumesRemoved.inc();
+    for (const metric of [this.checkpoints, this.checkpointPause, this.flushDuration, this.flushedBytes, this.pressureEvents]) metric.remove({ volume: name });
+    for (const to of ['secondary', 'checkpoint', 'primary']) this.failovers.remove({ volume: name, to });
+    for (const code of this.errorCodes.get(name) ?? []) this.volumeErrors.remove({ volume: name, code });
+    this.errorCodes.delete(name);
   }
 
   onControlCall(lane: Lane): void {

@@ -1,30 +1,64 @@
-import { mkdir, open, readdir, readFile, rename } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { lstat, mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
+import { KiB } from '@gannet/block-device';
 import { volumeOptionsSchema, type ResolvedVolumeOptions } from '@gannet/core';
 import { z } from 'zod';
-import { ConfigError, defaultVolumeName, defaultVolumeSizeBytes, volumeNamePattern, type DaemonConfig } from './config.js';
+import {
+  ConfigError,
+  defaultVolumeName,
+  defaultVolumeSizeBytes,
+  volumeLimitFields,
+  volumeNameLengthMax,
+  volumeNamePattern,
+  type DaemonConfig,
+  type VolumeConfig,
+} from './config.js';
 
 /**
  * The volume registry is the data directory itself: DATA_DIR/volumes/NAME/{volume.json, disk.img, meta/}.
  * volume.json records what a volume was created with and may not change later (size, block size,
- * strategy), so a restart with fewer flags serves the same volumes in the same shape. It is written
- * (atomically, then fsynced) before the engine creates the backing file, so a crash between the two
- * leaves a volume that the next start simply opens.
+ * strategy), so a restart with fewer flags serves the same volumes in the same shape.
+ *
+ * A directory there with a volume's name is a volume, whatever state it is in: one without a readable
+ * volume.json is reported as broken, never skipped and never replaced by a new volume. Work in progress
+ * lives in directories whose names start with a dot, which no volume name can: a creation builds its
+ * directory as `.creating-NAME-*` and renames it into place, and a purge renames the volume to
+ * `.purging-NAME-*` before deleting it, so a crash leaves either the whole volume or something the next
+ * start removes. A deleted volume that is kept goes to DATA_DIR/volumes/.deleted/NAME.TIMESTAMP.
  */
 
 export const volumesDirName = 'volumes';
+/** Deleted volumes that are kept, inside volumes/ so that moving one there is a rename on its file system. */
+export const deletedDirName = '.deleted';
 export const volumeRecordName = 'volume.json';
 export const backingFileName = 'disk.img';
 export const metaDirName = 'meta';
-export const volumeRecordBytesMax = 64 * 1024;
+/**
+ * Present in a volume directory until the engine has made the volume's files: the engine opens a volume
+ * at its final path (its epochs start there), so the rename happens before the engine runs, and a start
+ * that finds this marker removes a creation that never finished (nothing was ever served from it).
+ */
+export const creatingMarkerName = '.creating';
+export const volumeRecordBytesMax = 64 * KiB;
+const creatingPrefix = '.creating-';
+const purgingPrefix = '.purging-';
+const randomSuffixBytes = 6;
+
+const positiveInteger = z.number().int().positive();
 
 const volumeRecordSchema = z
   .object({
-    name: z.string().regex(volumeNamePattern),
-    sizeBytes: z.number().int().positive(),
-    blockBytes: z.number().int().positive(),
+    name: z.string().max(volumeNameLengthMax).regex(volumeNamePattern),
+    sizeBytes: positiveInteger,
+    blockBytes: positiveInteger,
     strategy: z.enum(['gannet', 'colo', 'passthrough']),
     createdAt: z.string(),
+    /** Limits given when the volume was created through the API; the config file's values win over them. */
+    settings: z
+      .object({ memoryBytesMax: positiveInteger.optional(), pressureRatio: z.number().optional(), committedBytesMax: positiveInteger.optional() })
+      .strict()
+      .optional(),
   })
   .strict();
 
@@ -33,59 +67,194 @@ export type VolumeRecord = z.output<typeof volumeRecordSchema>;
 /** Fields fixed at creation: changing them under an existing backing file and journal is refused. */
 const identityFields = ['sizeBytes', 'blockBytes', 'strategy'] as const;
 
-export interface VolumeSpec {
-  readonly name: string;
-  readonly dir: string;
-  readonly options: ResolvedVolumeOptions;
-  readonly created: boolean;
+/** What DATA_DIR/volumes holds under one volume name. */
+export type DiskVolume =
+  | { readonly name: string; readonly dir: string; readonly record: VolumeRecord }
+  | { readonly name: string; readonly dir: string; readonly problem: string };
+
+export interface Scan {
+  readonly volumes: DiskVolume[];
+  /** Temporary directories of interrupted creations and purges: removed before anything is served. */
+  readonly leftovers: string[];
+  /** Volume directories whose creation never finished: discarded before anything is served. */
+  readonly unfinished: { readonly name: string; readonly dir: string }[];
+}
+
+export function volumesRoot(dataDir: string): string {
+  return join(dataDir, volumesDirName);
 }
 
 export function volumeDir(dataDir: string, name: string): string {
   return join(dataDir, volumesDirName, name);
 }
 
-export async function readVolumeRecords(dataDir: string): Promise<Map<string, VolumeRecord>> {
-  const root = join(dataDir, volumesDirName);
-  const records = new Map<string, VolumeRecord>();
+function errnoOf(error: unknown): string | undefined {
+  return (error as NodeJS.ErrnoException).code;
+}
+
+/** volume.json of the volume in `dir`, checked; the error names the file and what is wrong with it. */
+export async function readVolumeRecord(dir: string, name: string): Promise<VolumeRecord> {
+  const file = join(dir, volumeRecordName);
+  const text = await readFile(file, 'utf8');
+  if (text.length > volumeRecordBytesMax) throw new Error(`${file} is damaged: larger than ${volumeRecordBytesMax} bytes`);
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (error) {
+    throw new Error(`${file} is damaged: not JSON (${(error as Error).message})`);
+  }
+  const parsed = volumeRecordSchema.safeParse(value);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    const segments = issue.path.map(String);
+    if (issue.code === 'unrecognized_keys') segments.push(issue.keys[0]);
+    throw new Error(`${file} is damaged: ${segments.join('.') || '(top level)'}: ${issue.message}`);
+  }
+  if (parsed.data.name !== name) throw new Error(`${file} records volume "${parsed.data.name}", but its directory is named "${name}"`);
+  return parsed.data;
+}
+
+/** Every volume directory of the data directory, and the leftovers of interrupted work. */
+export async function scanVolumes(dataDir: string): Promise<Scan> {
+  const root = volumesRoot(dataDir);
+  const scan: Scan = { volumes: [], leftovers: [], unfinished: [] };
   let names: string[];
   try {
     names = await readdir(root);
   } catch (error) {
-    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return records;
+    if (errnoOf(error) === 'ENOENT') return scan;
     throw error;
   }
   for (const name of names.sort()) {
-    if (!volumeNamePattern.test(name)) continue;
-    const file = join(root, name, volumeRecordName);
-    let text: string;
-    try {
-      text = await readFile(file, 'utf8');
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code === 'ENOENT') continue;
-      throw error;
+    const dir = join(root, name);
+    if (name.startsWith(creatingPrefix) || name.startsWith(purgingPrefix)) {
+      scan.leftovers.push(dir);
+      continue;
     }
-    if (text.length > volumeRecordBytesMax) throw new Error(`${file}: larger than ${volumeRecordBytesMax} bytes`);
-    const parsed = volumeRecordSchema.safeParse(JSON.parse(text));
-    if (!parsed.success) throw new Error(`${file}: ${parsed.error.issues[0].path.join('.')}: ${parsed.error.issues[0].message}`);
-    if (parsed.data.name !== name) throw new Error(`${file}: records volume "${parsed.data.name}", expected "${name}"`);
-    records.set(name, parsed.data);
+    // Not a name a volume can have (`lost+found` when volumes/ is a mount point, say).
+    if (name.length > volumeNameLengthMax || !volumeNamePattern.test(name)) continue;
+    if (!(await stat(dir)).isDirectory()) {
+      scan.volumes.push({ name, dir, problem: `${dir} is not a directory` });
+      continue;
+    }
+    const entries = await readdir(dir);
+    if (entries.includes(creatingMarkerName)) {
+      scan.unfinished.push({ name, dir });
+      continue;
+    }
+    if (!entries.includes(volumeRecordName)) {
+      const holds = entries.length === 0 ? 'is empty' : `holds ${entries.sort().join(', ')}`;
+      scan.volumes.push({
+        name,
+        dir,
+        problem: `${join(dir, volumeRecordName)} is missing (the directory ${holds}): restore it, or move the directory away`,
+      });
+      continue;
+    }
+    try {
+      scan.volumes.push({ name, dir, record: await readVolumeRecord(dir, name) });
+    } catch (error) {
+      scan.volumes.push({ name, dir, problem: (error as Error).message });
+    }
   }
-  return records;
+  return scan;
+}
+
+/** The engine options of a volume: its record's identity, then its recorded limits, then the config's. */
+export function volumeOptions(dir: string, record: VolumeRecord, wanted: VolumeConfig = {}): ResolvedVolumeOptions {
+  const limits: Partial<Record<(typeof volumeLimitFields)[number], number>> = { ...record.settings };
+  for (const field of volumeLimitFields) if (wanted[field] !== undefined) limits[field] = wanted[field];
+  return volumeOptionsSchema.parse({
+    ...limits,
+    sizeBytes: record.sizeBytes,
+    blockBytes: record.blockBytes,
+    strategy: record.strategy,
+    path: join(dir, backingFileName),
+    dataDir: join(dir, metaDirName),
+  }) as ResolvedVolumeOptions;
+}
+
+/**
+ * The record of a new volume. `settings` keeps the limits given at creation, for a volume the config
+ * file does not name (one created through the API).
+ */
+export function newVolumeRecord(name: string, wanted: VolumeConfig, keepSettings: boolean): VolumeRecord {
+  const options = volumeOptionsSchema.parse({ ...wanted, sizeBytes: wanted.sizeBytes ?? defaultVolumeSizeBytes, path: '-', dataDir: '-' });
+  const settings: NonNullable<VolumeRecord['settings']> = {};
+  for (const field of volumeLimitFields) if (wanted[field] !== undefined) settings[field] = wanted[field];
+  return {
+    name,
+    sizeBytes: options.sizeBytes,
+    blockBytes: options.blockBytes,
+    strategy: options.strategy,
+    createdAt: new Date().toISOString(),
+    ...(keepSettings && Object.keys(settings).length > 0 && { settings }),
+  };
+}
+
+/** Refuses configured values that contradict a volume's record, naming the field. */
+export function checkIdentity(name: string, dir: string, record: VolumeRecord, wanted: VolumeConfig): void {
+  for (const field of identityFields) {
+    const value = wanted[field];
+    if (value !== undefined && value !== record[field]) {
+      throw new ConfigError(`volumes.${name}.${field}`, `is ${value} but the volume in ${dir} was created with ${record[field]} (it cannot change)`);
+    }
+  }
+}
+
+export interface VolumePlan {
+  /** Volumes on disk, with the config's wishes for each (empty for those it does not name). */
+  readonly existing: { readonly name: string; readonly dir: string; readonly record: VolumeRecord; readonly wanted: VolumeConfig }[];
+  readonly broken: { readonly name: string; readonly dir: string; readonly problem: string }[];
+  /** Configured volumes with no directory yet. */
+  readonly create: { readonly name: string; readonly wanted: VolumeConfig }[];
+  /** Groups whose members are all known volumes. */
+  readonly groups: Map<string, string[]>;
+}
+
+/**
+ * What to serve: every volume on disk plus every configured one; `vol0` of 1 GiB when the data
+ * directory holds no volume at all and none is configured. Configured values that contradict a volume's
+ * record, and groups naming unknown volumes, are refused with the field named.
+ */
+export function planVolumes(config: DaemonConfig, scan: Scan): VolumePlan {
+  const configured = new Map(Object.entries(config.volumes));
+  if (configured.size === 0 && scan.volumes.length === 0) configured.set(defaultVolumeName, {});
+  const plan: VolumePlan = { existing: [], broken: [], create: [], groups: new Map() };
+  const onDisk = new Set<string>();
+  for (const found of scan.volumes) {
+    onDisk.add(found.name);
+    if ('problem' in found) {
+      plan.broken.push(found);
+      continue;
+    }
+    const wanted = configured.get(found.name) ?? {};
+    checkIdentity(found.name, found.dir, found.record, wanted);
+    plan.existing.push({ name: found.name, dir: found.dir, record: found.record, wanted });
+  }
+  for (const [name, wanted] of configured) if (!onDisk.has(name)) plan.create.push({ name, wanted });
+  const known = new Set([...onDisk, ...configured.keys()]);
+  for (const [group, members] of Object.entries(config.groups)) {
+    if (known.has(group)) throw new ConfigError(`groups.${group}`, `"${group}" is also a volume's name`);
+    members.forEach((member, index) => {
+      if (!known.has(member)) throw new ConfigError(`groups.${group}.${index}`, `no volume "${member}" (neither configured nor in ${volumesRoot(config.dataDir)})`);
+    });
+    plan.groups.set(group, members);
+  }
+  return plan;
 }
 
 async function writeFileDurably(file: string, text: string): Promise<void> {
-  const temporary = `${file}.tmp`;
-  const handle = await open(temporary, 'w', 0o644);
+  const handle = await open(file, 'wx', 0o644);
   try {
     await handle.writeFile(text);
     await handle.sync();
   } finally {
     await handle.close();
   }
-  await rename(temporary, file);
 }
 
-async function syncDirectory(dir: string): Promise<void> {
+export async function syncDirectory(dir: string): Promise<void> {
   const handle = await open(dir, 'r');
   try {
     await handle.sync();
@@ -94,53 +263,83 @@ async function syncDirectory(dir: string): Promise<void> {
   }
 }
 
-/**
- * The volumes to serve: every volume on disk plus every configured one; `vol0` of 1 GiB when there are
- * none. Configured values that contradict a volume's record are refused with the field named.
- */
-export async function resolveVolumes(config: DaemonConfig): Promise<VolumeSpec[]> {
-  const records = await readVolumeRecords(config.dataDir);
-  const configured = new Map(Object.entries(config.volumes));
-  if (configured.size === 0 && records.size === 0) configured.set(defaultVolumeName, {});
-  const names = [...new Set([...records.keys(), ...configured.keys()])].sort();
-  const specs: VolumeSpec[] = [];
-  for (const name of names) {
-    const record = records.get(name);
-    const wanted = configured.get(name) ?? {};
-    const dir = volumeDir(config.dataDir, name);
-    if (record) {
-      for (const field of identityFields) {
-        const value = wanted[field];
-        if (value !== undefined && value !== record[field]) {
-          throw new ConfigError(
-            `volumes.${name}.${field}`,
-            `is ${value} but the volume in ${dir} was created with ${record[field]} (it cannot change)`,
-          );
-        }
-      }
-    }
-    const options = volumeOptionsSchema.parse({
-      ...wanted,
-      ...(record && { sizeBytes: record.sizeBytes, blockBytes: record.blockBytes, strategy: record.strategy }),
-      sizeBytes: record?.sizeBytes ?? wanted.sizeBytes ?? defaultVolumeSizeBytes,
-      path: join(dir, backingFileName),
-      dataDir: join(dir, metaDirName),
-    }) as ResolvedVolumeOptions;
-    specs.push({ name, dir, options, created: record === undefined });
+async function exists(path: string): Promise<boolean> {
+  try {
+    await lstat(path);
+    return true;
+  } catch (error) {
+    if (errnoOf(error) === 'ENOENT') return false;
+    throw error;
   }
-  return specs;
 }
 
-/** Records a new volume before the engine creates its files. */
-export async function createVolumeRecord(spec: VolumeSpec): Promise<void> {
-  await mkdir(spec.dir, { recursive: true });
-  const record: VolumeRecord = {
-    name: spec.name,
-    sizeBytes: spec.options.sizeBytes,
-    blockBytes: spec.options.blockBytes,
-    strategy: spec.options.strategy,
-    createdAt: new Date().toISOString(),
-  };
-  await writeFileDurably(join(spec.dir, volumeRecordName), `${JSON.stringify(record, null, 2)}\n`);
-  await syncDirectory(spec.dir);
+const suffix = () => randomBytes(randomSuffixBytes).toString('hex');
+
+/**
+ * Makes the directory of a new volume: its record and the creation marker are written in a temporary
+ * directory, which is then renamed into place. The caller has the engine create the volume's files there
+ * and then calls `finishCreation`, or `discardVolume` on failure.
+ */
+export async function createVolumeDir(dataDir: string, record: VolumeRecord): Promise<string> {
+  const root = volumesRoot(dataDir);
+  await mkdir(root, { recursive: true });
+  const dir = volumeDir(dataDir, record.name);
+  // rename() replaces an empty directory without a word.
+  if (await exists(dir)) throw new Error(`${dir} already exists`);
+  const temporary = join(root, `${creatingPrefix}${record.name}-${suffix()}`);
+  await mkdir(temporary);
+  try {
+    await writeFileDurably(join(temporary, volumeRecordName), `${JSON.stringify(record, null, 2)}\n`);
+    await writeFileDurably(join(temporary, creatingMarkerName), '');
+    await syncDirectory(temporary);
+    await rename(temporary, dir);
+    await syncDirectory(root);
+  } catch (error) {
+    await rm(temporary, { recursive: true, force: true });
+    throw error;
+  }
+  return dir;
+}
+
+/** The engine made the volume's files: from here on the directory is a volume. */
+export async function finishCreation(dir: string): Promise<void> {
+  await unlink(join(dir, creatingMarkerName));
+  await syncDirectory(dir);
+}
+
+/** Deletes a volume directory; renamed out of the way first, so a crash part way leaves no half volume. */
+export async function discardVolume(dataDir: string, dir: string, name: string): Promise<void> {
+  const root = volumesRoot(dataDir);
+  const doomed = join(root, `${purgingPrefix}${name}-${suffix()}`);
+  await rename(dir, doomed);
+  await syncDirectory(root);
+  await rm(doomed, { recursive: true, force: true });
+}
+
+/**
+ * Why the volume directory `dir` cannot be renamed, if it cannot: a mount point (or a directory on
+ * another file system than volumes/) can only be emptied, which a delete must not do half way.
+ */
+export async function unmovable(dataDir: string, dir: string): Promise<string | undefined> {
+  const [own, parent] = await Promise.all([stat(dir), stat(volumesRoot(dataDir))]);
+  if (own.dev !== parent.dev) return `${dir} is a mount point (or on another file system than ${volumesRoot(dataDir)}), which cannot be moved aside or purged`;
+  return undefined;
+}
+
+/** Moves a deleted volume to DATA_DIR/volumes/.deleted/NAME.TIMESTAMP; returns where. */
+export async function moveAside(dataDir: string, dir: string, name: string): Promise<string> {
+  const deleted = join(volumesRoot(dataDir), deletedDirName);
+  await mkdir(deleted, { recursive: true, mode: 0o700 });
+  const target = join(deleted, `${name}.${new Date().toISOString().replace(/[:.]/g, '-')}`);
+  if (await exists(target)) throw new Error(`${target} already exists`);
+  await rename(dir, target);
+  await syncDirectory(deleted);
+  await syncDirectory(volumesRoot(dataDir));
+  return target;
+}
+
+/** Removes what interrupted creations and purges left (see scanVolumes). */
+export async function removeLeftovers(dataDir: string, scan: Scan): Promise<void> {
+  for (const dir of scan.leftovers) await rm(dir, { recursive: true, force: true });
+  for (const { name, dir } of scan.unfinished) await discardVolume(dataDir, dir, name);
 }

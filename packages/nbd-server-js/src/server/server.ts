@@ -109,6 +109,11 @@ export interface NbdServerOptions {
   readonly betweenBatches?: () => void;
 }
 
+interface ClientState {
+  exportName: string | null;
+  closing: boolean;
+}
+
 const noLogger: Logger = () => {};
 const nothingBetweenBatches = () => {};
 
@@ -145,6 +150,8 @@ export class NbdServer extends EventEmitter {
   private defaultName: string | null = null;
   private readonly listeners_: Server[] = [];
   private readonly connections = new Set<Connection>();
+  /** The export each connection last looked up (the one it uses once in transmission), and whether it is being closed. */
+  private readonly clients = new Map<Connection, ClientState>();
   private shuttingDown = false;
   private closing: Promise<void> | null = null;
   private readonly registry: ExportRegistry;
@@ -213,10 +220,37 @@ export class NbdServer extends EventEmitter {
     });
   }
 
-  /** New connections no longer see the export; connections already using it keep it. */
-  removeExport(name: string): void {
+  /** Connections that use `name`, or are negotiating after looking it up. */
+  exportConnectionCount(name: string): number {
+    let count = 0;
+    for (const client of this.clients.values()) if (client.exportName === name) count++;
+    return count;
+  }
+
+  /** Resolves once every connection using `name` now has closed (new ones are not waited for). */
+  exportConnectionsClosed(name: string): Promise<void> {
+    const closing: Promise<void>[] = [];
+    for (const [conn, client] of this.clients) if (client.exportName === name) closing.push(conn.closed);
+    return Promise.all(closing).then(() => undefined);
+  }
+
+  /**
+   * New connections no longer see the export, and the connections using it are closed as `close()`
+   * closes every connection: a negotiation ends at once; requests in flight finish, later ones get
+   * ESHUTDOWN, then the connection ends; whatever is left after `graceMs` is destroyed. Resolves once
+   * they are all gone, so the caller may then close the device.
+   */
+  removeExport(name: string, options: { graceMs?: number } = {}): Promise<void> {
     if (!this.exports.delete(name)) throw new Error(`no export ${JSON.stringify(name)}`);
     if (this.defaultName === name) this.defaultName = null;
+    const using: Connection[] = [];
+    for (const [conn, client] of this.clients) {
+      if (client.exportName !== name) continue;
+      client.closing = true;
+      conn.shutdown();
+      using.push(conn);
+    }
+    return this.drain(using, options.graceMs ?? closeGraceMsDefault);
   }
 
   /** Makes the empty export name select `name`. */
@@ -256,8 +290,16 @@ export class NbdServer extends EventEmitter {
       this.emit('refused', { remote, reason: 'connections-max' } satisfies RefusedEvent);
       return;
     }
+    const client: ClientState = { exportName: null, closing: false };
     const conn = new Connection(socket, {
-      exports: this.registry,
+      exports: {
+        lookup: (name) => {
+          const entry = this.registry.lookup(name);
+          if (entry !== undefined) client.exportName = entry.name;
+          return entry;
+        },
+        list: this.registry.list,
+      },
       requestBytesMax: this.requestBytesMax,
       writeSkipBytesMax: this.writeSkipBytesMax,
       optionBytesMax,
@@ -266,7 +308,7 @@ export class NbdServer extends EventEmitter {
       memoryBudget: this.memoryBudget,
       tls: { mode: this.tlsMode, setup: this.tlsSetup },
       logger: this.logger,
-      isShuttingDown: () => this.shuttingDown,
+      isShuttingDown: () => this.shuttingDown || client.closing,
       wantsEvents: () => this.listenerCount('request') > 0,
       event: (ev: RequestEvent) => this.emit('request', ev),
       betweenBatches: this.betweenBatches,
@@ -284,9 +326,11 @@ export class NbdServer extends EventEmitter {
     });
     this.connections.add(conn);
     this.startWatchdog();
+    this.clients.set(conn, client);
     this.emit('connection', { remote: conn.remote, receiveMode: conn.receiveMode });
     void conn.closed.then(() => {
       this.connections.delete(conn);
+      this.clients.delete(conn);
       this.emit('close-connection', { remote: conn.remote, directBytes: conn.directBytes });
     });
   }
@@ -322,7 +366,16 @@ export class NbdServer extends EventEmitter {
     this.payloadPool.close();
     const stopped = this.listeners_.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
     for (const c of this.connections) c.shutdown();
-    const drained = Promise.all([...this.connections].map((c) => c.closed));
+    await this.drain([...this.connections], graceMs);
+    await Promise.all(stopped);
+    if (this.watchdog !== null) clearInterval(this.watchdog);
+    this.watchdog = null;
+  }
+
+  /** Waits for `connections` (already shut down) to close; destroys those left after `graceMs`. */
+  private async drain(connections: readonly Connection[], graceMs: number): Promise<void> {
+    if (connections.length === 0) return;
+    const drained = Promise.all(connections.map((c) => c.closed));
     let timer: NodeJS.Timeout | undefined;
     const grace = new Promise<'timeout'>((resolve) => {
       timer = setTimeout(() => resolve('timeout'), graceMs);
@@ -330,12 +383,9 @@ export class NbdServer extends EventEmitter {
     const outcome = await Promise.race([drained.then(() => 'drained' as const), grace]);
     clearTimeout(timer);
     if (outcome === 'timeout') {
-      this.logger('warn', 'close: grace period over, destroying connections', { connections: this.connections.size });
-      for (const c of this.connections) c.destroy();
+      this.logger('warn', 'grace period over, destroying connections', { connections: connections.length });
+      for (const c of connections) c.destroy();
       await drained;
     }
-    await Promise.all(stopped);
-    if (this.watchdog !== null) clearInterval(this.watchdog);
-    this.watchdog = null;
   }
 }
