@@ -4,7 +4,7 @@ import { blockErrorCode, type BlockDevice } from '@gannet/block-device';
 import { InvariantError } from './assert.js';
 import { BlockBuffers, type Layer } from './buffer.js';
 import { EpochLease, Epochs } from './epochs.js';
-import type { LostFailover, MetaStore } from './meta.js';
+import type { Inconsistent, LostFailover, MetaStore } from './meta.js';
 import type { ResolvedVolumeOptions } from './options.js';
 import type { Geometry } from './plan.js';
 import { Spiller } from './spill.js';
@@ -38,6 +38,7 @@ export interface EngineInit {
   readonly epochCeiling: number;
   readonly torn: ByteRange[];
   readonly lostFailover: LostFailover | null;
+  readonly inconsistent: Inconsistent | null;
 }
 
 /**
@@ -64,6 +65,8 @@ export class Engine {
   failover: (FailoverStatus & { readonly epoch: number }) | null = null;
   /** A failover the last run requested but never made durable (until the next one is). */
   lostFailover: LostFailover | null;
+  /** A resync from the primary has the disk half-way: failover is refused unless forced. */
+  inconsistent: Inconsistent | null;
   /** Set once close() has begun. */
   closing = false;
   /** Called after every flush pass (the failover retires its journal once the kept state is applied). */
@@ -89,6 +92,7 @@ export class Engine {
     this.target = init.target;
     this.torn = init.torn;
     this.lostFailover = init.lostFailover;
+    this.inconsistent = init.inconsistent;
     this.buffers = new BlockBuffers({
       blockBytes: init.options.blockBytes,
       sizeBytes: init.options.sizeBytes,

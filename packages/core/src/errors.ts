@@ -19,6 +19,8 @@ export type GannetErrorCode =
   | 'ETORN'
   /** An engine invariant broke: the volume stopped writing anything until it is reopened. */
   | 'EHALTED'
+  /** The primary role's peer is unreachable, hung or refused the session: the volume is degraded. */
+  | 'EPEER'
   /** The strategy is not available in this build. */
   | 'ENOTAVAILABLE';
 

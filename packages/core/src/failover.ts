@@ -65,6 +65,13 @@ export class Failover {
           'epochs until the primary resyncs them; failing over now keeps them so (force to accept that)',
       );
     }
+    if (engine.inconsistent !== null && options.force !== true) {
+      throw new GannetError(
+        'ETORN',
+        `failover refused: a resync from the primary began at ${engine.inconsistent.since} and has not ended, so the disk is ` +
+          'part old, part new; failing over now keeps it so (force to accept that)',
+      );
+    }
     const { lease, epoch } = engine.epochs;
     if (!lease.covers(epoch + 1)) await lease.ensure(epoch + 1);
     const requestedAt = new Date().toISOString();

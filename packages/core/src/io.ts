@@ -1,5 +1,5 @@
 import { BlockDeviceError, EXTENT_ZERO, settleAll, toBlockDeviceError, type Extent } from '@gannet/block-device';
-import { assert } from './assert.js';
+import { assert, storageError } from './assert.js';
 import { isSlot, isSpilled, ZERO, zeroRangeEntriesMax, type Layer } from './buffer.js';
 import type { Engine } from './engine.js';
 import type { Flusher } from './flusher.js';
@@ -132,7 +132,7 @@ export class BufferedIo {
       const at = backingStart;
       pending.push(
         backing.read(buf.subarray(at - offset, upTo - offset), at).catch((err: unknown) => {
-          throw toBlockDeviceError(err, 'backing file');
+          throw storageError(err, 'backing file');
         }),
       );
       backingStart = -1;
@@ -271,7 +271,7 @@ export class BufferedIo {
       try {
         freed = await engine.spiller.spill(used + bytes - max);
       } catch (err) {
-        throw toBlockDeviceError(err, 'spilling buffered blocks to their spill file');
+        throw storageError(err, 'spilling buffered blocks to their spill file');
       }
       // Nothing spillable (committed, or reserved by other writes): wait for a release, unless memory
       // moved while the spill looked.

@@ -20,6 +20,8 @@ export interface KvStore {
   clear(range: KvRange): Promise<void>;
   /** Whether any key lies in `range`. */
   any(range: KvRange): Promise<boolean>;
+  /** Every key in `range` with its value, in key order. */
+  entries(range: KvRange): Promise<[string, Uint8Array][]>;
   /** Gives the space of deleted keys back (LevelDB compaction). */
   compact(range: KvRange): Promise<void>;
   close(): Promise<void>;
@@ -41,9 +43,13 @@ async function openDb(location: string, createIfMissing: boolean): Promise<Db> {
   try {
     await db.open();
   } catch (err) {
-    throw new GannetError('EMETA', `the metadata store ${location} cannot be opened: ${describeOpenFailure(err)}`, { cause: err });
+    throw new GannetError(noSpace(err) ? 'ENOSPC' : 'EMETA', `the metadata store ${location} cannot be opened: ${describeOpenFailure(err)}`, { cause: err });
   }
   return db;
+}
+
+function noSpace(err: unknown): boolean {
+  return /No space left|ENOSPC/i.test(`${(err as { cause?: Error }).cause?.message ?? ''} ${(err as Error).message ?? ''}`);
 }
 
 function describeOpenFailure(err: unknown): string {
@@ -52,8 +58,8 @@ function describeOpenFailure(err: unknown): string {
   const text = `${cause?.message ?? ''} ${(err as Error).message ?? ''}`;
   if (code === 'LEVEL_LOCKED' || /lock/i.test(text)) return 'it is locked by another process (is another gannet daemon serving this data directory?)';
   if (/does not exist/i.test(text) || code === 'LEVEL_DATABASE_NOT_OPEN' && /exist/i.test(text)) return 'it does not exist';
-  if (/corrupt|checksum|bad magic|truncated|MANIFEST|CURRENT/i.test(text)) return `its files are damaged (${(cause?.message ?? text).trim()})`;
   if (/No space left|ENOSPC/i.test(text)) return 'the file system is full';
+  if (/corrupt|checksum|bad magic|truncated|MANIFEST|CURRENT/i.test(text)) return `its files are damaged (${(cause?.message ?? text).trim()})`;
   return (cause?.message ?? (err as Error).message ?? String(err)).trim();
 }
 
@@ -93,6 +99,10 @@ class LevelKv implements KvStore {
     });
   }
 
+  async entries(range: KvRange): Promise<[string, Uint8Array][]> {
+    return this.run(() => this.db.iterator(range).all());
+  }
+
   async compact(range: KvRange): Promise<void> {
     await this.run(() => (this.db as unknown as { compactRange(a: string, b: string): Promise<void> }).compactRange(range.gte, range.lt));
   }
@@ -111,6 +121,8 @@ class LevelKv implements KvStore {
       return await op();
     } catch (err) {
       this.broken = true;
+      // LevelDB reports a full disk as a generic IO error; the engine and the client need ENOSPC.
+      if (noSpace(err)) throw new GannetError('ENOSPC', `the metadata store ${this.location}: the file system is full`, { cause: err });
       throw err;
     }
   }

@@ -1,11 +1,11 @@
 import { randomUUID } from 'node:crypto';
-import { mkdir, rename } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { BlockDevice } from '@gannet/block-device';
 import { epochLeaseCount } from './epochs.js';
 import { GannetError } from './errors.js';
 import { journalFileName } from './journal.js';
-import { MetaStore, type Identity, type LostFailover, type PersistedMeta } from './meta.js';
+import { MetaStore, type Identity, type Inconsistent, type LostFailover, type PersistedMeta } from './meta.js';
 import type { ResolvedVolumeOptions } from './options.js';
 import { mergeRanges } from './ranges.js';
 import { VolumeStateFile, type VolumeStateRecord } from './state-file.js';
@@ -26,6 +26,7 @@ export interface Opened {
   readonly epochCeiling: number;
   readonly torn: ByteRange[];
   readonly lostFailover: LostFailover | null;
+  readonly inconsistent: Inconsistent | null;
 }
 
 /**
@@ -77,7 +78,18 @@ export async function openFiles(options: ResolvedVolumeOptions, storage: Storage
     if (record.lifecycle === 'replicating') await meta.reopen(torn, epochCeiling);
     else await meta.putEpochCeiling(epochCeiling);
     await meta.clearLegacy();
-    return { meta, backing, stateFile, record, epoch, durableEpoch: persisted.durableEpoch, epochCeiling, torn, lostFailover };
+    return {
+      meta,
+      backing,
+      stateFile,
+      record,
+      epoch,
+      durableEpoch: persisted.durableEpoch,
+      epochCeiling,
+      torn,
+      lostFailover,
+      inconsistent: record.lifecycle === 'replicating' ? persisted.inconsistent : null,
+    };
   } catch (err) {
     await backing?.close().catch(() => undefined);
     await meta.close().catch(() => undefined);
@@ -209,7 +221,7 @@ export async function recoverFiles(options: ResolvedVolumeOptions, storage: Stor
   let movedTo: string | null = null;
   if (await storage.exists(location)) {
     movedTo = `${location}.damaged-${new Date().toISOString().replace(/[:.]/g, '-')}`;
-    await rename(location, movedTo);
+    await storage.rename(location, movedTo);
   }
   const meta = new MetaStore(await storage.openMeta(location, { create: true }), location);
   try {

@@ -13,7 +13,8 @@ import type { ByteRange, FailoverTarget } from './types.js';
  * Keys: m/identity {uuid, sizeBytes, blockBytes} (JSON); m/state replicating | failover-pending |
  * failed-over; m/target; m/failover-at (when a pending failover was requested); m/durable-epoch and
  * m/epoch-ceiling (decimal); m/flushing and m/torn (byte ranges, float64 pairs); m/lost-failover (JSON:
- * a failover the process stopped before it was durable). Earlier versions kept a journal under j/ and
+ * a failover the process stopped before it was durable); m/inconsistent (JSON: a resync from the primary
+ * is under way, since when). Earlier versions kept a journal under j/ and
  * spilled blocks under s/; `clearLegacy` drops them.
  */
 
@@ -42,6 +43,12 @@ export interface PersistedMeta {
   flushing: ByteRange[];
   torn: ByteRange[];
   lostFailover: LostFailover | null;
+  /** Set while a resync from the primary has the disk half-way (the primary clears it). */
+  inconsistent: Inconsistent | null;
+}
+
+export interface Inconsistent {
+  readonly since: string;
 }
 
 const key = {
@@ -54,6 +61,7 @@ const key = {
   flushing: 'm/flushing',
   torn: 'm/torn',
   lostFailover: 'm/lost-failover',
+  inconsistent: 'm/inconsistent',
 } as const;
 const legacyRanges: KvRange[] = [
   { gte: 'j/', lt: 'j0' },
@@ -87,6 +95,7 @@ const identitySchema = json(
     .strict(),
 );
 const lostFailoverSchema = json(z.object({ target, requestedAt: z.string(), lostAt: z.string() }).strict());
+const inconsistentSchema = json(z.object({ since: z.string() }).strict());
 
 export class MetaStore {
   constructor(
@@ -127,6 +136,7 @@ export class MetaStore {
       flushing: ranges(key.flushing),
       torn: ranges(key.torn),
       lostFailover: field(key.lostFailover, lostFailoverSchema),
+      inconsistent: field(key.inconsistent, inconsistentSchema),
     };
     if (identity !== null && state === null) throw this.damaged(key.state, 'is missing');
     if (state !== null && identity === null) throw this.damaged(key.identity, 'is missing');
@@ -178,6 +188,12 @@ export class MetaStore {
       [{ type: 'put', key: key.durableEpoch, value: text(String(durableEpoch)) }, { type: 'del', key: key.flushing }, tornOp(torn)],
       { sync: true },
     );
+  }
+
+  /** Marks the disk inconsistent (a resync from the primary began) or consistent again (it ended). */
+  async putInconsistent(inconsistent: Inconsistent | null): Promise<void> {
+    const op: KvOp = inconsistent === null ? { type: 'del', key: key.inconsistent } : { type: 'put', key: key.inconsistent, value: text(JSON.stringify(inconsistent)) };
+    await this.kv.batch([op], { sync: true });
   }
 
   /** The foreground of a failover: requested, not durable yet (a restart before it is reports it lost). */

@@ -30,6 +30,8 @@ export interface Storage {
   /** Makes the directory's entries (a file just created) durable. */
   syncDirectory(dir: string): Promise<void>;
   removeFile(path: string): Promise<void>;
+  /** Renames a file or directory (a damaged metadata store is moved aside, never deleted). */
+  rename(from: string, to: string): Promise<void>;
   exists(path: string): Promise<boolean>;
 }
 
@@ -42,11 +44,24 @@ async function syncDirectory(dir: string): Promise<void> {
   }
 }
 
+async function createSynced(path: string, sizeBytes: number): Promise<void> {
+  const handle = await open(path, 'wx', 0o644);
+  try {
+    await handle.truncate(sizeBytes);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+  await syncDirectory(dirname(path));
+}
+
 /** Real files: FileDevices (reads past the backing file's end give zeroes), LevelDB, fsync and rename. */
 export const fileStorage: Storage = {
   async openBacking(path, sizeBytes, options) {
     try {
-      return await FileDevice.open(path, options.create ? { create: sizeBytes, atEnd: 'zero-fill' } : { size: sizeBytes, atEnd: 'zero-fill' });
+      // A new backing file is made durable, size and directory entry, before the state file names it.
+      if (options.create && !(await fileStorage.exists(path))) await createSynced(path, sizeBytes);
+      return await FileDevice.open(path, { size: sizeBytes, atEnd: 'zero-fill' });
     } catch (err) {
       throw new GannetError('EMISMATCH', `backing file ${path} cannot be used: ${(err as Error).message}`, { cause: err });
     }
@@ -82,6 +97,7 @@ export const fileStorage: Storage = {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
     }
   },
+  rename: (from, to) => rename(from, to),
   async exists(path) {
     try {
       const handle = await open(path, 'r');

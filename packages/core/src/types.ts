@@ -46,6 +46,8 @@ export interface ByteRange {
 export interface VolumeStats {
   readonly strategy: StrategyName;
   readonly state: VolumeState;
+  /** The volume's uuid (gannet): a primary tells a different disk from the one it synced by it. */
+  readonly volumeId?: string;
   readonly sizeBytes: number;
   readonly epoch: number;
   readonly durableEpoch: number;
@@ -58,6 +60,8 @@ export interface VolumeStats {
   readonly failover?: FailoverStatus;
   /** A failover requested before the last stop that never became durable: the volume is at its checkpoint. */
   readonly lostFailover?: { readonly target: FailoverTarget; readonly requestedAt: string; readonly lostAt: string };
+  /** A resync from the primary is under way (gannet): the disk is part old, part new, and failover is refused. */
+  readonly inconsistent?: { readonly since: string };
 }
 
 export interface CheckpointEvent {

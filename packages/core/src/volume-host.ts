@@ -1,5 +1,5 @@
 import { allCapabilities, BlockDeviceError, toBlockDeviceError, type Capabilities, type Extent } from '@gannet/block-device';
-import { InvariantError } from './assert.js';
+import { InvariantError, storageError } from './assert.js';
 import type { Engine } from './engine.js';
 import type { Failover } from './failover.js';
 import type { Flusher } from './flusher.js';
@@ -98,7 +98,7 @@ export class VolumeHost implements ViewHost {
       await engine.nextWake();
     }
     await engine.backing.flush().catch((err: unknown) => {
-      throw toBlockDeviceError(err, 'backing file');
+      throw storageError(err, 'backing file');
     });
   }
 
@@ -130,7 +130,7 @@ export class VolumeHost implements ViewHost {
       if (src === null) await backing.writeZeroes(offset, length, { fua: options.fua, noHole: options.noHole });
       else await backing.write(src, offset, options.fua ? { fua: true } : undefined);
     } catch (err) {
-      throw toBlockDeviceError(err, 'backing file');
+      throw storageError(err, 'backing file');
     }
   }
 

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { performance } from 'node:perf_hooks';
 import { assert, InvariantError } from './assert.js';
@@ -37,6 +38,8 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
   readonly secondary: VolumeView;
   readonly sizeBytes: number;
   readonly options: ResolvedVolumeOptions;
+  /** Changes at every open: a primary knows by it that the volume lost what it buffered. */
+  readonly instance = randomUUID();
 
   private readonly engine: Engine;
   private readonly flusher: Flusher;
@@ -92,6 +95,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
             epochCeiling: opened.epochCeiling,
             torn: opened.torn,
             lostFailover: opened.lostFailover,
+            inconsistent: opened.inconsistent,
           },
           events,
         ),
@@ -116,6 +120,24 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     return recoverFiles(gannetOptions(input), context.storage ?? fileStorage);
   }
 
+  /** The volume's uuid, for good (its state file and metadata agree on it). */
+  get volumeId(): string {
+    return this.engine.uuid;
+  }
+
+  /**
+   * Marks the disk inconsistent, durably, while a primary resyncs it (failover is then refused unless
+   * forced), or consistent again once the resync's last checkpoint is durable. Only while replicating.
+   */
+  async setInconsistent(inconsistent: boolean): Promise<void> {
+    const { engine } = this;
+    if (engine.state !== 'replicating' || this.closing !== null) throw new GannetError('ESTATE', `setInconsistent: the volume is ${this.closing !== null ? 'closed' : engine.state}`);
+    if (inconsistent === (engine.inconsistent !== null)) return;
+    const mark = inconsistent ? { since: new Date().toISOString() } : null;
+    await engine.meta.putInconsistent(mark);
+    engine.inconsistent = mark;
+  }
+
   stats(): VolumeStats {
     const { engine } = this;
     const { epochs, buffers } = engine;
@@ -126,6 +148,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
     return {
       strategy: 'gannet',
       state: engine.state,
+      volumeId: engine.uuid,
       sizeBytes: this.sizeBytes,
       epoch: epochs.epoch,
       durableEpoch: epochs.durableEpoch,
@@ -150,6 +173,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
           }
         : {}),
       ...(engine.lostFailover !== null ? { lostFailover: { ...engine.lostFailover } } : {}),
+      ...(engine.inconsistent !== null ? { inconsistent: { ...engine.inconsistent } } : {}),
     };
   }
 

@@ -73,6 +73,8 @@ class Overlay {
 export interface ModelOptions {
   /** Keep a copy of the checkpoint view at every epoch (crash tests ask for the bytes at durableEpoch). */
   readonly keepEpochs?: boolean;
+  /** Start from a reopened volume: its checkpoint view (or plain disk), epoch, and failover. */
+  readonly start?: { readonly bytes: Uint8Array; readonly epoch: number; readonly failedOverTo?: FailoverTarget };
 }
 
 export class VolumeModel {
@@ -87,10 +89,12 @@ export class VolumeModel {
 
   constructor(sizeBytes: number, options: ModelOptions = {}) {
     this.sizeBytes = sizeBytes;
-    this.committed = new Uint8Array(sizeBytes);
+    this.committed = options.start === undefined ? new Uint8Array(sizeBytes) : options.start.bytes.slice();
     this.p = new Overlay(sizeBytes);
     this.s = new Overlay(sizeBytes);
-    this.epochs = options.keepEpochs ? new Map([[0, this.committed.slice()]]) : undefined;
+    this.epochNow = options.start?.epoch ?? 0;
+    this.target = options.start?.failedOverTo;
+    this.epochs = options.keepEpochs ? new Map([[this.epochNow, this.committed.slice()]]) : undefined;
   }
 
   get epoch(): number {
