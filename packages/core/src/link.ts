@@ -28,6 +28,11 @@ export interface PeerInfo {
   readonly tornRanges: readonly ByteRange[];
 }
 
+/**
+ * One connection to one instance of the peer's volume. Once that instance is gone (the peer restarted or
+ * closed it), every call of the session rejects, also those that only read the peer's state: a restarted
+ * peer has lost what it buffered, and only a new session (a new `instance`) resyncs it.
+ */
 export interface PeerSession {
   readonly info: PeerInfo;
   /** The peer's primary view (NAME/primary): every write, zero and trim is forwarded here. */

@@ -536,8 +536,10 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       throw new GannetError('EPEER', `checkpoint: the peer ${this.peer.address} is not connected (link ${this.link.state}${this.link.error ? `: ${this.link.error}` : ''}); the volume is degraded`);
     }
     if (!internal && this.state === 'resyncing') {
-      const r = this.resync!;
-      throw new GannetError('ESTATE', `checkpoint: a resync has gone over ${r.bytesDone} of ${r.bytesTotal} bytes; the peer's disk is not whole until it ends`);
+      // A resync that has just failed is over (resync null) before the link loop marks the volume degraded.
+      const r = this.resync;
+      const progress = r !== null ? `has gone over ${r.bytesDone} of ${r.bytesTotal} bytes` : 'is ending';
+      throw new GannetError('ESTATE', `checkpoint: a resync ${progress}; the peer's disk is not whole until it ends`);
     }
     const start = performance.now();
     const sealed = this.current;
@@ -849,7 +851,8 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     this.setState('halted');
     const session = this.session;
     if (session !== null) this.linkFailed(session, err);
-    this.emit('error', err);
+    // As ReplicatedVolume: an 'error' nobody listens for would throw here, inside the link loop.
+    if (this.listenerCount('error') > 0) this.emit('error', err);
   }
 
   private async closeNow(): Promise<void> {

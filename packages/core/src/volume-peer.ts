@@ -21,7 +21,10 @@ export function volumePeer(target: () => ReplicatedVolume | null, options: { add
       const s = volume.stats();
       const gate = new Gate(volume.primary);
       const device = new SessionDevice(options.wrap !== undefined ? options.wrap(gate) : gate, gate);
-      const live = <T>(work: () => Promise<T>): Promise<T> => (device.aborted ? Promise.reject(aborted()) : device.race(work()));
+      // A session belongs to this instance of the volume: once it is closed (the peer restarted), every
+      // call fails, as a connection to a restarted daemon would, even one that only reads its state.
+      const live = <T>(work: () => Promise<T>): Promise<T> =>
+        device.aborted ? Promise.reject(aborted()) : volume.stats().state === 'closed' ? Promise.reject(gone()) : device.race(work());
       return {
         info: {
           volumeId: volume.volumeId,
@@ -40,6 +43,10 @@ export function volumePeer(target: () => ReplicatedVolume | null, options: { add
       };
     },
   };
+}
+
+function gone(): GannetError {
+  return new GannetError('EPEER', 'the peer volume of this session was closed');
 }
 
 function aborted(): BlockDeviceError {
