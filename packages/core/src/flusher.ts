@@ -98,6 +98,7 @@ export class Flusher {
           engine.halt(err);
           break;
         }
+        if (engine.state === 'halted') break;
         this.error = err instanceof Error ? err : new Error(String(err));
         failure = new GannetError(blockErrorCode(err) === 'ENOSPC' ? 'ENOSPC' : 'EIO', `flush of epochs up to ${layers.at(-1)!.sealedEpoch} failed: ${this.error.message}`, {
           cause: err,
@@ -118,6 +119,7 @@ export class Flusher {
     const retrying = this.unfinished.length > 0;
     const covered = coveredPairs(plan.blocks, plan.holeRuns, plan.zeroRuns, geometry);
     const ranges = retrying ? pairsOfRanges([...rangesOfPairs(this.unfinished), ...rangesOfPairs(covered)]) : covered;
+    this.checkRunning();
     if (ranges.length > 0) await meta.recordFlushing(ranges);
     this.unfinished = ranges;
     await this.dropHidden(layers);
@@ -128,7 +130,9 @@ export class Flusher {
     for (const layer of layers) bytes += await this.writeSpilled(layer);
     // Also what makes punched holes and zeroed ranges durable: fdatasync flushes allocation changes. After
     // a failed pass, blocks it wrote left memory unsynced: this pass syncs even with nothing left to write.
+    this.checkRunning();
     if (bytes > 0 || retrying) await backing.flush();
+    this.checkRunning();
     const durable = layers.at(-1)!.sealedEpoch;
     const torn = engine.torn.length > 0 ? subtractRanges(engine.torn, rangesOfPairs(ranges)) : engine.torn;
     await meta.recordDurable(durable, torn);
@@ -137,6 +141,11 @@ export class Flusher {
     engine.epochs.flushed(layers);
     engine.wake();
     engine.emit('flushed', { epoch: durable, bytes, durationMs: performance.now() - start });
+  }
+
+  /** A volume halted while a pass runs writes nothing more: the pass stops at its next step. */
+  private checkRunning(): void {
+    if (this.engine.state === 'halted') throw new GannetError('EHALTED', 'the volume halted during a flush pass');
   }
 
   /** Drops the entries of older layers that a newer layer of the pass hides (data or a zeroed range). */
@@ -161,6 +170,7 @@ export class Flusher {
     let failure: unknown = null;
     let bytes = 0;
     for (const slab of buffers.slabsOf(layer)) {
+      this.checkRunning();
       const { blocks, slots } = buffers.slabContents(layer, slab);
       if (blocks.length === 0) continue;
       const runs: WriteRun[] = [];
@@ -203,6 +213,7 @@ export class Flusher {
     }
     let bytes = 0;
     for (let i = 0; i < spilled.length; i += spilledBatchBlocksMax) {
+      this.checkRunning();
       const chunk = spilled.slice(i, i + spilledBatchBlocksMax);
       const runs = await Promise.all(
         chunk.map(async ([b, entry]) => {
