@@ -191,7 +191,12 @@ export class BlockBuffers {
   readonly blockCount: number;
   private readonly pool: SlabPool<Layer>;
   /** Slots in order of allocation or last second chance, coldest first: the spill victims. */
-  private readonly lru: LRUCache<number, true>;
+  /**
+   * Made on first use: lru-cache allocates its arrays for `max` entries up front (about 4.5 MiB at the
+   * default memoryBytesMax), which an idle volume must not pay.
+   */
+  private lruValue: LRUCache<number, true> | null = null;
+  private readonly lruSlots: number;
   readonly indexEntriesMax: number;
   /** Block bytes held in slabs, over all layers (the quantity memoryBytesMax bounds). */
   private memBytesValue = 0;
@@ -206,7 +211,11 @@ export class BlockBuffers {
     this.pool = new SlabPool<Layer>(options.blockBytes, options.memoryBytesMax);
     this.indexEntriesMax = options.indexEntriesMax ?? indexEntriesMaxDefault;
     const slots = Math.ceil(options.memoryBytesMax / options.blockBytes) + 64 * this.pool.slotsPerSlab;
-    this.lru = new LRUCache<number, true>({ max: Math.min(slots, lruSlotsMax) });
+    this.lruSlots = Math.min(slots, lruSlotsMax);
+  }
+
+  private get lru(): LRUCache<number, true> {
+    return (this.lruValue ??= new LRUCache<number, true>({ max: this.lruSlots }));
   }
 
   get memBytes(): number {

@@ -157,9 +157,8 @@ export class BufferedIo {
           // `pos` moves on before the fetch settles: the retry needs this block's offset.
           const blockPos = pos;
           pending.push(
-            engine.spiller.read(layer, entry).then((data) => {
-              if (data !== undefined) dst.set(data.subarray(inBlock, inBlock + n));
-              else return this.read(role, dst, blockPos, attempt + 1);
+            engine.spiller.readInto(layer, entry, dst, inBlock).then((found) => {
+              if (!found) return this.read(role, dst, blockPos, attempt + 1);
             }),
           );
         }

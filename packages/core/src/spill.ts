@@ -69,17 +69,26 @@ export class Spiller {
 
   /** A spilled block's bytes (`entry` is its spill tag), or undefined when its layer was dropped meanwhile. */
   async read(layer: Layer, entry: number): Promise<Uint8Array | undefined> {
-    const file = this.files.get(layer);
-    if (file === undefined) return undefined;
-    const device = await file.device;
     const data = Buffer.allocUnsafe(this.buffers.blockBytes);
+    return (await this.readInto(layer, entry, data, 0)) ? data : undefined;
+  }
+
+  /**
+   * Bytes [inBlock, inBlock + dst.length) of a spilled block, straight into `dst` (a client's read buffer:
+   * no block-sized buffer per read, which under a read of spilled data is garbage the GC lags behind).
+   * False when the layer's file is gone (dropped or flushed meanwhile): the caller looks again.
+   */
+  async readInto(layer: Layer, entry: number, dst: Uint8Array, inBlock: number): Promise<boolean> {
+    const file = this.files.get(layer);
+    if (file === undefined) return false;
+    const device = await file.device;
     try {
-      await device.read(data, spillIndex(entry) * this.buffers.blockBytes);
+      await device.read(dst, spillIndex(entry) * this.buffers.blockBytes + inBlock);
     } catch (err) {
-      if ((err as { code?: string }).code === 'ESHUTDOWN') return undefined;
+      if ((err as { code?: string }).code === 'ESHUTDOWN') return false;
       throw err;
     }
-    return data;
+    return true;
   }
 
   /** Serves `layer`'s spilled entries from `device`, a file it did not write (a reopened failover journal). */
