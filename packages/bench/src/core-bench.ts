@@ -10,8 +10,14 @@
  *   - buffered write throughput, 64 KiB and 4 KiB writes into the primary view;
  *   - RSS against buffered bytes, RSS / (buffered + 64 MiB), each size in a fresh process; target <= 1.1;
  *   - idle volumes: the time to open 100 and 1000 existing volumes of 1 GiB (a daemon's start) and the RSS
- *     each one adds while idle, in a fresh process; target <= 1 MiB per volume.
- * `--quick` runs tiny sizes (a smoke test); `--dir DIR` picks the disk (default: the OS temp dir).
+ *     each one adds while idle, in a fresh process; target <= 1 MiB per volume;
+ *   - failover to the secondary with 64 MiB, 256 MiB and 1 GiB buffered (four fifths in the secondary
+ *     view, one fifth committed from the primary view), and with most of it spilled: the foreground time
+ *     (the failover() call) p50 and p99, the longest stall a client doing 4K random reads and writes on
+ *     the secondary view saw across it, and the time until the first FLUSH after it returns (the kept
+ *     state on disk); targets foreground and stall <= 100 ms at 256 MiB.
+ * `--quick` runs tiny sizes (a smoke test); `--dir DIR` picks the disk (default: the OS temp dir);
+ * `--only checkpoint,rss,flush,writes,failover,idle` runs some of the sections.
  * Run with --expose-gc (the root script does) so RSS is measured after a full collection.
  */
 import { spawnSync } from 'node:child_process';
@@ -37,6 +43,17 @@ interface BenchPlan {
   readonly writeBytes: number;
   /** How many idle volumes to open for the start time and RSS per idle volume. */
   readonly idleVolumeCounts: readonly number[];
+  /** Buffered sizes for failover (a fresh volume per sample; `memoryBytes` below the size spills). */
+  readonly failoverSizes: readonly FailoverCase[];
+}
+
+interface FailoverCase {
+  readonly bytes: number;
+  readonly samples: number;
+  /** The volume's memoryBytesMax when it is to spill; otherwise room for everything. */
+  readonly memoryBytes?: number;
+  /** The row that carries the targets. */
+  readonly target?: boolean;
 }
 
 const fullPlan: BenchPlan = {
@@ -49,6 +66,12 @@ const fullPlan: BenchPlan = {
   flushRounds: 3,
   writeBytes: 256 * MiB,
   idleVolumeCounts: [100, 1000],
+  failoverSizes: [
+    { bytes: 64 * MiB, samples: 10 },
+    { bytes: 256 * MiB, samples: 10, target: true },
+    { bytes: 1 * GiB, samples: 3 },
+    { bytes: 256 * MiB, samples: 3, memoryBytes: 64 * MiB },
+  ],
 };
 
 const quickPlan: BenchPlan = {
@@ -61,6 +84,10 @@ const quickPlan: BenchPlan = {
   flushRounds: 1,
   writeBytes: 16 * MiB,
   idleVolumeCounts: [],
+  failoverSizes: [
+    { bytes: 8 * MiB, samples: 2, target: true },
+    { bytes: 8 * MiB, samples: 2, memoryBytes: 2 * MiB },
+  ],
 };
 
 /** Fill requests: the size a guest's large sequential I/O reaches the primary view in. */
@@ -80,7 +107,13 @@ const targets = {
   flushRatioMin: 0.8,
   rssRatioMax: 1.1,
   idleVolumeRssBytesMax: 1 * MiB,
+  failoverMsMax: 100,
+  failoverStallMsMax: 100,
 };
+/** Requests in flight of the client on the secondary view across a failover. */
+const failoverClientDepth = 4;
+/** The client's requests before the failover, so the stall is measured on a client already running. */
+const failoverWarmupRequests = 200;
 /** Size of each idle volume (sparse: it takes no space). */
 const idleVolumeBytes = 1 * GiB;
 /** Volumes opened at once, as the daemon opens them at start (volumeOpenConcurrency in @gannet/server). */
@@ -120,16 +153,17 @@ function collectGarbage(): void {
   }
 }
 
-/** Writes [0, bytes) of the primary view in order, `queueDepth` requests in flight, data varying with `stamp`. */
-async function fill(vol: Volume, bytes: number, requestBytes: number, stamp: number): Promise<void> {
+/** Writes [0, bytes) of a view in order, `queueDepth` requests in flight, data varying with `stamp`. */
+async function fill(vol: Volume, bytes: number, requestBytes: number, stamp: number, view: 'primary' | 'secondary' = 'primary'): Promise<void> {
   let next = 0;
+  const device = view === 'primary' ? vol.primary : vol.secondary;
   const worker = async (): Promise<void> => {
     const buf = new Uint8Array(requestBytes);
     while (next < bytes) {
       const offset = next;
       next += requestBytes;
       buf.fill((stamp + offset / requestBytes) & 0xff);
-      await vol.primary.write(buf, offset);
+      await device.write(buf, offset);
     }
   };
   await Promise.all(Array.from({ length: queueDepth }, worker));
@@ -140,14 +174,14 @@ async function waitFlushed(vol: Volume, epoch: number): Promise<void> {
   while (vol.stats().durableEpoch < epoch) await once(vol, 'flushed', { signal });
 }
 
-function openBenchVolume(dir: string, name: string, sizeBytes: number): Promise<Volume> {
+function openBenchVolume(dir: string, name: string, sizeBytes: number, memoryBytes?: number): Promise<Volume> {
   return openVolume({
     path: join(dir, `${name}.img`),
     dataDir: join(dir, `${name}.meta`),
     sizeBytes,
     strategy: 'gannet',
     // Room for P and one C of the same size, so nothing spills: this measures the in-memory path.
-    memoryBytesMax: Math.max(1 * GiB, 3 * sizeBytes),
+    memoryBytesMax: memoryBytes ?? Math.max(1 * GiB, 3 * sizeBytes),
     committedBytesMax: Math.max(2 * GiB, 3 * sizeBytes),
   });
 }
@@ -366,6 +400,95 @@ async function benchWrites(dir: string, plan: BenchPlan, rows: Row[]): Promise<v
   }
 }
 
+/**
+ * 4K random reads and writes (half each) on the secondary view, `failoverClientDepth` in flight, until
+ * stopped; the longest request once `armed`.
+ */
+function secondaryClient(vol: Volume, sizeBytes: number): { warm: Promise<void>; arm(): void; stop(): Promise<number> } {
+  let running = true;
+  let armed = false;
+  let longest = 0;
+  let done = 0;
+  let warmed!: () => void;
+  const warm = new Promise<void>((resolve) => (warmed = resolve));
+  const blocks = sizeBytes / (4 * KiB);
+  let seed = 12345;
+  const next = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0);
+  const worker = async (): Promise<void> => {
+    const buf = new Uint8Array(4 * KiB).fill(0x3c);
+    while (running) {
+      const offset = (next() % blocks) * 4 * KiB;
+      const t0 = nowMs();
+      if (next() & 1) await vol.secondary.write(buf, offset);
+      else await vol.secondary.read(buf, offset);
+      if (armed) longest = Math.max(longest, nowMs() - t0);
+      if (++done === failoverWarmupRequests) warmed();
+      // A buffered request resolves without I/O: a loop of them would keep the failover's own I/O waiting.
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
+  };
+  const workers = Promise.all(Array.from({ length: failoverClientDepth }, worker));
+  return {
+    warm,
+    arm: () => (armed = true),
+    async stop() {
+      running = false;
+      await workers;
+      return longest;
+    },
+  };
+}
+
+async function benchFailover(dir: string, plan: BenchPlan, rows: Row[]): Promise<void> {
+  for (const [index, c] of plan.failoverSizes.entries()) {
+    const foreground: number[] = [];
+    const stalls: number[] = [];
+    const firstFlush: number[] = [];
+    for (let sample = 0; sample < c.samples; sample++) {
+      const name = `failover-${index}-${sample}`;
+      const vol = await openBenchVolume(dir, name, c.bytes, c.memoryBytes);
+      try {
+        // One fifth committed (sealed, its flush under way), four fifths in the secondary buffer.
+        await fill(vol, c.bytes / 5, fillWriteBytes, sample, 'primary');
+        await vol.checkpoint();
+        await fill(vol, (c.bytes * 4) / 5, fillWriteBytes, sample + 1, 'secondary');
+        const client = secondaryClient(vol, c.bytes);
+        await client.warm;
+        client.arm();
+        const t0 = nowMs();
+        await vol.failover({ to: 'secondary' });
+        foreground.push(nowMs() - t0);
+        await vol.secondary.flush();
+        firstFlush.push(nowMs() - t0);
+        stalls.push(await client.stop());
+      } finally {
+        await vol.close();
+        rmSync(join(dir, `${name}.img`), { force: true });
+        rmSync(join(dir, `${name}.meta`), { recursive: true, force: true });
+      }
+    }
+    foreground.sort((a, b) => a - b);
+    stalls.sort((a, b) => a - b);
+    const what = `${formatBytes(c.bytes)} buffered${c.memoryBytes !== undefined ? ` (memory ${formatBytes(c.memoryBytes)}: spilled)` : ''}, ${c.samples} failovers`;
+    const p99 = percentile(foreground, 99);
+    const stall = stalls[stalls.length - 1];
+    rows.push({ metric: `failover foreground p50, ${what}`, value: `${percentile(foreground, 50).toFixed(1)} ms`, target: '' });
+    rows.push({
+      metric: `failover foreground p99, ${what}`,
+      value: `${p99.toFixed(1)} ms`,
+      target: c.target ? `<= ${targets.failoverMsMax} ms` : '',
+      ok: c.target ? p99 <= targets.failoverMsMax : undefined,
+    });
+    rows.push({
+      metric: `longest 4K request across the failover, ${what}`,
+      value: `${stall.toFixed(1)} ms`,
+      target: c.target ? `<= ${targets.failoverStallMsMax} ms` : '',
+      ok: c.target ? stall <= targets.failoverStallMsMax : undefined,
+    });
+    rows.push({ metric: `failover to the first FLUSH returned (kept state on disk), median, ${what}`, value: `${median(firstFlush).toFixed(0)} ms`, target: '' });
+  }
+}
+
 function printTable(rows: readonly Row[]): void {
   const header: Row = { metric: 'metric', value: 'value', target: 'target' };
   const all = [header, ...rows];
@@ -386,6 +509,7 @@ async function main(argv: readonly string[]): Promise<void> {
     args: [...argv],
     options: {
       quick: { type: 'boolean', default: false },
+      only: { type: 'string' },
       dir: { type: 'string' },
       'rss-child': { type: 'string' },
       'idle-child': { type: 'string' },
@@ -404,11 +528,18 @@ async function main(argv: readonly string[]): Promise<void> {
     // Figures from a busy machine are not comparable: say how busy it was.
     const load = loadavg().map((l) => l.toFixed(2)).join(' ');
     console.log(`core bench${values.quick ? ' (quick)' : ''}: node ${process.version}, ${availableParallelism()} cpus, load ${load}, dir ${dir}, gc ${gc}`);
-    await benchCheckpoints(dir, plan, rows);
-    benchRss(dir, plan, rows);
-    await benchFlush(dir, plan, rows);
-    await benchWrites(dir, plan, rows);
-    benchIdleVolumes(dir, plan, rows);
+    const sections: Record<string, () => Promise<void> | void> = {
+      checkpoint: () => benchCheckpoints(dir, plan, rows),
+      rss: () => benchRss(dir, plan, rows),
+      flush: () => benchFlush(dir, plan, rows),
+      writes: () => benchWrites(dir, plan, rows),
+      failover: () => benchFailover(dir, plan, rows),
+      idle: () => benchIdleVolumes(dir, plan, rows),
+    };
+    const only = values.only?.split(',') ?? Object.keys(sections);
+    const unknown = only.filter((name) => !(name in sections));
+    if (unknown.length > 0) throw new Error(`--only: no section ${unknown.join(', ')} (sections: ${Object.keys(sections).join(', ')})`);
+    for (const name of only) await sections[name]();
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
