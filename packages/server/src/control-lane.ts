@@ -9,7 +9,7 @@ import {
   type RecoverResult,
   type ReloadResult,
   type RemoveResult,
-  type VolumeView,
+  type AnyVolumeView,
 } from './control.js';
 import type { EventName } from './events.js';
 
@@ -43,13 +43,13 @@ export interface MetricsText {
 
 /** The answer each call gets. */
 export interface Results {
-  volumes: VolumeView[];
-  volume: VolumeView;
-  create: VolumeView;
+  volumes: AnyVolumeView[];
+  volume: AnyVolumeView;
+  create: AnyVolumeView;
   remove: RemoveResult;
   recover: RecoverResult;
   checkpoint: CheckpointResult;
-  failover: VolumeView;
+  failover: AnyVolumeView;
   groups: GroupView[];
   reload: ReloadResult;
   metrics: MetricsText;
@@ -120,13 +120,13 @@ export function errorData(error: unknown): ErrorData {
 
 /** What the main thread does for each call; the daemon implements it. */
 export interface ControlOperations {
-  volumes(): VolumeView[];
-  volume(name: string): VolumeView;
-  create(body: unknown): Promise<VolumeView>;
+  volumes(): AnyVolumeView[];
+  volume(name: string): AnyVolumeView;
+  create(body: unknown): Promise<AnyVolumeView>;
   remove(name: string, options: { force: boolean; purge: boolean }): Promise<RemoveResult>;
   recover(name: string): Promise<RecoverResult>;
   checkpoint(names?: string[]): Promise<CheckpointResult>;
-  failover(name: string, to: FailoverTarget, force: boolean): Promise<VolumeView>;
+  failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
   groups(): GroupView[];
   reload(): Promise<ReloadResult>;
   metricsText(): Promise<MetricsText>;

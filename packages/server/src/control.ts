@@ -1,6 +1,6 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { Socket } from 'node:net';
-import type { FailoverStatus, FailoverTarget } from '@gannet/core';
+import type { FailoverStatus, FailoverTarget, PrimaryStats } from '@gannet/core';
 import fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { groupVolumesMax } from './defaults.js';
@@ -67,6 +67,7 @@ export interface VolumeErrorView {
  */
 export interface VolumeView {
   name: string;
+  role: 'secondary';
   exports: { primary: string; secondary: string };
   uris: { primary: string[]; secondary: string[] };
   strategy: string;
@@ -86,6 +87,36 @@ export interface VolumeView {
   clients?: number;
 }
 
+/**
+ * A volume of a primary daemon: one export, NAME, the PVM's disk, whose every change goes to the peer.
+ * `peerEpoch` is the epoch the peer began at the last checkpoint; once `peerDurableEpoch` reaches it, the
+ * peer's backing file holds the disk as of that checkpoint. In state `error` only `error` (and
+ * `sizeBytes` when volume.json is readable) is there.
+ */
+export interface PrimaryVolumeView {
+  name: string;
+  role: 'primary';
+  exports: { disk: string };
+  uris: { disk: string[] };
+  state: string;
+  error?: VolumeErrorView;
+  sizeBytes?: number;
+  ackMode?: PrimaryStats['ackMode'];
+  link?: PrimaryStats['link'];
+  inflightBytes?: number;
+  dirtyBytes?: number;
+  unsentBytes?: number;
+  resync?: NonNullable<PrimaryStats['resync']>;
+  lastResync?: NonNullable<PrimaryStats['lastResync']>;
+  resyncBytesTotal?: number;
+  resyncDataBytesTotal?: number;
+  peerEpoch?: number | null;
+  peerDurableEpoch?: number | null;
+  clients?: number;
+}
+
+export type AnyVolumeView = VolumeView | PrimaryVolumeView;
+
 export interface CheckpointResult {
   volumes: { name: string; epoch: number }[];
   /** When no names were given: the volumes left out of the group, and why (failed over, error). */
@@ -102,7 +133,7 @@ export interface RemoveResult {
 }
 
 export interface RecoverResult {
-  volume: VolumeView;
+  volume: AnyVolumeView;
   recovered: { lifecycle: 'replicating' | 'failed-over'; movedTo: string | null; fullResync: boolean };
 }
 
@@ -132,14 +163,14 @@ export interface ControlBackend {
   readonly token: string;
   readonly events: EventHub;
   readonly bodyBytesMax: number;
-  volumes(): Promise<VolumeView[]>;
-  volume(name: string): Promise<VolumeView>;
+  volumes(): Promise<AnyVolumeView[]>;
+  volume(name: string): Promise<AnyVolumeView>;
   /** The body as sent: the main thread checks it with the config file's schema. */
-  create(body: unknown): Promise<VolumeView>;
+  create(body: unknown): Promise<AnyVolumeView>;
   remove(name: string, options: { force: boolean; purge: boolean }): Promise<RemoveResult>;
   recover(name: string): Promise<RecoverResult>;
   checkpoint(names?: string[]): Promise<CheckpointResult>;
-  failover(name: string, to: FailoverTarget, force: boolean): Promise<VolumeView>;
+  failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
   groups(): Promise<GroupView[]>;
   reload(): Promise<ReloadResult>;
   metrics(): Promise<{ contentType: string; text: string }>;
@@ -201,9 +232,9 @@ export function validate<T extends z.ZodType>(schema: T, value: unknown): z.outp
 
 /**
  * Codes of failures that are no fault of the request and may heal (space freed, metadata recovered, the
- * volume reopened): answered 503 with the code as `reason`.
+ * volume reopened, a primary's peer back): answered 503 with the code as `reason`.
  */
-const unavailableCodes = new Set(['ENOSPC', 'EDQUOT', 'EFBIG', 'EIO', 'EMETA', 'EHALTED', 'EPERM', 'EACCES', 'EROFS', 'ENOMEM', 'ESHUTDOWN']);
+const unavailableCodes = new Set(['EPEER', 'ENOSPC', 'EDQUOT', 'EFBIG', 'EIO', 'EMETA', 'EHALTED', 'EPERM', 'EACCES', 'EROFS', 'ENOMEM', 'ESHUTDOWN']);
 
 /** The API's own errors and the engine's refusals; anything else is an internal error. */
 export function apiErrorOf(error: unknown): ApiError | undefined {

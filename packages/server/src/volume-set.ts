@@ -141,7 +141,7 @@ function lockedByAnotherProcess(error: unknown): boolean {
 }
 
 /** Runs `work` over `items`, at most `limit` at a time. */
-async function eachBounded<T>(items: readonly T[], limit: number, work: (item: T) => Promise<unknown>): Promise<void> {
+export async function eachBounded<T>(items: readonly T[], limit: number, work: (item: T) => Promise<unknown>): Promise<void> {
   let next = 0;
   const worker = async () => {
     while (next < items.length) await work(items[next++]);
@@ -346,6 +346,7 @@ export class VolumeSet {
     if (entry.kind === 'error') {
       return {
         name,
+        role: 'secondary',
         exports,
         uris: { primary: [], secondary: [] },
         strategy: entry.record?.strategy ?? 'unknown',
@@ -358,6 +359,7 @@ export class VolumeSet {
     const stats = entry.volume.stats();
     return {
       name,
+      role: 'secondary',
       exports,
       uris: {
         primary: nbdAddresses.map((address) => nbdUri(address, exports.primary, { tls: this.context.tlsRequired })),
@@ -675,7 +677,7 @@ function creationError(error: unknown): unknown {
   return error;
 }
 
-function problemOf(code: string, message: string): VolumeErrorView {
+export function problemOf(code: string, message: string): VolumeErrorView {
   return { code, message, since: new Date().toISOString() };
 }
 
@@ -684,7 +686,7 @@ function unavailable(entry: BrokenEntry): ApiError {
   return new ApiError('unavailable', `volume ${entry.name} is in error (${entry.error.code}): ${entry.error.message}`, undefined, entry.error.code);
 }
 
-async function present(path: string): Promise<boolean> {
+export async function present(path: string): Promise<boolean> {
   try {
     await access(path);
     return true;
