@@ -6,7 +6,7 @@ import type { FailoverTarget, Volume } from '@gannet/core';
 import { NbdServer, type ListenAddress as NbdListenAddress } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { ConfigError, tokenFileName, type DaemonConfig } from './config.js';
-import { ApiError, type CheckpointResult, type GroupView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
+import { ApiError, type CheckpointResult, type GroupView, type PeerAttachView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
 import type { ControlListenAddress, ControlOperations, MetricsText } from './control-lane.js';
 import { ControlThread, type ControlThreadOptions } from './control-thread.js';
 import type { EventName } from './events.js';
@@ -241,6 +241,14 @@ export class Daemon implements ControlOperations {
 
   failover(name: string, to: FailoverTarget, force = false): Promise<VolumeView> {
     return this.volumeSet.failover(name, to, force);
+  }
+
+  attachPeer(name: string): Promise<PeerAttachView> {
+    return this.volumeSet.attachPeer(name);
+  }
+
+  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {
+    return this.volumeSet.setInconsistent(name, inconsistent);
   }
 
   groups(): GroupView[] {
