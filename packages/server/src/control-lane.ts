@@ -6,10 +6,12 @@ import {
   type CheckpointResult,
   type ErrorCode,
   type GroupView,
+  type PeerAttachView,
   type RecoverResult,
   type ReloadResult,
   type RemoveResult,
   type AnyVolumeView,
+  type VolumeView,
 } from './control.js';
 import type { EventName } from './events.js';
 
@@ -32,6 +34,8 @@ export type Call =
   | { op: 'recover'; name: string }
   | { op: 'checkpoint'; names?: string[] }
   | { op: 'failover'; name: string; to: FailoverTarget; force: boolean }
+  | { op: 'attach-peer'; name: string }
+  | { op: 'set-inconsistent'; name: string; inconsistent: boolean }
   | { op: 'groups' }
   | { op: 'reload' }
   | { op: 'metrics' };
@@ -50,6 +54,8 @@ export interface Results {
   recover: RecoverResult;
   checkpoint: CheckpointResult;
   failover: AnyVolumeView;
+  'attach-peer': PeerAttachView;
+  'set-inconsistent': VolumeView;
   groups: GroupView[];
   reload: ReloadResult;
   metrics: MetricsText;
@@ -127,6 +133,9 @@ export interface ControlOperations {
   recover(name: string): Promise<RecoverResult>;
   checkpoint(names?: string[]): Promise<CheckpointResult>;
   failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
+  /** A primary attaches: earlier NBD connections to NAME/primary are closed, then the volume's state is read. */
+  attachPeer(name: string): Promise<PeerAttachView>;
+  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
   groups(): GroupView[];
   reload(): Promise<ReloadResult>;
   metricsText(): Promise<MetricsText>;
@@ -148,6 +157,10 @@ function perform(operations: ControlOperations, call: Call): unknown {
       return operations.checkpoint(call.names);
     case 'failover':
       return operations.failover(call.name, call.to, call.force);
+    case 'attach-peer':
+      return operations.attachPeer(call.name);
+    case 'set-inconsistent':
+      return operations.setInconsistent(call.name, call.inconsistent);
     case 'groups':
       return operations.groups();
     case 'reload':

@@ -43,6 +43,8 @@ const backend: ControlBackend = {
   recover: (name) => lane.call({ op: 'recover', name }),
   checkpoint: (names) => lane.call(names === undefined ? { op: 'checkpoint' } : { op: 'checkpoint', names }),
   failover: (name, to, force) => lane.call({ op: 'failover', name, to, force }),
+  attachPeer: (name) => lane.call({ op: 'attach-peer', name }),
+  setInconsistent: (name, inconsistent) => lane.call({ op: 'set-inconsistent', name, inconsistent }),
   groups: () => lane.call({ op: 'groups' }),
   reload: () => lane.call({ op: 'reload' }),
   metrics: () => lane.call({ op: 'metrics' }),

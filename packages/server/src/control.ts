@@ -72,6 +72,8 @@ export interface VolumeView {
   uris: { primary: string[]; secondary: string[] };
   strategy: string;
   state: string;
+  /** The volume's uuid (gannet): a primary tells a different disk from the one it synced by it. */
+  volumeId?: string;
   error?: VolumeErrorView;
   failoverTarget?: FailoverTarget;
   failover?: FailoverStatus;
@@ -83,6 +85,9 @@ export interface VolumeView {
   bufferedBytes?: { primary: number; secondary: number; committed: number };
   spilledBytes?: number;
   tornRanges?: { offset: number; length: number }[];
+  /** A primary's resync is under way (gannet): the disk is part old, part new, and failover is refused. */
+  inconsistent?: boolean;
+  inconsistentSince?: string;
   /** NBD connections on the volume's exports. */
   clients?: number;
 }
@@ -117,8 +122,29 @@ export interface PrimaryVolumeView {
 
 export type AnyVolumeView = VolumeView | PrimaryVolumeView;
 
+/** An NBD listen address of the daemon; a wildcard host (0.0.0.0, ::) means every address of the host. */
+export type NbdAddressView = { host: string; port: number } | { path: string };
+
+/**
+ * What a primary attaching to a volume learns (POST /v1/volumes/:name/peer): the volume's state, and
+ * where to send its writes. Every earlier NBD connection to NAME/primary is closed before this is read.
+ */
+export interface PeerAttachView {
+  volumeId: string;
+  /** Changes each time the daemon opens the volume: a new one has lost what it buffered. */
+  instance: string;
+  sizeBytes: number;
+  state: string;
+  epoch: number;
+  durableEpoch: number;
+  tornRanges: { offset: number; length: number }[];
+  inconsistent: boolean;
+  /** `tls`: the daemon serves NBD only over TLS. */
+  nbd: { export: string; addresses: NbdAddressView[]; tls: boolean };
+}
 export interface CheckpointResult {
-  volumes: { name: string; epoch: number }[];
+  /** `durableEpoch`: the volume's durable epoch when the checkpoint was taken. */
+  volumes: { name: string; epoch: number; durableEpoch: number }[];
   /** When no names were given: the volumes left out of the group, and why (failed over, error). */
   skipped?: { name: string; reason: string }[];
 }
@@ -171,6 +197,8 @@ export interface ControlBackend {
   recover(name: string): Promise<RecoverResult>;
   checkpoint(names?: string[]): Promise<CheckpointResult>;
   failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
+  attachPeer(name: string): Promise<PeerAttachView>;
+  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
   groups(): Promise<GroupView[]>;
   reload(): Promise<ReloadResult>;
   metrics(): Promise<{ contentType: string; text: string }>;
@@ -184,6 +212,7 @@ const groupCheckpointBodySchema = z
 const failoverBodySchema = z
   .object({ to: z.enum(['secondary', 'checkpoint', 'primary']).default('secondary'), force: z.boolean().default(false) })
   .strict();
+const inconsistentBodySchema = z.object({ inconsistent: z.boolean() }).strict();
 const flag = z.enum(['true', 'false']).transform((value) => value === 'true');
 const deleteQuerySchema = z.object({ force: flag.default(false), purge: flag.default(false) }).strict();
 /** Not strict: a client may add parameters of its own (a cache-buster, say). */
@@ -292,7 +321,7 @@ function onClientError(error: NodeJS.ErrnoException, socket: Socket): void {
 }
 
 interface Route {
-  method: 'GET' | 'POST' | 'DELETE';
+  method: 'GET' | 'POST' | 'PUT' | 'DELETE';
   url: string;
   auth: boolean;
   handle(request: FastifyRequest, reply: FastifyReply, backend: ControlBackend): Promise<unknown>;
@@ -351,7 +380,25 @@ const routes: Route[] = [
     async handle(request, _reply, backend) {
       validate(emptyBodySchema, bodyOf(request));
       const { volumes } = await backend.checkpoint([nameOf(request)]);
-      return { epoch: volumes[0].epoch };
+      return { epoch: volumes[0].epoch, durableEpoch: volumes[0].durableEpoch };
+    },
+  },
+  {
+    method: 'POST',
+    url: '/v1/volumes/:name/peer',
+    auth: true,
+    async handle(request, _reply, backend) {
+      validate(emptyBodySchema, bodyOf(request));
+      return backend.attachPeer(nameOf(request));
+    },
+  },
+  {
+    method: 'PUT',
+    url: '/v1/volumes/:name/inconsistent',
+    auth: true,
+    async handle(request, _reply, backend) {
+      const body = validate(inconsistentBodySchema, bodyOf(request));
+      return backend.setInconsistent(nameOf(request), body.inconsistent);
     },
   },
   {

@@ -349,7 +349,9 @@ export class PrimarySet {
           skipped.push({ name, reason: state });
           continue;
         }
-        volumes.push({ name, epoch: await entry.volume.checkpoint() });
+        const epoch = await entry.volume.checkpoint();
+        // The peer reported its durable epoch with its answer to the checkpoint.
+        volumes.push({ name, epoch, durableEpoch: entry.volume.stats().peerDurableEpoch ?? 0 });
       }
       this.context.logger.info({ volumes, skipped }, 'checkpoint requested');
       return all ? { volumes, skipped } : { volumes };
@@ -362,6 +364,15 @@ export class PrimarySet {
 
   recover(): Promise<RecoverResult> {
     return Promise.reject(notOnPrimary('recover'));
+  }
+
+  /** A primary attaching to a primary: two primaries configured as each other's peer. */
+  attachPeer(): Promise<never> {
+    return Promise.reject(notOnPrimary('attaching a primary (its peer must run role secondary)'));
+  }
+
+  setInconsistent(): Promise<never> {
+    return Promise.reject(notOnPrimary('marking a volume inconsistent'));
   }
 
   /** `POST /v1/volumes`: a name, sizeBytes, and the primary role's settings of the config file. */
