@@ -16,7 +16,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { api, assertQemuOk, clientFlags, gannet, makeTempDir, qemuIo, requireTool, run, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
 import { subscribe, type EventStream } from './helpers/events.js';
 import { systemPython } from './helpers/process.js';
@@ -41,6 +41,8 @@ const writesPerStep = 300;
  */
 const resyncMarginBytes = 1 * MiB;
 const eventWaitMs = 30_000;
+/** The primary's peerTimeoutMs when the link is cut: a hung connection is dropped after this long. */
+const cutTimeoutMs = 1000;
 
 interface Pair {
   secondary: DaemonHandle;
@@ -49,16 +51,18 @@ interface Pair {
   config: string;
 }
 
-async function startSecondary(options: { dataDir?: string; controlPort?: number } = {}): Promise<DaemonHandle> {
+async function startSecondary(options: { dataDir?: string; controlPort?: number; host?: string; wrapper?: string[] } = {}): Promise<DaemonHandle> {
+  const host = options.host ?? '127.0.0.1';
   return startDaemon({
     ...(options.dataDir !== undefined && { dataDir: options.dataDir }),
+    ...(options.wrapper !== undefined && { wrapper: options.wrapper }),
     volumes: [`vm:${volumeBytes}`],
-    args: options.controlPort === undefined ? [] : ['--control', `127.0.0.1:${options.controlPort}`],
+    args: ['--nbd', `${host}:0`, '--control', `${host}:${options.controlPort ?? 0}`],
   });
 }
 
 /** The primary's config: the secondary's control port and a copy of its token, and quick reconnects. */
-async function primaryConfig(secondary: DaemonHandle): Promise<string> {
+async function primaryConfig(secondary: DaemonHandle, peerTimeoutMs = 3000): Promise<string> {
   const dir = await makeTempDir();
   const tokenFile = join(dir, 'peer.token');
   await writeFile(tokenFile, `${secondary.token}\n`, { mode: 0o600 });
@@ -67,14 +71,14 @@ async function primaryConfig(secondary: DaemonHandle): Promise<string> {
     file,
     [
       'role: primary',
-      `peer: { control: "127.0.0.1:${secondary.control.port}", tokenFile: ${tokenFile} }`,
+      `peer: { control: "${secondary.control.host}:${secondary.control.port}", tokenFile: ${tokenFile} }`,
       'volumes:',
       '  vm:',
       `    sizeBytes: ${volumeBytes}`,
       // A restarted secondary is found within a fraction of a second instead of the default backoff.
       '    peerReconnectMs: 50',
       '    peerReconnectMsMax: 250',
-      '    peerTimeoutMs: 3000',
+      `    peerTimeoutMs: ${peerTimeoutMs}`,
       '',
     ].join('\n'),
   );
@@ -133,6 +137,12 @@ async function trim(daemon: DaemonHandle, offset: number, length: number): Promi
   const code = `import nbd, sys\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\nh.trim(${length}, ${offset})\nh.flush()\nh.shutdown()\nprint('trimmed')`;
   const result = await run(systemPython, ['-c', code, uri]);
   expect({ status: result.status, stdout: result.stdout.trim(), stderr: result.stderr }).toEqual({ status: 0, stdout: 'trimmed', stderr: '' });
+}
+
+/** Runs a command that must succeed (ip, to build and cut the test network). */
+async function must(file: string, args: string[]): Promise<void> {
+  const result = await run(file, args);
+  if (result.status !== 0) throw new Error(`${file} ${args.join(' ')}: status ${result.status}\n${result.stderr}`);
 }
 
 const diskOf = (daemon: DaemonHandle) => join(daemon.dataDir, 'volumes', 'vm', 'disk.img');
@@ -393,6 +403,85 @@ describe('a primary and a secondary daemon on loopback', () => {
     expect(disk.subarray(2 * MiB, 2 * MiB + 512 * 1024).every((byte) => byte === 0)).toBe(true);
     expect(disk.subarray(40 * MiB, 41 * MiB).every((byte) => byte === 0x63)).toBe(true);
     expect(disk.subarray(41 * MiB, 41 * MiB + 64 * 1024).every((byte) => byte === 0)).toBe(true);
+    await events.close();
+  });
+});
+
+/**
+ * The link cut, not a process killed: the secondary daemon runs in a network namespace of its own, joined
+ * to the test's by a veth pair, and the host's end is set down under a writer (packets to the secondary
+ * go nowhere; its TCP connections hang until the primary's peerTimeoutMs drops them). Both daemons live
+ * on; once the link is back up, the primary resyncs what the secondary did not get. As root, like the
+ * mount tests: without it this fails, never skips.
+ */
+describe('a primary and a secondary in another network namespace', () => {
+  const suffix = `${process.pid % 100_000}`;
+  const namespace = `gannet-t${suffix}`;
+  /** veth names are at most 15 characters. */
+  const hostEnd = `gnh${suffix}`;
+  const peerEnd = `gnp${suffix}`;
+  const hostAddress = '10.231.7.1';
+  const peerAddress = '10.231.7.2';
+  const ip = requireTool('ip');
+
+  beforeAll(async () => {
+    await must(ip, ['netns', 'add', namespace]);
+    await must(ip, ['link', 'add', hostEnd, 'type', 'veth', 'peer', 'name', peerEnd]);
+    await must(ip, ['link', 'set', peerEnd, 'netns', namespace]);
+    await must(ip, ['addr', 'add', `${hostAddress}/30`, 'dev', hostEnd]);
+    await must(ip, ['link', 'set', hostEnd, 'up']);
+    await must(ip, ['-n', namespace, 'addr', 'add', `${peerAddress}/30`, 'dev', peerEnd]);
+    await must(ip, ['-n', namespace, 'link', 'set', peerEnd, 'up']);
+    await must(ip, ['-n', namespace, 'link', 'set', 'lo', 'up']);
+  });
+
+  afterEach(async () => {
+    for (const child of writers) child.kill('SIGKILL');
+    await stopAll();
+  });
+
+  // Deleting the namespace deletes the veth pair with it.
+  afterAll(async () => {
+    const listed = await run(ip, ['netns', 'list']);
+    if (listed.stdout.split('\n').some((line) => line.split(' ')[0] === namespace)) await must(ip, ['netns', 'del', namespace]);
+  });
+
+  it('a cut link: the writer sees no error, the primary goes degraded, and resyncs once the link is back', async () => {
+    requireTool('python3-nbd');
+    const secondary = await startSecondary({ host: peerAddress, wrapper: [ip, 'netns', 'exec', namespace] });
+    const config = await primaryConfig(secondary, cutTimeoutMs);
+    const pair: Pair = { secondary, primary: await startPrimary(config), config };
+    const events = await subscribe(pair.primary, 'vm');
+    await reachState(pair.primary, events, 'replicating');
+
+    const writer = new Writer(pair.primary);
+    await writer.reach(writesPerStep);
+    const coveredWrites = writer.offsets.length;
+    await reachDurable(pair.primary, events, await checkpointApi(pair.primary));
+    await writer.reach(coveredWrites + writesPerStep);
+
+    await must(ip, ['link', 'set', hostEnd, 'down']);
+    await reachState(pair.primary, events, 'degraded');
+    const atDegraded = writer.offsets.length;
+    await writer.reach(atDegraded + writesPerStep);
+    expect((await view(pair.primary)).link.state).not.toBe('up');
+
+    await must(ip, ['link', 'set', hostEnd, 'up']);
+    const done = await events.next((event) => event.event === 'resync-done' && event.data.full === false, eventWaitMs);
+    await reachState(pair.primary, events, 'replicating');
+    const finished = await writer.finish();
+    expect(finished).toEqual({ code: 0, stderr: '' });
+    // The secondary kept its buffers: the resync sends what it did not get, within what was written
+    // since the last durable checkpoint.
+    const bound = blocksWritten(writer.offsets, coveredWrites, dirtyBlockBytes);
+    const torn = tornBytes(await view(pair.secondary));
+    expect(done.data.bytes).toBeGreaterThan(0);
+    expect(done.data.bytes).toBeLessThanOrEqual(bound + torn + resyncMarginBytes);
+    console.log(
+      `link cut: ${writer.offsets.length} writes, ${writer.offsets.length - atDegraded} after the primary saw the cut; ` +
+        `resync ${done.data.bytes} bytes in ${done.data.durationMs} ms; bound ${bound} + torn ${torn} + margin ${resyncMarginBytes}`,
+    );
+    await expectDisksEqual(pair, events);
     await events.close();
   });
 });
