@@ -28,6 +28,8 @@ const stepMsMax = 20_000;
 /** The writer loop of the fault test stops after this many writes whatever happens. */
 const writesMax = 4000;
 const writerChunkBytes = 16 * KiB;
+/** Attaches that time out against the stopped peer before it is let go on. */
+const failedAttachesBeforeCont = 3;
 /** Writes the writer makes while the peer is away before it waits for the link to come back. */
 const degradedWritesMax = 200;
 
@@ -245,6 +247,32 @@ describe('peerLink against a secondary daemon', () => {
     expect((await api(daemon, 'GET', '/v1/volumes/vol0')).json.epoch).toBe(1);
   });
 
+  it('an attach read late (an older attempt of the same link) is refused and fences nothing; a newer one fences', async () => {
+    const daemon = await startDaemon({ volumes: ['vol0:8M'] });
+    const attach = (body: unknown) => api(daemon, 'POST', '/v1/volumes/vol0/peer', body);
+    expect((await attach({ link: 'L', attempt: 5 })).status).toBe(200);
+    const client = await NbdClient.connect(daemon.nbd, { exportName: 'vol0/primary' });
+    try {
+      const stale = await attach({ link: 'L', attempt: 3 });
+      expect(stale.status).toBe(409);
+      expect(stale.json.error.message).toMatch(/attempt 3 .* stale: attempt 5/);
+      expect((await attach({ link: 'L', attempt: 5 })).status).toBe(409);
+      await client.write(pattern(4 * KiB, 1), 0);
+      // Another link (a restarted primary) is no older than anyone: it fences.
+      expect((await attach({ link: 'M', attempt: 1 })).status).toBe(200);
+      await expect(client.write(pattern(4 * KiB, 2), 0)).rejects.toMatchObject({ code: expect.stringMatching(/^(EIO|ESHUTDOWN|EPIPE)$/) });
+    } finally {
+      client.destroy();
+    }
+    const reader = await NbdClient.connect(daemon.nbd, { exportName: 'vol0/primary' });
+    const seen = await reader.readBytes(0, 4 * KiB);
+    await reader.close();
+    expect(seen).toEqual(pattern(4 * KiB, 1));
+    const half = await attach({ link: 'L' });
+    expect(half.status).toBe(400);
+    expect(half.json.error).toMatchObject({ code: 'bad_request', field: 'attempt' });
+  });
+
   it('refuses a volume that failed over, a bad inconsistent body, and says when the peer cannot be reached', async () => {
     const daemon = await startDaemon({ volumes: ['vol0:8M'] });
     const bad = await api(daemon, 'PUT', '/v1/volumes/vol0/inconsistent', { inconsistent: 'yes' });
@@ -299,6 +327,19 @@ describe('peerLink against a secondary daemon', () => {
       expect(primary.stats().link.state).not.toBe('up');
       await primary.device.writeZeroes(4 * MiB, 64 * KiB);
       for (let b = 0; b < 16; b++) blocks.add(4 * MiB / blockBytes + b);
+      // A hang longer than a few attempts to attach again: the peer reads those late, after SIGCONT.
+      await within(
+        'failed attaches',
+        new Promise<void>((resolve) => {
+          let failed = 0;
+          const on = (event: { state: string }) => {
+            if (event.state !== 'down' || ++failed < failedAttachesBeforeCont) return;
+            primary.off('link', on);
+            resolve();
+          };
+          primary.on('link', on);
+        }),
+      );
     } finally {
       process.kill(daemon.pid, 'SIGCONT');
     }

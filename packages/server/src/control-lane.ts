@@ -6,6 +6,7 @@ import {
   type CheckpointResult,
   type ErrorCode,
   type GroupView,
+  type PeerAttachRequest,
   type PeerAttachView,
   type RecoverResult,
   type ReloadResult,
@@ -33,7 +34,7 @@ export type Call =
   | { op: 'recover'; name: string }
   | { op: 'checkpoint'; names?: string[] }
   | { op: 'failover'; name: string; to: FailoverTarget; force: boolean }
-  | { op: 'attach-peer'; name: string }
+  | { op: 'attach-peer'; name: string; from?: PeerAttachRequest }
   | { op: 'set-inconsistent'; name: string; inconsistent: boolean }
   | { op: 'groups' }
   | { op: 'reload' }
@@ -133,7 +134,7 @@ export interface ControlOperations {
   checkpoint(names?: string[]): Promise<CheckpointResult>;
   failover(name: string, to: FailoverTarget, force: boolean): Promise<VolumeView>;
   /** A primary attaches: earlier NBD connections to NAME/primary are closed, then the volume's state is read. */
-  attachPeer(name: string): Promise<PeerAttachView>;
+  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView>;
   setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
   groups(): GroupView[];
   reload(): Promise<ReloadResult>;
@@ -157,7 +158,7 @@ function perform(operations: ControlOperations, call: Call): unknown {
     case 'failover':
       return operations.failover(call.name, call.to, call.force);
     case 'attach-peer':
-      return operations.attachPeer(call.name);
+      return operations.attachPeer(call.name, call.from);
     case 'set-inconsistent':
       return operations.setInconsistent(call.name, call.inconsistent);
     case 'groups':
