@@ -6,6 +6,7 @@ import {
   type CheckpointResult,
   type ErrorCode,
   type GroupView,
+  type PeerAttachRequest,
   type PeerAttachView,
   type RecoverResult,
   type ReloadResult,
@@ -34,7 +35,7 @@ export type Call =
   | { op: 'recover'; name: string }
   | { op: 'checkpoint'; names?: string[] }
   | { op: 'failover'; name: string; to: FailoverTarget; force: boolean }
-  | { op: 'attach-peer'; name: string }
+  | { op: 'attach-peer'; name: string; from?: PeerAttachRequest }
   | { op: 'set-inconsistent'; name: string; inconsistent: boolean }
   | { op: 'groups' }
   | { op: 'reload' }
@@ -134,7 +135,7 @@ export interface ControlOperations {
   checkpoint(names?: string[]): Promise<CheckpointResult>;
   failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
   /** A primary attaches: earlier NBD connections to NAME/primary are closed, then the volume's state is read. */
-  attachPeer(name: string): Promise<PeerAttachView>;
+  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView>;
   setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
   groups(): GroupView[];
   reload(): Promise<ReloadResult>;
@@ -158,7 +159,7 @@ function perform(operations: ControlOperations, call: Call): unknown {
     case 'failover':
       return operations.failover(call.name, call.to, call.force);
     case 'attach-peer':
-      return operations.attachPeer(call.name);
+      return operations.attachPeer(call.name, call.from);
     case 'set-inconsistent':
       return operations.setInconsistent(call.name, call.inconsistent);
     case 'groups':

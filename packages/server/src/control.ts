@@ -122,6 +122,16 @@ export interface PrimaryVolumeView {
 
 export type AnyVolumeView = VolumeView | PrimaryVolumeView;
 
+/**
+ * Who attaches, so that a late attach of a session the same primary already gave up on (a request the
+ * peer reads only after a hang) cannot fence a newer one: `link` names the primary's link for its
+ * lifetime, `attempt` grows with each of its attaches.
+ */
+export interface PeerAttachRequest {
+  link: string;
+  attempt: number;
+}
+
 /** An NBD listen address of the daemon; a wildcard host (0.0.0.0, ::) means every address of the host. */
 export type NbdAddressView = { host: string; port: number } | { path: string };
 
@@ -142,6 +152,7 @@ export interface PeerAttachView {
   /** `tls`: the daemon serves NBD only over TLS. */
   nbd: { export: string; addresses: NbdAddressView[]; tls: boolean };
 }
+
 export interface CheckpointResult {
   /** `durableEpoch`: the volume's durable epoch when the checkpoint was taken. */
   volumes: { name: string; epoch: number; durableEpoch: number }[];
@@ -197,7 +208,7 @@ export interface ControlBackend {
   recover(name: string): Promise<RecoverResult>;
   checkpoint(names?: string[]): Promise<CheckpointResult>;
   failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
-  attachPeer(name: string): Promise<PeerAttachView>;
+  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView>;
   setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
   groups(): Promise<GroupView[]>;
   reload(): Promise<ReloadResult>;
@@ -212,6 +223,10 @@ const groupCheckpointBodySchema = z
 const failoverBodySchema = z
   .object({ to: z.enum(['secondary', 'checkpoint', 'primary']).default('secondary'), force: z.boolean().default(false) })
   .strict();
+const attachBodySchema = z
+  .object({ link: z.string().min(1).max(128).optional(), attempt: z.number().int().positive().max(Number.MAX_SAFE_INTEGER).optional() })
+  .strict()
+  .refine((body) => (body.link === undefined) === (body.attempt === undefined), { message: 'link and attempt go together', path: ['attempt'] });
 const inconsistentBodySchema = z.object({ inconsistent: z.boolean() }).strict();
 const flag = z.enum(['true', 'false']).transform((value) => value === 'true');
 const deleteQuerySchema = z.object({ force: flag.default(false), purge: flag.default(false) }).strict();
@@ -388,8 +403,9 @@ const routes: Route[] = [
     url: '/v1/volumes/:name/peer',
     auth: true,
     async handle(request, _reply, backend) {
-      validate(emptyBodySchema, bodyOf(request));
-      return backend.attachPeer(nameOf(request));
+      const body = validate(attachBodySchema, bodyOf(request));
+      const from = body.link !== undefined && body.attempt !== undefined ? { link: body.link, attempt: body.attempt } : undefined;
+      return backend.attachPeer(nameOf(request), from);
     },
   },
   {

@@ -6,7 +6,7 @@ import type { FailoverTarget, PrimaryVolume, Volume } from '@gannet/core';
 import { NbdServer, type ListenAddress as NbdListenAddress } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { ConfigError, tokenFileName, type DaemonConfig } from './config.js';
-import { ApiError, type AnyVolumeView, type CheckpointResult, type GroupView, type PeerAttachView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
+import { ApiError, type AnyVolumeView, type CheckpointResult, type GroupView, type PeerAttachRequest, type PeerAttachView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
 import type { ControlListenAddress, ControlOperations, MetricsText } from './control-lane.js';
 import { ControlThread, type ControlThreadOptions } from './control-thread.js';
 import type { EventName } from './events.js';
@@ -267,8 +267,8 @@ export class Daemon implements ControlOperations {
     return this.volumeSet instanceof PrimarySet ? this.volumeSet.failover() : this.volumeSet.failover(name, to, force);
   }
 
-  attachPeer(name: string): Promise<PeerAttachView> {
-    return this.volumeSet instanceof PrimarySet ? this.volumeSet.attachPeer() : this.volumeSet.attachPeer(name);
+  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView> {
+    return this.volumeSet instanceof PrimarySet ? this.volumeSet.attachPeer() : this.volumeSet.attachPeer(name, from);
   }
 
   setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { Agent } from 'node:http';
 import { isIP } from 'node:net';
 import { GannetError, type Peer, type PeerInfo, type PeerSession, type VolumeState } from '@gannet/core';
@@ -12,7 +13,9 @@ import { formatHostPort } from './defaults.js';
  * daemon. A session attaches through the peer's control API (POST /v1/volumes/NAME/peer, which fences
  * every earlier NBD connection to NAME/primary before it answers), then opens an NBD connection to
  * NAME/primary at an address the peer named; checkpoints, durable epochs and the inconsistent mark are
- * control API calls. Aborting a session destroys its NBD socket and its HTTP requests at once.
+ * control API calls. Aborting a session destroys its NBD socket and its HTTP requests at once. Each
+ * attach names the link and counts its attempts, so that an attach the peer reads late (it was hung when
+ * the primary gave up on it) is refused instead of fencing a newer session.
  *
  * Control calls open a connection each (no keep-alive): a pooled socket to a peer that died, or that
  * closed it idle as the call went out, would fail a call for no fault of the peer. A few calls a second
@@ -105,6 +108,8 @@ export function peerLink(options: PeerLinkOptions): Peer {
   const agent = new Agent({ keepAlive: false });
   const volumePath = `/v1/volumes/${encodeURIComponent(options.volume)}`;
   const log = options.logger.child({ peer: address, volume: options.volume });
+  const linkId = randomUUID();
+  let attempts = 0;
 
   /** One control call, ended by the session's abort or by the call's own deadline, whichever comes first. */
   async function call<T extends z.ZodType>(
@@ -173,7 +178,8 @@ export function peerLink(options: PeerLinkOptions): Peer {
     async connect(): Promise<PeerSession> {
       const lifetime = new AbortController();
       const session = lifetime.signal;
-      const attach = await call(session, `attach volume ${options.volume}`, 'POST', `${volumePath}/peer`, attachSchema);
+      attempts += 1;
+      const attach = await call(session, `attach volume ${options.volume}`, 'POST', `${volumePath}/peer`, attachSchema, { link: linkId, attempt: attempts });
       const device = await openNbd(attach, session);
       const info: PeerInfo = {
         volumeId: attach.volumeId,

@@ -9,6 +9,7 @@ import {
   validate,
   type CheckpointResult,
   type GroupView,
+  type PeerAttachRequest,
   type PeerAttachView,
   type RecoverResult,
   type ReloadResult,
@@ -163,6 +164,8 @@ export class VolumeSet {
   private readonly creating = new Set<string>();
   private readonly order = new OperationOrder();
   private groupsValue = new Map<string, string[]>();
+  /** The last attach per volume that named its primary's link (in memory: a restart forgets stale sessions too). */
+  private readonly attached = new Map<string, PeerAttachRequest>();
 
   constructor(private readonly context: VolumeSetContext) {}
 
@@ -483,13 +486,19 @@ export class VolumeSet {
   /**
    * `POST /v1/volumes/:name/peer`: a primary attaches. Every NBD connection to NAME/primary is closed
    * first, its requests in flight finished (peerFenceGraceMs at most), so that nothing an earlier session
-   * of a primary still sends reaches the volume after the state answered here was read.
+   * of a primary still sends reaches the volume after the state answered here was read. An attach of a
+   * link older than the last one of that link is refused, and fences nothing.
    */
-  attachPeer(name: string): Promise<PeerAttachView> {
+  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView> {
     this.lookup(name);
     return this.ordered([name], async () => {
       const exportName = `${name}/primary`;
       this.replicatedOf(name, 'take a primary');
+      const last = this.attached.get(name);
+      if (from !== undefined && last !== undefined && last.link === from.link && from.attempt <= last.attempt) {
+        throw new ApiError('conflict', `volume ${name}: attempt ${from.attempt} of this primary's link is stale: attempt ${last.attempt} has attached since`);
+      }
+      if (from !== undefined) this.attached.set(name, { link: from.link, attempt: from.attempt });
       await this.context.nbd.closeExportConnections(exportName, { graceMs: peerFenceGraceMs });
       // Read after the fence: a failover or a halt meanwhile is seen.
       const volume = this.replicatedOf(name, 'take a primary');
@@ -615,6 +624,7 @@ export class VolumeSet {
         }
       }
       this.entries.delete(name);
+      this.attached.delete(name);
       metrics.onVolumeRemoved(name);
       let movedTo: string | undefined;
       try {
