@@ -253,7 +253,8 @@ export class PrimarySet {
       this.context.publish(event, name, { ...data });
     };
     volume.on('link', (data) => forward('link', data.state === 'up' ? 'info' : 'warn', `link ${data.state}`)(data));
-    volume.on('state', (data) => forward('state', data.state === 'replicating' ? 'info' : 'warn', `state ${data.state}`)(data));
+    // Degraded or halted needs the operator's eye; resyncing is the way back to replicating.
+    volume.on('state', (data) => forward('state', data.state === 'degraded' || data.state === 'halted' ? 'warn' : 'info', `state ${data.state}`)(data));
     volume.on('checkpoint', forward('checkpoint', 'info', 'checkpoint'));
     volume.on('durable', forward('durable', 'debug', 'peer durable'));
     volume.on('resync-start', forward('resync-start', 'info', 'resync started'));
