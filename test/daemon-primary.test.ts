@@ -10,7 +10,7 @@
  * through the API, `gannet status --json` and /metrics. Two daemons replicating: daemon-replication.test.ts.
  */
 import { writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname as dirOf, join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import {
   api,
@@ -60,6 +60,9 @@ describe('gannet serve --role primary', () => {
     await usageError(['--role', 'primary', '--peer', deadPeer, '--peer-token-file', '/nonexistent/token'], 'peer.tokenFile: cannot read /nonexistent/token');
     await usageError(['--role', 'leader'], '--role');
     await usageError(['--peer', deadPeer, '--peer-token-file', token], 'peer: only with role primary');
+    await usageError([...(await primaryArgs()), '--peer-tls-certificates', '/nonexistent'], 'peer.tls.certificates: cannot read /nonexistent/ca-cert.pem');
+    await usageError([...(await primaryArgs()), '--peer-tls-psk', token], 'peer.tls.psk');
+    await usageError([...(await primaryArgs()), '--peer-tls-psk', token, '--peer-tls-certificates', dirOf(token)], '--peer-tls-certificates: give either');
     const dir = await makeTempDir();
     const cases: [string, string][] = [
       ['volumes:\n  a: { sizeBytes: 16M, blockBytes: 4096 }\n', 'volumes.a.blockBytes: not a setting of role primary'],

@@ -19,6 +19,7 @@ import { createInterface } from 'node:readline';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { api, assertQemuOk, clientFlags, gannet, makeTempDir, qemuIo, requireTool, run, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
 import { subscribe, type EventStream } from './helpers/events.js';
+import { makePki } from './helpers/pki.js';
 import { systemPython } from './helpers/process.js';
 
 const MiB = 1024 * 1024;
@@ -51,13 +52,15 @@ interface Pair {
   config: string;
 }
 
-async function startSecondary(options: { dataDir?: string; controlPort?: number; host?: string; wrapper?: string[] } = {}): Promise<DaemonHandle> {
+async function startSecondary(
+  options: { dataDir?: string; controlPort?: number; host?: string; wrapper?: string[]; args?: string[] } = {},
+): Promise<DaemonHandle> {
   const host = options.host ?? '127.0.0.1';
   return startDaemon({
     ...(options.dataDir !== undefined && { dataDir: options.dataDir }),
     ...(options.wrapper !== undefined && { wrapper: options.wrapper }),
     volumes: [`vm:${volumeBytes}`],
-    args: ['--nbd', `${host}:0`, '--control', `${host}:${options.controlPort ?? 0}`],
+    args: ['--nbd', `${host}:0`, '--control', `${host}:${options.controlPort ?? 0}`, ...(options.args ?? [])],
   });
 }
 
@@ -85,8 +88,8 @@ async function primaryConfig(secondary: DaemonHandle, peerTimeoutMs = 3000): Pro
   return file;
 }
 
-function startPrimary(config: string, dataDir?: string): Promise<DaemonHandle> {
-  return startDaemon({ ...(dataDir !== undefined && { dataDir }), volumes: [], args: ['--config', config] });
+function startPrimary(config: string, dataDir?: string, args: string[] = []): Promise<DaemonHandle> {
+  return startDaemon({ ...(dataDir !== undefined && { dataDir }), volumes: [], args: ['--config', config, ...args] });
 }
 
 async function startPair(): Promise<Pair> {
@@ -294,6 +297,29 @@ describe('a primary and a secondary daemon on loopback', () => {
     expect(metrics).toContain('gannet_primary_link_up{volume="vm"} 1');
     expect(metrics).toContain(`gannet_primary_peer_epoch{volume="vm"} ${epoch}`);
     expect(metrics).toContain('gannet_primary_dirty_bytes{volume="vm"} 0');
+    await events.close();
+  });
+
+  it('replicates over NBD TLS to a secondary that requires it, and a primary without credentials is refused', async () => {
+    requireTool('qemu-io');
+    const pki = await makePki();
+    const secondary = await startSecondary({ args: ['--tls', 'require', '--tls-certificates', pki.serverDir, '--tls-verify-peer'] });
+    const config = await primaryConfig(secondary);
+    const plain = await startPrimary(config);
+    const plainEvents = await subscribe(plain, 'vm');
+    if (!/requires TLS/.test((await view(plain)).link.error ?? '')) {
+      await plainEvents.next((event) => event.event === 'link' && /requires TLS/.test(event.data.error ?? ''), eventWaitMs);
+    }
+    expect((await view(plain)).state).toBe('degraded');
+    await plainEvents.close();
+    expect((await plain.stop()).code).toBe(0);
+
+    const pair: Pair = { secondary, primary: await startPrimary(config, undefined, ['--peer-tls-certificates', pki.clientDir]), config };
+    const events = await subscribe(pair.primary, 'vm');
+    await reachState(pair.primary, events, 'replicating');
+    assertQemuOk(await qemuIo(pair.primary, 'vm', ['write -P 0x7e 5M 3M', 'flush']), 'writes over TLS');
+    await expectDisksEqual(pair, events);
+    expect((await readFile(diskOf(pair.secondary))).subarray(5 * MiB, 8 * MiB).every((byte) => byte === 0x7e)).toBe(true);
     await events.close();
   });
 

@@ -322,6 +322,8 @@ export function buildProgram(primaryDefaults?: PrimaryDefaults): Command {
     .addOption(new Option('--role <ROLE>', 'secondary: the GANNET buffer; primary: the PVM host, forwarding to --peer (default: secondary)').choices(['secondary', 'primary']))
     .option('--peer <HOST:PORT>', "role primary: the secondary daemon's control API (required with --role primary)")
     .option('--peer-token-file <FILE>', "role primary: a copy of the secondary's DATA_DIR/control.token (required with --role primary)")
+    .option('--peer-tls-certificates <DIR>', "role primary, a secondary requiring NBD TLS: DIR/ca-cert.pem (+ client-cert.pem, client-key.pem)")
+    .option('--peer-tls-psk <FILE>', 'role primary, a secondary requiring NBD TLS: pre-shared keys (psktool), its first identity')
     .option('--data-dir <DIR>', `volumes, metadata and control.token (default: ${defaultDataDir})`)
     .option('--nbd <HOST:PORT>', 'NBD listen address, port 0 for a free port (default: 127.0.0.1:10809)')
     .option('--nbd-socket <PATH>', 'also serve NBD on this Unix socket')

@@ -180,11 +180,33 @@ const groupSchema = z
     });
   });
 
+/**
+ * How a primary speaks TLS to a secondary whose NBD requires it: X.509 (`certificates`: a client
+ * directory, ca-cert.pem and, if the secondary verifies clients, client-cert.pem and client-key.pem, as
+ * QEMU's tls-creds-x509 endpoint=client reads it) or a psktool file (`psk`; its first identity unless
+ * `pskIdentity` names another).
+ */
+const peerTlsSchema = z
+  .object({
+    certificates: z.string().min(1).optional(),
+    psk: z.string().min(1).optional(),
+    pskIdentity: z.string().min(1).optional(),
+  })
+  .strict()
+  .superRefine((tls, ctx) => {
+    if ((tls.certificates === undefined) === (tls.psk === undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['certificates'], message: 'give either certificates (a directory) or psk (a file), not both' });
+    } else if (tls.pskIdentity !== undefined && tls.psk === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['pskIdentity'], message: 'needs psk' });
+    }
+  });
+
 /** The secondary daemon a primary replicates to: its control API, and a file holding its control token. */
 const peerSchema = z
   .object({
     control: z.string({ error: 'required: the secondary daemon\'s control API, HOST:PORT (--peer)' }).pipe(listenSchema),
     tokenFile: z.string({ error: 'required: a copy of the secondary\'s DATA_DIR/control.token (--peer-token-file)' }).min(1),
+    tls: peerTlsSchema.optional(),
   })
   .strict();
 
@@ -270,6 +292,8 @@ export interface ServeFlags {
   role?: string;
   peer?: string;
   peerTokenFile?: string;
+  peerTlsCertificates?: string;
+  peerTlsPsk?: string;
   dataDir?: string;
   nbd?: string;
   nbdSocket?: string;
@@ -294,6 +318,8 @@ const flagFields: Record<string, string> = {
   role: '--role',
   'peer.control': '--peer',
   'peer.tokenFile': '--peer-token-file',
+  'peer.tls.certificates': '--peer-tls-certificates',
+  'peer.tls.psk': '--peer-tls-psk',
   dataDir: '--data-dir',
   logLevel: '--log-level',
   'nbd.listen': '--nbd',
@@ -351,6 +377,8 @@ export async function loadConfig(flags: ServeFlags): Promise<DaemonConfig> {
   set('role', flags.role);
   set('peer.control', flags.peer);
   set('peer.tokenFile', flags.peerTokenFile);
+  set('peer.tls.certificates', flags.peerTlsCertificates);
+  set('peer.tls.psk', flags.peerTlsPsk);
   set('dataDir', flags.dataDir);
   set('logLevel', flags.logLevel);
   set('nbd.listen', flags.nbd);

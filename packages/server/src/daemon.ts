@@ -3,7 +3,7 @@ import { chmod, lstat, mkdir, readFile, stat, unlink, writeFile } from 'node:fs/
 import { connect } from 'node:net';
 import { resolve as resolvePath, join } from 'node:path';
 import type { FailoverTarget, PrimaryVolume, Volume } from '@gannet/core';
-import { NbdServer, type ListenAddress as NbdListenAddress } from 'nbd-server-js';
+import { NbdServer, type ListenAddress as NbdListenAddress, type TlsClientCredentials } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { ConfigError, tokenFileName, type DaemonConfig } from './config.js';
 import { ApiError, type AnyVolumeView, type CheckpointResult, type GroupView, type PeerAttachRequest, type PeerAttachView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
@@ -13,7 +13,7 @@ import type { EventName } from './events.js';
 import { Metrics } from './metrics.js';
 import { prepareNbd, watchNbdLimits, type NbdSetup } from './nbd-setup.js';
 import { peerLink } from './peer-link.js';
-import { PrimarySet, readPeerToken } from './primary-set.js';
+import { PrimarySet, readPeerTls, readPeerToken } from './primary-set.js';
 import { scanVolumes } from './registry.js';
 import { VolumeSet } from './volume-set.js';
 
@@ -123,8 +123,8 @@ export class Daemon implements ControlOperations {
     readonly tokenFile: string,
     nbdSetup: NbdSetup,
     private readonly options: DaemonOptions,
-    /** Role primary: the secondary daemon's control token. */
-    peerToken: string | undefined,
+    /** Role primary: the secondary daemon's control token, and TLS credentials for its NBD. */
+    peerCredentials: { token: string; tls?: TlsClientCredentials } | undefined,
   ) {
     this.failed = new Promise((resolve) => {
       this.reportFailure = resolve;
@@ -161,11 +161,12 @@ export class Daemon implements ControlOperations {
       tlsRequired: config.nbd.tls.mode === 'require',
     };
     const { peer } = config;
-    if (config.role === 'primary' && peer !== undefined && peerToken !== undefined) {
+    if (config.role === 'primary' && peer !== undefined && peerCredentials !== undefined) {
       const peerLogger = logger.child({ component: 'peer' });
+      const { token, tls } = peerCredentials;
       this.volumeSet = new PrimarySet({
         ...context,
-        peerOf: (volume) => peerLink({ control: peer.control, token: peerToken, volume, logger: peerLogger.child({ volume }) }),
+        peerOf: (volume) => peerLink({ control: peer.control, token, volume, logger: peerLogger.child({ volume }), ...(tls !== undefined && { tls }) }),
       });
     } else {
       this.volumeSet = new VolumeSet(context);
@@ -176,12 +177,19 @@ export class Daemon implements ControlOperations {
     const dataDir = resolvePath(config.dataDir);
     await mkdir(dataDir, { recursive: true, mode: 0o700 });
     const { token, file } = await ensureToken(dataDir, logger);
-    const peerToken = config.role === 'primary' && config.peer !== undefined ? await readPeerToken(resolvePath(config.peer.tokenFile)) : undefined;
+    const { peer } = config;
+    const peerCredentials =
+      config.role === 'primary' && peer !== undefined
+        ? {
+            token: await readPeerToken(resolvePath(peer.tokenFile)),
+            ...(peer.tls !== undefined && { tls: await readPeerTls(peer.tls) }),
+          }
+        : undefined;
     // The descriptor budget counts the volumes known now; volumes created at run time share it.
     const scan = await scanVolumes(dataDir);
     const volumes = new Set([...scan.volumes.map((found) => found.name), ...Object.keys(config.volumes)]).size;
     const nbdSetup = await prepareNbd(config, Math.max(volumes, 1), logger);
-    const daemon = new Daemon({ ...config, dataDir }, logger, token, file, nbdSetup, options, peerToken);
+    const daemon = new Daemon({ ...config, dataDir }, logger, token, file, nbdSetup, options, peerCredentials);
     try {
       await daemon.volumeSet.start(daemon.config);
       await daemon.listen();

@@ -1,7 +1,7 @@
 import { readFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { join, resolve as resolvePath } from 'node:path';
 import { PrimaryVolume, type Peer, type PrimaryOptions } from '@gannet/core';
-import { nbdUri, type ListenAddress, type NbdServer } from 'nbd-server-js';
+import { loadClientX509, nbdUri, parsePskFile, type ListenAddress, type NbdServer, type TlsClientCredentials } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { z } from 'zod';
 import {
@@ -13,6 +13,7 @@ import {
   volumeConfigSchema,
   volumeNameSchema,
   type DaemonConfig,
+  type PeerConfig,
   type VolumeConfig,
 } from './config.js';
 import {
@@ -71,6 +72,30 @@ export async function readPeerToken(file: string): Promise<string> {
     throw new ConfigError('peer.tokenFile', `${file} does not hold a control token (one line of at least 16 characters, as the secondary's DATA_DIR/control.token)`);
   }
   return token;
+}
+
+/** The TLS credentials for the peer's NBD, read once at start; errors name the config field. */
+export async function readPeerTls(tls: NonNullable<PeerConfig['tls']>): Promise<TlsClientCredentials> {
+  if (tls.certificates !== undefined) {
+    try {
+      return { x509: await loadClientX509(resolvePath(tls.certificates)) };
+    } catch (error) {
+      throw new ConfigError('peer.tls.certificates', (error as Error).message);
+    }
+  }
+  const file = resolvePath(tls.psk!);
+  let keys: Map<string, Buffer>;
+  try {
+    keys = parsePskFile(await readFile(file, 'utf8'), file);
+  } catch (error) {
+    throw new ConfigError('peer.tls.psk', (error as Error).message);
+  }
+  const identity = tls.pskIdentity ?? keys.keys().next().value;
+  const key = identity === undefined ? undefined : keys.get(identity);
+  if (identity === undefined || key === undefined) {
+    throw new ConfigError(tls.pskIdentity === undefined ? 'peer.tls.psk' : 'peer.tls.pskIdentity', `no key for ${identity === undefined ? 'any identity' : `identity ${identity}`} in ${file}`);
+  }
+  return { psk: { identity, key } };
 }
 
 interface OpenEntry {
