@@ -477,9 +477,20 @@ export class PrimarySet {
       this.entries.delete(name);
       metrics.onVolumeRemoved(name);
       let movedTo: string | undefined;
-      if (entry.dir !== null && (await present(entry.dir))) {
-        if (purge) await discardVolume(dataDir, entry.dir, name);
-        else movedTo = await moveAside(dataDir, entry.dir, name);
+      try {
+        if (entry.dir !== null && (await present(entry.dir))) {
+          if (purge) await discardVolume(dataDir, entry.dir, name);
+          else movedTo = await moveAside(dataDir, entry.dir, name);
+        }
+      } catch (error) {
+        // Not served any more; the directory stays where it was and the next start serves it again.
+        logger.error({ err: error, volume: name, dir: entry.dir }, 'moving a deleted volume aside failed');
+        throw new ApiError(
+          'unavailable',
+          `volume ${name} is closed and no longer served, but its directory ${entry.dir} could not be ${purge ? 'purged' : 'moved aside'}: ${(error as Error).message}`,
+          undefined,
+          errorCodeOf(error),
+        );
       }
       logger.warn({ volume: name, purged: purge, movedTo }, 'deleted volume');
       this.context.publish('volume-removed', name, { purged: purge, ...(movedTo !== undefined && { movedTo }) });
