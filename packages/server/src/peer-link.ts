@@ -201,7 +201,7 @@ export function peerLink(options: PeerLinkOptions): Peer {
         },
         abort: () => {
           if (session.aborted) return;
-          lifetime.abort(new GannetError('EPEER', `peer ${address}: the session was aborted`));
+          lifetime.abort(new Error('the session was aborted'));
           device.destroy();
           log.debug('session aborted');
         },
