@@ -318,6 +318,14 @@ describe('peerLink against a secondary daemon', () => {
     await expect(link(daemon).connect()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringMatching(new RegExp(`127\\.0\\.0\\.1:${port}.*cannot reach`)) });
   });
 
+  it('checks its options, naming the field', () => {
+    const base = { control: { host: '127.0.0.1', port: 1 }, token: 't', volume: 'vol0', logger };
+    expect(() => peerLink({ ...base, callTimeoutMs: 0 })).toThrow(expect.objectContaining({ code: 'EOPTIONS', message: expect.stringMatching(/callTimeoutMs/) }));
+    expect(() => peerLink({ ...base, control: { host: '127.0.0.1', port: 70_000 } })).toThrow(expect.objectContaining({ code: 'EOPTIONS', message: expect.stringMatching(/control/) }));
+    expect(() => peerLink({ ...base, volume: '' })).toThrow(expect.objectContaining({ code: 'EOPTIONS', message: expect.stringMatching(/volume/) }));
+    expect(peerLink(base).address).toBe('127.0.0.1:1');
+  });
+
   it('picks the NBD address a primary can reach', () => {
     const control = { host: '10.0.0.2', port: 10810 };
     expect(peerNbdAddress([{ host: '0.0.0.0', port: 10809 }], control)).toEqual({ host: '10.0.0.2', port: 10809 });
