@@ -11,7 +11,8 @@
  * volume is read from the primary's own counters.
  */
 import { createRequire } from 'node:module';
-import { readFile } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { KiB, MiB } from '@gannet/block-device';
@@ -47,12 +48,16 @@ function link(daemon: DaemonHandle, extra: Partial<PeerLinkOptions> = {}) {
   return peerLink({ control: daemon.control, token: daemon.token, volume: 'vol0', logger, callTimeoutMs: 2_000, nbdConnectTimeoutMs: 2_000, ...extra });
 }
 
-async function openPrimary(daemon: DaemonHandle, extra: Partial<PrimaryOptions> = {}): Promise<{ primary: PrimaryVolume; path: string }> {
+async function openPrimary(
+  daemon: DaemonHandle,
+  extra: Partial<PrimaryOptions> = {},
+  linkExtra: Partial<PeerLinkOptions> = {},
+): Promise<{ primary: PrimaryVolume; path: string }> {
   const dir = await makeTempDir('gannet-primary-');
   const path = join(dir, 'primary.img');
   const primary = await PrimaryVolume.open(
     { path, dataDir: join(dir, 'meta'), sizeBytes: volumeBytes, peerTimeoutMs: 500, peerReconnectMs: 20, peerReconnectMsMax: 200, ...extra },
-    link(daemon),
+    link(daemon, linkExtra),
   );
   primary.on('error', () => undefined);
   primaries.push(primary);
@@ -213,6 +218,22 @@ describe('peerLink against a secondary daemon', () => {
     expect(disk.subarray(volumeBytes - 512)).toEqual(pattern(512, 3));
   });
 
+  it('replicates over NBD with TLS (PSK) when the peer requires it, and says so when the link has no credentials', async () => {
+    const dir = await makeTempDir('gannet-psk-');
+    const key = randomBytes(32);
+    const pskFile = join(dir, 'keys.psk');
+    await writeFile(pskFile, `primary:${key.toString('hex')}\n`, { mode: 0o600 });
+    const daemon = await startDaemon({ volumes: ['vol0:8M'], args: ['--tls', 'require', '--tls-psk', pskFile] });
+    await expect(link(daemon).connect()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringMatching(/requires TLS/) });
+    const { primary, path } = await openPrimary(daemon, {}, { tls: { psk: { identity: 'primary', key } } });
+    await untilState(primary, 'replicating');
+    await primary.device.write(pattern(128 * KiB, 7), 3 * MiB);
+    await commit(primary);
+    await expectSameDisks(path, daemon);
+    const disk = await readFile(join(daemon.dataDir, 'volumes', 'vol0', 'disk.img'));
+    expect(disk.subarray(3 * MiB, 3 * MiB + 128 * KiB)).toEqual(pattern(128 * KiB, 7));
+  });
+
   it("a second session's attach fences the first: its NBD connection is closed and its late write never lands", async () => {
     const daemon = await startDaemon({ volumes: ['vol0:8M'] });
     const peer = link(daemon);
@@ -242,7 +263,7 @@ describe('peerLink against a secondary daemon', () => {
     // An aborted session refuses everything from then on.
     first.abort();
     second.abort();
-    await expect(second.checkpoint()).rejects.toMatchObject({ code: 'EPEER' });
+    await expect(second.checkpoint()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringMatching(/checkpoint: the session was aborted/) });
     await expect(second.device.write(pattern(512, 3), 0)).rejects.toMatchObject({ code: 'ESHUTDOWN' });
     expect((await api(daemon, 'GET', '/v1/volumes/vol0')).json.epoch).toBe(1);
   });
@@ -282,6 +303,8 @@ describe('peerLink against a secondary daemon', () => {
     expect(extra.json.error).toMatchObject({ code: 'bad_request', field: 'force' });
     expect((await api(daemon, 'POST', '/v1/volumes/nope/peer')).status).toBe(404);
     expect((await api(daemon, 'POST', '/v1/volumes/vol0/peer', '', '')).status).toBe(401);
+    await expect(link(daemon, { token: 'wrong' }).connect()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringMatching(/401 unauthorized/) });
+    await expect(link(daemon, { volume: 'nope' }).connect()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringMatching(/404 not_found.*no such volume: nope/) });
 
     expect((await api(daemon, 'POST', '/v1/volumes/vol0/failover', { to: 'secondary' })).status).toBe(200);
     const attach = await api(daemon, 'POST', '/v1/volumes/vol0/peer');
@@ -293,6 +316,14 @@ describe('peerLink against a secondary daemon', () => {
     const { port } = daemon.control;
     await daemon.stop();
     await expect(link(daemon).connect()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringMatching(new RegExp(`127\\.0\\.0\\.1:${port}.*cannot reach`)) });
+  });
+
+  it('checks its options, naming the field', () => {
+    const base = { control: { host: '127.0.0.1', port: 1 }, token: 't', volume: 'vol0', logger };
+    expect(() => peerLink({ ...base, callTimeoutMs: 0 })).toThrow(expect.objectContaining({ code: 'EOPTIONS', message: expect.stringMatching(/callTimeoutMs/) }));
+    expect(() => peerLink({ ...base, control: { host: '127.0.0.1', port: 70_000 } })).toThrow(expect.objectContaining({ code: 'EOPTIONS', message: expect.stringMatching(/control/) }));
+    expect(() => peerLink({ ...base, volume: '' })).toThrow(expect.objectContaining({ code: 'EOPTIONS', message: expect.stringMatching(/volume/) }));
+    expect(peerLink(base).address).toBe('127.0.0.1:1');
   });
 
   it('picks the NBD address a primary can reach', () => {

@@ -26,6 +26,8 @@ import { formatHostPort } from './defaults.js';
 export const peerCallTimeoutMsDefault = 10_000;
 /** Connecting to the peer's NBD export, TLS and handshake included. */
 export const peerNbdConnectTimeoutMsDefault = 10_000;
+export const peerTimeoutMsMin = 50;
+export const peerTimeoutMsMax = 600_000;
 
 export interface PeerLinkOptions {
   /** The peer daemon's control API. */
@@ -36,8 +38,28 @@ export interface PeerLinkOptions {
   /** NBD TLS client credentials, for a peer whose NBD is served over TLS (see nbd-server-js NbdClient). */
   readonly tls?: TlsClientCredentials;
   readonly logger: Logger;
+  /** Default peerCallTimeoutMsDefault. */
   readonly callTimeoutMs?: number;
+  /** Default peerNbdConnectTimeoutMsDefault. */
   readonly nbdConnectTimeoutMs?: number;
+}
+
+const timeoutMsSchema = z.number().int().min(peerTimeoutMsMin).max(peerTimeoutMsMax);
+/** The plain fields of PeerLinkOptions (the credentials and the logger are the caller's objects). */
+const optionsSchema = z.object({
+  control: z.union([z.object({ host: z.string().min(1), port: z.number().int().min(1).max(65_535) }).strict(), z.object({ path: z.string().min(1) }).strict()]),
+  token: z.string().min(1),
+  volume: z.string().min(1),
+  callTimeoutMs: timeoutMsSchema.default(peerCallTimeoutMsDefault),
+  nbdConnectTimeoutMs: timeoutMsSchema.default(peerNbdConnectTimeoutMsDefault),
+});
+
+function parseOptions(options: PeerLinkOptions): z.output<typeof optionsSchema> {
+  const { tls: _tls, logger: _logger, ...plain } = options;
+  const parsed = optionsSchema.safeParse(plain);
+  if (parsed.success) return parsed.data;
+  const issue = parsed.error.issues[0];
+  throw new GannetError('EOPTIONS', `invalid peer link options: ${issue.path.join('.') || 'options'}: ${issue.message}`, { cause: parsed.error });
 }
 
 const volumeStates = ['replicating', 'failing-over', 'failed-over', 'closed', 'halted'] as const satisfies readonly VolumeState[];
@@ -96,18 +118,36 @@ export function peerNbdAddress(addresses: readonly NbdAddress[], control: Contro
   return candidates.find((c) => family !== 0 && isIP(c.host) === family) ?? candidates[0] ?? null;
 }
 
+/**
+ * A signal for one step of a session: aborted with the session, or once `ms` have passed. `done()`
+ * releases the timer and the listener, which a session living for days would otherwise pile up.
+ */
+function stepSignal(session: AbortSignal, ms: number, late: string): { signal: AbortSignal; done(): void } {
+  const stop = new AbortController();
+  const onAbort = () => stop.abort(session.reason);
+  session.addEventListener('abort', onAbort, { once: true });
+  const timer = setTimeout(() => stop.abort(new Error(`${late} within ${ms} ms`)), ms);
+  if (session.aborted) onAbort();
+  return {
+    signal: stop.signal,
+    done() {
+      clearTimeout(timer);
+      session.removeEventListener('abort', onAbort);
+    },
+  };
+}
+
 function messageOf(error: unknown): string {
   if (error instanceof RefusedError) return `refused (${error.status} ${error.code}): ${error.message}`;
   return error instanceof Error ? error.message : String(error);
 }
 
 export function peerLink(options: PeerLinkOptions): Peer {
-  const address = describePeer(options.control);
-  const callTimeoutMs = options.callTimeoutMs ?? peerCallTimeoutMsDefault;
-  const nbdConnectTimeoutMs = options.nbdConnectTimeoutMs ?? peerNbdConnectTimeoutMsDefault;
+  const { control, token, volume, callTimeoutMs, nbdConnectTimeoutMs } = parseOptions(options);
+  const address = describePeer(control);
   const agent = new Agent({ keepAlive: false });
-  const volumePath = `/v1/volumes/${encodeURIComponent(options.volume)}`;
-  const log = options.logger.child({ peer: address, volume: options.volume });
+  const volumePath = `/v1/volumes/${encodeURIComponent(volume)}`;
+  const log = options.logger.child({ peer: address, volume });
   const linkId = randomUUID();
   let attempts = 0;
 
@@ -120,19 +160,14 @@ export function peerLink(options: PeerLinkOptions): Peer {
     schema: T,
     body?: unknown,
   ): Promise<z.output<T>> {
-    const stop = new AbortController();
-    const onAbort = () => stop.abort(session.reason);
-    session.addEventListener('abort', onAbort, { once: true });
-    const timer = setTimeout(() => stop.abort(new Error(`no answer within ${callTimeoutMs} ms`)), callTimeoutMs);
-    if (session.aborted) onAbort();
+    const step = stepSignal(session, callTimeoutMs, 'no answer');
     let answer: unknown;
     try {
-      answer = await callControl(options.control, options.token, method, path, body, { agent, signal: stop.signal, timeoutMs: callTimeoutMs });
+      answer = await callControl(control, token, method, path, body, { agent, signal: step.signal, timeoutMs: callTimeoutMs });
     } catch (error) {
       throw new GannetError('EPEER', `peer ${address}: ${what}: ${messageOf(error)}`, { cause: error });
     } finally {
-      clearTimeout(timer);
-      session.removeEventListener('abort', onAbort);
+      step.done();
     }
     const parsed = schema.safeParse(answer);
     if (!parsed.success) {
@@ -146,25 +181,20 @@ export function peerLink(options: PeerLinkOptions): Peer {
     if (attach.nbd.tls && options.tls === undefined) {
       throw new GannetError('EPEER', `peer ${address}: its NBD requires TLS: give the link TLS client credentials`);
     }
-    const target = peerNbdAddress(attach.nbd.addresses, options.control);
+    const target = peerNbdAddress(attach.nbd.addresses, control);
     if (target === null) {
       const listed = attach.nbd.addresses.map((a) => ('path' in a ? `unix:${a.path}` : formatHostPort(a))).join(', ') || 'nowhere';
       throw new GannetError('EPEER', `peer ${address}: its NBD listens on ${listed}, none of which is reachable from here: give its --nbd an address this host reaches`);
     }
     const where = 'path' in target ? `unix:${target.path}` : formatHostPort(target);
-    const stop = new AbortController();
-    const onAbort = () => stop.abort(session.reason);
-    session.addEventListener('abort', onAbort, { once: true });
-    const timer = setTimeout(() => stop.abort(new Error(`not connected within ${nbdConnectTimeoutMs} ms`)), nbdConnectTimeoutMs);
-    if (session.aborted) onAbort();
+    const step = stepSignal(session, nbdConnectTimeoutMs, 'not connected');
     let client: NbdClient;
     try {
-      client = await NbdClient.connect(target, { exportName: attach.nbd.export, signal: stop.signal, ...(options.tls !== undefined && { tls: options.tls }) });
+      client = await NbdClient.connect(target, { exportName: attach.nbd.export, signal: step.signal, ...(options.tls !== undefined && { tls: options.tls }) });
     } catch (error) {
       throw new GannetError('EPEER', `peer ${address}: NBD export ${attach.nbd.export} at ${where}: ${messageOf(error)}`, { cause: error });
     } finally {
-      clearTimeout(timer);
-      session.removeEventListener('abort', onAbort);
+      step.done();
     }
     if (client.size !== attach.sizeBytes) {
       client.destroy();
@@ -179,7 +209,7 @@ export function peerLink(options: PeerLinkOptions): Peer {
       const lifetime = new AbortController();
       const session = lifetime.signal;
       attempts += 1;
-      const attach = await call(session, `attach volume ${options.volume}`, 'POST', `${volumePath}/peer`, attachSchema, { link: linkId, attempt: attempts });
+      const attach = await call(session, `attach volume ${volume}`, 'POST', `${volumePath}/peer`, attachSchema, { link: linkId, attempt: attempts });
       const device = await openNbd(attach, session);
       const info: PeerInfo = {
         volumeId: attach.volumeId,
@@ -201,7 +231,7 @@ export function peerLink(options: PeerLinkOptions): Peer {
         },
         abort: () => {
           if (session.aborted) return;
-          lifetime.abort(new GannetError('EPEER', `peer ${address}: the session was aborted`));
+          lifetime.abort(new Error('the session was aborted'));
           device.destroy();
           log.debug('session aborted');
         },
