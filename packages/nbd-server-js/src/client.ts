@@ -43,6 +43,8 @@ export interface NbdClientOptions {
    * handshake that fails (an unknown CA, a wrong key), fails the connection. Without it, plaintext.
    */
   readonly tls?: TlsClientCredentials;
+  /** Abandons the connection while it is being made (connect, TLS, handshake): `connect` rejects, nothing is left open. */
+  readonly signal?: AbortSignal;
 }
 
 /**
@@ -82,15 +84,19 @@ const commandLabels: Readonly<Record<number, string>> = {
   [CMD_BLOCK_STATUS]: 'BLOCK_STATUS',
 };
 
-function connectSocket(address: NbdAddress): Promise<net.Socket> {
+function connectSocket(address: NbdAddress, signal?: AbortSignal): Promise<net.Socket> {
   return new Promise((resolve, reject) => {
     const socket = 'path' in address ? net.connect({ path: address.path }) : net.connect({ host: address.host, port: address.port });
     const onError = (err: Error) => {
+      signal?.removeEventListener('abort', onAbort);
       socket.destroy();
       reject(err);
     };
+    const onAbort = () => onError(signal!.reason as Error);
+    signal?.addEventListener('abort', onAbort, { once: true });
     socket.once('error', onError);
     socket.once('connect', () => {
+      signal?.removeEventListener('abort', onAbort);
       socket.off('error', onError);
       socket.setNoDelay(true);
       resolve(socket);
@@ -187,7 +193,12 @@ export class NbdClient implements BlockDevice {
 
   /** Connects, negotiates and attaches an export; rejects with NbdHandshakeError if the server refuses. */
   static async connect(address: NbdAddress, options: NbdClientOptions = {}): Promise<NbdClient> {
-    const link = new Link(await connectSocket(address), address, options.tls);
+    const { signal } = options;
+    signal?.throwIfAborted();
+    const link = new Link(await connectSocket(address, signal), address, options.tls);
+    // Destroyed, not detached: the reader (or the TLS handshake) waiting on the socket then fails.
+    const abandon = () => link.socket.destroy();
+    signal?.addEventListener('abort', abandon, { once: true });
     try {
       const negotiated = await clientHandshake(link.reader, {
         exportName: options.exportName ?? '',
@@ -195,13 +206,17 @@ export class NbdClient implements BlockDevice {
         metaContexts: options.metaContexts ?? [BASE_ALLOCATION],
         ...(options.tls !== undefined && { startTls: (r) => link.startTls(r) }),
       });
+      signal?.throwIfAborted();
       return new NbdClient(link.socket, negotiated, link.reader.detach(), options.strict ?? true);
     } catch (err) {
       link.destroy();
+      if (signal?.aborted) throw signal.reason;
       if (err instanceof NbdHandshakeError) {
         err.message = `NBD handshake with ${describe(address)} failed: ${err.message}`;
       }
       throw err;
+    } finally {
+      signal?.removeEventListener('abort', abandon);
     }
   }
 

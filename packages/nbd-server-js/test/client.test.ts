@@ -303,6 +303,28 @@ describe('NbdClient handshake against a scripted server', () => {
     });
   }
 
+  it('an aborted signal abandons a handshake the server never answers, and closes the socket', async () => {
+    let accepted!: () => void;
+    const seen = new Promise<void>((resolve) => (accepted = resolve));
+    let serverSocket: net.Socket | undefined;
+    const fake = await fakeServer(async (socket) => {
+      serverSocket = socket;
+      accepted();
+    });
+    try {
+      const controller = new AbortController();
+      const connecting = NbdClient.connect(fake.address, { signal: controller.signal });
+      await seen;
+      const closed = new Promise<void>((resolve) => serverSocket!.once('close', () => resolve()));
+      controller.abort(new Error('gave up'));
+      await expect(connecting).rejects.toThrow('gave up');
+      await closed;
+      await expect(NbdClient.connect(fake.address, { signal: controller.signal })).rejects.toThrow('gave up');
+    } finally {
+      await fake.close();
+    }
+  });
+
   it('rejects connect with the server message when GO names an unknown export', async () => {
     const fake = await negotiatingServer((socket) => {
       socket.write(buildOptionReply(OPT_GO, REP_ERR_UNKNOWN, Buffer.from('no export named "nope"')));

@@ -12,6 +12,7 @@ import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
 import { buildClientFlags, buildGoOption, buildOption, buildRequest } from '../src/protocol/builders.js';
 import { CMD_DISC, CMD_FLUSH, CMD_READ, CMD_WRITE, NBD_ESHUTDOWN, REP_ERR_UNSUP } from '../src/protocol/constants.js';
+import { NbdClient } from '../src/client.js';
 import { adoptWithReceiver } from '../src/server/receive.js';
 import { NbdServer, nbdUri, type RequestEvent } from '../src/server/server.js';
 import { decodeOptionReplies, Gates, RawClient, TestDevice } from './server-fixtures.js';
@@ -169,6 +170,26 @@ describe('NbdServer over sockets', () => {
       ['vol0/primary', 'read', 512, 'EINVAL'],
     ]);
     expect(events.every((e) => typeof e.durationNs === 'bigint')).toBe(true);
+  });
+
+  it('closeExportConnections fences the connections of one export and keeps serving it to new ones', async () => {
+    const device = new TestDevice(MiB);
+    const server = await serve(device);
+    server.addExport('other', new TestDevice(MiB));
+    const addr = await server.listen({ host: '127.0.0.1', port: 0 });
+    const old = await NbdClient.connect(addr, { exportName: 'vol0/primary' });
+    const bystander = await NbdClient.connect(addr, { exportName: 'other' });
+    await old.write(Buffer.from('old'), 0);
+    await server.closeExportConnections('vol0/primary', { graceMs: 1000 });
+    expect(server.exportConnectionCount('vol0/primary')).toBe(0);
+    await expect(old.write(Buffer.from('late'), 0)).rejects.toMatchObject({ code: expect.stringMatching(/^(EIO|ESHUTDOWN)$/) });
+    expect(device.data.toString('utf8', 0, 3)).toBe('old');
+    const fresh = await NbdClient.connect(addr, { exportName: 'vol0/primary' });
+    await fresh.write(Buffer.from('new'), 0);
+    expect(device.data.toString('utf8', 0, 3)).toBe('new');
+    await bystander.write(Buffer.from('x'), 0);
+    expect(() => server.closeExportConnections('nope')).toThrow(/no export/);
+    await Promise.all([fresh.close(), bystander.close()]);
   });
 
   it('export registry: duplicates and unknown defaults are refused; removed exports vanish', async () => {

@@ -3,7 +3,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { defaultControlListen, defaultDataDir, formatHostPort, logLevels, parseHostPort } from './defaults.js';
 import type { ServeFlags } from './config.js';
 import { callControl, describeEndpoint, readToken, RefusedError, UnreachableError, UsageError, type ControlEndpoint } from './client.js';
-import type { CheckpointResult, RecoverResult, ReloadResult, RemoveResult, VolumeView } from './control.js';
+import type { AnyVolumeView, CheckpointResult, PrimaryVolumeView, RecoverResult, ReloadResult, RemoveResult, VolumeView } from './control.js';
 import type { Daemon } from './daemon.js';
 import { qemuLines } from './qemu.js';
 
@@ -54,6 +54,14 @@ export function startupLines(daemon: Daemon): string[] {
     lines.push('');
     if (view.error !== undefined && view.state === 'error') {
       lines.push(`volume ${view.name}: error ${view.error.code}, not served: ${view.error.message}`);
+      continue;
+    }
+    if (view.role === 'primary') {
+      lines.push(
+        `volume ${view.name}: ${formatBytes(view.sizeBytes ?? 0)}, role primary, ${view.state}, ack mode ${view.ackMode}, ` +
+          `peer ${view.link?.peer} (link ${view.link?.state}), ${formatBytes(view.dirtyBytes ?? 0)} dirty`,
+      );
+      for (const uri of view.uris.disk) lines.push(`  export (the PVM's disk): ${uri}`);
       continue;
     }
     lines.push(
@@ -198,14 +206,47 @@ async function client(flags: ClientFlags, run: (call: Call) => Promise<void>) {
 
 const dash = '-';
 
-function stateText(view: VolumeView): string {
+function stateText(view: AnyVolumeView): string {
   if (view.state === 'error') return `error(${view.error?.code ?? '?'})`;
-  if (view.failoverTarget === undefined) return view.state;
+  if (view.role === 'primary' || view.failoverTarget === undefined) return view.state;
   const phase = view.failover !== undefined && view.failover.phase !== 'done' ? `, ${view.failover.phase}` : '';
   return `${view.state}(${view.failoverTarget}${phase})`;
 }
 
-function statusTable(views: VolumeView[]): string {
+function primaryStatusTable(views: PrimaryVolumeView[]): string {
+  const header = ['VOLUME', 'STATE', 'LINK', 'ACK', 'INFLIGHT', 'DIRTY', 'UNSENT', 'RESYNC', 'PEER-EPOCH', 'PEER-DURABLE', 'CLIENTS'];
+  const bytes = (n: number | undefined) => (n === undefined ? dash : formatBytes(n));
+  const number = (n: number | null | undefined) => (n === undefined || n === null ? dash : String(n));
+  const resync = (view: PrimaryVolumeView) =>
+    view.resync === undefined
+      ? dash
+      : `${formatBytes(view.resync.bytesDone)}/${formatBytes(view.resync.bytesTotal)} at ${formatBytes(view.resync.bytesPerSecond)}/s`;
+  const rows = views.map((view) => [
+    view.name,
+    stateText(view),
+    view.link?.state ?? dash,
+    view.ackMode ?? dash,
+    bytes(view.inflightBytes),
+    bytes(view.dirtyBytes),
+    bytes(view.unsentBytes),
+    resync(view),
+    number(view.peerEpoch),
+    number(view.peerDurableEpoch),
+    number(view.clients),
+  ]);
+  const widths = header.map((title, column) => Math.max(title.length, ...rows.map((row) => row[column].length)));
+  const table = [header, ...rows].map((row) => row.map((cell, column) => cell.padEnd(widths[column])).join('  ').trimEnd());
+  for (const view of views) {
+    if (view.error !== undefined) table.push(`${view.name}: error ${view.error.code} since ${view.error.since}: ${view.error.message}`);
+    if (view.link?.error !== undefined && view.link.state !== 'up') table.push(`${view.name}: link to ${view.link.peer} ${view.link.state} since ${view.link.since}: ${view.link.error}`);
+  }
+  return table.join('\n');
+}
+
+function statusTable(all: AnyVolumeView[]): string {
+  const primaries = all.filter((view): view is PrimaryVolumeView => view.role === 'primary');
+  if (primaries.length > 0) return primaryStatusTable(primaries);
+  const views = all as VolumeView[];
   const header = ['VOLUME', 'STRATEGY', 'STATE', 'EPOCH', 'DURABLE', 'PRIMARY', 'SECONDARY', 'COMMITTED', 'SPILLED', 'TORN', 'CLIENTS'];
   const bytes = (n: number | undefined) => (n === undefined ? dash : formatBytes(n));
   const number = (n: number | undefined) => (n === undefined ? dash : String(n));
@@ -241,7 +282,30 @@ function addClientOptions(command: Command): Command {
     .option('--data-dir <DIR>', "the daemon's data directory, where control.token is", defaultDataDir);
 }
 
-export function buildProgram(): Command {
+/**
+ * The primary role's per-volume settings are config-file keys (volumes.NAME.KEY); their defaults are
+ * core's, written out so that `serve --help` shows what runs when they are left out. config.ts loads
+ * the engine, which the client commands do without, so only `serve` passes them in.
+ */
+function primaryHelp(primaryDefaults: PrimaryDefaults): string {
+  return [
+    '',
+    'Role primary: per-volume settings in the config file (volumes.NAME.KEY), with their defaults:',
+    `  ackMode                  ${primaryDefaults.ackMode.padEnd(8)} peer: a write is acknowledged once local and in the peer's buffer; local: once local`,
+    `  forwardBytesMax          ${formatBytes(primaryDefaults.forwardBytesMax).padEnd(8)} ack mode local: bytes forwarded, not yet acknowledged, before writes wait`,
+    `  peerTimeoutMs            ${String(primaryDefaults.peerTimeoutMs).padEnd(8)} a peer silent this long is hung: the link drops, the volume goes degraded`,
+    `  peerReconnectMs          ${String(primaryDefaults.peerReconnectMs).padEnd(8)} first wait before reconnecting, doubling up to peerReconnectMsMax`,
+    `  peerReconnectMsMax       ${String(primaryDefaults.peerReconnectMsMax).padEnd(8)}`,
+    `  resyncBytesPerSecondMax  ${formatBytes(primaryDefaults.resyncBytesPerSecondMax).padEnd(8)} resync rate limit (the VM's own writes are not counted)`,
+    `  resyncCheckpointBytes    ${formatBytes(primaryDefaults.resyncCheckpointBytes).padEnd(8)} a resync checkpoints the peer after this much`,
+    `  activityExtentsMax       ${String(primaryDefaults.activityExtentsMax).padEnd(8)} 4 MiB extents a resync after a crash of the primary resends at most`,
+    'See fixtures/config/gannet-primary.yaml.',
+  ].join('\n');
+}
+
+type PrimaryDefaults = typeof import('./config.js').primaryDefaults;
+
+export function buildProgram(primaryDefaults?: PrimaryDefaults): Command {
   const program = new Command('gannet')
     .description('Replicated block storage for VM fault tolerance (GANNET), served over NBD')
     .version(version)
@@ -250,8 +314,16 @@ export function buildProgram(): Command {
 
   program
     .command('serve')
-    .description('run the daemon: NBD exports NAME/primary and NAME/secondary per volume, and the control API')
+    .description(
+      'run the daemon: per volume, NBD exports NAME/primary and NAME/secondary (role secondary), or NAME replicated to the ' +
+        'secondary daemon given by --peer (role primary); and the control API',
+    )
     .option('--config <FILE>', 'YAML or JSON config file (flags override it)')
+    .addOption(new Option('--role <ROLE>', 'secondary: the GANNET buffer; primary: the PVM host, forwarding to --peer (default: secondary)').choices(['secondary', 'primary']))
+    .option('--peer <HOST:PORT>', "role primary: the secondary daemon's control API (required with --role primary)")
+    .option('--peer-token-file <FILE>', "role primary: a copy of the secondary's DATA_DIR/control.token (required with --role primary)")
+    .option('--peer-tls-certificates <DIR>', "role primary, a secondary requiring NBD TLS: DIR/ca-cert.pem (+ client-cert.pem, client-key.pem)")
+    .option('--peer-tls-psk <FILE>', 'role primary, a secondary requiring NBD TLS: pre-shared keys (psktool), its first identity')
     .option('--data-dir <DIR>', `volumes, metadata and control.token (default: ${defaultDataDir})`)
     .option('--nbd <HOST:PORT>', 'NBD listen address, port 0 for a free port (default: 127.0.0.1:10809)')
     .option('--nbd-socket <PATH>', 'also serve NBD on this Unix socket')
@@ -269,6 +341,7 @@ export function buildProgram(): Command {
     .option('--tls-certificates <DIR>', 'X.509 credentials: DIR/server-cert.pem, DIR/server-key.pem, DIR/ca-cert.pem')
     .option('--tls-verify-peer', 'require client certificates signed by DIR/ca-cert.pem')
     .option('--tls-psk <FILE>', 'pre-shared keys instead of certificates, identity:hexkey per line (psktool)')
+    .addHelpText('after', primaryDefaults === undefined ? '' : primaryHelp(primaryDefaults))
     .action((flags: ServeFlags) => serve(flags));
 
   addClientOptions(
@@ -280,8 +353,8 @@ export function buildProgram(): Command {
   ).action((name: string | undefined, flags: ClientFlags & { json?: boolean }) =>
     client(flags, async (call) => {
       const views = name === undefined
-        ? ((await call('GET', '/v1/volumes')) as { volumes: VolumeView[] }).volumes
-        : [(await call('GET', `/v1/volumes/${encodeURIComponent(name)}`)) as VolumeView];
+        ? ((await call('GET', '/v1/volumes')) as { volumes: AnyVolumeView[] }).volumes
+        : [(await call('GET', `/v1/volumes/${encodeURIComponent(name)}`)) as AnyVolumeView];
       if (flags.json) process.stdout.write(`${JSON.stringify(name === undefined ? { volumes: views } : views[0], null, 2)}\n`);
       else process.stdout.write(`${statusTable(views)}\n`);
     }),
@@ -402,7 +475,7 @@ export function buildProgram(): Command {
 }
 
 export async function main(argv: string[]): Promise<void> {
-  const program = buildProgram();
+  const program = buildProgram(argv[0] === 'serve' ? (await import('./config.js')).primaryDefaults : undefined);
   try {
     await program.parseAsync(argv, { from: 'user' });
   } catch (error) {

@@ -1,5 +1,5 @@
 import { readFile } from 'node:fs/promises';
-import { request } from 'node:http';
+import { request, type Agent } from 'node:http';
 import { join } from 'node:path';
 import { formatHostPort, tokenFileName, type ListenAddress } from './defaults.js';
 import { MiB } from '@gannet/block-device';
@@ -54,21 +54,35 @@ export async function readToken(dataDir: string): Promise<string> {
   }
 }
 
+export interface CallOptions {
+  /** Connections to reuse (the process's global agent by default). */
+  readonly agent?: Agent;
+  /** Ends the request at once: its socket is destroyed and the call rejects with the signal's reason. */
+  readonly signal?: AbortSignal;
+  /** The socket may be idle this long before the call fails (requestTimeoutMs by default). */
+  readonly timeoutMs?: number;
+}
+
 export function callControl(
   endpoint: ControlEndpoint,
   token: string,
-  method: 'GET' | 'POST' | 'DELETE',
+  method: 'GET' | 'POST' | 'PUT' | 'DELETE',
   path: string,
   body?: unknown,
+  options: CallOptions = {},
 ): Promise<unknown> {
   const payload = body === undefined ? undefined : JSON.stringify(body);
+  const timeoutMs = options.timeoutMs ?? requestTimeoutMs;
+  if (options.signal?.aborted) return Promise.reject(options.signal.reason);
   return new Promise((resolve, reject) => {
     const req = request(
       {
         ...('path' in endpoint ? { socketPath: endpoint.path } : { host: endpoint.host, port: endpoint.port }),
         method,
         path,
-        timeout: requestTimeoutMs,
+        timeout: timeoutMs,
+        ...(options.agent !== undefined && { agent: options.agent }),
+        ...(options.signal !== undefined && { signal: options.signal }),
         headers: {
           authorization: `Bearer ${token}`,
           accept: 'application/json',
@@ -106,8 +120,12 @@ export function callControl(
         });
       },
     );
-    req.on('timeout', () => req.destroy(new Error(`no answer within ${requestTimeoutMs} ms`)));
+    req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
     req.on('error', (error: NodeJS.ErrnoException) => {
+      if (options.signal?.aborted) {
+        reject(options.signal.reason);
+        return;
+      }
       const unreachable = ['ECONNREFUSED', 'ENOENT', 'EHOSTUNREACH', 'ENETUNREACH', 'ECONNRESET', 'ETIMEDOUT', 'EAI_AGAIN', 'ENOTFOUND'];
       reject(error.code !== undefined && unreachable.includes(error.code) ? new UnreachableError(endpoint, error) : error);
     });

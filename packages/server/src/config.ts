@@ -5,7 +5,7 @@
  */
 import { readFile } from 'node:fs/promises';
 import { extname } from 'node:path';
-import { volumeOptionsSchema } from '@gannet/core';
+import { primaryOptionsSchema, volumeOptionsSchema } from '@gannet/core';
 import {
   connectionsMaxDefault,
   exportConnectionsMaxDefault,
@@ -93,6 +93,26 @@ const listenSchema = z.string().transform((value, ctx) => {
   return address;
 });
 
+export const roles = ['secondary', 'primary'] as const;
+export type Role = (typeof roles)[number];
+
+/** Settings of a volume in the secondary role (the GANNET buffer) only. */
+export const secondaryVolumeFields = ['strategy', 'blockBytes', 'memoryBytesMax', 'pressureRatio', 'committedBytesMax'] as const;
+/** Settings of a volume in the primary role only: how it replicates to its peer (core's primaryOptionsSchema). */
+export const primaryVolumeFields = [
+  'ackMode',
+  'forwardBytesMax',
+  'peerTimeoutMs',
+  'peerReconnectMs',
+  'peerReconnectMsMax',
+  'resyncBytesPerSecondMax',
+  'resyncCheckpointBytes',
+  'activityExtentsMax',
+] as const;
+
+/** What core uses for a primary volume's settings left out of the config (for --help and the sample config). */
+export const primaryDefaults = primaryOptionsSchema.parse({ path: '-', dataDir: '-', sizeBytes: 1 });
+
 const volumeFields = {
   sizeBytes: sizeSchema.optional(),
   strategy: z.enum(['gannet', 'colo', 'passthrough']).optional(),
@@ -100,26 +120,40 @@ const volumeFields = {
   memoryBytesMax: sizeSchema.optional(),
   pressureRatio: z.number().optional(),
   committedBytesMax: sizeSchema.optional(),
+  ackMode: z.enum(['peer', 'local']).optional(),
+  forwardBytesMax: sizeSchema.optional(),
+  peerTimeoutMs: integerSchema.optional(),
+  peerReconnectMs: integerSchema.optional(),
+  peerReconnectMsMax: integerSchema.optional(),
+  resyncBytesPerSecondMax: sizeSchema.optional(),
+  resyncCheckpointBytes: sizeSchema.optional(),
+  activityExtentsMax: integerSchema.optional(),
 };
+
+function pick(volume: Record<string, unknown>, fields: readonly string[]): Record<string, unknown> {
+  return Object.fromEntries(fields.filter((field) => volume[field] !== undefined).map((field) => [field, volume[field]]));
+}
 
 /**
  * Per-volume options. Fields left out keep the value recorded when the volume was created (size, block
- * size, strategy) or the engine's default; the engine's own schema checks the limits of what is set.
- * `POST /v1/volumes` takes the same fields.
+ * size, strategy) or the engine's default; the engine's own schemas check the limits of what is set (the
+ * secondary role's fields by volumeOptionsSchema, the primary role's by primaryOptionsSchema; the daemon's
+ * schema refuses the fields of the other role). `POST /v1/volumes` takes the same fields.
  */
 export const volumeConfigSchema = z
   .object(volumeFields)
   .strict()
   .superRefine((volume, ctx) => {
-    const probe = volumeOptionsSchema.safeParse({
-      path: '-',
-      dataDir: '-',
-      ...volume,
-      sizeBytes: volume.sizeBytes ?? defaultVolumeSizeBytes,
-    });
-    if (probe.success) return;
-    for (const issue of probe.error.issues) {
-      ctx.addIssue({ code: 'custom', message: issue.message, path: issue.path.map((p) => p as string | number) });
+    const sizeBytes = volume.sizeBytes ?? defaultVolumeSizeBytes;
+    const probes = [
+      volumeOptionsSchema.safeParse({ path: '-', dataDir: '-', ...pick(volume, secondaryVolumeFields), sizeBytes }),
+      primaryOptionsSchema.safeParse({ path: '-', dataDir: '-', ...pick(volume, primaryVolumeFields), sizeBytes }),
+    ];
+    for (const probe of probes) {
+      if (probe.success) continue;
+      for (const issue of probe.error.issues) {
+        ctx.addIssue({ code: 'custom', message: issue.message, path: issue.path.map((p) => p as string | number) });
+      }
     }
   });
 
@@ -146,8 +180,42 @@ const groupSchema = z
     });
   });
 
+/**
+ * How a primary speaks TLS to a secondary whose NBD requires it: X.509 (`certificates`: a client
+ * directory, ca-cert.pem and, if the secondary verifies clients, client-cert.pem and client-key.pem, as
+ * QEMU's tls-creds-x509 endpoint=client reads it) or a psktool file (`psk`; its first identity unless
+ * `pskIdentity` names another).
+ */
+const peerTlsSchema = z
+  .object({
+    certificates: z.string().min(1).optional(),
+    psk: z.string().min(1).optional(),
+    pskIdentity: z.string().min(1).optional(),
+  })
+  .strict()
+  .superRefine((tls, ctx) => {
+    if ((tls.certificates === undefined) === (tls.psk === undefined)) {
+      ctx.addIssue({ code: 'custom', path: ['certificates'], message: 'give either certificates (a directory) or psk (a file), not both' });
+    } else if (tls.pskIdentity !== undefined && tls.psk === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['pskIdentity'], message: 'needs psk' });
+    }
+  });
+
+/** The secondary daemon a primary replicates to: its control API, and a file holding its control token. */
+const peerSchema = z
+  .object({
+    control: z.string({ error: 'required: the secondary daemon\'s control API, HOST:PORT (--peer)' }).pipe(listenSchema),
+    tokenFile: z.string({ error: 'required: a copy of the secondary\'s DATA_DIR/control.token (--peer-token-file)' }).min(1),
+    tls: peerTlsSchema.optional(),
+  })
+  .strict();
+
+export type PeerConfig = z.output<typeof peerSchema>;
+
 export const daemonConfigSchema = z
   .object({
+    role: z.enum(roles).default('secondary'),
+    peer: peerSchema.optional(),
     dataDir: z.string().min(1).default(defaultDataDir),
     logLevel: z.enum(logLevels).default('info'),
     nbd: z
@@ -184,6 +252,22 @@ export const daemonConfigSchema = z
   })
   .strict()
   .superRefine((config, ctx) => {
+    if (config.role === 'primary' && config.peer === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['peer'], message: 'required with role primary: the secondary daemon\'s control address and token file (--peer HOST:PORT --peer-token-file FILE)' });
+    }
+    if (config.role === 'secondary' && config.peer !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['peer'], message: 'only with role primary (a secondary is the one its primary connects to)' });
+    }
+    const foreign = config.role === 'primary' ? secondaryVolumeFields : primaryVolumeFields;
+    for (const [name, volume] of Object.entries(config.volumes)) {
+      for (const field of foreign) {
+        if (volume[field] !== undefined) ctx.addIssue({ code: 'custom', path: ['volumes', name, field], message: `not a setting of role ${config.role}` });
+      }
+    }
+    // Atomic group checkpoints are the secondary's (checkpointGroup); a primary checkpoints each volume's peer.
+    if (config.role === 'primary' && Object.keys(config.groups).length > 0) {
+      ctx.addIssue({ code: 'custom', path: ['groups'], message: 'not a setting of role primary: checkpoint a group atomically on the secondary' });
+    }
     // `gannet checkpoint NAME` takes a volume or a group: one name cannot be both.
     for (const group of Object.keys(config.groups)) {
       if (group in config.volumes) ctx.addIssue({ code: 'custom', message: `"${group}" is also a volume's name`, path: ['groups', group] });
@@ -205,6 +289,11 @@ export class ConfigError extends Error {
 
 export interface ServeFlags {
   config?: string;
+  role?: string;
+  peer?: string;
+  peerTokenFile?: string;
+  peerTlsCertificates?: string;
+  peerTlsPsk?: string;
   dataDir?: string;
   nbd?: string;
   nbdSocket?: string;
@@ -226,6 +315,11 @@ export interface ServeFlags {
 
 /** Which config field each flag sets, so errors about a flag's value name the flag. */
 const flagFields: Record<string, string> = {
+  role: '--role',
+  'peer.control': '--peer',
+  'peer.tokenFile': '--peer-token-file',
+  'peer.tls.certificates': '--peer-tls-certificates',
+  'peer.tls.psk': '--peer-tls-psk',
   dataDir: '--data-dir',
   logLevel: '--log-level',
   'nbd.listen': '--nbd',
@@ -280,6 +374,11 @@ export async function loadConfig(flags: ServeFlags): Promise<DaemonConfig> {
     parent[last] = value;
     fromFlags.set(path, flagFields[path]);
   };
+  set('role', flags.role);
+  set('peer.control', flags.peer);
+  set('peer.tokenFile', flags.peerTokenFile);
+  set('peer.tls.certificates', flags.peerTlsCertificates);
+  set('peer.tls.psk', flags.peerTlsPsk);
   set('dataDir', flags.dataDir);
   set('logLevel', flags.logLevel);
   set('nbd.listen', flags.nbd);

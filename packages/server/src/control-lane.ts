@@ -6,9 +6,12 @@ import {
   type CheckpointResult,
   type ErrorCode,
   type GroupView,
+  type PeerAttachRequest,
+  type PeerAttachView,
   type RecoverResult,
   type ReloadResult,
   type RemoveResult,
+  type AnyVolumeView,
   type VolumeView,
 } from './control.js';
 import type { EventName } from './events.js';
@@ -32,6 +35,8 @@ export type Call =
   | { op: 'recover'; name: string }
   | { op: 'checkpoint'; names?: string[] }
   | { op: 'failover'; name: string; to: FailoverTarget; force: boolean }
+  | { op: 'attach-peer'; name: string; from?: PeerAttachRequest }
+  | { op: 'set-inconsistent'; name: string; inconsistent: boolean }
   | { op: 'groups' }
   | { op: 'reload' }
   | { op: 'metrics' };
@@ -43,13 +48,15 @@ export interface MetricsText {
 
 /** The answer each call gets. */
 export interface Results {
-  volumes: VolumeView[];
-  volume: VolumeView;
-  create: VolumeView;
+  volumes: AnyVolumeView[];
+  volume: AnyVolumeView;
+  create: AnyVolumeView;
   remove: RemoveResult;
   recover: RecoverResult;
   checkpoint: CheckpointResult;
-  failover: VolumeView;
+  failover: AnyVolumeView;
+  'attach-peer': PeerAttachView;
+  'set-inconsistent': VolumeView;
   groups: GroupView[];
   reload: ReloadResult;
   metrics: MetricsText;
@@ -120,13 +127,16 @@ export function errorData(error: unknown): ErrorData {
 
 /** What the main thread does for each call; the daemon implements it. */
 export interface ControlOperations {
-  volumes(): VolumeView[];
-  volume(name: string): VolumeView;
-  create(body: unknown): Promise<VolumeView>;
+  volumes(): AnyVolumeView[];
+  volume(name: string): AnyVolumeView;
+  create(body: unknown): Promise<AnyVolumeView>;
   remove(name: string, options: { force: boolean; purge: boolean }): Promise<RemoveResult>;
   recover(name: string): Promise<RecoverResult>;
   checkpoint(names?: string[]): Promise<CheckpointResult>;
-  failover(name: string, to: FailoverTarget, force: boolean): Promise<VolumeView>;
+  failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
+  /** A primary attaches: earlier NBD connections to NAME/primary are closed, then the volume's state is read. */
+  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView>;
+  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
   groups(): GroupView[];
   reload(): Promise<ReloadResult>;
   metricsText(): Promise<MetricsText>;
@@ -148,6 +158,10 @@ function perform(operations: ControlOperations, call: Call): unknown {
       return operations.checkpoint(call.names);
     case 'failover':
       return operations.failover(call.name, call.to, call.force);
+    case 'attach-peer':
+      return operations.attachPeer(call.name, call.from);
+    case 'set-inconsistent':
+      return operations.setInconsistent(call.name, call.inconsistent);
     case 'groups':
       return operations.groups();
     case 'reload':

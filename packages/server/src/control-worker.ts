@@ -43,6 +43,8 @@ const backend: ControlBackend = {
   recover: (name) => lane.call({ op: 'recover', name }),
   checkpoint: (names) => lane.call(names === undefined ? { op: 'checkpoint' } : { op: 'checkpoint', names }),
   failover: (name, to, force) => lane.call({ op: 'failover', name, to, force }),
+  attachPeer: (name, from) => lane.call(from === undefined ? { op: 'attach-peer', name } : { op: 'attach-peer', name, from }),
+  setInconsistent: (name, inconsistent) => lane.call({ op: 'set-inconsistent', name, inconsistent }),
   groups: () => lane.call({ op: 'groups' }),
   reload: () => lane.call({ op: 'reload' }),
   metrics: () => lane.call({ op: 'metrics' }),

@@ -1,6 +1,6 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { Socket } from 'node:net';
-import type { FailoverStatus, FailoverTarget } from '@gannet/core';
+import type { FailoverStatus, FailoverTarget, PrimaryStats } from '@gannet/core';
 import fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { groupVolumesMax } from './defaults.js';
@@ -67,10 +67,13 @@ export interface VolumeErrorView {
  */
 export interface VolumeView {
   name: string;
+  role: 'secondary';
   exports: { primary: string; secondary: string };
   uris: { primary: string[]; secondary: string[] };
   strategy: string;
   state: string;
+  /** The volume's uuid (gannet): a primary tells a different disk from the one it synced by it. */
+  volumeId?: string;
   error?: VolumeErrorView;
   failoverTarget?: FailoverTarget;
   failover?: FailoverStatus;
@@ -82,12 +85,77 @@ export interface VolumeView {
   bufferedBytes?: { primary: number; secondary: number; committed: number };
   spilledBytes?: number;
   tornRanges?: { offset: number; length: number }[];
+  /** A primary's resync is under way (gannet): the disk is part old, part new, and failover is refused. */
+  inconsistent?: boolean;
+  inconsistentSince?: string;
   /** NBD connections on the volume's exports. */
   clients?: number;
 }
 
+/**
+ * A volume of a primary daemon: one export, NAME, the PVM's disk, whose every change goes to the peer.
+ * `peerEpoch` is the epoch the peer began at the last checkpoint; once `peerDurableEpoch` reaches it, the
+ * peer's backing file holds the disk as of that checkpoint. In state `error` only `error` (and
+ * `sizeBytes` when volume.json is readable) is there.
+ */
+export interface PrimaryVolumeView {
+  name: string;
+  role: 'primary';
+  exports: { disk: string };
+  uris: { disk: string[] };
+  state: string;
+  error?: VolumeErrorView;
+  sizeBytes?: number;
+  ackMode?: PrimaryStats['ackMode'];
+  link?: PrimaryStats['link'];
+  inflightBytes?: number;
+  dirtyBytes?: number;
+  unsentBytes?: number;
+  resync?: NonNullable<PrimaryStats['resync']>;
+  lastResync?: NonNullable<PrimaryStats['lastResync']>;
+  resyncBytesTotal?: number;
+  resyncDataBytesTotal?: number;
+  peerEpoch?: number | null;
+  peerDurableEpoch?: number | null;
+  clients?: number;
+}
+
+export type AnyVolumeView = VolumeView | PrimaryVolumeView;
+
+/**
+ * Who attaches, so that a late attach of a session the same primary already gave up on (a request the
+ * peer reads only after a hang) cannot fence a newer one: `link` names the primary's link for its
+ * lifetime, `attempt` grows with each of its attaches.
+ */
+export interface PeerAttachRequest {
+  link: string;
+  attempt: number;
+}
+
+/** An NBD listen address of the daemon; a wildcard host (0.0.0.0, ::) means every address of the host. */
+export type NbdAddressView = { host: string; port: number } | { path: string };
+
+/**
+ * What a primary attaching to a volume learns (POST /v1/volumes/:name/peer): the volume's state, and
+ * where to send its writes. Every earlier NBD connection to NAME/primary is closed before this is read.
+ */
+export interface PeerAttachView {
+  volumeId: string;
+  /** Changes each time the daemon opens the volume: a new one has lost what it buffered. */
+  instance: string;
+  sizeBytes: number;
+  state: string;
+  epoch: number;
+  durableEpoch: number;
+  tornRanges: { offset: number; length: number }[];
+  inconsistent: boolean;
+  /** `tls`: the daemon serves NBD only over TLS. */
+  nbd: { export: string; addresses: NbdAddressView[]; tls: boolean };
+}
+
 export interface CheckpointResult {
-  volumes: { name: string; epoch: number }[];
+  /** `durableEpoch`: the volume's durable epoch when the checkpoint was taken. */
+  volumes: { name: string; epoch: number; durableEpoch: number }[];
   /** When no names were given: the volumes left out of the group, and why (failed over, error). */
   skipped?: { name: string; reason: string }[];
 }
@@ -102,7 +170,7 @@ export interface RemoveResult {
 }
 
 export interface RecoverResult {
-  volume: VolumeView;
+  volume: AnyVolumeView;
   recovered: { lifecycle: 'replicating' | 'failed-over'; movedTo: string | null; fullResync: boolean };
 }
 
@@ -132,14 +200,16 @@ export interface ControlBackend {
   readonly token: string;
   readonly events: EventHub;
   readonly bodyBytesMax: number;
-  volumes(): Promise<VolumeView[]>;
-  volume(name: string): Promise<VolumeView>;
+  volumes(): Promise<AnyVolumeView[]>;
+  volume(name: string): Promise<AnyVolumeView>;
   /** The body as sent: the main thread checks it with the config file's schema. */
-  create(body: unknown): Promise<VolumeView>;
+  create(body: unknown): Promise<AnyVolumeView>;
   remove(name: string, options: { force: boolean; purge: boolean }): Promise<RemoveResult>;
   recover(name: string): Promise<RecoverResult>;
   checkpoint(names?: string[]): Promise<CheckpointResult>;
-  failover(name: string, to: FailoverTarget, force: boolean): Promise<VolumeView>;
+  failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
+  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView>;
+  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
   groups(): Promise<GroupView[]>;
   reload(): Promise<ReloadResult>;
   metrics(): Promise<{ contentType: string; text: string }>;
@@ -153,6 +223,11 @@ const groupCheckpointBodySchema = z
 const failoverBodySchema = z
   .object({ to: z.enum(['secondary', 'checkpoint', 'primary']).default('secondary'), force: z.boolean().default(false) })
   .strict();
+const attachBodySchema = z
+  .object({ link: z.string().min(1).max(128).optional(), attempt: z.number().int().positive().max(Number.MAX_SAFE_INTEGER).optional() })
+  .strict()
+  .refine((body) => (body.link === undefined) === (body.attempt === undefined), { message: 'link and attempt go together', path: ['attempt'] });
+const inconsistentBodySchema = z.object({ inconsistent: z.boolean() }).strict();
 const flag = z.enum(['true', 'false']).transform((value) => value === 'true');
 const deleteQuerySchema = z.object({ force: flag.default(false), purge: flag.default(false) }).strict();
 /** Not strict: a client may add parameters of its own (a cache-buster, say). */
@@ -201,9 +276,9 @@ export function validate<T extends z.ZodType>(schema: T, value: unknown): z.outp
 
 /**
  * Codes of failures that are no fault of the request and may heal (space freed, metadata recovered, the
- * volume reopened): answered 503 with the code as `reason`.
+ * volume reopened, a primary's peer back): answered 503 with the code as `reason`.
  */
-const unavailableCodes = new Set(['ENOSPC', 'EDQUOT', 'EFBIG', 'EIO', 'EMETA', 'EHALTED', 'EPERM', 'EACCES', 'EROFS', 'ENOMEM', 'ESHUTDOWN']);
+const unavailableCodes = new Set(['EPEER', 'ENOSPC', 'EDQUOT', 'EFBIG', 'EIO', 'EMETA', 'EHALTED', 'EPERM', 'EACCES', 'EROFS', 'ENOMEM', 'ESHUTDOWN']);
 
 /** The API's own errors and the engine's refusals; anything else is an internal error. */
 export function apiErrorOf(error: unknown): ApiError | undefined {
@@ -261,7 +336,7 @@ function onClientError(error: NodeJS.ErrnoException, socket: Socket): void {
 }
 
 interface Route {
-  method: 'GET' | 'POST' | 'DELETE';
+  method: 'GET' | 'POST' | 'PUT' | 'DELETE';
   url: string;
   auth: boolean;
   handle(request: FastifyRequest, reply: FastifyReply, backend: ControlBackend): Promise<unknown>;
@@ -320,7 +395,26 @@ const routes: Route[] = [
     async handle(request, _reply, backend) {
       validate(emptyBodySchema, bodyOf(request));
       const { volumes } = await backend.checkpoint([nameOf(request)]);
-      return { epoch: volumes[0].epoch };
+      return { epoch: volumes[0].epoch, durableEpoch: volumes[0].durableEpoch };
+    },
+  },
+  {
+    method: 'POST',
+    url: '/v1/volumes/:name/peer',
+    auth: true,
+    async handle(request, _reply, backend) {
+      const body = validate(attachBodySchema, bodyOf(request));
+      const from = body.link !== undefined && body.attempt !== undefined ? { link: body.link, attempt: body.attempt } : undefined;
+      return backend.attachPeer(nameOf(request), from);
+    },
+  },
+  {
+    method: 'PUT',
+    url: '/v1/volumes/:name/inconsistent',
+    auth: true,
+    async handle(request, _reply, backend) {
+      const body = validate(inconsistentBodySchema, bodyOf(request));
+      return backend.setInconsistent(nameOf(request), body.inconsistent);
     },
   },
   {

@@ -2,23 +2,26 @@ import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { resolve as resolvePath, join } from 'node:path';
-import type { FailoverTarget, Volume } from '@gannet/core';
-import { NbdServer, type ListenAddress as NbdListenAddress } from 'nbd-server-js';
+import type { FailoverTarget, PrimaryVolume, Volume } from '@gannet/core';
+import { NbdServer, type ListenAddress as NbdListenAddress, type TlsClientCredentials } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { ConfigError, tokenFileName, type DaemonConfig } from './config.js';
-import { ApiError, type CheckpointResult, type GroupView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
+import { ApiError, type AnyVolumeView, type CheckpointResult, type GroupView, type PeerAttachRequest, type PeerAttachView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
 import type { ControlListenAddress, ControlOperations, MetricsText } from './control-lane.js';
 import { ControlThread, type ControlThreadOptions } from './control-thread.js';
 import type { EventName } from './events.js';
 import { Metrics } from './metrics.js';
 import { prepareNbd, watchNbdLimits, type NbdSetup } from './nbd-setup.js';
+import { peerLink } from './peer-link.js';
+import { PrimarySet, readPeerTls, readPeerToken } from './primary-set.js';
 import { scanVolumes } from './registry.js';
 import { VolumeSet } from './volume-set.js';
 
 /**
  * The gannet daemon: opens every volume of the data directory, serves NAME/primary and NAME/secondary
- * per volume over NBD, and the control API over HTTP on a thread of its own (control-thread.ts). The
- * main thread owns the volumes (volume-set.ts) and answers the control thread's calls, also from inside
+ * per volume over NBD (role secondary, volume-set.ts) or NAME, replicated to the peer daemon (role
+ * primary, primary-set.ts), and the control API over HTTP on a thread of its own (control-thread.ts).
+ * The main thread owns the volumes and answers the control thread's calls, also from inside
  * the NBD data path so that they do not wait behind it (control-lane.ts). Control operations that change
  * a volume run one at a time per volume (ordering.ts), so a failover never races a checkpoint of the
  * same group, and a slow one on one volume holds up no other volume.
@@ -107,7 +110,7 @@ export class Daemon implements ControlOperations {
   /** Resolves, with why, if the control API went down for good; the CLI then shuts the daemon down. */
   readonly failed: Promise<Error>;
   private reportFailure!: (error: Error) => void;
-  private readonly volumeSet: VolumeSet;
+  private readonly volumeSet: VolumeSet | PrimarySet;
   private readonly nbd: NbdServer;
   private control: ControlThread | undefined;
   private closing: Promise<void> | undefined;
@@ -120,6 +123,8 @@ export class Daemon implements ControlOperations {
     readonly tokenFile: string,
     nbdSetup: NbdSetup,
     private readonly options: DaemonOptions,
+    /** Role primary: the secondary daemon's control token, and TLS credentials for its NBD. */
+    peerCredentials: { token: string; tls?: TlsClientCredentials } | undefined,
   ) {
     this.failed = new Promise((resolve) => {
       this.reportFailure = resolve;
@@ -145,27 +150,46 @@ export class Daemon implements ControlOperations {
       nbdLogger.debug(event, 'connection');
     });
     watchNbdLimits(this.nbd, this.metrics.registry, logger);
-    this.volumeSet = new VolumeSet({
+    const context = {
       dataDir: config.dataDir,
       nbd: this.nbd,
       nbdAddresses: this.nbdAddresses,
       metrics: this.metrics,
       logger,
-      publish: (event, volume, data) => this.publish(event, volume, data),
+      publish: (event: EventName, volume: string, data: Record<string, unknown>) => this.publish(event, volume, data),
       closing: () => this.closing !== undefined,
       tlsRequired: config.nbd.tls.mode === 'require',
-    });
+    };
+    const { peer } = config;
+    if (config.role === 'primary' && peer !== undefined && peerCredentials !== undefined) {
+      const peerLogger = logger.child({ component: 'peer' });
+      const { token, tls } = peerCredentials;
+      this.volumeSet = new PrimarySet({
+        ...context,
+        peerOf: (volume) => peerLink({ control: peer.control, token, volume, logger: peerLogger.child({ volume }), ...(tls !== undefined && { tls }) }),
+      });
+    } else {
+      this.volumeSet = new VolumeSet(context);
+    }
   }
 
   static async start(config: DaemonConfig, logger: Logger, options: DaemonOptions = {}): Promise<Daemon> {
     const dataDir = resolvePath(config.dataDir);
     await mkdir(dataDir, { recursive: true, mode: 0o700 });
     const { token, file } = await ensureToken(dataDir, logger);
+    const { peer } = config;
+    const peerCredentials =
+      config.role === 'primary' && peer !== undefined
+        ? {
+            token: await readPeerToken(resolvePath(peer.tokenFile)),
+            ...(peer.tls !== undefined && { tls: await readPeerTls(peer.tls) }),
+          }
+        : undefined;
     // The descriptor budget counts the volumes known now; volumes created at run time share it.
     const scan = await scanVolumes(dataDir);
     const volumes = new Set([...scan.volumes.map((found) => found.name), ...Object.keys(config.volumes)]).size;
     const nbdSetup = await prepareNbd(config, Math.max(volumes, 1), logger);
-    const daemon = new Daemon({ ...config, dataDir }, logger, token, file, nbdSetup, options);
+    const daemon = new Daemon({ ...config, dataDir }, logger, token, file, nbdSetup, options, peerCredentials);
     try {
       await daemon.volumeSet.start(daemon.config);
       await daemon.listen();
@@ -211,19 +235,27 @@ export class Daemon implements ControlOperations {
     return this.volumeSet.names;
   }
 
+  /** The engine volume of a secondary daemon's volume, for a caller that embeds the daemon. */
   volumeOf(name: string): Volume {
+    if (this.volumeSet instanceof PrimarySet) throw new ApiError('conflict', 'this daemon runs role primary: see primaryVolumeOf');
     return this.volumeSet.volumeOf(name);
   }
 
-  volumes(): VolumeView[] {
+  /** The engine volume of a primary daemon's volume. */
+  primaryVolumeOf(name: string): PrimaryVolume {
+    if (!(this.volumeSet instanceof PrimarySet)) throw new ApiError('conflict', 'this daemon runs role secondary: see volumeOf');
+    return this.volumeSet.volumeOf(name);
+  }
+
+  volumes(): AnyVolumeView[] {
     return this.volumeSet.views();
   }
 
-  volume(name: string): VolumeView {
+  volume(name: string): AnyVolumeView {
     return this.volumeSet.viewOf(name);
   }
 
-  create(body: unknown): Promise<VolumeView> {
+  create(body: unknown): Promise<AnyVolumeView> {
     return this.volumeSet.create(body);
   }
 
@@ -232,19 +264,27 @@ export class Daemon implements ControlOperations {
   }
 
   recover(name: string): Promise<RecoverResult> {
-    return this.volumeSet.recover(name);
+    return this.volumeSet instanceof PrimarySet ? this.volumeSet.recover() : this.volumeSet.recover(name);
   }
 
   checkpoint(names?: string[]): Promise<CheckpointResult> {
     return this.volumeSet.checkpoint(names);
   }
 
-  failover(name: string, to: FailoverTarget, force = false): Promise<VolumeView> {
-    return this.volumeSet.failover(name, to, force);
+  failover(name: string, to: FailoverTarget, force = false): Promise<AnyVolumeView> {
+    return this.volumeSet instanceof PrimarySet ? this.volumeSet.failover() : this.volumeSet.failover(name, to, force);
+  }
+
+  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView> {
+    return this.volumeSet instanceof PrimarySet ? this.volumeSet.attachPeer() : this.volumeSet.attachPeer(name, from);
+  }
+
+  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {
+    return this.volumeSet instanceof PrimarySet ? this.volumeSet.setInconsistent() : this.volumeSet.setInconsistent(name, inconsistent);
   }
 
   groups(): GroupView[] {
-    return this.volumeSet.groups();
+    return this.volumeSet instanceof PrimarySet ? [] : this.volumeSet.groups();
   }
 
   /**

@@ -3,7 +3,7 @@ import { MiB } from '@gannet/block-device';
 
 /**
  * Server-Sent Events fan-out. Volume events are small and rare (checkpoints, flushes, pressure,
- * failover, errors, volumes added and removed), so each subscriber gets a plain stream; a subscriber that stops reading is cut off
+ * failover, errors, volumes added and removed, and on a primary: link and state changes, resyncs), so each subscriber gets a plain stream; a subscriber that stops reading is cut off
  * once its unsent backlog passes `sseBacklogBytesMax`, so a stuck client cannot grow the daemon's memory.
  */
 
@@ -20,7 +20,13 @@ export type EventName =
   | 'failover-applied'
   | 'error'
   | 'volume-added'
-  | 'volume-removed';
+  | 'volume-removed'
+  // A primary daemon's volumes: the link to the peer, the volume's state, the peer's durable epoch, resyncs.
+  | 'link'
+  | 'state'
+  | 'durable'
+  | 'resync-start'
+  | 'resync-done';
 
 interface Subscriber {
   readonly res: ServerResponse;

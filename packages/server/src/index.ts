@@ -14,5 +14,7 @@ export * from './events.js';
 export * from './metrics.js';
 export * from './qemu.js';
 export * from './client.js';
+export * from './peer-link.js';
+export * from './primary-set.js';
 export { Daemon, ensureToken, nbdShutdownGraceMs, controlShutdownGraceMs, type ControlAddress } from './daemon.js';
 export { main, buildProgram, startupLines, readyLine, exitOk, exitRefused, exitUsage } from './cli.js';

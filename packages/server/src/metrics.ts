@@ -1,4 +1,4 @@
-import type { Volume, VolumeStats } from '@gannet/core';
+import type { PrimaryState, PrimaryVolume, Volume, VolumeStats } from '@gannet/core';
 import type { RequestEvent } from 'nbd-server-js';
 import type { Lane } from './control-lane.js';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
@@ -19,6 +19,7 @@ const requestBucketsSeconds = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 
 /** `error`: the volume could not be opened and is not served (its exports are absent). */
 const volumeStates = ['replicating', 'failing-over', 'failed-over', 'halted', 'closed', 'error'] as const;
 const bufferNames = ['primary', 'secondary', 'committed'] as const;
+const primaryStates = ['replicating', 'degraded', 'resyncing', 'halted', 'closed'] as const satisfies readonly PrimaryState[];
 
 /**
  * Request counts and bytes, summed in plain Maps on the hot path and handed to prom-client when scraped:
@@ -115,6 +116,8 @@ export class Metrics {
   readonly registry = new Registry();
   readonly contentType = this.registry.contentType;
   private readonly volumes = new Map<string, Volume>();
+  /** Volumes of a primary daemon (role primary), by name. */
+  private readonly primaries = new Map<string, PrimaryVolume>();
   /** Volumes in state `error`, by name. */
   private readonly broken = new Set<string>();
   /** The error codes counted per volume, so a removed volume's series can be dropped. */
@@ -225,6 +228,57 @@ export class Metrics {
         }
       },
     });
+    const primaries = this.primaries;
+    const perPrimary = (name: string, help: string, read: (volume: PrimaryVolume) => number | null) =>
+      new Gauge({
+        name,
+        help,
+        labelNames: ['volume'],
+        registers,
+        collect() {
+          this.reset();
+          for (const [volumeName, volume] of primaries) {
+            const value = read(volume);
+            if (value !== null) this.set({ volume: volumeName }, value);
+          }
+        },
+      });
+    perPrimary('gannet_primary_link_up', '1 while the link to the peer (the secondary daemon) is up.', (v) => (v.stats().link.state === 'up' ? 1 : 0));
+    perPrimary('gannet_primary_inflight_bytes', 'Bytes forwarded to the peer and not yet acknowledged (ack mode local).', (v) => v.stats().inflightBytes);
+    perPrimary('gannet_primary_dirty_bytes', "Bytes that may differ from the peer's durable disk.", (v) => v.stats().dirtyBytes);
+    perPrimary('gannet_primary_unsent_bytes', 'Of the dirty bytes, those written while the peer was away, waiting for a resync.', (v) => v.stats().unsentBytes);
+    perPrimary('gannet_primary_resync_bytes_done', 'Bytes the resync under way has gone over (0 when none runs).', (v) => v.stats().resync?.bytesDone ?? 0);
+    perPrimary('gannet_primary_resync_bytes_total', 'Bytes the resync under way goes over (0 when none runs).', (v) => v.stats().resync?.bytesTotal ?? 0);
+    perPrimary('gannet_primary_resync_bytes_per_second', 'Data rate of the resync under way (0 when none runs).', (v) => v.stats().resync?.bytesPerSecond ?? 0);
+    perPrimary('gannet_primary_peer_epoch', 'The epoch the peer began at the last checkpoint.', (v) => v.stats().peerEpoch);
+    perPrimary('gannet_primary_peer_durable_epoch', "The newest epoch the peer reported durable (in its backing file).", (v) => v.stats().peerDurableEpoch);
+    new Counter({
+      name: 'gannet_primary_resynced_bytes_total',
+      help: 'Bytes resyncs went over since the volume opened, by kind: data (sent as writes) or zero (sent as zero requests).',
+      labelNames: ['volume', 'kind'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [volumeName, volume] of primaries) {
+          const stats = volume.stats();
+          this.inc({ volume: volumeName, kind: 'data' }, stats.resyncDataBytesTotal);
+          this.inc({ volume: volumeName, kind: 'zero' }, stats.resyncBytesTotal - stats.resyncDataBytesTotal);
+        }
+      },
+    });
+    new Gauge({
+      name: 'gannet_primary_state',
+      help: '1 for the state the primary volume is in.',
+      labelNames: ['volume', 'state'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [volumeName, volume] of primaries) {
+          const current = volume.stats().state;
+          for (const state of primaryStates) this.set({ volume: volumeName, state }, state === current ? 1 : 0);
+        }
+      },
+    });
     new Gauge({
       name: 'gannet_nbd_connections',
       help: 'Open NBD connections.',
@@ -317,9 +371,20 @@ export class Metrics {
     volume.on('pressure', () => this.pressureEvents.inc({ volume: name }));
   }
 
+  /** A volume of a primary daemon: its checkpoints are the peer's, counted as the secondary's are. */
+  addPrimary(name: string, volume: PrimaryVolume): void {
+    this.broken.delete(name);
+    this.primaries.set(name, volume);
+    volume.on('checkpoint', (event) => {
+      this.checkpoints.inc({ volume: name });
+      this.checkpointPause.observe({ volume: name }, event.pauseMs / msPerSecond);
+    });
+  }
+
   /** A volume that could not be opened: shown in state `error` until it is recovered or removed. */
   addBrokenVolume(name: string): void {
     this.volumes.delete(name);
+    this.primaries.delete(name);
     this.broken.add(name);
   }
 
@@ -333,6 +398,7 @@ export class Metrics {
   /** Forgets a volume (it was deleted, or replaced by its recovered self): its series go too. */
   removeVolume(name: string): void {
     this.volumes.delete(name);
+    this.primaries.delete(name);
     this.broken.delete(name);
   }
 

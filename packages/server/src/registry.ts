@@ -7,6 +7,8 @@ import { z } from 'zod';
 import {
   ConfigError,
   defaultVolumeName,
+  roles,
+  type Role,
   defaultVolumeSizeBytes,
   volumeLimitFields,
   volumeNameLengthMax,
@@ -50,6 +52,8 @@ const positiveInteger = z.number().int().positive();
 const volumeRecordSchema = z
   .object({
     name: z.string().max(volumeNameLengthMax).regex(volumeNamePattern),
+    /** Absent in the records of volumes made before roles existed, which were all secondary. */
+    role: z.literal('secondary').optional(),
     sizeBytes: positiveInteger,
     blockBytes: positiveInteger,
     strategy: z.enum(['gannet', 'colo', 'passthrough']),
@@ -64,16 +68,32 @@ const volumeRecordSchema = z
 
 export type VolumeRecord = z.output<typeof volumeRecordSchema>;
 
+/**
+ * The record of a volume in the primary role: its disk and the primary's metadata (activity log, dirty
+ * bitmap) live in the same directory layout, so the role is recorded to keep one daemon role from ever
+ * opening the other's files.
+ */
+const primaryRecordSchema = z
+  .object({
+    name: z.string().max(volumeNameLengthMax).regex(volumeNamePattern),
+    role: z.literal('primary'),
+    sizeBytes: positiveInteger,
+    createdAt: z.string(),
+  })
+  .strict();
+
+export type PrimaryRecord = z.output<typeof primaryRecordSchema>;
+
 /** Fields fixed at creation: changing them under an existing backing file and journal is refused. */
 const identityFields = ['sizeBytes', 'blockBytes', 'strategy'] as const;
 
 /** What DATA_DIR/volumes holds under one volume name. */
-export type DiskVolume =
-  | { readonly name: string; readonly dir: string; readonly record: VolumeRecord }
+export type DiskVolume<R = VolumeRecord> =
+  | { readonly name: string; readonly dir: string; readonly record: R }
   | { readonly name: string; readonly dir: string; readonly problem: string };
 
-export interface Scan {
-  readonly volumes: DiskVolume[];
+export interface Scan<R = VolumeRecord> {
+  readonly volumes: DiskVolume<R>[];
   /** Temporary directories of interrupted creations and purges: removed before anything is served. */
   readonly leftovers: string[];
   /** Volume directories whose creation never finished: discarded before anything is served. */
@@ -92,8 +112,7 @@ function errnoOf(error: unknown): string | undefined {
   return (error as NodeJS.ErrnoException).code;
 }
 
-/** volume.json of the volume in `dir`, checked; the error names the file and what is wrong with it. */
-export async function readVolumeRecord(dir: string, name: string): Promise<VolumeRecord> {
+async function readRecord<S extends z.ZodType>(dir: string, name: string, role: Role, schema: S): Promise<z.output<S>> {
   const file = join(dir, volumeRecordName);
   const text = await readFile(file, 'utf8');
   if (text.length > volumeRecordBytesMax) throw new Error(`${file} is damaged: larger than ${volumeRecordBytesMax} bytes`);
@@ -103,21 +122,47 @@ export async function readVolumeRecord(dir: string, name: string): Promise<Volum
   } catch (error) {
     throw new Error(`${file} is damaged: not JSON (${(error as Error).message})`);
   }
-  const parsed = volumeRecordSchema.safeParse(value);
+  const recorded = (value as { role?: unknown } | null)?.role ?? 'secondary';
+  if (recorded !== role && roles.includes(recorded as Role)) {
+    throw new Error(
+      `${file} records a volume of role ${recorded as string}, and this daemon runs role ${role}: refusing to open it ` +
+        `(start a ${recorded as string} daemon on this data directory, or move the directory away)`,
+    );
+  }
+  const parsed = schema.safeParse(value);
   if (!parsed.success) {
     const issue = parsed.error.issues[0];
     const segments = issue.path.map(String);
     if (issue.code === 'unrecognized_keys') segments.push(issue.keys[0]);
     throw new Error(`${file} is damaged: ${segments.join('.') || '(top level)'}: ${issue.message}`);
   }
-  if (parsed.data.name !== name) throw new Error(`${file} records volume "${parsed.data.name}", but its directory is named "${name}"`);
+  const record = parsed.data as { name: string };
+  if (record.name !== name) throw new Error(`${file} records volume "${record.name}", but its directory is named "${name}"`);
   return parsed.data;
 }
 
-/** Every volume directory of the data directory, and the leftovers of interrupted work. */
-export async function scanVolumes(dataDir: string): Promise<Scan> {
+/** volume.json of the secondary-role volume in `dir`, checked; the error names the file and what is wrong with it. */
+export function readVolumeRecord(dir: string, name: string): Promise<VolumeRecord> {
+  return readRecord(dir, name, 'secondary', volumeRecordSchema);
+}
+
+/** volume.json of the primary-role volume in `dir`, checked as readVolumeRecord does. */
+export function readPrimaryRecord(dir: string, name: string): Promise<PrimaryRecord> {
+  return readRecord(dir, name, 'primary', primaryRecordSchema);
+}
+
+/**
+ * Every volume directory of the data directory, and the leftovers of interrupted work; `read` checks each
+ * volume.json for the daemon's role (a volume of the other role is a problem, never opened).
+ */
+export async function scanVolumes(dataDir: string): Promise<Scan>;
+export async function scanVolumes<R>(dataDir: string, read: (dir: string, name: string) => Promise<R>): Promise<Scan<R>>;
+export async function scanVolumes<R>(
+  dataDir: string,
+  read: (dir: string, name: string) => Promise<R> = readVolumeRecord as unknown as (dir: string, name: string) => Promise<R>,
+): Promise<Scan<R>> {
   const root = volumesRoot(dataDir);
-  const scan: Scan = { volumes: [], leftovers: [], unfinished: [] };
+  const scan: Scan<R> = { volumes: [], leftovers: [], unfinished: [] };
   let names: string[];
   try {
     names = await readdir(root);
@@ -152,7 +197,7 @@ export async function scanVolumes(dataDir: string): Promise<Scan> {
       continue;
     }
     try {
-      scan.volumes.push({ name, dir, record: await readVolumeRecord(dir, name) });
+      scan.volumes.push({ name, dir, record: await read(dir, name) });
     } catch (error) {
       scan.volumes.push({ name, dir, problem: (error as Error).message });
     }
@@ -184,6 +229,7 @@ export function newVolumeRecord(name: string, wanted: VolumeConfig, keepSettings
   for (const field of volumeLimitFields) if (wanted[field] !== undefined) settings[field] = wanted[field];
   return {
     name,
+    role: 'secondary',
     sizeBytes: options.sizeBytes,
     blockBytes: options.blockBytes,
     strategy: options.strategy,
@@ -280,7 +326,7 @@ const suffix = () => randomBytes(randomSuffixBytes).toString('hex');
  * directory, which is then renamed into place. The caller has the engine create the volume's files there
  * and then calls `finishCreation`, or `discardVolume` on failure.
  */
-export async function createVolumeDir(dataDir: string, record: VolumeRecord): Promise<string> {
+export async function createVolumeDir(dataDir: string, record: VolumeRecord | PrimaryRecord): Promise<string> {
   const root = volumesRoot(dataDir);
   await mkdir(root, { recursive: true });
   const dir = volumeDir(dataDir, record.name);
@@ -339,7 +385,7 @@ export async function moveAside(dataDir: string, dir: string, name: string): Pro
 }
 
 /** Removes what interrupted creations and purges left (see scanVolumes). */
-export async function removeLeftovers(dataDir: string, scan: Scan): Promise<void> {
+export async function removeLeftovers(dataDir: string, scan: Scan<unknown>): Promise<void> {
   for (const dir of scan.leftovers) await rm(dir, { recursive: true, force: true });
   for (const { name, dir } of scan.unfinished) await discardVolume(dataDir, dir, name);
 }

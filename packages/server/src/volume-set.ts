@@ -9,6 +9,8 @@ import {
   validate,
   type CheckpointResult,
   type GroupView,
+  type PeerAttachRequest,
+  type PeerAttachView,
   type RecoverResult,
   type ReloadResult,
   type RemoveResult,
@@ -59,6 +61,11 @@ export const exportCloseGraceMs = 10_000;
  * again, which can come after the delete's call: `qemu-io ...; gannet volume delete` must not fail.
  */
 export const clientDisconnectGraceMs = 1_000;
+/**
+ * How long a primary's attach lets the requests in flight of an earlier session of it finish before
+ * their connections are cut: they are writes to memory, done in milliseconds unless the volume is stuck.
+ */
+export const peerFenceGraceMs = 5_000;
 /** The ordering key of reloads; no volume can have it (volume names start with a letter or digit). */
 const reloadKey = '*reload';
 
@@ -141,7 +148,7 @@ function lockedByAnotherProcess(error: unknown): boolean {
 }
 
 /** Runs `work` over `items`, at most `limit` at a time. */
-async function eachBounded<T>(items: readonly T[], limit: number, work: (item: T) => Promise<unknown>): Promise<void> {
+export async function eachBounded<T>(items: readonly T[], limit: number, work: (item: T) => Promise<unknown>): Promise<void> {
   let next = 0;
   const worker = async () => {
     while (next < items.length) await work(items[next++]);
@@ -157,6 +164,8 @@ export class VolumeSet {
   private readonly creating = new Set<string>();
   private readonly order = new OperationOrder();
   private groupsValue = new Map<string, string[]>();
+  /** The last attach per volume that named its primary's link (in memory: a restart forgets stale sessions too). */
+  private readonly attached = new Map<string, PeerAttachRequest>();
 
   constructor(private readonly context: VolumeSetContext) {}
 
@@ -346,6 +355,7 @@ export class VolumeSet {
     if (entry.kind === 'error') {
       return {
         name,
+        role: 'secondary',
         exports,
         uris: { primary: [], secondary: [] },
         strategy: entry.record?.strategy ?? 'unknown',
@@ -358,6 +368,7 @@ export class VolumeSet {
     const stats = entry.volume.stats();
     return {
       name,
+      role: 'secondary',
       exports,
       uris: {
         primary: nbdAddresses.map((address) => nbdUri(address, exports.primary, { tls: this.context.tlsRequired })),
@@ -365,6 +376,7 @@ export class VolumeSet {
       },
       strategy: stats.strategy,
       state: stats.state,
+      ...(stats.volumeId !== undefined && { volumeId: stats.volumeId }),
       ...(stats.error !== undefined && { error: { ...stats.error } }),
       ...(stats.failoverTarget !== undefined && { failoverTarget: stats.failoverTarget }),
       ...(stats.failover !== undefined && { failover: { ...stats.failover } }),
@@ -376,6 +388,8 @@ export class VolumeSet {
       bufferedBytes: { ...stats.bufferedBytes },
       spilledBytes: stats.spilledBytes,
       tornRanges: stats.tornRanges.map((range) => ({ offset: range.offset, length: range.length })),
+      inconsistent: stats.inconsistent !== undefined,
+      ...(stats.inconsistent !== undefined && { inconsistentSince: stats.inconsistent.since }),
       clients: nbd.exportConnectionCount(exports.primary) + nbd.exportConnectionCount(exports.secondary),
     };
   }
@@ -413,7 +427,7 @@ export class VolumeSet {
       });
       const epochs = await this.checkpointVolumes(volumes);
       this.context.logger.info({ volumes: unique, epochs }, 'checkpoint requested');
-      return { volumes: unique.map((name, index) => ({ name, epoch: epochs[index] })) };
+      return { volumes: unique.map((name, index) => ({ name, epoch: epochs[index], durableEpoch: volumes[index].stats().durableEpoch })) };
     });
   }
 
@@ -445,7 +459,7 @@ export class VolumeSet {
       return false;
     }) : chosen;
     const epochs = await this.checkpointVolumes(grouped.map(({ volume }) => volume));
-    const volumes = grouped.map(({ name }, index) => ({ name, epoch: epochs[index] }));
+    const volumes = grouped.map(({ name, volume }, index) => ({ name, epoch: epochs[index], durableEpoch: volume.stats().durableEpoch }));
     this.context.logger.info({ volumes, skipped }, 'checkpoint of every volume requested');
     return { volumes, skipped };
   }
@@ -467,6 +481,71 @@ export class VolumeSet {
       await entry.volume.failover({ to, force });
       return this.view(entry);
     });
+  }
+
+  /**
+   * `POST /v1/volumes/:name/peer`: a primary attaches. Every NBD connection to NAME/primary is closed
+   * first, its requests in flight finished (peerFenceGraceMs at most), so that nothing an earlier session
+   * of a primary still sends reaches the volume after the state answered here was read. An attach of a
+   * link older than the last one of that link is refused, and fences nothing.
+   */
+  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView> {
+    this.lookup(name);
+    return this.ordered([name], async () => {
+      const exportName = `${name}/primary`;
+      this.replicatedOf(name, 'take a primary');
+      const last = this.attached.get(name);
+      if (from !== undefined && last !== undefined && last.link === from.link && from.attempt <= last.attempt) {
+        throw new ApiError('conflict', `volume ${name}: attempt ${from.attempt} of this primary's link is stale: attempt ${last.attempt} has attached since`);
+      }
+      if (from !== undefined) this.attached.set(name, { link: from.link, attempt: from.attempt });
+      await this.context.nbd.closeExportConnections(exportName, { graceMs: peerFenceGraceMs });
+      // Read after the fence: a failover or a halt meanwhile is seen.
+      const volume = this.replicatedOf(name, 'take a primary');
+      const stats = volume.stats();
+      this.context.logger.info({ volume: name, instance: volume.instance, epoch: stats.epoch, durableEpoch: stats.durableEpoch }, 'primary attached');
+      return {
+        volumeId: volume.volumeId,
+        instance: volume.instance,
+        sizeBytes: stats.sizeBytes,
+        state: stats.state,
+        epoch: stats.epoch,
+        durableEpoch: stats.durableEpoch,
+        tornRanges: stats.tornRanges.map((range) => ({ offset: range.offset, length: range.length })),
+        inconsistent: stats.inconsistent !== undefined,
+        nbd: {
+          export: exportName,
+          addresses: this.context.nbdAddresses.map((address) => ('path' in address ? { path: address.path } : { host: address.host, port: address.port })),
+          tls: this.context.tlsRequired,
+        },
+      };
+    });
+  }
+
+  /** `PUT /v1/volumes/:name/inconsistent`: a primary's resync began (true) or its last checkpoint is durable (false). */
+  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {
+    this.lookup(name);
+    return this.ordered([name], async () => {
+      const volume = this.replicatedOf(name, inconsistent ? 'be marked inconsistent' : 'be marked consistent');
+      await volume.setInconsistent(inconsistent);
+      this.context.logger.info({ volume: name, inconsistent }, inconsistent ? 'marked inconsistent: a resync from the primary began' : 'marked consistent: the resync is durable');
+      return this.viewOf(name);
+    });
+  }
+
+  /** A gannet volume that is replicating, or a conflict saying why it cannot `what`. */
+  private replicatedOf(name: string, what: string): ReplicatedVolume {
+    const entry = this.lookup(name);
+    if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot ${what}: it is in error (${entry.error.code}): ${entry.error.message}`);
+    if (!(entry.volume instanceof ReplicatedVolume)) {
+      throw new ApiError('conflict', `volume ${name} cannot ${what}: its strategy ${entry.volume.stats().strategy} is a baseline with no replication link`);
+    }
+    const { state, failoverTarget } = entry.volume.stats();
+    if (state !== 'replicating') {
+      const detail = failoverTarget !== undefined ? ` (to ${failoverTarget})` : '';
+      throw new ApiError('conflict', `volume ${name} cannot ${what}: it is ${state}${detail}, not replicating, and takes no forwarded writes`);
+    }
+    return entry.volume;
   }
 
   /** `POST /v1/volumes`: the body has the config file's fields for one volume, plus its name. */
@@ -545,6 +624,7 @@ export class VolumeSet {
         }
       }
       this.entries.delete(name);
+      this.attached.delete(name);
       metrics.onVolumeRemoved(name);
       let movedTo: string | undefined;
       try {
@@ -675,7 +755,7 @@ function creationError(error: unknown): unknown {
   return error;
 }
 
-function problemOf(code: string, message: string): VolumeErrorView {
+export function problemOf(code: string, message: string): VolumeErrorView {
   return { code, message, since: new Date().toISOString() };
 }
 
@@ -684,7 +764,7 @@ function unavailable(entry: BrokenEntry): ApiError {
   return new ApiError('unavailable', `volume ${entry.name} is in error (${entry.error.code}): ${entry.error.message}`, undefined, entry.error.code);
 }
 
-async function present(path: string): Promise<boolean> {
+export async function present(path: string): Promise<boolean> {
   try {
     await access(path);
     return true;

@@ -253,6 +253,24 @@ export class NbdServer extends EventEmitter {
     return this.drain(using, options.graceMs ?? closeGraceMsDefault);
   }
 
+  /**
+   * Closes the connections using `name` as `removeExport` does, but keeps the export: new connections
+   * are served. Fences a client that must no longer reach the device (an older session of a replication
+   * peer): once this resolves, its requests in flight have finished and every later one was refused or
+   * never read, unless `graceMs` ran out first (then a request still on the device may finish after).
+   */
+  closeExportConnections(name: string, options: { graceMs?: number } = {}): Promise<void> {
+    if (!this.exports.has(name)) throw new Error(`no export ${JSON.stringify(name)}`);
+    const using: Connection[] = [];
+    for (const [conn, client] of this.clients) {
+      if (client.exportName !== name) continue;
+      client.closing = true;
+      conn.shutdown();
+      using.push(conn);
+    }
+    return this.drain(using, options.graceMs ?? closeGraceMsDefault);
+  }
+
   /** Makes the empty export name select `name`. */
   setDefaultExport(name: string): void {
     if (!this.exports.has(name)) throw new Error(`no export ${JSON.stringify(name)}`);
