@@ -268,6 +268,20 @@ describe('peerLink against a secondary daemon', () => {
     expect((await api(daemon, 'GET', '/v1/volumes/vol0')).json.epoch).toBe(1);
   });
 
+  it('a session to a peer that restarted refuses its checkpoint and durable epoch: the new instance never saw its writes', async () => {
+    const first = await startDaemon({ volumes: ['vol0:8M'] });
+    const session = await link(first).connect();
+    await session.device.write(pattern(4 * KiB, 7), 0);
+    await first.stop('SIGKILL');
+    const second = await restart(first);
+    const reopened = (await api(second, 'GET', '/v1/volumes/vol0')).json.instance;
+    expect(reopened).not.toBe(session.info.instance);
+    await expect(session.checkpoint()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringContaining('was reopened') });
+    await expect(session.durableEpoch()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringContaining('was reopened') });
+    await expect(session.setInconsistent(true)).rejects.toMatchObject({ code: 'EPEER', message: expect.stringContaining('was reopened') });
+    session.abort();
+  });
+
   it('an attach read late (an older attempt of the same link) is refused and fences nothing; a newer one fences', async () => {
     const daemon = await startDaemon({ volumes: ['vol0:8M'] });
     const attach = (body: unknown) => api(daemon, 'POST', '/v1/volumes/vol0/peer', body);

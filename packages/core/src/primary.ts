@@ -429,6 +429,16 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       const quietMs = performance.now() - w.quietSince;
       if (w.calls > 0 && quietMs > this.options.peerTimeoutMs) {
         this.linkFailed(w.session, new GannetError('EPEER', `the peer ${this.peer.address} answered nothing for ${Math.round(quietMs)} ms`));
+      } else if (w.calls === 0 && quietMs > this.options.peerTimeoutMs) {
+        // An idle link is probed, so that a peer that died or restarted while nothing was sent shows as
+        // degraded at once, not at the VM's next write.
+        const { session } = w;
+        this.call(session, session.durableEpoch()).then(
+          (durableEpoch) => {
+            if (this.session === session) this.noteDurable(durableEpoch);
+          },
+          (err: unknown) => this.linkFailed(session, err),
+        );
       }
     }, period);
     timer.unref();
@@ -478,6 +488,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
         this.sessionEnded = resolve;
       });
       this.session = session;
+      this.watch(session);
       this.setLink('up');
       try {
         await this.resyncAll(session);

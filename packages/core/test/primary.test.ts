@@ -362,6 +362,21 @@ describe('PrimaryVolume, link faults', () => {
     pair.expectFilesEqual();
   });
 
+  it('a peer that restarts while the link is idle is noticed without a write', async () => {
+    const pair = await Pair.start(4 * MiB);
+    await pair.primary.device.write(pattern(64 * KiB, 5), 0);
+    await pair.commit();
+    // Everything is durable on the peer, so no write, checkpoint or durability poll follows: only the
+    // idle probe can see the peer go.
+    const degraded = waitState(pair.primary, 'degraded');
+    await pair.crashSecondary(new Rng(4));
+    await within('the idle probe', degraded);
+    await pair.until('replicating');
+    await pair.expectInSync();
+    await pair.close();
+    pair.expectFilesEqual();
+  });
+
   it('a peer that failed over is refused: the primary stays degraded and says why', async () => {
     const pair = await Pair.start(1 * MiB);
     pair.peerUp = false;

@@ -74,6 +74,8 @@ export interface VolumeView {
   state: string;
   /** The volume's uuid (gannet): a primary tells a different disk from the one it synced by it. */
   volumeId?: string;
+  /** Changes each time the volume is opened (gannet): a primary tells a restarted peer by it. */
+  instance?: string;
   error?: VolumeErrorView;
   failoverTarget?: FailoverTarget;
   failover?: FailoverStatus;
@@ -155,7 +157,7 @@ export interface PeerAttachView {
 
 export interface CheckpointResult {
   /** `durableEpoch`: the volume's durable epoch when the checkpoint was taken. */
-  volumes: { name: string; epoch: number; durableEpoch: number }[];
+  volumes: { name: string; epoch: number; durableEpoch: number; instance?: string }[];
   /** When no names were given: the volumes left out of the group, and why (failed over, error). */
   skipped?: { name: string; reason: string }[];
 }
@@ -395,7 +397,8 @@ const routes: Route[] = [
     async handle(request, _reply, backend) {
       validate(emptyBodySchema, bodyOf(request));
       const { volumes } = await backend.checkpoint([nameOf(request)]);
-      return { epoch: volumes[0].epoch, durableEpoch: volumes[0].durableEpoch };
+      const [{ epoch, durableEpoch, instance }] = volumes;
+      return { epoch, durableEpoch, ...(instance !== undefined && { instance }) };
     },
   },
   {

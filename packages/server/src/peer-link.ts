@@ -77,8 +77,9 @@ const attachSchema = z.object({
   inconsistent: z.boolean(),
   nbd: z.object({ export: z.string().min(1), addresses: z.array(nbdAddressSchema), tls: z.boolean() }),
 });
-const checkpointSchema = z.object({ epoch: z.number().int().nonnegative(), durableEpoch: z.number().int().nonnegative() });
-const volumeSchema = z.object({ durableEpoch: z.number().int().nonnegative() });
+const checkpointSchema = z.object({ epoch: z.number().int().nonnegative(), durableEpoch: z.number().int().nonnegative(), instance: z.string().min(1) });
+const volumeSchema = z.object({ durableEpoch: z.number().int().nonnegative(), instance: z.string().min(1) });
+const markSchema = z.object({ instance: z.string().min(1) });
 
 type PeerAttach = z.output<typeof attachSchema>;
 
@@ -221,13 +222,27 @@ export function peerLink(options: PeerLinkOptions): Peer {
         tornRanges: attach.tornRanges,
       };
       log.info({ instance: info.instance, epoch: info.epoch, durableEpoch: info.durableEpoch, inconsistent: attach.inconsistent }, 'attached to the peer');
+      const sameInstance = (instance: string): void => {
+        if (instance !== info.instance) throw new GannetError('EPEER', `peer ${address}: volume ${volume} was reopened (instance ${instance}, attached to ${info.instance}): it lost what this session sent`);
+      };
       return {
         info,
         device,
-        checkpoint: () => call(session, 'checkpoint', 'POST', `${volumePath}/checkpoint`, checkpointSchema),
-        durableEpoch: async () => (await call(session, 'durable epoch', 'GET', volumePath, volumeSchema)).durableEpoch,
+        // A peer daemon restarted since the attach answers for a new instance that never saw this
+        // session's writes: its checkpoint or durable epoch must not count for them.
+        checkpoint: async () => {
+          const { epoch, durableEpoch, instance } = await call(session, 'checkpoint', 'POST', `${volumePath}/checkpoint`, checkpointSchema);
+          sameInstance(instance);
+          return { epoch, durableEpoch };
+        },
+        durableEpoch: async () => {
+          const { durableEpoch, instance } = await call(session, 'durable epoch', 'GET', volumePath, volumeSchema);
+          sameInstance(instance);
+          return durableEpoch;
+        },
         setInconsistent: async (inconsistent) => {
-          await call(session, `mark ${inconsistent ? 'inconsistent' : 'consistent'}`, 'PUT', `${volumePath}/inconsistent`, z.unknown(), { inconsistent });
+          const { instance } = await call(session, `mark ${inconsistent ? 'inconsistent' : 'consistent'}`, 'PUT', `${volumePath}/inconsistent`, markSchema, { inconsistent });
+          sameInstance(instance);
         },
         abort: () => {
           if (session.aborted) return;

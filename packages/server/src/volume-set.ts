@@ -121,6 +121,11 @@ export interface VolumeSetContext {
 
 const systemCode = /^E[A-Z0-9]+$/;
 
+/** A checkpoint's answer for one volume; `instance` lets a primary tell a restarted peer from the one it fed. */
+function checkpointed(name: string, volume: Volume, epoch: number): CheckpointResult['volumes'][number] {
+  return { name, epoch, durableEpoch: volume.stats().durableEpoch, ...(volume instanceof ReplicatedVolume && { instance: volume.instance }) };
+}
+
 /**
  * The code an operator acts on: the engine's (EMETA, ENOSPC, ...), or the system's where the engine wraps
  * it (a backing file it cannot create, EFBIG, comes as EMISMATCH with the system error as cause).
@@ -377,6 +382,7 @@ export class VolumeSet {
       strategy: stats.strategy,
       state: stats.state,
       ...(stats.volumeId !== undefined && { volumeId: stats.volumeId }),
+      ...(entry.volume instanceof ReplicatedVolume && { instance: entry.volume.instance }),
       ...(stats.error !== undefined && { error: { ...stats.error } }),
       ...(stats.failoverTarget !== undefined && { failoverTarget: stats.failoverTarget }),
       ...(stats.failover !== undefined && { failover: { ...stats.failover } }),
@@ -427,7 +433,7 @@ export class VolumeSet {
       });
       const epochs = await this.checkpointVolumes(volumes);
       this.context.logger.info({ volumes: unique, epochs }, 'checkpoint requested');
-      return { volumes: unique.map((name, index) => ({ name, epoch: epochs[index], durableEpoch: volumes[index].stats().durableEpoch })) };
+      return { volumes: unique.map((name, index) => checkpointed(name, volumes[index], epochs[index])) };
     });
   }
 
@@ -459,7 +465,7 @@ export class VolumeSet {
       return false;
     }) : chosen;
     const epochs = await this.checkpointVolumes(grouped.map(({ volume }) => volume));
-    const volumes = grouped.map(({ name, volume }, index) => ({ name, epoch: epochs[index], durableEpoch: volume.stats().durableEpoch }));
+    const volumes = grouped.map(({ name, volume }, index) => checkpointed(name, volume, epochs[index]));
     this.context.logger.info({ volumes, skipped }, 'checkpoint of every volume requested');
     return { volumes, skipped };
   }
