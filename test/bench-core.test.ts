@@ -23,6 +23,12 @@ const rows: readonly RegExp[] = [
   /^\| flush \/ raw .*\| +[0-9.]+x \| >= 0\.8x +\| (yes|NO) /,
   /^\| buffered write 64K, QD16, 16 MiB into the primary view .*\| +\d+ MB\/s \|/,
   /^\| buffered write 4K, QD16, 16 MiB into the primary view .*\| +\d+ MB\/s \|/,
+  ...['8 MiB buffered, 2 failovers', '8 MiB buffered \\(memory 2 MiB: spilled\\), 2 failovers'].flatMap((what) => [
+    new RegExp(`^\\| failover foreground p50, ${what} .*\\| +[0-9.]+ ms \\|`),
+    new RegExp(`^\\| failover foreground p99, ${what} .*\\| +[0-9.]+ ms \\|`),
+    new RegExp(`^\\| longest 4K request across the failover, ${what} .*\\| +[0-9.]+ ms \\|`),
+    new RegExp(`^\\| failover to the first FLUSH returned \\(kept state on disk\\), median, ${what} .*\\| +\\d+ ms \\|`),
+  ]),
 ];
 
 describe('core bench (quick)', () => {

@@ -225,7 +225,7 @@ describe('gannet control API', () => {
       const before = (await api(daemon, 'GET', '/v1/volumes/vol0')).json.epoch as number;
       const single = await api(daemon, 'POST', '/v1/volumes/vol0/checkpoint');
       expect(single.status).toBe(200);
-      expect(single.json).toEqual({ epoch: before + 1, durableEpoch: expect.any(Number) });
+      expect(single.json).toEqual({ epoch: before + 1, durableEpoch: expect.any(Number), instance: expect.any(String) });
       const event = await nextEvent(reader, (name, data) => name === 'checkpoint' && data.volume === 'vol0');
       expect(event.data.epoch).toBe(before + 1);
 

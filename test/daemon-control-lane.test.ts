@@ -76,7 +76,7 @@ describe('the control lane', () => {
       for (let call = 1; call <= checkpointCallsMax && busy.dataPath === 0; call++) {
         const checkpoint = await api(daemon, 'POST', '/v1/volumes/vol0/checkpoint');
         expect(checkpoint.status).toBe(200);
-        expect(checkpoint.json).toEqual({ epoch: epoch + 1, durableEpoch: expect.any(Number) });
+        expect(checkpoint.json).toEqual({ epoch: epoch + 1, durableEpoch: expect.any(Number), instance: expect.any(String) });
         epoch += 1;
         if (call % metricsEveryCalls === 0) busy = await laneCounts(daemon);
       }

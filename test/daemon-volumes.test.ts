@@ -175,7 +175,7 @@ describe('gannet daemon: volumes managed at run time', () => {
       expect(await listedExports(daemon)).toEqual(['api1/primary', 'api1/secondary', 'busy/primary', 'busy/secondary']);
       expect((await api(daemon, 'POST', '/v1/volumes', { name: 'api1', sizeBytes: '32M' })).status).toBe(409);
       assertQemuOk(await qemuIo(daemon, 'api1/primary', ['write -P 0x61 0 64k']), 'api1: PVM writes');
-      expect((await api(daemon, 'POST', '/v1/volumes/api1/checkpoint')).json).toEqual({ epoch: 1, durableEpoch: expect.any(Number) });
+      expect((await api(daemon, 'POST', '/v1/volumes/api1/checkpoint')).json).toEqual({ epoch: 1, durableEpoch: expect.any(Number), instance: expect.any(String) });
       assertQemuOk(await qemuIo(daemon, 'api1/secondary', ['read -P 0x61 0 64k', 'write -P 0x62 1M 64k']), 'api1: SVM');
       const failedOver = await api(daemon, 'POST', '/v1/volumes/api1/failover', { to: 'secondary' });
       expect(failedOver.json).toMatchObject({ state: 'failed-over', failoverTarget: 'secondary' });

@@ -34,7 +34,6 @@ import {
   discardVolume,
   finishCreation,
   metaDirName,
-  moveAside,
   readPrimaryRecord,
   removeLeftovers,
   scanVolumes,
@@ -42,7 +41,7 @@ import {
   volumeDir,
   type PrimaryRecord,
 } from './registry.js';
-import { clientDisconnectGraceMs, eachBounded, errorCodeOf, exportCloseGraceMs, present, problemOf, volumeOpenConcurrency, type VolumeReload } from './volume-set.js';
+import { clientDisconnectGraceMs, eachBounded, errorCodeOf, exportCloseGraceMs, present, problemOf, retireDirectory, volumeOpenConcurrency, type VolumeReload } from './volume-set.js';
 
 /**
  * The volumes of a daemon in the primary role (`gannet serve --role primary`): each one a PrimaryVolume,
@@ -476,22 +475,7 @@ export class PrimarySet {
       }
       this.entries.delete(name);
       metrics.onVolumeRemoved(name);
-      let movedTo: string | undefined;
-      try {
-        if (entry.dir !== null && (await present(entry.dir))) {
-          if (purge) await discardVolume(dataDir, entry.dir, name);
-          else movedTo = await moveAside(dataDir, entry.dir, name);
-        }
-      } catch (error) {
-        // Not served any more; the directory stays where it was and the next start serves it again.
-        logger.error({ err: error, volume: name, dir: entry.dir }, 'moving a deleted volume aside failed');
-        throw new ApiError(
-          'unavailable',
-          `volume ${name} is closed and no longer served, but its directory ${entry.dir} could not be ${purge ? 'purged' : 'moved aside'}: ${(error as Error).message}`,
-          undefined,
-          errorCodeOf(error),
-        );
-      }
+      const movedTo = entry.dir !== null ? await retireDirectory(dataDir, entry.dir, name, purge, logger) : undefined;
       logger.warn({ volume: name, purged: purge, movedTo }, 'deleted volume');
       this.context.publish('volume-removed', name, { purged: purge, ...(movedTo !== undefined && { movedTo }) });
       return { name, purged: purge, ...(movedTo !== undefined && { movedTo }), ...(closeError !== undefined && { closeError }) };

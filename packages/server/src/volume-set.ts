@@ -632,22 +632,7 @@ export class VolumeSet {
       this.entries.delete(name);
       this.attached.delete(name);
       metrics.onVolumeRemoved(name);
-      let movedTo: string | undefined;
-      try {
-        if (entry.dir !== null && (await present(entry.dir))) {
-          if (purge) await discardVolume(dataDir, entry.dir, name);
-          else movedTo = await moveAside(dataDir, entry.dir, name);
-        }
-      } catch (error) {
-        // Not served any more; the directory stays where it was and the next start serves it again.
-        logger.error({ err: error, volume: name, dir: entry.dir }, 'moving a deleted volume aside failed');
-        throw new ApiError(
-          'unavailable',
-          `volume ${name} is closed and no longer served, but its directory ${entry.dir} could not be ${purge ? 'purged' : 'moved aside'}: ${(error as Error).message}`,
-          undefined,
-          errorCodeOf(error),
-        );
-      }
+      const movedTo = entry.dir !== null ? await retireDirectory(dataDir, entry.dir, name, purge, logger) : undefined;
       logger.warn({ volume: name, purged: purge, movedTo }, 'deleted volume');
       this.context.publish('volume-removed', name, { purged: purge, ...(movedTo !== undefined && { movedTo }) });
       return { name, purged: purge, ...(movedTo !== undefined && { movedTo }), ...(closeError !== undefined && { closeError }) };
@@ -776,5 +761,28 @@ export async function present(path: string): Promise<boolean> {
     return true;
   } catch {
     return false;
+  }
+}
+
+/**
+ * A deleted volume's directory, purged or moved aside with a timestamp (returned). A failure is a 503: the
+ * volume is no longer served, and its directory stays where it was for the next start to serve again.
+ */
+export async function retireDirectory(dataDir: string, dir: string, name: string, purge: boolean, logger: Logger): Promise<string | undefined> {
+  try {
+    if (!(await present(dir))) return undefined;
+    if (purge) {
+      await discardVolume(dataDir, dir, name);
+      return undefined;
+    }
+    return await moveAside(dataDir, dir, name);
+  } catch (error) {
+    logger.error({ err: error, volume: name, dir }, 'moving a deleted volume aside failed');
+    throw new ApiError(
+      'unavailable',
+      `volume ${name} is closed and no longer served, but its directory ${dir} could not be ${purge ? 'purged' : 'moved aside'}: ${(error as Error).message}`,
+      undefined,
+      errorCodeOf(error),
+    );
   }
 }

@@ -243,14 +243,7 @@ export class NbdServer extends EventEmitter {
   removeExport(name: string, options: { graceMs?: number } = {}): Promise<void> {
     if (!this.exports.delete(name)) throw new Error(`no export ${JSON.stringify(name)}`);
     if (this.defaultName === name) this.defaultName = null;
-    const using: Connection[] = [];
-    for (const [conn, client] of this.clients) {
-      if (client.exportName !== name) continue;
-      client.closing = true;
-      conn.shutdown();
-      using.push(conn);
-    }
-    return this.drain(using, options.graceMs ?? closeGraceMsDefault);
+    return this.shutDownClients(name, options.graceMs ?? closeGraceMsDefault);
   }
 
   /**
@@ -261,6 +254,11 @@ export class NbdServer extends EventEmitter {
    */
   closeExportConnections(name: string, options: { graceMs?: number } = {}): Promise<void> {
     if (!this.exports.has(name)) throw new Error(`no export ${JSON.stringify(name)}`);
+    return this.shutDownClients(name, options.graceMs ?? closeGraceMsDefault);
+  }
+
+  /** Shuts down every connection using export `name` and waits for them (see drain). */
+  private shutDownClients(name: string, graceMs: number): Promise<void> {
     const using: Connection[] = [];
     for (const [conn, client] of this.clients) {
       if (client.exportName !== name) continue;
@@ -268,7 +266,7 @@ export class NbdServer extends EventEmitter {
       conn.shutdown();
       using.push(conn);
     }
-    return this.drain(using, options.graceMs ?? closeGraceMsDefault);
+    return this.drain(using, graceMs);
   }
 
   /** Makes the empty export name select `name`. */
