@@ -42,6 +42,8 @@ const writesPerStep = 300;
  */
 const resyncMarginBytes = 1 * MiB;
 const eventWaitMs = 30_000;
+/** The resync rate of the mid-resync test: 4 MiB take 4 s, the kill lands well inside. */
+const resyncSlowBytesPerSecond = 1 * MiB;
 /** The primary's peerTimeoutMs when the link is cut: a hung connection is dropped after this long. */
 const cutTimeoutMs = 1000;
 
@@ -65,7 +67,7 @@ async function startSecondary(
 }
 
 /** The primary's config: the secondary's control port and a copy of its token, and quick reconnects. */
-async function primaryConfig(secondary: DaemonHandle, peerTimeoutMs = 3000): Promise<string> {
+async function primaryConfig(secondary: DaemonHandle, peerTimeoutMs = 3000, volumeLines: string[] = []): Promise<string> {
   const dir = await makeTempDir();
   const tokenFile = join(dir, 'peer.token');
   await writeFile(tokenFile, `${secondary.token}\n`, { mode: 0o600 });
@@ -82,6 +84,7 @@ async function primaryConfig(secondary: DaemonHandle, peerTimeoutMs = 3000): Pro
       '    peerReconnectMs: 50',
       '    peerReconnectMsMax: 250',
       `    peerTimeoutMs: ${peerTimeoutMs}`,
+      ...volumeLines,
       '',
     ].join('\n'),
   );
@@ -373,6 +376,45 @@ describe('a primary and a secondary daemon on loopback', () => {
     await events.close();
   });
 
+  it('the secondary killed -9 in the middle of a resync: the next resync sends it all again, no more, and the disks end equal', async () => {
+    requireTool('qemu-io');
+    const secondary = await startSecondary();
+    // A slow resync (1 MiB/s of data), so that the kill lands in the middle of it.
+    const config = await primaryConfig(secondary, 3000, [`    resyncBytesPerSecondMax: ${resyncSlowBytesPerSecond}`]);
+    const pair: Pair = { secondary, primary: await startPrimary(config), config };
+    const events = await subscribe(pair.primary, 'vm');
+    await reachState(pair.primary, events, 'replicating');
+    await reachDurable(pair.primary, events, await checkpointApi(pair.primary));
+
+    const controlPort = pair.secondary.control.port;
+    expect((await pair.secondary.stop('SIGKILL')).signal).toBe('SIGKILL');
+    assertQemuOk(await qemuIo(pair.primary, 'vm', ['write -P 0x71 8M 4M']), 'writes while degraded');
+    await reachState(pair.primary, events, 'degraded');
+    const writtenWhileDegraded = 4 * MiB;
+
+    pair.secondary = await startSecondary({ dataDir: pair.secondary.dataDir, controlPort });
+    const started = await events.next((event) => event.event === 'resync-start' && event.data.full === false, eventWaitMs);
+    expect(started.data.bytes).toBe(writtenWhileDegraded);
+    expect((await pair.secondary.stop('SIGKILL')).signal).toBe('SIGKILL');
+    await reachState(pair.primary, events, 'degraded');
+    const interrupted = await view(pair.primary);
+    // The last resync that finished is still the pair's first (a full sync of the new secondary volume).
+    expect(interrupted.lastResync, 'the interrupted resync never finished').toMatchObject({ full: true });
+    // Nothing the interrupted resync sent counts: the restarted secondary lost it with its buffers.
+    expect(interrupted.unsentBytes).toBe(writtenWhileDegraded);
+
+    pair.secondary = await startSecondary({ dataDir: pair.secondary.dataDir, controlPort });
+    const done = await events.next((event) => event.event === 'resync-done' && event.data.full === false, eventWaitMs);
+    await reachState(pair.primary, events, 'replicating');
+    const torn = tornBytes(await view(pair.secondary));
+    expect(done.data.bytes).toBeGreaterThanOrEqual(writtenWhileDegraded);
+    expect(done.data.bytes).toBeLessThanOrEqual(writtenWhileDegraded + torn + resyncMarginBytes);
+    await expectDisksEqual(pair, events);
+    const disk = await readFile(diskOf(pair.secondary));
+    expect(disk.subarray(8 * MiB, 12 * MiB).every((byte) => byte === 0x71)).toBe(true);
+    await events.close();
+  });
+
   it('the primary killed -9 while degraded: after restart the resync still sends what was written meanwhile', async () => {
     requireTool('qemu-io');
     requireTool('python3-nbd');
@@ -385,7 +427,7 @@ describe('a primary and a secondary daemon on loopback', () => {
     const controlPort = pair.secondary.control.port;
     expect((await pair.secondary.stop('SIGKILL')).signal).toBe('SIGKILL');
     // Data over the baseline, new data, zeroes and a trim, in two 4 MiB extents. The primary learns that
-    // the secondary is gone when the first of them fails to go there (an idle link is not probed).
+    // the secondary is gone when the first of them fails to go there, or from its probe of the idle link.
     assertQemuOk(
       await qemuIo(pair.primary, 'vm', ['write -P 0x62 1M 1M', 'write -P 0x63 40M 2M', 'write -z 2M 512k']),
       'writes while degraded',
