@@ -101,7 +101,7 @@ export function sustainedMarkdown(report: SustainedReport): string {
     'Throughput is per second (fio, 1 s windows; a second with no completed write counts as 0). colo and gannet ' +
       'get `POST /v1/volumes/NAME/checkpoint` at the cadence; native (passthrough) gets an NBD FLUSH on its own ' +
       'connection instead, since its checkpoint does no I/O: a file server flushing as often. "call" is the round ' +
-      'trip of that checkpoint or FLUSH. Goals (issue 18): the slowest second at least half the fastest; the median ' +
+      'trip of that checkpoint or FLUSH. Goals: the slowest second at least half the fastest; the median ' +
       'at least native\'s; gannet at least twice COLO\'s.',
     '',
     sustainedTable(report.rows),

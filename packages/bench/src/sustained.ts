@@ -11,7 +11,7 @@ import { strategyOf } from './runner.js';
 import { percentile } from './stats.js';
 
 /**
- * Sustained profiles (issue 18): a primary VM writing steadily while checkpoints come every second or
+ * Sustained profiles: a primary VM writing steadily while checkpoints come every second or
  * faster. One fio job (nbd engine, QD32, time-based) writes into `<vol>/primary`; a cadence loop
  * checkpoints the volume through the control API at a fixed rate and times each call. fio logs the
  * throughput of every second, so a cliff after the first seconds shows up instead of vanishing into a
