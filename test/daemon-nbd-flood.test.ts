@@ -17,6 +17,7 @@ import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NbdClient } from 'nbd-server-js';
 import { api, gannet, makeTempDir, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
+import { subscribe } from './helpers/events.js';
 import { requireTool } from './helpers/process.js';
 
 const connectionsMax = 5_000;
@@ -141,9 +142,19 @@ describe('NBD connection limits', () => {
   it('idle handshakes are dropped after the handshake timeout, and counted', async () => {
     const idle = 50;
     const daemon = await startDaemon({ args: ['--nbd-handshake-timeout-ms', '300'] });
+    const events = await subscribe(daemon);
     const f = await flood(daemon.nbd, idle);
     await until(async () => f.closedByServer(), (n) => n === idle, 'idle handshakes dropped');
     expect(await metric(daemon, droppedHandshake)).toBe(idle);
+    // The event stream says so too, batched: every drop is in an nbd-limits event's counts.
+    let dropped = 0;
+    while (dropped < idle) {
+      const event = await events.next((e) => e.event === 'nbd-limits');
+      expect(event.data.volume).toBe('');
+      dropped += event.data.counts['dropped:handshake-timeout'] ?? 0;
+    }
+    expect(dropped).toBe(idle);
+    await events.close();
     // A client that does its handshake in time is not affected.
     await roundTrip(daemon, 'vol0/primary');
     await f.end();
@@ -152,8 +163,11 @@ describe('NBD connection limits', () => {
   it('per-export cap: GO beyond it is refused with NBD_REP_ERR_POLICY, other exports still open', async () => {
     const daemon = await startDaemon({ volumes: ['vol0:64M', 'vol1:64M'], args: ['--nbd-export-connections-max', '2'] });
     const held = [await NbdClient.connect(daemon.nbd, { exportName: 'vol0/primary' }), await NbdClient.connect(daemon.nbd, { exportName: 'vol0/primary' })];
+    const events = await subscribe(daemon);
     await expect(NbdClient.connect(daemon.nbd, { exportName: 'vol0/primary' })).rejects.toThrow(/NBD_REP_ERR_POLICY/);
     expect(await metric(daemon, /^gannet_nbd_connections_refused_total\{reason="export-connections-max"\} (\d+)$/m)).toBe(1);
+    expect((await events.next((e) => e.event === 'nbd-limits')).data.counts).toEqual({ 'refused:export-connections-max': 1 });
+    await events.close();
     await roundTrip(daemon, 'vol0/secondary');
     await held[0].close();
     await roundTrip(daemon, 'vol0/primary');

@@ -149,7 +149,7 @@ export class Daemon implements ControlOperations {
       this.metrics.onConnection();
       nbdLogger.debug(event, 'connection');
     });
-    watchNbdLimits(this.nbd, this.metrics.registry, logger);
+    watchNbdLimits(this.nbd, this.metrics.registry, logger, (event, volume, data) => this.publish(event, volume, data));
     const context = {
       dataDir: config.dataDir,
       nbd: this.nbd,

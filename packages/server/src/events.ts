@@ -26,7 +26,9 @@ export type EventName =
   | 'state'
   | 'durable'
   | 'resync-start'
-  | 'resync-done';
+  | 'resync-done'
+  // Daemon-wide (empty volume, only to subscribers of every volume): NBD connections refused or dropped.
+  | 'nbd-limits';
 
 interface Subscriber {
   readonly res: ServerResponse;

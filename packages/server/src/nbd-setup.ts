@@ -131,10 +131,16 @@ export async function prepareNbd(config: DaemonConfig, volumes: number, logger: 
 }
 
 /**
- * Metrics and log lines for NBD refusals and drops, and the memory budget's gauges. Counters are
- * labelled by reason; every reason starts at 0 so a dashboard sees the series before the first event.
+ * Metrics, log lines and `nbd-limits` events for NBD refusals and drops, and the memory budget's gauges.
+ * Counters are labelled by reason; every reason starts at 0 so a dashboard sees the series before the
+ * first event. Log lines and events are batched per limitLogIntervalMs: a flood makes one a second.
  */
-export function watchNbdLimits(nbd: NbdServer, registry: Registry, logger: Logger): void {
+export function watchNbdLimits(
+  nbd: NbdServer,
+  registry: Registry,
+  logger: Logger,
+  publish: (event: 'nbd-limits', volume: string, data: Record<string, unknown>) => void,
+): void {
   const registers = [registry];
   const refused = new Counter({
     name: 'gannet_nbd_connections_refused_total',
@@ -186,6 +192,7 @@ export function watchNbdLimits(nbd: NbdServer, registry: Registry, logger: Logge
       const counts = Object.fromEntries(pending);
       pending = new Map();
       log.warn({ counts, connections: nbd.connectionCount }, 'NBD connections refused or dropped');
+      publish('nbd-limits', '', { counts, connections: nbd.connectionCount });
     }, limitLogIntervalMs);
     timer.unref();
   };
