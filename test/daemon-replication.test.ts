@@ -415,6 +415,31 @@ describe('a primary and a secondary daemon on loopback', () => {
     await events.close();
   });
 
+  it('a failover on the secondary fences the primary: its next write fails for the VM, and it says so in status and metrics', async () => {
+    requireTool('qemu-io');
+    const pair = await startPair();
+    const events = await subscribe(pair.primary, 'vm');
+    await reachState(pair.primary, events, 'replicating');
+    assertQemuOk(await qemuIo(pair.primary, 'vm', ['write -P 0x41 0 1M', 'flush']), 'before the failover');
+    await reachDurable(pair.primary, events, await checkpointApi(pair.primary));
+    const failover = await gannet(['failover', 'vm', '--to', 'secondary', ...clientFlags(pair.secondary)]);
+    expect(failover.status, failover.stderr).toBe(0);
+
+    // The stale primary's write is refused by the failed-over secondary, and the VM gets an error.
+    const refused = await qemuIo(pair.primary, 'vm', ['write -P 0x42 0 64k']);
+    expect(refused.status !== 0 || /error|failed/i.test(refused.stdout + refused.stderr), refused.stdout + refused.stderr).toBe(true);
+    await reachState(pair.primary, events, 'fenced');
+    const fenced = await view(pair.primary);
+    expect(fenced).toMatchObject({ state: 'fenced', error: { code: 'EFENCED' }, link: { state: 'refused' } });
+    expect((await api(pair.primary, 'POST', '/v1/volumes/vm/checkpoint')).json.error).toMatchObject({ code: 'conflict', message: expect.stringMatching(/fenced/) });
+    const metrics = await api(pair.primary, 'GET', '/metrics');
+    expect(metrics.text).toMatch(/^gannet_primary_state\{volume="vm",state="fenced"\} 1$/m);
+    // The survivor's disk holds what was acknowledged before the failover, not the refused write.
+    const disk = await readFile(diskOf(pair.secondary));
+    expect(disk.subarray(0, 64 * 1024).every((byte) => byte === 0x41)).toBe(true);
+    await events.close();
+  });
+
   it('the primary killed -9 while degraded: after restart the resync still sends what was written meanwhile', async () => {
     requireTool('qemu-io');
     requireTool('python3-nbd');

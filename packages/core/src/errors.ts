@@ -21,6 +21,8 @@ export type GannetErrorCode =
   | 'EHALTED'
   /** The primary role's peer is unreachable, hung or refused the session: the volume is degraded. */
   | 'EPEER'
+  /** The primary role's peer failed over: this side is stale and takes no more writes. */
+  | 'EFENCED'
   /** The strategy is not available in this build. */
   | 'ENOTAVAILABLE';
 

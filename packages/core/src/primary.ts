@@ -55,7 +55,11 @@ import type { VolumeError } from './types.js';
  * and the volume is replicating again.
  */
 
-export type PrimaryState = 'replicating' | 'degraded' | 'resyncing' | 'closed' | 'halted';
+/**
+ * `fenced`: the peer failed over (its volume is the disk now), so this side is stale; in ack mode `peer`
+ * it refuses writes from then on, across restarts, rather than diverge from the survivor.
+ */
+export type PrimaryState = 'replicating' | 'degraded' | 'resyncing' | 'fenced' | 'closed' | 'halted';
 export type LinkState = 'connecting' | 'up' | 'down' | 'refused';
 
 export interface ResyncStatus {
@@ -106,7 +110,8 @@ export interface PrimaryEvents {
 }
 
 /** What the primary's metadata store holds besides the activity log (prefix p/). */
-const key = { identity: 'p/identity', peer: 'p/peer' } as const;
+const key = { identity: 'p/identity', peer: 'p/peer', fenced: 'p/fenced' } as const;
+const fencedSchema = z.object({ since: z.string(), reason: z.string() }).strict();
 const metaDirName = 'primary-meta';
 const identitySchema = z.object({ uuid: z.uuid(), sizeBytes: z.number().int().positive(), createdAt: z.string() }).strict();
 const syncedPeerSchema = z.object({ volumeId: z.string().min(1) }).strict();
@@ -175,6 +180,8 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   private closing: Promise<void> | null = null;
   private wakeLoop: (() => void) | null = null;
   private readonly loop: Promise<void>;
+  /** Storing the fenced mark; close waits for it. */
+  private fencing: Promise<void> = Promise.resolve();
 
   private constructor(
     options: ResolvedPrimaryOptions,
@@ -184,6 +191,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     private readonly peer: Peer,
     syncedPeer: string | null,
     logged: Awaited<ReturnType<typeof ActivityLog.load>>,
+    fenced: z.output<typeof fencedSchema> | null,
   ) {
     super();
     this.options = options;
@@ -201,6 +209,10 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       write: (src, offset, length, fua, noHole) => this.write(src, offset, length, fua, noHole).catch((err: unknown) => this.guard(err)),
       flush: () => this.flush(),
     });
+    if (fenced !== null) {
+      this.state = 'fenced';
+      this.error = { code: 'EFENCED', message: fenced.reason, since: fenced.since };
+    }
     this.loop = this.run();
   }
 
@@ -228,7 +240,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     let kv: KvStore | null = null;
     try {
       kv = await storage.openMeta(metaPath, { create: true });
-      const [identityBytes, peerBytes] = await kv.getMany([key.identity, key.peer]);
+      const [identityBytes, peerBytes, fencedBytes] = await kv.getMany([key.identity, key.peer, key.fenced]);
       let identity = identityBytes === undefined ? null : readJson(identitySchema, identityBytes, key.identity);
       if (identity === null) {
         identity = { uuid: randomUUID(), sizeBytes: options.sizeBytes, createdAt: new Date().toISOString() };
@@ -237,8 +249,9 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
         throw new GannetError('EMISMATCH', `the primary volume in ${metaPath} is ${identity.sizeBytes} bytes, the options say ${options.sizeBytes}`);
       }
       const synced = peerBytes === undefined ? null : readJson(syncedPeerSchema, peerBytes, key.peer).volumeId;
+      const fenced = fencedBytes === undefined ? null : readJson(fencedSchema, fencedBytes, key.fenced);
       const logged = await ActivityLog.load(kv, 'p/', activityExtentBytes / dirtyBlockBytes / 32);
-      return new PrimaryVolume(options, identity.uuid, local, kv, peer, synced, logged);
+      return new PrimaryVolume(options, identity.uuid, local, kv, peer, synced, logged, fenced);
     } catch (err) {
       await kv?.close().catch(() => undefined);
       await local.close().catch(() => undefined);
@@ -303,6 +316,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   /** `src` null writes zeroes (write-zeroes and trim). */
   private async write(src: Uint8Array | null, offset: number, length: number, fua: boolean, noHole: boolean): Promise<void> {
     if (this.state === 'halted') throw new BlockDeviceError('EIO', `the volume is halted: ${this.error?.message}`);
+    if (this.state === 'fenced') throw new BlockDeviceError('EIO', `the volume is fenced: ${this.error?.message}`);
     const first = Math.floor(offset / dirtyBlockBytes);
     const end = Math.ceil((offset + length) / dirtyBlockBytes);
     const marked = this.current;
@@ -330,10 +344,13 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     if (!awaitPeer) return local;
     const [done] = await Promise.allSettled([local, remote]);
     if (done.status === 'rejected') throw done.reason;
+    // The peer refused this very write because it failed over: the VM must not go on as if it landed.
+    if ((this.state as PrimaryState) === 'fenced') throw new BlockDeviceError('EIO', `the volume is fenced: ${this.error?.message}`);
   }
 
   /** Local fdatasync, and in local ack mode the peer's acknowledgement of every forward before it. */
   private async flush(): Promise<void> {
+    if (this.state === 'fenced') throw new BlockDeviceError('EIO', `the volume is fenced: ${this.error?.message}`);
     const forwarded = this.options.ackMode === 'local' ? this.inflight.barrier() : null;
     await this.local.flush();
     if (forwarded !== null) await forwarded;
@@ -377,7 +394,10 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       await this.call(session, data === null ? session.device.writeZeroes(offset, length, noHole ? { noHole } : undefined) : session.device.write(data, offset));
     } catch (err) {
       this.unsent.add(first, end);
-      this.linkFailed(session, err);
+      // Before failover the peer's NAME/primary takes every write into memory; only a failed-over (or
+      // read-only) export refuses one with EPERM.
+      if ((err as { code?: unknown }).code === 'EPERM') this.peerFailedOver(session, 'the peer refused a forwarded write (EPERM): it failed over');
+      else this.linkFailed(session, err);
     } finally {
       turn.leave();
       if (copiedBytes > 0) this.releaseRoom(copiedBytes);
@@ -458,13 +478,13 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     session.abort();
     this.stopWatch();
     this.setLink('down', err);
-    if (this.state !== 'halted' && this.state !== 'closed') this.setState('degraded');
+    if (this.state !== 'halted' && this.state !== 'closed' && this.state !== 'fenced') this.setState('degraded');
     this.sessionEnded?.();
   }
 
   private async run(): Promise<void> {
     let delay = this.options.peerReconnectMs;
-    while (this.closing === null && this.state !== 'halted') {
+    while (this.closing === null && this.state !== 'halted' && this.state !== 'fenced') {
       this.setLink('connecting');
       let session: PeerSession;
       try {
@@ -474,6 +494,10 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
         await this.sleep(delay);
         delay = Math.min(delay * 2, this.options.peerReconnectMsMax);
         continue;
+      }
+      if (session.info.state === 'failed-over' && this.options.ackMode === 'peer') {
+        this.peerFailedOver(session, "the peer's volume failed over: it is the disk now");
+        break;
       }
       const refusal = this.refusal(session);
       if (refusal !== null || this.closing !== null) {
@@ -542,6 +566,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   private async checkpointNow(internal: boolean): Promise<number> {
     if (this.closing !== null) throw new GannetError('ESTATE', 'checkpoint: the volume is closed');
     if (this.state === 'halted') throw new GannetError('EHALTED', `checkpoint: the volume is halted: ${this.error?.message}`);
+    if (this.state === 'fenced') throw new GannetError('EFENCED', `checkpoint: the volume is fenced: ${this.error?.message}`);
     const session = this.session;
     if (session === null) {
       throw new GannetError('EPEER', `checkpoint: the peer ${this.peer.address} is not connected (link ${this.link.state}${this.link.error ? `: ${this.link.error}` : ''}); the volume is degraded`);
@@ -856,6 +881,33 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     this.emit('link', { state, peer: this.peer.address, ...(error !== undefined ? { error } : {}) });
   }
 
+  /**
+   * The peer failed over. In ack mode `peer` this side is fenced: the session ends, writes and FLUSH fail
+   * with EIO from now on, and the mark is stored, so a restart does not start writing again. In ack mode
+   * `local` writes were acknowledged before the peer had them, so both sides may have changed: the link is
+   * refused and the volume stays degraded, a split brain for the operator.
+   */
+  private peerFailedOver(session: PeerSession, reason: string): void {
+    if (this.options.ackMode === 'local') {
+      this.linkFailed(session, new GannetError('EPEER', reason));
+      return;
+    }
+    if (this.state === 'fenced' || this.state === 'halted' || this.state === 'closed') return;
+    const since = new Date().toISOString();
+    this.error = { code: 'EFENCED', message: reason, since };
+    this.setState('fenced');
+    if (this.session === session) {
+      this.session = null;
+      this.stopWatch();
+      this.sessionEnded?.();
+    }
+    session.abort();
+    this.setLink('refused', new GannetError('EFENCED', reason));
+    this.fencing = this.kv
+      .batch([{ type: 'put', key: key.fenced, value: Buffer.from(JSON.stringify({ since, reason })) }], { sync: true })
+      .catch((err: unknown) => this.halt(err instanceof Error ? err : new Error(String(err))));
+  }
+
   private halt(err: Error): void {
     if (this.state === 'halted') return;
     this.error = { code: 'EHALTED', message: err.message, since: new Date().toISOString() };
@@ -884,6 +936,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     if (this.state !== 'halted' && failure === null) await this.al.closeClean().catch((err: unknown) => (failure ??= err));
     this.state = 'closed';
     await this.local.close().catch((err: unknown) => (failure ??= err));
+    await this.fencing;
     await this.kv.close().catch((err: unknown) => (failure ??= err));
     if (failure !== null) throw failure;
   }

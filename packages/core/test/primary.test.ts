@@ -377,8 +377,47 @@ describe('PrimaryVolume, link faults', () => {
     pair.expectFilesEqual();
   });
 
-  it('a peer that failed over is refused: the primary stays degraded and says why', async () => {
+  it('a peer that fails over fences the primary: the write it refused and every later one fail, the data stays readable, and a restart stays fenced', async () => {
     const pair = await Pair.start(1 * MiB);
+    const d = pair.primary.device;
+    await d.write(pattern(4 * KiB, 1), 0);
+    await pair.commit();
+    await pair.secondary.failover({ to: 'secondary' });
+    // The forward of this write is refused (the peer's NAME/primary is read-only now): the VM learns it.
+    await expect(d.write(pattern(4 * KiB, 2), 8 * KiB)).rejects.toMatchObject({ code: 'EIO', message: expect.stringMatching(/fenced/) });
+    const s = pair.primary.stats();
+    expect(s.state).toBe('fenced');
+    expect(s.error).toMatchObject({ code: 'EFENCED' });
+    expect(s.link.state).toBe('refused');
+    await expect(d.write(pattern(512, 3), 0)).rejects.toMatchObject({ code: 'EIO' });
+    await expect(d.writeZeroes(0, 4 * KiB)).rejects.toMatchObject({ code: 'EIO' });
+    await expect(d.flush()).rejects.toMatchObject({ code: 'EIO' });
+    await expect(pair.primary.checkpoint()).rejects.toMatchObject({ code: 'EFENCED' });
+    const seen = Buffer.alloc(4 * KiB);
+    await d.read(seen, 0);
+    expect(seen).toEqual(pattern(4 * KiB, 1));
+    await pair.primary.close();
+    await pair.openPrimary();
+    expect(pair.primary.stats()).toMatchObject({ state: 'fenced', error: { code: 'EFENCED' } });
+    await expect(pair.primary.device.write(pattern(512, 4), 0)).rejects.toMatchObject({ code: 'EIO' });
+    await pair.close();
+  });
+
+  it('a primary that comes back to a failed-over peer is fenced at once', async () => {
+    const pair = await Pair.start(1 * MiB);
+    pair.peerUp = false;
+    pair.faults!.fail('write', new Error('cut'));
+    await pair.primary.device.write(pattern(4 * KiB, 1), 0);
+    await pair.until('degraded');
+    await pair.secondary.failover({ to: 'secondary' });
+    pair.peerUp = true;
+    await pair.until('fenced');
+    expect(pair.primary.stats().link).toMatchObject({ state: 'refused', error: expect.stringMatching(/failed over/) });
+    await pair.close();
+  });
+
+  it('in local ack mode a failed-over peer is refused and the primary stays degraded: both sides may have written', async () => {
+    const pair = await Pair.start(1 * MiB, { ackMode: 'local' });
     pair.peerUp = false;
     pair.faults!.fail('write', new Error('cut'));
     await pair.primary.device.write(pattern(4 * KiB, 1), 0);
@@ -388,6 +427,7 @@ describe('PrimaryVolume, link faults', () => {
     pair.peerUp = true;
     expect(await within('refusal', refused)).toMatch(/failed-over/);
     expect(pair.primary.stats().state).toBe('degraded');
+    await pair.primary.device.write(pattern(4 * KiB, 2), 0);
     await pair.close();
   });
 });

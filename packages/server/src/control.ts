@@ -288,8 +288,9 @@ export function apiErrorOf(error: unknown): ApiError | undefined {
   if (typeof error !== 'object' || error === null) return undefined;
   const { code, message = String(code) } = error as { code?: unknown; message?: string };
   if (typeof code !== 'string') return undefined;
-  // ESTATE: the volume's state forbids it; ETORN: failover over torn ranges without force.
-  if (code === 'ESTATE' || code === 'ETORN' || code === 'EMISMATCH') return new ApiError('conflict', message);
+  // ESTATE: the volume's state forbids it; ETORN: failover over torn ranges without force; EFENCED: the
+  // primary's peer failed over.
+  if (code === 'ESTATE' || code === 'ETORN' || code === 'EMISMATCH' || code === 'EFENCED') return new ApiError('conflict', message);
   if (code === 'EOPTIONS') return new ApiError('bad_request', message);
   if (unavailableCodes.has(code)) return new ApiError('unavailable', message, undefined, code);
   // The metadata store (LevelDB) failed under the engine.

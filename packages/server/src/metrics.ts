@@ -19,7 +19,7 @@ const requestBucketsSeconds = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 
 /** `error`: the volume could not be opened and is not served (its exports are absent). */
 const volumeStates = ['replicating', 'failing-over', 'failed-over', 'halted', 'closed', 'error'] as const;
 const bufferNames = ['primary', 'secondary', 'committed'] as const;
-const primaryStates = ['replicating', 'degraded', 'resyncing', 'halted', 'closed'] as const satisfies readonly PrimaryState[];
+const primaryStates = ['replicating', 'degraded', 'resyncing', 'fenced', 'halted', 'closed'] as const satisfies readonly PrimaryState[];
 
 /**
  * Request counts and bytes, summed in plain Maps on the hot path and handed to prom-client when scraped:
