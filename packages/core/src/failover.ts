@@ -96,7 +96,7 @@ export class Failover {
   async reopen(to: FailoverTarget): Promise<void> {
     const { engine } = this;
     const ref = engine.record.journal;
-    const requestedAt = engine.record.createdAt;
+    const requestedAt = engine.record.failoverRequestedAt ?? engine.record.createdAt;
     this.started = performance.now();
     if (ref === null) {
       engine.epochs.failedOver([]);
@@ -179,7 +179,7 @@ export class Failover {
       journalBytes = plan.blocks.length * engine.geometry.blockBytes;
     }
     if (engine.state !== 'failed-over') return;
-    await engine.writeRecord({ lifecycle: 'failed-over', target: status.target, journal });
+    await engine.writeRecord({ lifecycle: 'failed-over', target: status.target, journal, failoverRequestedAt: status.requestedAt });
     await engine.meta.recordFailedOver(status.target);
     engine.lostFailover = null;
     const durableMs = performance.now() - this.started;

@@ -30,6 +30,8 @@ const stateSchema = z
     epochCeiling: z.number().int().nonnegative(),
     /** Set by a recovery that lost the replication metadata: the whole disk needs a resync. */
     resync: z.enum(['full']).nullable(),
+    /** When the failover that the record commits was asked for (absent in records written before it). */
+    failoverRequestedAt: z.string().optional(),
   })
   .strict()
   .refine((s) => (s.lifecycle === 'failed-over') === (s.target !== null), { message: 'target is set exactly when failed over', path: ['target'] })

@@ -93,6 +93,24 @@ describe('failover switches at once; durability follows', () => {
     await volume.close();
   });
 
+  it('reports when the failover was asked for, also after a restart', async () => {
+    const opts = options();
+    const volume = await ReplicatedVolume.open(opts);
+    await volume.primary.write(pattern(4096, 5), 0);
+    await volume.checkpoint();
+    await volume.secondary.write(pattern(4096, 6), 8192);
+    const created = new Date().toISOString();
+    const durable = once(volume, 'failover-durable');
+    await volume.failover({ to: 'secondary' });
+    await durable;
+    const asked = volume.stats().failover!.requestedAt;
+    expect(asked >= created).toBe(true);
+    await volume.close();
+    const reopened = await ReplicatedVolume.open(opts);
+    expect(reopened.stats().failover).toMatchObject({ target: 'secondary', requestedAt: asked });
+    await reopened.close();
+  });
+
   it('refuses while torn ranges exist, saying how much and what it means, unless forced', async () => {
     const opts = options();
     const faults = faultyStorage();
