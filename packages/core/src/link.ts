@@ -26,6 +26,8 @@ export interface PeerInfo {
   readonly durableEpoch: number;
   /** Ranges an interrupted flush left torn on the peer: they are sent again. */
   readonly tornRanges: readonly ByteRange[];
+  /** Marked inconsistent by a resync that has not settled (its last checkpoint not yet durable). */
+  readonly inconsistent: boolean;
 }
 
 /**

@@ -172,7 +172,8 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   private forwardBytes = 0;
   private roomWaiters: (() => void)[] = [];
   /** The hung-peer watchdog of the session: calls in flight, and when the peer last answered. */
-  private watched: { readonly session: PeerSession; calls: number; quietSince: number; readonly timer: NodeJS.Timeout } | null = null;
+  /** Calls in flight on the session by id, with when each began (oldest first), and when the last settled. */
+  private watched: { readonly session: PeerSession; readonly pending: Map<number, number>; nextId: number; quietSince: number; readonly timer: NodeJS.Timeout } | null = null;
   private durablePoll: NodeJS.Timeout | null = null;
 
   private checkpoints: Promise<unknown> = Promise.resolve();
@@ -398,6 +399,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       // read-only) export refuses one with EPERM.
       if ((err as { code?: unknown }).code === 'EPERM') this.peerFailedOver(session, 'the peer refused a forwarded write (EPERM): it failed over');
       else this.linkFailed(session, err);
+      this.unsentAfterResync(session);
     } finally {
       turn.leave();
       if (copiedBytes > 0) this.releaseRoom(copiedBytes);
@@ -419,12 +421,16 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
 
   // ---- the peer: calls with a watchdog, the link loop, checkpoints, durability ----
 
-  /** A call on the session, watched: a peer that answers nothing for peerTimeoutMs is dropped. */
+  /**
+   * A call on the session, watched: a peer that leaves any one call unanswered for peerTimeoutMs is
+   * dropped, even while it answers others (one lost request would otherwise hold every later checkpoint).
+   */
   private call<T>(session: PeerSession, work: Promise<T>): Promise<T> {
     const watched = this.watch(session);
-    if (watched.calls++ === 0) watched.quietSince = performance.now();
+    const id = watched.nextId++;
+    watched.pending.set(id, performance.now());
     const settled = (): void => {
-      watched.calls--;
+      watched.pending.delete(id);
       watched.quietSince = performance.now();
     };
     return work.then(
@@ -446,10 +452,11 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     const timer = setInterval(() => {
       const w = this.watched;
       if (w === null || this.session !== w.session) return this.stopWatch();
-      const quietMs = performance.now() - w.quietSince;
-      if (w.calls > 0 && quietMs > this.options.peerTimeoutMs) {
-        this.linkFailed(w.session, new GannetError('EPEER', `the peer ${this.peer.address} answered nothing for ${Math.round(quietMs)} ms`));
-      } else if (w.calls === 0 && quietMs > this.options.peerTimeoutMs) {
+      const now = performance.now();
+      const oldest = w.pending.values().next();
+      if (!oldest.done && now - oldest.value > this.options.peerTimeoutMs) {
+        this.linkFailed(w.session, new GannetError('EPEER', `the peer ${this.peer.address} left a request unanswered for ${Math.round(now - oldest.value)} ms`));
+      } else if (w.pending.size === 0 && now - w.quietSince > this.options.peerTimeoutMs) {
         // An idle link is probed, so that a peer that died or restarted while nothing was sent shows as
         // degraded at once, not at the VM's next write.
         const { session } = w;
@@ -462,7 +469,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       }
     }, period);
     timer.unref();
-    this.watched = { session, calls: 0, quietSince: performance.now(), timer };
+    this.watched = { session, pending: new Map(), nextId: 0, quietSince: performance.now(), timer };
     return this.watched;
   }
 
@@ -470,6 +477,18 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     if (this.watched === null) return;
     clearInterval(this.watched.timer);
     this.watched = null;
+  }
+
+  /**
+   * A write of an earlier session failed after a newer session began its resync, which took its copy of
+   * the unsent blocks before this one joined them: the newer session is dropped too, so that the next one
+   * sends it.
+   */
+  private unsentAfterResync(failed: PeerSession): void {
+    const current = this.session;
+    if (current !== null && current !== failed) {
+      this.linkFailed(current, new GannetError('EPEER', 'a write of an earlier session to the peer failed after this session began: resyncing again'));
+    }
   }
 
   private linkFailed(session: PeerSession, err: unknown): void {
@@ -494,6 +513,12 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
         await this.sleep(delay);
         delay = Math.min(delay * 2, this.options.peerReconnectMsMax);
         continue;
+      }
+      // Halted or fenced while connecting: the session must not bring the volume back.
+      const now = this.state as PrimaryState;
+      if (now === 'halted' || now === 'fenced') {
+        session.abort();
+        break;
       }
       if (session.info.state === 'failed-over' && this.options.ackMode === 'peer') {
         this.peerFailedOver(session, "the peer's volume failed over: it is the disk now");
@@ -657,7 +682,10 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     for (const r of info.tornRanges) send.add(Math.floor(r.offset / dirtyBlockBytes), Math.ceil((r.offset + r.length) / dirtyBlockBytes));
     this.trimToDisk(send);
     if (send.isEmpty) {
-      this.setState('replicating');
+      // An earlier resync sent everything but its last checkpoint was not durable when the link broke:
+      // settle it now, so that the peer does not stay marked inconsistent (refusing failover) for good.
+      if (info.inconsistent) await this.settleResync(session);
+      if (this.session === session) this.setState('replicating');
       return;
     }
     this.resyncing = send;
@@ -781,14 +809,18 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
         await this.checkpointNow(true);
       }
     };
-    for await (const run of runs) {
-      const zero = run.length === 3 && run[2] === true;
-      const start = set === null ? run[0] : run[0] * dirtyBlockBytes;
-      const end = Math.min(this.sizeBytes, set === null ? run[1] : run[1] * dirtyBlockBytes);
-      const step = zero ? zeroRequestBytesMax : resyncChunkBytes;
-      for (let at = start; at < end; at += step) await launch(at, Math.min(step, end - at), zero);
+    try {
+      for await (const run of runs) {
+        const zero = run.length === 3 && run[2] === true;
+        const start = set === null ? run[0] : run[0] * dirtyBlockBytes;
+        const end = Math.min(this.sizeBytes, set === null ? run[1] : run[1] * dirtyBlockBytes);
+        const step = zero ? zeroRequestBytesMax : resyncChunkBytes;
+        for (let at = start; at < end; at += step) await launch(at, Math.min(step, end - at), zero);
+      }
+    } finally {
+      // A failed resync ends only once its chunks have: none of them outlives it into the next session.
+      await Promise.all(inFlight);
     }
-    await Promise.all(inFlight);
     if (failure !== null) throw failure;
   }
 
@@ -870,7 +902,8 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   }
 
   private setState(state: PrimaryState): void {
-    if (this.state === state) return;
+    // Halted and fenced are left only by closing (a reopen decides again).
+    if (this.state === state || ((this.state === 'halted' || this.state === 'fenced') && state !== 'closed' && state !== 'halted')) return;
     this.state = state;
     this.emit('state', { state });
   }

@@ -34,6 +34,7 @@ export function volumePeer(target: () => ReplicatedVolume | null, options: { add
           epoch: s.epoch,
           durableEpoch: s.durableEpoch,
           tornRanges: s.tornRanges,
+          inconsistent: s.inconsistent !== undefined,
         },
         device,
         checkpoint: () => live(async () => ({ epoch: await volume.checkpoint(), durableEpoch: volume.stats().durableEpoch })),

@@ -14,11 +14,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { runBlockDeviceSuite } from '@gannet/block-device/conformance';
-import { FaultDevice, KiB, MiB, type BlockDevice } from '@gannet/block-device';
+import { FaultDevice, FilterDevice, KiB, MiB, type BlockDevice, type Hold } from '@gannet/block-device';
 import {
   GannetError,
   PrimaryVolume,
   ReplicatedVolume,
+  fileStorage,
   volumePeer,
   type PrimaryOptions,
   type PrimaryState,
@@ -326,7 +327,7 @@ describe('PrimaryVolume, link faults', () => {
     await hold.arrived(1);
     await within('stalled write', stalled);
     expect(pair.primary.stats().state).toBe('degraded');
-    expect(await down).toMatch(/answered nothing for \d+ ms/);
+    expect(await down).toMatch(/left a request unanswered for \d+ ms/);
     // What the hung session held never reaches the peer, even once released.
     hold.release();
     await d.write(pattern(4 * KiB, 4), 64 * KiB);
@@ -582,4 +583,88 @@ describe('PrimaryVolume, randomized against a model', () => {
       }
     }, 60_000);
   }
+});
+
+/** A local disk whose read of the first 4 KiB waits, once armed, until opened: a resync chunk held on its local side. */
+class HeldFirstRead extends FilterDevice {
+  armed = false;
+  arrived = false;
+  private release!: () => void;
+  private readonly gate = new Promise<void>((resolve) => (this.release = resolve));
+  open(): void {
+    this.armed = false;
+    this.release();
+  }
+  protected override async _read(buf: Uint8Array, offset: number): Promise<void> {
+    if (this.armed && offset === 0 && buf.length === 4 * KiB) {
+      this.arrived = true;
+      await this.gate;
+    }
+    return super._read(buf, offset);
+  }
+}
+
+describe('PrimaryVolume, a session that ends while its requests are still queued', () => {
+  it('a VM write queued behind a held resync chunk of a session that drops still reaches the peer', async () => {
+    const dir = join(root, `stale-${dirCount++}`);
+    const size = 16 * MiB;
+    let local!: HeldFirstRead;
+    const storage: Storage = { ...fileStorage, openBacking: async (p, s, o) => (local = new HeldFirstRead(await fileStorage.openBacking(p, s, o))) };
+    const secondary = await ReplicatedVolume.open({ path: join(dir, 's.img'), dataDir: join(dir, 's'), sizeBytes: size });
+    let peerUp = true;
+    let holdNext = false;
+    let faults!: FaultDevice;
+    let held: Hold | null = null;
+    let sessions = 0;
+    const peer = volumePeer(() => (peerUp ? secondary : null), {
+      wrap: (device: BlockDevice) => {
+        sessions++;
+        faults = new FaultDevice(device);
+        if (holdNext) {
+          held = faults.hold('write');
+          holdNext = false;
+        }
+        return faults;
+      },
+    });
+    const primary = await PrimaryVolume.open(
+      { path: join(dir, 'p.img'), dataDir: join(dir, 'p'), sizeBytes: size, peerTimeoutMs: 2000, peerReconnectMs: 10, peerReconnectMsMax: 50 },
+      peer,
+      { storage },
+    );
+    primary.on('error', () => undefined);
+    await within('replicating', waitState(primary, 'replicating'));
+    const d = primary.device;
+    // The link cut: block 0 and [1M, 5M) become unsent.
+    peerUp = false;
+    faults.fail('write', new Error('cut'));
+    await d.write(pattern(4 * KiB, 1), 0);
+    await within('degraded', waitState(primary, 'degraded'));
+    await d.write(pattern(4 * MiB, 2), 1 * MiB);
+    // The next session's resync: its chunk [0, 4K) held on its local read, the others held at the peer.
+    local.armed = true;
+    holdNext = true;
+    peerUp = true;
+    await within('the resync started', waitState(primary, 'resyncing'));
+    await within('chunks at the peer', (held as Hold | null)!.arrived(3));
+    const first = sessions;
+    // A VM write in the same 64 KiB chunk queues behind the held one, on this session.
+    const w = d.write(pattern(4 * KiB, 3), 32 * KiB);
+    // The session drops (a forwarded zero fails) while both are queued.
+    faults.fail('zero', new Error('cut again'));
+    await d.writeZeroes(10 * MiB, 4 * KiB);
+    local.open();
+    await w;
+    await within('replicating again', waitState(primary, 'replicating'));
+    expect(sessions).toBeGreaterThan(first);
+    const epoch = await primary.checkpoint();
+    await within('durable', flushedTo(secondary, epoch));
+    const mine = Buffer.alloc(64 * KiB);
+    const theirs = Buffer.alloc(64 * KiB);
+    await d.read(mine, 0);
+    await secondary.secondary.read(theirs, 0);
+    expect(firstDifference(mine, theirs), 'the peer against the primary').toBe(-1);
+    await primary.close();
+    await secondary.close();
+  });
 });

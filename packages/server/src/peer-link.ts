@@ -220,6 +220,7 @@ export function peerLink(options: PeerLinkOptions): Peer {
         epoch: attach.epoch,
         durableEpoch: attach.durableEpoch,
         tornRanges: attach.tornRanges,
+        inconsistent: attach.inconsistent,
       };
       log.info({ instance: info.instance, epoch: info.epoch, durableEpoch: info.durableEpoch, inconsistent: attach.inconsistent }, 'attached to the peer');
       const sameInstance = (instance: string): void => {
