@@ -103,11 +103,13 @@ function pythonHas(module) {
 const requirements = [
   ...[
     ['qemu-utils', ['qemu-io', 'qemu-img']],
-    ['libnbd-bin', ['nbdinfo', 'nbdcopy']],
+    ['libnbd-bin', ['nbdinfo', 'nbdcopy', 'nbdfuse']],
     ['python3-libnbd', ['nbdsh']],
     ['nbdkit', ['nbdkit']],
     ['gnutls-bin', ['certtool', 'psktool']],
     ['util-linux', ['prlimit']],
+    ['mount', ['mount', 'umount', 'losetup']],
+    ['iproute2', ['ip']],
     ['fio', ['fio']],
     ['qemu-system-x86', ['qemu-system-x86_64']],
     ['e2fsprogs', ['mkfs.ext4', 'e2fsck', 'debugfs']],
@@ -175,4 +177,8 @@ function main() {
   return 0;
 }
 
-if (process.argv[1] === fileURLToPath(import.meta.url)) process.exitCode = main();
+if (process.argv[1] === fileURLToPath(import.meta.url)) {
+  // `--packages`: every Debian package the tests need, one line, for .ci/run's apt-get install.
+  if (process.argv[2] === '--packages') process.stdout.write(`${packagesOf(requirements).join(' ')}\n`);
+  else process.exitCode = main();
+}
