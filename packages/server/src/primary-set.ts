@@ -41,7 +41,7 @@ import {
   volumeDir,
   type PrimaryRecord,
 } from './registry.js';
-import { clientDisconnectGraceMs, eachBounded, errorCodeOf, exportCloseGraceMs, present, problemOf, retireDirectory, volumeOpenConcurrency, type VolumeReload } from './volume-set.js';
+import { clientDisconnectGraceMs, closeOpenVolumes, eachBounded, errorCodeOf, exportCloseGraceMs, present, problemOf, retireDirectory, volumeOpenConcurrency, type VolumeReload } from './volume-set.js';
 
 /**
  * The volumes of a daemon in the primary role (`gannet serve --role primary`): each one a PrimaryVolume,
@@ -203,20 +203,8 @@ export class PrimarySet {
   }
 
   /** Closes every open volume: each persists its exact dirty map, so a restart resyncs no more than needed. */
-  async closeAll(): Promise<unknown> {
-    let failure: unknown;
-    for (const name of this.names) {
-      const entry = this.entries.get(name)!;
-      if (entry.kind !== 'open') continue;
-      try {
-        await entry.volume.close();
-        this.context.logger.info({ volume: name }, 'closed volume');
-      } catch (error) {
-        this.context.logger.error({ err: error, volume: name }, 'closing volume failed');
-        failure ??= error;
-      }
-    }
-    return failure;
+  closeAll(): Promise<unknown> {
+    return closeOpenVolumes(this.entries, this.context.logger);
   }
 
   private lookup(name: string): Entry {

@@ -222,20 +222,8 @@ export class VolumeSet {
   }
 
   /** Closes every open volume (the NBD server has already stopped); resolves with the first failure, if any. */
-  async closeAll(): Promise<unknown> {
-    let failure: unknown;
-    for (const name of this.names) {
-      const entry = this.entries.get(name)!;
-      if (entry.kind !== 'open') continue;
-      try {
-        await entry.volume.close();
-        this.context.logger.info({ volume: name }, 'closed volume');
-      } catch (error) {
-        this.context.logger.error({ err: error, volume: name }, 'closing volume failed');
-        failure ??= error;
-      }
-    }
-    return failure;
+  closeAll(): Promise<unknown> {
+    return closeOpenVolumes(this.entries, this.context.logger);
   }
 
   private lookup(name: string): Entry {
@@ -785,4 +773,24 @@ export async function retireDirectory(dataDir: string, dir: string, name: string
       errorCodeOf(error),
     );
   }
+}
+
+/** Closes the open volumes of a set, in name order; resolves with the first failure, if any. */
+export async function closeOpenVolumes(
+  entries: ReadonlyMap<string, { readonly kind: 'open'; readonly volume: { close(): Promise<void> } } | { readonly kind: 'error' }>,
+  logger: Logger,
+): Promise<unknown> {
+  let failure: unknown;
+  for (const name of [...entries.keys()].sort()) {
+    const entry = entries.get(name)!;
+    if (entry.kind !== 'open') continue;
+    try {
+      await entry.volume.close();
+      logger.info({ volume: name }, 'closed volume');
+    } catch (error) {
+      logger.error({ err: error, volume: name }, 'closing volume failed');
+      failure ??= error;
+    }
+  }
+  return failure;
 }
