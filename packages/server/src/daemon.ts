@@ -138,6 +138,11 @@ export class Daemon implements ControlOperations {
   private readonly secondaries: VolumeSet;
   private readonly primaries: PrimarySet;
   private readonly order = new OperationOrder();
+  /**
+   * Volumes between the two sets while their role changes: the view from before, with the state
+   * `promoting` or `demoting`, so that a status query in the middle finds the volume.
+   */
+  private readonly changing = new Map<string, AnyVolumeView>();
   /** The peer's control token and NBD TLS credentials, when a peer is configured; reread by a promotion. */
   private peerCredentials: { token: string; tls?: TlsClientCredentials } | undefined;
   private readonly nbd: NbdServer;
@@ -290,11 +295,11 @@ export class Daemon implements ControlOperations {
   }
 
   volumes(): AnyVolumeView[] {
-    return [...this.secondaries.views(), ...this.primaries.views()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    return [...this.secondaries.views(), ...this.primaries.views(), ...this.changing.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
   volume(name: string): AnyVolumeView {
-    return this.setOf(name).viewOf(name);
+    return this.changing.get(name) ?? this.setOf(name).viewOf(name);
   }
 
   create(body: unknown): Promise<AnyVolumeView> {
@@ -389,6 +394,7 @@ export class Daemon implements ControlOperations {
       let step: 'released' | 'recorded' | null = null;
       let volume: PrimaryVolume | undefined;
       const started = performance.now();
+      this.changing.set(name, { ...this.secondaries.viewOf(name), state: 'promoting' });
       try {
         await target.secondaryExport.swap(
           async () => {
@@ -413,6 +419,8 @@ export class Daemon implements ControlOperations {
           else await this.secondaries.reopen(name, target.dir, target.record, target.wanted);
         }
         throw error;
+      } finally {
+        this.changing.delete(name);
       }
       this.primaries.adoptPromoted(name, target.dir, record, target.wanted, volume!, target.secondaryExport);
       const pauseMs = Math.round(performance.now() - started);
