@@ -2,11 +2,11 @@ import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { resolve as resolvePath, join } from 'node:path';
-import type { FailoverTarget, PrimaryVolume, Volume } from '@gannet/core';
+import type { FailoverTarget, Generation, PrimaryVolume, Volume } from '@gannet/core';
 import { NbdServer, type ListenAddress as NbdListenAddress, type TlsClientCredentials } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { ConfigError, tokenFileName, type DaemonConfig } from './config.js';
-import { ApiError, type AnyVolumeView, type CheckpointResult, type GroupView, type PeerAttachRequest, type PeerAttachView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
+import { ApiError, type AnyVolumeView, type CheckpointResult, type DigestsView, type GroupView, type PeerAttachRequest, type PeerAttachView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
 import type { ControlListenAddress, ControlOperations, MetricsText } from './control-lane.js';
 import { ControlThread, type ControlThreadOptions } from './control-thread.js';
 import type { EventName } from './events.js';
@@ -275,12 +275,16 @@ export class Daemon implements ControlOperations {
     return this.volumeSet instanceof PrimarySet ? this.volumeSet.failover() : this.volumeSet.failover(name, to, force);
   }
 
-  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView> {
-    return this.volumeSet instanceof PrimarySet ? this.volumeSet.attachPeer() : this.volumeSet.attachPeer(name, from);
+  attachPeer(name: string, from?: PeerAttachRequest, generation?: Generation | null): Promise<PeerAttachView> {
+    return this.volumeSet instanceof PrimarySet ? this.volumeSet.attachPeer() : this.volumeSet.attachPeer(name, from, generation);
   }
 
-  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {
-    return this.volumeSet instanceof PrimarySet ? this.volumeSet.setInconsistent() : this.volumeSet.setInconsistent(name, inconsistent);
+  setInconsistent(name: string, inconsistent: boolean, generation?: Generation): Promise<VolumeView> {
+    return this.volumeSet instanceof PrimarySet ? this.volumeSet.setInconsistent() : this.volumeSet.setInconsistent(name, inconsistent, generation);
+  }
+
+  digests(name: string, offset: number, length: number): Promise<DigestsView> {
+    return this.volumeSet instanceof PrimarySet ? this.volumeSet.digests() : this.volumeSet.digests(name, offset, length);
   }
 
   groups(): GroupView[] {

@@ -388,6 +388,10 @@ export class PrimarySet {
     return Promise.reject(notOnPrimary('marking a volume inconsistent'));
   }
 
+  digests(): Promise<never> {
+    return Promise.reject(notOnPrimary('answering digests (a full sync reads them from the secondary)'));
+  }
+
   /** `POST /v1/volumes`: a name, sizeBytes, and the primary role's settings of the config file. */
   create(body: unknown): Promise<PrimaryVolumeView> {
     let name: string;

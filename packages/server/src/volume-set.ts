@@ -1,5 +1,16 @@
 import { access } from 'node:fs/promises';
-import { checkpointGroup, openVolume, ReplicatedVolume, type FailoverTarget, type ResolvedVolumeOptions, type Volume } from '@gannet/core';
+import {
+  checkpointGroup,
+  digestBytes,
+  digestChunkBytes,
+  openVolume,
+  ReplicatedVolume,
+  SplitBrainError,
+  type FailoverTarget,
+  type Generation,
+  type ResolvedVolumeOptions,
+  type Volume,
+} from '@gannet/core';
 import { nbdUri, type ListenAddress, type NbdServer } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { z } from 'zod';
@@ -8,6 +19,7 @@ import {
   ApiError,
   validate,
   type CheckpointResult,
+  type DigestsView,
   type GroupView,
   type PeerAttachRequest,
   type PeerAttachView,
@@ -384,6 +396,8 @@ export class VolumeSet {
       tornRanges: stats.tornRanges.map((range) => ({ offset: range.offset, length: range.length })),
       inconsistent: stats.inconsistent !== undefined,
       ...(stats.inconsistent !== undefined && { inconsistentSince: stats.inconsistent.since }),
+      ...(stats.generation !== undefined && { generation: stats.generation }),
+      ...(stats.splitBrain !== undefined && { splitBrain: stats.splitBrain }),
       clients: nbd.exportConnectionCount(exports.primary) + nbd.exportConnectionCount(exports.secondary),
     };
   }
@@ -483,11 +497,20 @@ export class VolumeSet {
    * of a primary still sends reaches the volume after the state answered here was read. An attach of a
    * link older than the last one of that link is refused, and fences nothing.
    */
-  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView> {
+  attachPeer(name: string, from?: PeerAttachRequest, generation: Generation | null = null): Promise<PeerAttachView> {
     this.lookup(name);
     return this.ordered([name], async () => {
       const exportName = `${name}/primary`;
-      this.replicatedOf(name, 'take a primary');
+      // A failed-over volume answers too: the primary compares generations and learns it is stale (or
+      // split from it), then refuses the session itself.
+      const gannet = this.gannetOf(name, 'take a primary');
+      // A split brain is refused before anything else, and fences no connection.
+      try {
+        gannet.acceptPrimary(generation);
+      } catch (error) {
+        if (error instanceof SplitBrainError) this.context.logger.error({ volume: name, local: error.secondary, peer: error.primary }, 'split brain: attach refused');
+        throw error;
+      }
       const last = this.attached.get(name);
       if (from !== undefined && last !== undefined && last.link === from.link && from.attempt <= last.attempt) {
         throw new ApiError('conflict', `volume ${name}: attempt ${from.attempt} of this primary's link is stale: attempt ${last.attempt} has attached since`);
@@ -495,7 +518,7 @@ export class VolumeSet {
       if (from !== undefined) this.attached.set(name, { link: from.link, attempt: from.attempt });
       await this.context.nbd.closeExportConnections(exportName, { graceMs: peerFenceGraceMs });
       // Read after the fence: a failover or a halt meanwhile is seen.
-      const volume = this.replicatedOf(name, 'take a primary');
+      const volume = this.gannetOf(name, 'take a primary');
       const stats = volume.stats();
       this.context.logger.info({ volume: name, instance: volume.instance, epoch: stats.epoch, durableEpoch: stats.durableEpoch }, 'primary attached');
       return {
@@ -507,6 +530,7 @@ export class VolumeSet {
         durableEpoch: stats.durableEpoch,
         tornRanges: stats.tornRanges.map((range) => ({ offset: range.offset, length: range.length })),
         inconsistent: stats.inconsistent !== undefined,
+        generation: stats.generation ?? null,
         nbd: {
           export: exportName,
           addresses: this.context.nbdAddresses.map((address) => ('path' in address ? { path: address.path } : { host: address.host, port: address.port })),
@@ -517,29 +541,48 @@ export class VolumeSet {
   }
 
   /** `PUT /v1/volumes/:name/inconsistent`: a primary's resync began (true) or its last checkpoint is durable (false). */
-  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {
+  setInconsistent(name: string, inconsistent: boolean, generation?: Generation): Promise<VolumeView> {
     this.lookup(name);
     return this.ordered([name], async () => {
       const volume = this.replicatedOf(name, inconsistent ? 'be marked inconsistent' : 'be marked consistent');
-      await volume.setInconsistent(inconsistent);
-      this.context.logger.info({ volume: name, inconsistent }, inconsistent ? 'marked inconsistent: a resync from the primary began' : 'marked consistent: the resync is durable');
+      await volume.setInconsistent(inconsistent, generation);
+      this.context.logger.info(
+        { volume: name, inconsistent, ...(generation !== undefined && { generation }) },
+        inconsistent ? 'marked inconsistent: a resync from the primary began' : 'marked consistent: the resync is durable',
+      );
       return this.viewOf(name);
     });
   }
 
-  /** A gannet volume that is replicating, or a conflict saying why it cannot `what`. */
-  private replicatedOf(name: string, what: string): ReplicatedVolume {
+  /** `POST /v1/volumes/:name/digests`: digests of the primary view for a primary's full sync. */
+  digests(name: string, offset: number, length: number): Promise<DigestsView> {
+    this.lookup(name);
+    return this.ordered([name], async () => {
+      const volume = this.replicatedOf(name, 'answer digests');
+      const digests = await volume.digests(offset, length);
+      return { instance: volume.instance, chunkBytes: digestChunkBytes, digestBytes, digests: Buffer.from(digests).toString('base64') };
+    });
+  }
+
+  /** An open gannet volume, in any state, or a conflict saying why it cannot `what`. */
+  private gannetOf(name: string, what: string): ReplicatedVolume {
     const entry = this.lookup(name);
     if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot ${what}: it is in error (${entry.error.code}): ${entry.error.message}`);
     if (!(entry.volume instanceof ReplicatedVolume)) {
       throw new ApiError('conflict', `volume ${name} cannot ${what}: its strategy ${entry.volume.stats().strategy} is a baseline with no replication link`);
     }
-    const { state, failoverTarget } = entry.volume.stats();
+    return entry.volume;
+  }
+
+  /** A gannet volume that is replicating, or a conflict saying why it cannot `what`. */
+  private replicatedOf(name: string, what: string): ReplicatedVolume {
+    const volume = this.gannetOf(name, what);
+    const { state, failoverTarget } = volume.stats();
     if (state !== 'replicating') {
       const detail = failoverTarget !== undefined ? ` (to ${failoverTarget})` : '';
       throw new ApiError('conflict', `volume ${name} cannot ${what}: it is ${state}${detail}, not replicating, and takes no forwarded writes`);
     }
-    return entry.volume;
+    return volume;
   }
 
   /** `POST /v1/volumes`: the body has the config file's fields for one volume, plus its name. */
