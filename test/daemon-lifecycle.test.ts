@@ -251,4 +251,65 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     const cliRefused = await gannet(['resolve', 'vm', '--discard-local', ...clientFlags(daemon)]);
     expect({ status: cliRefused.status, stderr: cliRefused.stderr }).toEqual({ status: 1, stderr: expect.stringContaining('refused (409 conflict)') });
   });
+
+  it('a stale old primary, demoted, rejoins as the secondary of the promoted side and is sent only the chunks that differ', async () => {
+    requireTool('qemu-io');
+    const peerDir = await makeTempDir();
+    const sTokenFile = join(peerDir, 'peer.token');
+    await writeFile(sTokenFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    const secondary = await startDaemon({ volumes: [`vm:${volumeBytes}`], args: ['--peer', deadPeer, '--peer-token-file', sTokenFile] });
+    const pTokenFile = join(peerDir, 'p-peer.token');
+    await writeFile(pTokenFile, `${secondary.token}\n`, { mode: 0o600 });
+    const primary = await startDaemon({
+      volumes: [`vm:${volumeBytes}`],
+      args: ['--role', 'primary', '--peer', `${secondary.control.host}:${secondary.control.port}`, '--peer-token-file', pTokenFile],
+    });
+    const pEvents = await subscribe(primary, 'vm');
+    await reachState(primary, pEvents, 'replicating');
+    assertQemuOk(await qemuIo(primary, 'vm', ['write -P 0x21 0 16M', 'write -P 0x22 40M 8M', 'flush']), 'period 1');
+    await reachDurable(primary, pEvents, await checkpoint(primary));
+
+    // S takes over and its VM writes 1 MiB where period 1 wrote: the one difference from P's disk.
+    const failover = await gannet(['failover', 'vm', ...clientFlags(secondary)]);
+    expect({ status: failover.status, stderr: failover.stderr }).toEqual({ status: 0, stderr: '' });
+    assertQemuOk(await qemuIo(secondary, 'vm/secondary', ['write -P 0x33 4M 1M', 'flush']), 'period 2');
+
+    // The old primary's VM is still attached: demote is refused, then forced (the client is cut off).
+    const stale = await NbdClient.connect(primary.nbd, { exportName: 'vm' });
+    const refused = await gannet(['demote', 'vm', ...clientFlags(primary)]);
+    expect({ status: refused.status, stderr: refused.stderr }).toEqual({ status: 1, stderr: expect.stringContaining('1 NBD client(s) connected') });
+    const demoted = await gannet(['demote', 'vm', '--force', ...clientFlags(primary)]);
+    expect({ status: demoted.status, stderr: demoted.stderr }).toEqual({ status: 0, stderr: '' });
+    expect(demoted.stdout).toMatch(/^vm: role secondary, /m);
+    const cut = await stale.read(Buffer.alloc(512), 0).then(() => null, (error: unknown) => error);
+    expect(cut).toBeInstanceOf(Error);
+    expect(await listedExports(primary)).toEqual(['vm/primary', 'vm/secondary']);
+    expect(await view(primary)).toMatchObject({ role: 'secondary' });
+    const pChanged = await pEvents.next((event) => event.event === 'role-changed', eventWaitMs);
+    expect(pChanged.data).toMatchObject({ role: 'secondary', from: 'primary' });
+
+    // S is promoted with the old primary as its peer: a digest sync sends the 1 MiB that differs.
+    await writeFile(sTokenFile, `${primary.token}\n`);
+    const sEvents = await subscribe(secondary, 'vm');
+    const promote = await gannet(['promote', 'vm', '--peer', `${primary.control.host}:${primary.control.port}`, ...clientFlags(secondary)]);
+    expect({ status: promote.status, stderr: promote.stderr }).toEqual({ status: 0, stderr: '' });
+    await reachState(secondary, sEvents, 'replicating');
+    const promoted = await view(secondary);
+    const differing = 1 * MiB;
+    expect(promoted.lastResync).toMatchObject({ full: true, comparedBytes: volumeBytes });
+    expect(promoted.lastResync.dataBytes).toBeGreaterThanOrEqual(differing);
+    // Digests are compared per 64 KiB chunk: the difference is 16 whole chunks, nothing else.
+    expect(promoted.lastResync.dataBytes).toBeLessThanOrEqual(differing);
+    expect(promoted.lastResync.sameBytes).toBe(volumeBytes - differing);
+
+    await reachDurable(secondary, sEvents, await checkpoint(secondary));
+    const [mine, theirs] = await Promise.all([
+      readFile(join(secondary.dataDir, 'volumes', 'vm', 'disk.img')),
+      readFile(join(primary.dataDir, 'volumes', 'vm', 'disk.img')),
+    ]);
+    expect({ firstDifferentMiB: firstDifferentMiB(mine, theirs) }).toEqual({ firstDifferentMiB: null });
+    expect(theirs.subarray(4 * MiB, 5 * MiB).every((byte) => byte === 0x33)).toBe(true);
+    expect(theirs.subarray(0, 4 * MiB).every((byte) => byte === 0x21)).toBe(true);
+    await Promise.all([pEvents.close(), sEvents.close()]);
+  });
 });
