@@ -15,11 +15,12 @@
  * failover vm` on T, and T's vm/secondary must hold period 1's pattern and every block's last write of
  * period 2.
  */
+import { createHash } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NbdClient } from 'nbd-server-js';
-import { afterEach, describe, expect, it } from 'vitest';
-import { api, assertQemuOk, clientFlags, gannet, listedExports, makeTempDir, qemuIo, requireTool, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { api, assertQemuOk, clientFlags, gannet, listedExports, makeTempDir, qemuIo, requireTool, run, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
 import { subscribe, type EventStream } from './helpers/events.js';
 
 const MiB = 1024 * 1024;
@@ -313,3 +314,140 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     await Promise.all([pEvents.close(), sEvents.close()]);
   });
 });
+
+/** Runs a command that must succeed (ip, to build and cut the test network). */
+async function must(file: string, args: string[]): Promise<void> {
+  const result = await run(file, args);
+  if (result.status !== 0) throw new Error(`${file} ${args.join(' ')}: status ${result.status}\n${result.stderr}`);
+}
+
+const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
+
+/**
+ * The split brain for real: the secondary daemon S runs in a network namespace of its own, joined to
+ * the test's by a veth pair whose host end is set down: the primary P goes degraded and its VM writes
+ * on; S is failed over (through its control socket, a Unix socket the cut leaves alone) and its VM
+ * writes too. Once the link is back, P's attach finds both sides wrote since the split: both report
+ * split-brain (status, events, metrics), P retries and is refused, and neither disk changes. `gannet
+ * resolve vm --discard-local` on S drops S's side: S is discarded and P's digest sync makes S's disk
+ * exactly P's. As root, like the other namespace tests: without it this fails, never skips.
+ */
+describe('a split brain across a cut link, resolved by discarding one side', () => {
+  const suffix = `${process.pid % 100_000}`;
+  const namespace = `gannet-sb${suffix}`;
+  /** veth names are at most 15 characters. */
+  const hostEnd = `gsh${suffix}`;
+  const peerEnd = `gsp${suffix}`;
+  const hostAddress = '10.231.9.1';
+  const peerAddress = '10.231.9.2';
+  const ip = requireTool('ip');
+
+  beforeAll(async () => {
+    await must(ip, ['netns', 'add', namespace]);
+    await must(ip, ['link', 'add', hostEnd, 'type', 'veth', 'peer', 'name', peerEnd]);
+    await must(ip, ['link', 'set', peerEnd, 'netns', namespace]);
+    await must(ip, ['addr', 'add', `${hostAddress}/30`, 'dev', hostEnd]);
+    await must(ip, ['link', 'set', hostEnd, 'up']);
+    await must(ip, ['-n', namespace, 'addr', 'add', `${peerAddress}/30`, 'dev', peerEnd]);
+    await must(ip, ['-n', namespace, 'link', 'set', peerEnd, 'up']);
+    await must(ip, ['-n', namespace, 'link', 'set', 'lo', 'up']);
+  });
+
+  afterEach(stopAll);
+
+  // Deleting the namespace deletes the veth pair with it.
+  afterAll(async () => {
+    const listed = await run(ip, ['netns', 'list']);
+    if (listed.stdout.split('\n').some((line) => line.split(' ')[0] === namespace)) await must(ip, ['netns', 'del', namespace]);
+  });
+
+  it('both sides report split-brain and keep their disks until resolve; after it the surviving data is exactly the chosen side\'s', async () => {
+    requireTool('qemu-io');
+    const socketDir = await makeTempDir();
+    const sControl = join(socketDir, 'control.sock');
+    const sNbd = join(socketDir, 'nbd.sock');
+    const secondary = await startDaemon({
+      volumes: [`vm:${volumeBytes}`],
+      wrapper: [ip, 'netns', 'exec', namespace],
+      args: ['--nbd', `${peerAddress}:0`, '--control', `${peerAddress}:0`, '--nbd-socket', sNbd, '--control-socket', sControl],
+    });
+    const sFlags = ['--control-socket', sControl, '--data-dir', secondary.dataDir];
+    const tokenFile = join(socketDir, 'peer.token');
+    await writeFile(tokenFile, `${secondary.token}\n`, { mode: 0o600 });
+    const config = join(socketDir, 'primary.yaml');
+    await writeFile(
+      config,
+      [
+        'role: primary',
+        `peer: { control: "${peerAddress}:${secondary.control.port}", tokenFile: ${tokenFile} }`,
+        'volumes:',
+        '  vm:',
+        `    sizeBytes: ${volumeBytes}`,
+        '    peerReconnectMs: 50',
+        '    peerReconnectMsMax: 250',
+        '    peerTimeoutMs: 1000',
+        '',
+      ].join('\n'),
+    );
+    const primary = await startDaemon({ volumes: [], args: ['--config', config] });
+    const pEvents = await subscribe(primary, 'vm');
+    await reachState(primary, pEvents, 'replicating');
+    assertQemuOk(await qemuIo(primary, 'vm', ['write -P 0x21 0 16M', 'flush']), 'before the split');
+    await reachDurable(primary, pEvents, await checkpoint(primary));
+
+    await must(ip, ['link', 'set', hostEnd, 'down']);
+    // P sees the cut (its idle link is probed), then its VM writes: P has written since the split.
+    await reachState(primary, pEvents, 'degraded');
+    assertQemuOk(await qemuIo(primary, 'vm', ['write -P 0x44 8M 1M', 'flush']), 'P while cut off');
+    // S is failed over, and its VM writes too.
+    const failover = await gannet(['failover', 'vm', ...sFlags]);
+    expect({ status: failover.status, stderr: failover.stderr }).toEqual({ status: 0, stderr: '' });
+    const sVm = await NbdClient.connect({ path: sNbd }, { exportName: 'vm/secondary' });
+    await sVm.write(Buffer.alloc(MiB, 0x55), 12 * MiB);
+    await sVm.flush();
+
+    const pDisk = join(primary.dataDir, 'volumes', 'vm', 'disk.img');
+    const pBefore = sha256(await readFile(pDisk));
+    const sBefore = sha256(await readWhole(sVm));
+
+    await must(ip, ['link', 'set', hostEnd, 'up']);
+    await reachState(primary, pEvents, 'split-brain');
+    const sView = async () => JSON.parse((await gannet(['status', 'vm', '--json', ...sFlags])).stdout) as Record<string, any>;
+    expect(await sView()).toMatchObject({ role: 'secondary', state: 'split-brain', splitBrain: { local: expect.anything(), peer: expect.anything() } });
+    const pView = await view(primary);
+    expect(pView).toMatchObject({ role: 'primary', state: 'split-brain', link: { state: 'refused' } });
+    expect((await api(primary, 'GET', '/metrics')).text).toContain('gannet_volume_split_brain{volume="vm"} 1');
+    // P keeps trying and is refused, and nothing is written to either disk meanwhile.
+    for (let refusals = 0; refusals < 2; refusals++) {
+      await pEvents.next((event) => event.event === 'link' && event.data.state === 'refused', eventWaitMs);
+    }
+    expect(await sView()).toMatchObject({ state: 'split-brain' });
+    expect(sha256(await readFile(pDisk))).toBe(pBefore);
+    expect(sha256(await readWhole(sVm))).toBe(sBefore);
+    const checkpointRefused = await api(primary, 'POST', '/v1/volumes/vm/checkpoint');
+    expect(checkpointRefused.status).toBe(409);
+
+    // S's side is dropped: its VM is cut off, and P's digest sync makes S's disk P's.
+    const resolved = await gannet(['resolve', 'vm', '--discard-local', ...sFlags]);
+    expect({ status: resolved.status, stderr: resolved.stderr }).toEqual({ status: 0, stderr: '' });
+    expect(resolved.stdout).toMatch(/^vm: role secondary, /m);
+    const cut = await sVm.read(Buffer.alloc(512), 0).then(() => null, (error: unknown) => error);
+    expect(cut).toBeInstanceOf(Error);
+    await reachState(primary, pEvents, 'replicating');
+    const resynced = await view(primary);
+    expect(resynced.lastResync).toMatchObject({ full: true, comparedBytes: volumeBytes });
+    await reachDurable(primary, pEvents, await checkpoint(primary));
+    const pAfter = await readFile(pDisk);
+    expect(sha256(pAfter)).toBe(pBefore);
+    const survivor = await NbdClient.connect({ path: sNbd }, { exportName: 'vm/primary' });
+    const sAfter = await readWhole(survivor);
+    await survivor.close();
+    expect({ firstDifferentMiB: firstDifferentMiB(sAfter, pAfter) }).toEqual({ firstDifferentMiB: null });
+    expect(sAfter.subarray(8 * MiB, 9 * MiB).every((byte) => byte === 0x44)).toBe(true);
+    expect(sAfter.subarray(12 * MiB, 13 * MiB).every((byte) => byte === 0x21)).toBe(true);
+    expect(await sView()).toMatchObject({ role: 'secondary', state: 'replicating' });
+    expect((await api(primary, 'GET', '/metrics')).text).toContain('gannet_volume_split_brain{volume="vm"} 0');
+    await pEvents.close();
+  });
+});
+
