@@ -214,7 +214,7 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     await Promise.all([pEvents.close(), sEvents.close()]);
   });
 
-  it('checks every body naming the field, promotes a volume nobody uses, answers a promote of a primary and a demote of a secondary as no-ops, and refuses a resolve outside split brain', async () => {
+  it('checks every body naming the field, promotes a volume nobody uses (its role surviving a crash before volume.json followed), answers a promote of a primary and a demote of a secondary as no-ops, and refuses a resolve outside split brain', async () => {
     const peerDir = await makeTempDir();
     const tokenFile = join(peerDir, 'peer.token');
     await writeFile(tokenFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
@@ -241,15 +241,28 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     expect(again.status).toBe(200);
     expect(again.json).toMatchObject({ role: 'primary', promotedAt: promoted.json.promotedAt, link: { peer: deadPeer } });
     expect(await listedExports(daemon)).toEqual(['pv', 'pv/secondary', 'vm/primary', 'vm/secondary']);
-    const demoted = await api(daemon, 'POST', '/v1/volumes/vm/demote', {});
+    // A crash after the engine committed the role and before volume.json followed leaves the old record:
+    // the restart goes by the engine's role and brings volume.json in line.
+    expect((await daemon.stop('SIGKILL')).signal).toBe('SIGKILL');
+    const recordFile = join(daemon.dataDir, 'volumes', 'pv', 'volume.json');
+    const promotedRecord = JSON.parse(await readFile(recordFile, 'utf8'));
+    expect(promotedRecord).toMatchObject({ role: 'primary', promotedAt: promoted.json.promotedAt });
+    const { promotedAt: _promotedAt, peer: _peer, ...rest } = promotedRecord;
+    await writeFile(recordFile, JSON.stringify({ ...rest, role: 'secondary', blockBytes: 4096, strategy: 'gannet' }));
+    const restarted = await startDaemon({ dataDir: daemon.dataDir, volumes: [], args: ['--peer', deadPeer, '--peer-token-file', tokenFile] });
+    expect((await api(restarted, 'GET', '/v1/volumes/pv')).json).toMatchObject({ role: 'primary', exports: { disk: 'pv', secondary: 'pv/secondary' } });
+    expect(JSON.parse(await readFile(recordFile, 'utf8'))).toMatchObject({ role: 'primary' });
+    expect((await restarted.stop()).code).toBe(0);
+    const later = await startDaemon({ dataDir: daemon.dataDir, volumes: [], args: ['--peer', deadPeer, '--peer-token-file', tokenFile] });
+    const demoted = await api(later, 'POST', '/v1/volumes/vm/demote', {});
     expect(demoted.status).toBe(200);
     expect(demoted.json).toMatchObject({ name: 'vm', role: 'secondary', state: 'replicating' });
-    const notSplit = await api(daemon, 'POST', '/v1/volumes/vm/resolve', { discardLocal: true });
+    const notSplit = await api(later, 'POST', '/v1/volumes/vm/resolve', { discardLocal: true });
     expect(notSplit.status).toBe(409);
     expect(notSplit.json.error.message).toContain('not in split brain');
-    const cli = await gannet(['resolve', 'vm', ...clientFlags(daemon)]);
+    const cli = await gannet(['resolve', 'vm', ...clientFlags(later)]);
     expect({ status: cli.status, stderr: cli.stderr }).toEqual({ status: 2, stderr: expect.stringContaining('--discard-local is required') });
-    const cliRefused = await gannet(['resolve', 'vm', '--discard-local', ...clientFlags(daemon)]);
+    const cliRefused = await gannet(['resolve', 'vm', '--discard-local', ...clientFlags(later)]);
     expect({ status: cliRefused.status, stderr: cliRefused.stderr }).toEqual({ status: 1, stderr: expect.stringContaining('refused (409 conflict)') });
   });
 
