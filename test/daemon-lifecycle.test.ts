@@ -428,7 +428,7 @@ describe('a split brain across a cut link, resolved by discarding one side', () 
     const sView = async () => JSON.parse((await gannet(['status', 'vm', '--json', ...sFlags])).stdout) as Record<string, any>;
     expect(await sView()).toMatchObject({ role: 'secondary', state: 'split-brain', splitBrain: { local: expect.anything(), peer: expect.anything() } });
     const pView = await view(primary);
-    expect(pView).toMatchObject({ role: 'primary', state: 'split-brain', link: { state: 'refused' } });
+    expect(pView).toMatchObject({ role: 'primary', state: 'split-brain', link: { state: 'refused' }, splitBrain: { local: expect.anything(), peer: expect.anything() } });
     expect((await api(primary, 'GET', '/metrics')).text).toContain('gannet_volume_split_brain{volume="vm"} 1');
     // P keeps trying and is refused, and nothing is written to either disk meanwhile.
     for (let refusals = 0; refusals < 2; refusals++) {
