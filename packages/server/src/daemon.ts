@@ -403,10 +403,9 @@ export class Daemon implements ControlOperations {
         throw new ApiError('unavailable', (error as Error).message, undefined, 'ECONFIG');
       }
       const target = this.secondaries.promotable(name);
-      const { state, splitBrain } = target.volume.stats();
-      if (splitBrain !== undefined) {
-        throw new ApiError('conflict', `volume ${name} is in split brain with the primary of generation ${splitBrain.peer.current}: resolve it first (gannet resolve ${name} --discard-local on the side whose changes are dropped)`);
-      }
+      // A secondary in split brain may be promoted: it is the survivor the operator chose, and the
+      // other side, still split from it, stays refused until it is resolved there.
+      const { state } = target.volume.stats();
       if (state === 'replicating') {
         this.logger.warn({ volume: name, force: request.force }, 'promote: failing over to the secondary view first');
         await target.volume.failover({ to: 'secondary', force: request.force });
