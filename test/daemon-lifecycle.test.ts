@@ -158,7 +158,8 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     expect({ status: promote.status, stderr: promote.stderr }).toEqual({ status: 0, stderr: '' });
     expect(promote.stdout).toMatch(/^vm: role primary, \S+, peer 127\.0\.0\.1:\d+$/m);
     const changed = await sEvents.next((event) => event.event === 'role-changed', eventWaitMs);
-    expect(changed.data).toMatchObject({ volume: 'vm', role: 'primary', from: 'secondary' });
+    expect(changed.data).toMatchObject({ volume: 'vm', role: 'primary', from: 'secondary', pauseMs: expect.any(Number) });
+    console.log(`promote: the VM's requests were held ${changed.data.pauseMs} ms`);
     const promotedAt = writer.written;
     await writer.reached(promotedAt + writesAfter);
     expect(writer.failures).toEqual([]);
