@@ -119,6 +119,9 @@ export interface PrimaryVolumeView {
   unsentBytes?: number;
   resync?: NonNullable<PrimaryStats['resync']>;
   lastResync?: NonNullable<PrimaryStats['lastResync']>;
+  /** The volume's lineage, and both histories while it is in split brain with its peer. */
+  generation?: Generation;
+  splitBrain?: NonNullable<PrimaryStats['splitBrain']>;
   resyncBytesTotal?: number;
   resyncDataBytesTotal?: number;
   peerEpoch?: number | null;

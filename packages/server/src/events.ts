@@ -18,6 +18,8 @@ export type EventName =
   | 'failover'
   | 'failover-durable'
   | 'failover-applied'
+  // Both sides of a volume wrote since they split (either role): both generations.
+  | 'split-brain'
   | 'error'
   | 'volume-added'
   | 'volume-removed'
