@@ -15,9 +15,12 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { FaultDevice, KiB, MiB, type BlockDevice } from '@gannet/block-device';
 import {
+  MetaStore,
   PrimaryVolume,
   ReplicatedVolume,
   demoteToSecondary,
+  fileStorage,
+  metaDirName,
   digestChunkBytes,
   discardSecondary,
   promoteToPrimary,
@@ -326,8 +329,18 @@ describe('role change', () => {
     await until(promoted, 'replicating', rejoined);
     expect(figures.comparedBytes - figures.sameBytes).toBe(expected);
     await commit(promoted, rejoined);
-    expectSameDisk(await readAll(rejoined.secondary), await readAll(promoted.device), 'old primary after rejoining');
+    const protectedDisk = await readAll(promoted.device);
+    expectSameDisk(await readAll(rejoined.secondary), protectedDisk, 'old primary after rejoining');
+
+    // A second failover, the other way: the old primary's host holds the data of both periods.
     await promoted.close();
+    await rejoined.failover({ to: 'secondary' });
+    await rejoined.secondary.flush();
+    const final = await readAll(rejoined.secondary);
+    expectSameDisk(final, protectedDisk, 'after the second failover');
+    expect(final.subarray(0, 128 * KiB)).toEqual(pattern(1 * MiB, 1).subarray(0, 128 * KiB));
+    expect(final.subarray(2 * MiB, 2 * MiB + 96 * KiB)).toEqual(pattern(96 * KiB, 2));
+    expect(final.subarray(3 * MiB, 3 * MiB + 16 * KiB)).toEqual(pattern(16 * KiB, 4));
     await rejoined.close();
   });
 
@@ -360,6 +373,45 @@ describe('role change', () => {
     await expect(ReplicatedVolume.open(b.volumeOptions)).rejects.toMatchObject({ code: 'EMETA' });
     writeFileSync(join(b.dataDir, 'volume-role.json'), JSON.stringify({ format: 1, role: 'secondary', since: new Date().toISOString() }));
     await expect(PrimaryVolume.open(b.primaryOptions(), link.peer)).rejects.toMatchObject({ code: 'EMETA', message: expect.stringMatching(/secondary role/) });
+  });
+});
+
+describe('discard', () => {
+  it('a discard that stopped after its commit is finished by the next open; one that stopped before leaves the volume failed over, and runs again', async () => {
+    const host = new Host();
+    const volume = await host.openSecondary();
+    await volume.secondary.write(pattern(8 * KiB, 1), 0);
+    await volume.failover({ to: 'secondary' });
+    const failedOver = volume.stats().generation!;
+    await volume.close();
+
+    // Stopped before the commit: only the intent is in the metadata.
+    const location = join(host.dataDir, metaDirName);
+    let meta = new MetaStore(await fileStorage.openMeta(location, { create: false }), location);
+    await meta.recordDiscardBegun(new Date().toISOString());
+    await meta.close();
+    const intact = await host.openSecondary();
+    expect(intact.stats()).toMatchObject({ state: 'failed-over', generation: failedOver });
+    await intact.close();
+
+    // Stopped right after the commit: the state file says replicating, the metadata still failed over.
+    meta = new MetaStore(await fileStorage.openMeta(location, { create: false }), location);
+    await meta.recordDiscardBegun(new Date().toISOString());
+    await meta.close();
+    const statePath = join(host.dataDir, 'volume-state.json');
+    const { failoverRequestedAt: _at, ...record } = JSON.parse(readFileSync(statePath, 'utf8')) as Record<string, unknown>;
+    writeFileSync(statePath, JSON.stringify({ ...record, lifecycle: 'replicating', target: null, journal: null }));
+    const finished = await host.openSecondary();
+    expect(finished.stats()).toMatchObject({ state: 'replicating', generation: { current: null, history: [failedOver.current, ...failedOver.history] }, inconsistent: expect.anything() });
+    const disk = await readAll(finished.secondary);
+    expect(disk.subarray(0, 8 * KiB)).toEqual(pattern(8 * KiB, 1));
+    await finished.close();
+
+    // Discarding a replicating secondary (an unrelated lineage) only forgets its generation.
+    await discardSecondary(host.volumeOptions);
+    const again = await host.openSecondary();
+    expect(again.stats()).toMatchObject({ state: 'replicating', generation: { current: null } });
+    await again.close();
   });
 });
 
