@@ -267,6 +267,44 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     expect({ status: cliRefused.status, stderr: cliRefused.stderr }).toEqual({ status: 1, stderr: expect.stringContaining('refused (409 conflict)') });
   });
 
+  it('kill -9 at points spread over a promote and a demote: the volume restarts in one role, with its data', async () => {
+    requireTool('qemu-io');
+    const peerDir = await makeTempDir();
+    const tokenFile = join(peerDir, 'peer.token');
+    await writeFile(tokenFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    const args = ['--peer', deadPeer, '--peer-token-file', tokenFile];
+    const dataDir = await makeTempDir();
+    let daemon = await startDaemon({ dataDir, volumes: ['vm:16M'], args });
+    const failover = await api(daemon, 'POST', '/v1/volumes/vm/failover', { to: 'secondary' });
+    expect(failover.status).toBe(200);
+    assertQemuOk(await qemuIo(daemon, 'vm/secondary', ['write -P 0x77 0 16M', 'flush']), 'the disk');
+    const expectWhole = async (what: string) => assertQemuOk(await qemuIo(daemon, 'vm/secondary', ['read -P 0x77 0 16M']), what);
+    // Where the kill lands: from before the request is read to after it is done.
+    const killAfterMs = [0, 5, 10, 12, 14, 16, 18, 20, 25, 30, 40, 60, 80];
+    const roles: string[] = [];
+    for (const [index, delay] of killAfterMs.entries()) {
+      const before = (await api(daemon, 'GET', '/v1/volumes/vm')).json.role as string;
+      const operation = before === 'secondary' ? 'promote' : 'demote';
+      // force: a demoted volume is a stale copy marked inconsistent, which only a forced failover takes.
+      const request = api(daemon, 'POST', `/v1/volumes/vm/${operation}`, { force: true }).catch(() => undefined);
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      expect((await daemon.stop('SIGKILL')).signal).toBe('SIGKILL');
+      await request;
+      daemon = await startDaemon({ dataDir, volumes: [], args });
+      const after = (await api(daemon, 'GET', '/v1/volumes/vm')).json;
+      expect({ index, delay, operation, role: ['primary', 'secondary'].includes(after.role), error: after.error }).toEqual({ index, delay, operation, role: true, error: undefined });
+      roles.push(`${operation}@${delay}ms:${after.role}`);
+      await expectWhole(`after ${operation} killed at ${delay} ms`);
+    }
+    console.log(`kill -9 during role changes: ${roles.join(', ')}`);
+    // Whatever role it ended in, the volume still changes role on request.
+    const last = (await api(daemon, 'GET', '/v1/volumes/vm')).json.role as string;
+    const change = await api(daemon, 'POST', `/v1/volumes/vm/${last === 'secondary' ? 'promote' : 'demote'}`, { force: true });
+    expect(change.status).toBe(200);
+    expect(change.json.role).toBe(last === 'secondary' ? 'primary' : 'secondary');
+    await expectWhole('after a last role change');
+  });
+
   it('a stale old primary, demoted, rejoins as the secondary of the promoted side and is sent only the chunks that differ', async () => {
     requireTool('qemu-io');
     const peerDir = await makeTempDir();
