@@ -1,19 +1,21 @@
 /**
- * Goal: after a failover the surviving volume is protected again without its VM noticing: `gannet
- * promote` makes the failed-over secondary volume a primary on the same disk while the VM's NBD
- * connection to NAME/secondary keeps working (no request fails), a new secondary daemon is brought up
- * to date by the resync, and a second failover, onto that new secondary, keeps the data of both
- * periods. The role survives kill -9.
+ * Goal: the lifecycle of a replicated volume across roles, through real daemons and real clients.
+ * After a failover the surviving volume is protected again without its VM noticing: `gannet promote`
+ * makes the failed-over secondary volume a primary on the same disk while the VM's NBD connection to
+ * NAME/secondary keeps working (no request fails), a new secondary is brought up to date, and a
+ * second failover onto it keeps the data of both periods. A stale old primary, demoted, rejoins and is
+ * sent only the chunks that differ. A role change killed -9 at any point restarts in one role. (The
+ * split brain made with a network namespace is in the last describe.)
  *
- * Method: three real daemons on loopback: P (role primary) replicating to S (role secondary), and a
- * fresh daemon T. Period 1: qemu-io writes through P. `gannet failover vm` on S; an NbdClient (one
- * connection, the "VM") keeps writing 4 KiB blocks to S's vm/secondary in a bounded loop, recording
- * every acknowledged write and every failure; `gannet promote vm --peer T` runs meanwhile (S's own
- * --peer is a dead address and its token file is filled with T's token only now: the override and the
- * reread are both exercised). Once S's volume is `replicating` (its state event), a checkpoint made
- * durable on T; T's disk.img must equal S's disk, read back through S's export vm. Then `gannet
- * failover vm` on T, and T's vm/secondary must hold period 1's pattern and every block's last write of
- * period 2.
+ * Method for the re-protection: three daemons on loopback: P (role primary) replicating to S (role
+ * secondary), and a fresh daemon T. Period 1: qemu-io writes through P. `gannet failover vm` on S; an
+ * NbdClient (one connection, the "VM") keeps writing 4 KiB blocks to S's vm/secondary in a bounded
+ * loop, recording every acknowledged write and every failure; `gannet promote vm --peer T` runs
+ * meanwhile (S's own --peer is a dead address and its token file is filled with T's token only now:
+ * the override and the reread are both exercised). Once S's volume is `replicating` (its state event),
+ * a checkpoint made durable on T; T's disk.img must equal S's disk, read back through S's NBD. Then
+ * `gannet failover vm` on T, and T's vm/secondary must hold period 1's pattern and every block's last
+ * write of period 2. Resync sizes are read from the primary's `lastResync` (compared, same, data bytes).
  */
 import { createHash } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
