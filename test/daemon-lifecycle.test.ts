@@ -267,6 +267,11 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     expect({ status: cli.status, stderr: cli.stderr }).toEqual({ status: 2, stderr: expect.stringContaining('--discard-local is required') });
     const cliRefused = await gannet(['resolve', 'vm', '--discard-local', ...clientFlags(later)]);
     expect({ status: cliRefused.status, stderr: cliRefused.stderr }).toEqual({ status: 1, stderr: expect.stringContaining('refused (409 conflict)') });
+    // A daemon without a peer has nobody for a promoted volume to replicate to: refused, nothing changed.
+    const lone = await startDaemon({ volumes: ['solo:8M'] });
+    const noPeer = await gannet(['promote', 'solo', ...clientFlags(lone)]);
+    expect({ status: noPeer.status, stderr: noPeer.stderr }).toEqual({ status: 1, stderr: expect.stringContaining('no peer token') });
+    expect((await api(lone, 'GET', '/v1/volumes/solo')).json).toMatchObject({ role: 'secondary', state: 'replicating' });
   });
 
   it('kill -9 at points spread over a promote and a demote: the volume restarts in one role, with its data', async () => {
