@@ -19,6 +19,7 @@ export function volumePeer(target: () => ReplicatedVolume | null, options: { add
     async connect(generation: Generation): Promise<PeerSession> {
       const volume = target();
       if (volume === null) throw new GannetError('EPEER', `${address}: no volume to connect to`);
+      if (volume.stats().state === 'closed') throw gone();
       // A split brain is refused before anything of the session exists (SplitBrainError).
       volume.acceptPrimary(generation);
       const s = volume.stats();
