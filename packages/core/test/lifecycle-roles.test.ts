@@ -376,6 +376,38 @@ describe('role change', () => {
   });
 });
 
+describe('demote', () => {
+  it('a demotion that stopped before its commit leaves the primary whole, and running it again completes it', async () => {
+    const a = new Host();
+    const link = new Link();
+    link.up = false;
+    const primary = await openPrimary(a, link);
+    await primary.device.write(pattern(8 * KiB, 1), 0);
+    const lineage = primary.stats().generation;
+    await primary.close();
+    // What a crash half-way through building the secondary's files leaves beside the primary's.
+    writeFileSync(join(a.dataDir, 'volume-role.json'), JSON.stringify({ format: 1, role: 'primary', since: new Date().toISOString() }));
+    mkdirSync(join(a.dataDir, metaDirName), { recursive: true });
+    writeFileSync(join(a.dataDir, metaDirName, 'CURRENT'), 'garbage');
+    writeFileSync(join(a.dataDir, 'volume-state.json'), '{"half": ');
+    const reopened = await openPrimary(a, link);
+    expect(reopened.stats().generation).toEqual(lineage);
+    await reopened.close();
+    await expect(a.openSecondary()).rejects.toMatchObject({ code: 'EMETA', message: expect.stringMatching(/primary role/) });
+    await demoteToSecondary(a.volumeOptions);
+    const demoted = await a.openSecondary();
+    expect(demoted.stats()).toMatchObject({ state: 'replicating', generation: { current: null, history: [lineage.current, ...lineage.history] } });
+    const disk = await readAll(demoted.secondary);
+    expect(disk.subarray(0, 8 * KiB)).toEqual(pattern(8 * KiB, 1));
+    await demoted.close();
+    // Called again after it committed, it only tidies up.
+    await demoteToSecondary(a.volumeOptions);
+    const still = await a.openSecondary();
+    expect(still.stats().state).toBe('replicating');
+    await still.close();
+  });
+});
+
 describe('discard', () => {
   it('a discard that stopped after its commit is finished by the next open; one that stopped before leaves the volume failed over, and runs again', async () => {
     const host = new Host();
