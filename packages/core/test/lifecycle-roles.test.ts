@@ -224,7 +224,7 @@ describe('split brain', () => {
     expect(ps.link.state).toBe('refused');
     expect(ps.splitBrain).toMatchObject({ local: ps.generation, peer: secondary.stats().generation });
     expect(secondary.stats().splitBrain).toMatchObject({ local: secondary.stats().generation, peer: ps.generation });
-    expect(() => secondary.acceptPrimary(ps.generation)).toThrow(expect.objectContaining({ code: 'ESPLITBRAIN' }));
+    await expect(secondary.acceptPrimary(ps.generation)).rejects.toMatchObject({ code: 'ESPLITBRAIN', secondary: secondary.stats().generation, primary: ps.generation });
     await expect(primary.checkpoint()).rejects.toMatchObject({ code: 'ESPLITBRAIN' });
     expectSameDisk(a.file(), primaryDisk, 'primary disk while split');
     expectSameDisk(b.file(), secondaryDisk, 'secondary disk while split');
@@ -246,6 +246,10 @@ describe('split brain', () => {
     // sends the chunks that differ and nothing else.
     link.up = false;
     await secondary.close();
+    // The secondary's record of the split survives its restart too.
+    const restarted = await b.openSecondary();
+    expect(restarted.stats()).toMatchObject({ state: 'failed-over', splitBrain: { peer: ps.generation } });
+    await restarted.close();
     await discardSecondary(b.volumeOptions);
     const { bytes: expected, data: expectedData } = differing(survivor, b.file());
     // Chunks only the secondary wrote are zeroes here: they go as zero requests, not as data.
@@ -253,6 +257,7 @@ describe('split brain', () => {
     expect(expectedData).toBeLessThan(expected);
     const discarded = await b.openSecondary();
     expect(discarded.stats()).toMatchObject({ state: 'replicating', generation: { current: null }, inconsistent: expect.anything() });
+    expect(discarded.stats().splitBrain).toBeUndefined();
     await expect(discarded.failover()).rejects.toMatchObject({ code: 'ETORN' });
     const resynced = nextFullResync(primary);
     link.target = discarded;
