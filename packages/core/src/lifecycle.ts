@@ -237,6 +237,7 @@ export interface Recovered {
  * file's content, above every epoch it handed out, with the whole disk torn: it needs a full resync.
  */
 export async function recoverFiles(options: ResolvedVolumeOptions, storage: Storage): Promise<Recovered> {
+  await checkRole(storage, options.dataDir, 'secondary');
   const stateFile = new VolumeStateFile(storage, options.dataDir);
   const record = await stateFile.read();
   if (record === null) throw new GannetError('EMETA', `there is no state file ${stateFile.path} to recover the volume from`);
