@@ -211,6 +211,7 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     const restarted = await startDaemon({ dataDir: secondary.dataDir, volumes: [], args: sArgs });
     expect(await view(restarted)).toMatchObject({ role: 'primary', exports: { disk: 'vm', secondary: 'vm/secondary' }, link: { peer: `${third.control.host}:${third.control.port}` } });
     expect(await listedExports(restarted)).toEqual(['vm', 'vm/secondary']);
+    expect(restarted.stdoutLines).toContain(`  export (the same disk, as the secondary it was promoted from): nbd://${restarted.nbd.host}:${restarted.nbd.port}/vm%2Fsecondary`);
     const again = await NbdClient.connect(restarted.nbd, { exportName: 'vm/secondary' });
     expect({ firstDifferentMiB: firstDifferentMiB(await readWhole(again), disk) }).toEqual({ firstDifferentMiB: null });
     await again.close();

@@ -62,6 +62,7 @@ export function startupLines(daemon: Daemon): string[] {
           `peer ${view.link?.peer} (link ${view.link?.state}), ${formatBytes(view.dirtyBytes ?? 0)} dirty`,
       );
       for (const uri of view.uris.disk) lines.push(`  export (the PVM's disk): ${uri}`);
+      for (const uri of view.uris.secondary ?? []) lines.push(`  export (the same disk, as the secondary it was promoted from): ${uri}`);
       continue;
     }
     lines.push(
