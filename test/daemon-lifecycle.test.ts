@@ -256,6 +256,10 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     const restarted = await startDaemon({ dataDir: daemon.dataDir, volumes: [], args: ['--peer', deadPeer, '--peer-token-file', tokenFile] });
     expect((await api(restarted, 'GET', '/v1/volumes/pv')).json).toMatchObject({ role: 'primary', exports: { disk: 'pv', secondary: 'pv/secondary' } });
     expect(JSON.parse(await readFile(recordFile, 'utf8'))).toMatchObject({ role: 'primary' });
+    // A client that has just exited does not count: qemu-io, then at once a demote without force.
+    assertQemuOk(await qemuIo(restarted, 'pv', ['write -P 0x12 0 64K']), 'a write just before the demote');
+    const demotedPv = await api(restarted, 'POST', '/v1/volumes/pv/demote', {});
+    expect({ status: demotedPv.status, role: demotedPv.json.role }).toEqual({ status: 200, role: 'secondary' });
     expect((await restarted.stop()).code).toBe(0);
     const later = await startDaemon({ dataDir: daemon.dataDir, volumes: [], args: ['--peer', deadPeer, '--peer-token-file', tokenFile] });
     const demoted = await api(later, 'POST', '/v1/volumes/vm/demote', {});

@@ -468,7 +468,7 @@ export class Daemon implements ControlOperations {
 
   /** Demotes the primary volume `name` (in its order); `why` names the operation in logs and errors. */
   private async demoteNow(name: string, force: boolean, why: 'demote' | 'resolve'): Promise<AnyVolumeView> {
-    const target = this.primaries.demotable(name);
+    const target = await this.primaries.demotable(name, force);
     if (target.clients > 0 && !force) {
       throw new ApiError('conflict', `volume ${name} has ${target.clients} NBD client(s) connected: stop its VM first, or force (which disconnects them)`);
     }

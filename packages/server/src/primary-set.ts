@@ -40,7 +40,7 @@ import {
   type PrimaryRecord,
   type Scan,
 } from './registry.js';
-import { clientDisconnectGraceMs, closeOpenVolumes, eachBounded, errorCodeOf, exportCloseGraceMs, present, problemOf, retireDirectory, volumeOpenConcurrency, type VolumeReload } from './volume-set.js';
+import { clientsAfterGrace, closeOpenVolumes, connectedClients, eachBounded, errorCodeOf, exportCloseGraceMs, present, problemOf, retireDirectory, volumeOpenConcurrency, type VolumeReload } from './volume-set.js';
 
 /**
  * The volumes of a daemon in the primary role (`gannet serve --role primary`): each one a PrimaryVolume,
@@ -269,14 +269,14 @@ export class PrimarySet {
   }
 
   /**
-   * The open primary volume `name`, for a demotion (in its order), with the NBD clients on its exports,
-   * or a conflict saying why it cannot be demoted.
+   * The open primary volume `name`, for a demotion (in its order), with the NBD clients on its exports
+   * (without `force`, once those going have gone), or a conflict saying why it cannot be demoted.
    */
-  demotable(name: string): { dir: string; record: PrimaryRecord; volume: PrimaryVolume; wanted: VolumeConfig; clients: number } {
+  async demotable(name: string, force: boolean): Promise<{ dir: string; record: PrimaryRecord; volume: PrimaryVolume; wanted: VolumeConfig; clients: number }> {
     const entry = this.lookup(name);
     if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot be demoted: it is in error (${entry.error.code}): ${entry.error.message}`);
     const { nbd } = this.context;
-    const clients = exportNames(entry).reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0);
+    const clients = force ? connectedClients(nbd, exportNames(entry)) : await clientsAfterGrace(nbd, exportNames(entry));
     return { dir: entry.dir, record: entry.record, volume: entry.volume, wanted: entry.wanted, clients };
   }
 
@@ -385,7 +385,7 @@ export class PrimarySet {
       ...(stats.splitBrain !== undefined && { splitBrain: stats.splitBrain }),
       peerEpoch: stats.peerEpoch,
       peerDurableEpoch: stats.peerDurableEpoch,
-      clients: exportNames(entry).reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0),
+      clients: connectedClients(nbd, exportNames(entry)),
     };
   }
 
@@ -494,17 +494,7 @@ export class PrimarySet {
       let closeError: string | undefined;
       if (entry.kind === 'open') {
         const exports = exportNames(entry);
-        const connected = () => exports.reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0);
-        let clients = connected();
-        if (clients > 0 && !force) {
-          let timer: NodeJS.Timeout | undefined;
-          const grace = new Promise<void>((resolve) => {
-            timer = setTimeout(resolve, clientDisconnectGraceMs);
-          });
-          await Promise.race([Promise.all(exports.map((exportName) => nbd.exportConnectionsClosed(exportName))), grace]);
-          clearTimeout(timer);
-          clients = connected();
-        }
+        const clients = force ? connectedClients(nbd, exports) : await clientsAfterGrace(nbd, exports);
         if (clients > 0 && !force) {
           throw new ApiError('conflict', `volume ${name} has ${clients} NBD client(s) connected: disconnect them first, or force (which closes them)`);
         }

@@ -669,17 +669,7 @@ export class VolumeSet {
       let closeError: string | undefined;
       if (entry.kind === 'open') {
         const exports = [`${name}/primary`, `${name}/secondary`];
-        const connected = () => exports.reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0);
-        let clients = connected();
-        if (clients > 0 && !force) {
-          let timer: NodeJS.Timeout | undefined;
-          const grace = new Promise<void>((resolve) => {
-            timer = setTimeout(resolve, clientDisconnectGraceMs);
-          });
-          await Promise.race([Promise.all(exports.map((exportName) => nbd.exportConnectionsClosed(exportName))), grace]);
-          clearTimeout(timer);
-          clients = connected();
-        }
+        const clients = force ? connectedClients(nbd, exports) : await clientsAfterGrace(nbd, exports);
         if (clients > 0 && !force) {
           throw new ApiError('conflict', `volume ${name} has ${clients} NBD client(s) connected: disconnect them first, or force (which closes them)`);
         }
@@ -855,6 +845,27 @@ export async function retireDirectory(dataDir: string, dir: string, name: string
       errorCodeOf(error),
     );
   }
+}
+
+/** NBD connections on `exports` now. */
+export function connectedClients(nbd: NbdServer, exports: readonly string[]): number {
+  return exports.reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0);
+}
+
+/**
+ * NBD connections on `exports`, once those going have gone: a client that has just disconnected is
+ * noticed when the main thread reads its socket again, so with clients connected this waits for them
+ * to close, clientDisconnectGraceMs at most, before it counts.
+ */
+export async function clientsAfterGrace(nbd: NbdServer, exports: readonly string[]): Promise<number> {
+  if (connectedClients(nbd, exports) === 0) return 0;
+  let timer: NodeJS.Timeout | undefined;
+  const grace = new Promise<void>((resolve) => {
+    timer = setTimeout(resolve, clientDisconnectGraceMs);
+  });
+  await Promise.race([Promise.all(exports.map((exportName) => nbd.exportConnectionsClosed(exportName))), grace]);
+  clearTimeout(timer);
+  return connectedClients(nbd, exports);
 }
 
 /** Closes the open volumes of a set, in name order; resolves with the first failure, if any. */
