@@ -80,9 +80,8 @@ const primaryRecordSchema = z
     sizeBytes: positiveInteger,
     createdAt: z.string(),
     /**
-     * The volume was a secondary promoted to this role: its disk.img is the failed-over disk, adopted by
-     * the primary (a full or digest sync of its next peer), and it is also served as NAME/secondary, the
-     * export its VM was attached to.
+     * The volume was a secondary promoted to this role: its disk.img is the failed-over disk, and it is
+     * also served as NAME/secondary, the export its VM was attached to.
      */
     promotedAt: z.string().optional(),
     /** The peer's control address (HOST:PORT) given at promotion, used instead of the daemon's peer. */
@@ -177,8 +176,8 @@ export async function readAnyRecord(dir: string, name: string): Promise<AnyVolum
 }
 
 /**
- * Replaces a volume's volume.json atomically (a new file renamed over it, both synced): a role change
- * is recorded by this one rename, so a crash leaves the volume in the old role or the new one.
+ * Replaces a volume's volume.json atomically (a new file renamed over it, both synced), so a crash
+ * leaves the old record or the new one, never a torn file.
  */
 export async function rewriteRecord(dir: string, record: AnyVolumeRecord): Promise<void> {
   const temporary = join(dir, `.${volumeRecordName}.${suffix()}`);
@@ -220,7 +219,7 @@ export async function reconcileRecord(dir: string, record: AnyVolumeRecord): Pro
 
 /**
  * Every volume directory of the data directory, and the leftovers of interrupted work; `read` checks each
- * volume.json for the daemon's role (a volume of the other role is a problem, never opened).
+ * volume.json (readAnyRecord: for the role it records); one it refuses is a problem, never opened.
  */
 export async function scanVolumes(dataDir: string): Promise<Scan>;
 export async function scanVolumes<R>(dataDir: string, read: (dir: string, name: string) => Promise<R>): Promise<Scan<R>>;
