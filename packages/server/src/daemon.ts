@@ -210,8 +210,12 @@ export class Daemon implements ControlOperations {
       tlsRequired: config.nbd.tls.mode === 'require',
       order: this.order,
     };
-    this.secondaries = new VolumeSet(context);
-    this.primaries = new PrimarySet({ ...context, peerOf: (volume, control) => this.peerOf(volume, control) });
+    this.secondaries = new VolumeSet({ ...context, heldElsewhere: (name) => this.primaries.has(name) || this.changing.has(name) });
+    this.primaries = new PrimarySet({
+      ...context,
+      heldElsewhere: (name) => this.secondaries.has(name) || this.changing.has(name),
+      peerOf: (volume, control) => this.peerOf(volume, control),
+    });
   }
 
   /** The link of a primary volume to its peer: the daemon's peer, or `control` (recorded at its promotion). */

@@ -127,6 +127,8 @@ export interface PrimarySetContext {
   readonly logger: Logger;
   /** Shared with the secondary role's set (see VolumeSetContext). */
   readonly order: OperationOrder;
+  /** The other role's set holds the volume, or it is between the sets (its role changing). */
+  heldElsewhere(name: string): boolean;
   /** The link to the volume `name` on the peer: the daemon's peer, or `control` (HOST:PORT) when given. */
   peerOf(name: string, control?: string): Peer;
   publish(event: EventName, volume: string, data: Record<string, unknown>): void;
@@ -544,6 +546,8 @@ export class PrimarySet {
         try {
           const dir = volumeDir(this.context.dataDir, name);
           const entry = await this.order.run([name], async () => {
+            // A role change that ran meanwhile put the volume in the other set: it is served there.
+            if (this.context.heldElsewhere(name)) return null;
             if (!(await present(dir))) return this.createConfigured(name, wanted);
             try {
               const record = await readPrimaryRecord(dir, name);
@@ -554,6 +558,7 @@ export class PrimarySet {
               return this.addBroken({ kind: 'error', name, dir, record: null, wanted, error: problem, cause: undefined });
             }
           });
+          if (entry === null) return;
           if (entry.kind === 'open') {
             added.push(name);
             this.context.metrics.onVolumeAdded();

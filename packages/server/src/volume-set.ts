@@ -127,6 +127,8 @@ export interface VolumeSetContext {
   readonly logger: Logger;
   /** Shared by both roles' sets: a promotion moves a volume from one to the other in the order of its operations. */
   readonly order: OperationOrder;
+  /** The other role's set holds the volume, or it is between the sets (its role changing). */
+  heldElsewhere(name: string): boolean;
   publish(event: EventName, volume: string, data: Record<string, unknown>): void;
   /** Shutdown began: operations are refused from then on. */
   closing(): boolean;
@@ -774,6 +776,8 @@ export class VolumeSet {
         const dir = volumeDir(this.context.dataDir, name);
         try {
           const entry = await this.order.run([name], async () => {
+            // A role change that ran meanwhile put the volume in the other set: it is served there.
+            if (this.context.heldElsewhere(name)) return null;
             if (found === null) return this.createConfigured(name, wanted);
             if (typeof found === 'string') {
               const problem = problemOf('ERECORD', found);
@@ -781,6 +785,7 @@ export class VolumeSet {
             }
             return this.openExisting(name, dir, found, wanted, 'opened');
           });
+          if (entry === null) return;
           if (entry.kind === 'open') {
             added.push(name);
             this.context.metrics.onVolumeAdded();
