@@ -279,6 +279,23 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     expect((await api(lone, 'GET', '/v1/volumes/solo')).json).toMatchObject({ role: 'secondary', state: 'replicating' });
   });
 
+  it('a reload after a promotion leaves the promoted volume to the primary role', async () => {
+    const dir = await makeTempDir();
+    const tokenFile = join(dir, 'peer.token');
+    await writeFile(tokenFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    const config = join(dir, 'gannet.yaml');
+    await writeFile(config, `peer: { control: "${deadPeer}", tokenFile: ${tokenFile} }\nvolumes:\n  vm: { sizeBytes: 16M }\n`);
+    const daemon = await startDaemon({ volumes: [], args: ['--config', config] });
+    expect((await api(daemon, 'POST', '/v1/volumes/vm/promote', {})).json).toMatchObject({ role: 'primary' });
+    await writeFile(config, `peer: { control: "${deadPeer}", tokenFile: ${tokenFile} }\nvolumes:\n  vm: { sizeBytes: 16M }\n  more: { sizeBytes: 8M }\n`);
+    const reloaded = await api(daemon, 'POST', '/v1/reload', {});
+    expect(reloaded.status).toBe(200);
+    expect(reloaded.json).toMatchObject({ added: ['more'], failed: [], notInConfig: [] });
+    expect((await api(daemon, 'GET', '/v1/volumes/vm')).json).toMatchObject({ role: 'primary' });
+    expect((await api(daemon, 'GET', '/v1/volumes/more')).json).toMatchObject({ role: 'secondary', state: 'replicating' });
+    expect(await listedExports(daemon)).toEqual(['more/primary', 'more/secondary', 'vm', 'vm/secondary']);
+  });
+
   it('kill -9 at points spread over a promote and a demote: the volume restarts in one role, with its data', async () => {
     requireTool('qemu-io');
     const peerDir = await makeTempDir();
