@@ -245,6 +245,9 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     expect(again.status).toBe(200);
     expect(again.json).toMatchObject({ role: 'primary', promotedAt: promoted.json.promotedAt, link: { peer: deadPeer } });
     expect(await listedExports(daemon)).toEqual(['pv', 'pv/secondary', 'vm/primary', 'vm/secondary']);
+    // An old primary attaching to the promoted volume learns why it is refused.
+    const attach = await api(daemon, 'POST', '/v1/volumes/pv/peer', {});
+    expect({ status: attach.status, reason: attach.json.error.reason }).toEqual({ status: 409, reason: 'EPRIMARY' });
     // A crash after the engine committed the role and before volume.json followed leaves the old record:
     // the restart goes by the engine's role and brings volume.json in line.
     expect((await daemon.stop('SIGKILL')).signal).toBe('SIGKILL');

@@ -435,9 +435,13 @@ export class PrimarySet {
     return Promise.reject(notOnPrimary('recover', name));
   }
 
-  /** A primary attaching to a primary: two primaries configured as each other's peer. */
+  /**
+   * A primary attaching to a primary: two primaries configured as each other's peer, or an old primary
+   * back after this volume was promoted. `reason: EPRIMARY` tells its link why.
+   */
   attachPeer(name: string): Promise<never> {
-    return Promise.reject(notOnPrimary('attaching a primary (its peer must be a secondary volume)', name));
+    const refused = notOnPrimary('attaching a primary (its peer must be a secondary volume)', name);
+    return Promise.reject(new ApiError(refused.code, refused.message, undefined, 'EPRIMARY'));
   }
 
   setInconsistent(name: string): Promise<never> {
