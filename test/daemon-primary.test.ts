@@ -51,7 +51,7 @@ async function usageError(args: string[], field: string): Promise<void> {
 describe('gannet serve --role primary', () => {
   afterEach(stopAll);
 
-  it('exits 2 naming the field for a primary without its peer, or settings of the other role', async () => {
+  it('exits 2 naming the field for a primary without its peer, or a bad setting', async () => {
     const token = await peerTokenFile();
     await usageError(['--role', 'primary'], 'peer: required with role primary');
     await usageError(['--role', 'primary', '--peer', deadPeer], 'peer.tokenFile: required');
@@ -59,13 +59,12 @@ describe('gannet serve --role primary', () => {
     await usageError(['--role', 'primary', '--peer', 'nowhere', '--peer-token-file', token], '--peer: expected HOST:PORT');
     await usageError(['--role', 'primary', '--peer', deadPeer, '--peer-token-file', '/nonexistent/token'], 'peer.tokenFile: cannot read /nonexistent/token');
     await usageError(['--role', 'leader'], '--role');
-    await usageError(['--peer', deadPeer, '--peer-token-file', token], 'peer: only with role primary');
     await usageError([...(await primaryArgs()), '--peer-tls-certificates', '/nonexistent'], 'peer.tls.certificates: cannot read /nonexistent/ca-cert.pem');
     await usageError([...(await primaryArgs()), '--peer-tls-psk', token], 'peer.tls.psk');
     await usageError([...(await primaryArgs()), '--peer-tls-psk', token, '--peer-tls-certificates', dirOf(token)], '--peer-tls-certificates: give either');
     const dir = await makeTempDir();
     const cases: [string, string][] = [
-      ['volumes:\n  a: { sizeBytes: 16M, blockBytes: 4096 }\n', 'volumes.a.blockBytes: not a setting of role primary'],
+      ['volumes:\n  a: { sizeBytes: 16M, blockBytes: 1000 }\n', 'volumes.a.blockBytes'],
       ['volumes:\n  a: { ackMode: sometimes }\n', 'volumes.a.ackMode'],
       ['volumes:\n  a: { peerTimeoutMs: 1 }\n', 'volumes.a.peerTimeoutMs'],
       ['volumes:\n  a: { peerReconnectMs: 2000, peerReconnectMsMax: 1000 }\n', 'volumes.a.peerReconnectMsMax'],
@@ -78,8 +77,8 @@ describe('gannet serve --role primary', () => {
       await usageError(['--config', file], field);
     }
     const secondary = join(dir, 'secondary.yaml');
-    await writeFile(secondary, 'volumes:\n  a: { ackMode: local }\n');
-    await usageError(['--config', secondary], 'volumes.a.ackMode: not a setting of role secondary');
+    await writeFile(secondary, 'volumes:\n  a: { ackMode: sometimes }\n');
+    await usageError(['--config', secondary], 'volumes.a.ackMode');
   });
 
   it('serves each volume as export NAME, writes succeed while the peer is away, and the API shows why', async () => {
@@ -134,7 +133,7 @@ describe('gannet serve --role primary', () => {
     ] as const) {
       const refused = await api(daemon, 'POST', path, body);
       expect(refused.status).toBe(409);
-      expect(refused.json.error.message).toContain('this daemon runs role primary');
+      expect(refused.json.error.message).toContain('volume vm runs role primary here');
     }
     expect((await api(daemon, 'GET', '/v1/groups')).json).toEqual({ groups: [] });
 
@@ -164,22 +163,30 @@ describe('gannet serve --role primary', () => {
     expect(await listedExports(daemon)).toEqual(['vm']);
   });
 
-  it('never opens a volume directory of the other role', async () => {
+  it('serves each volume in the role its volume.json records, whatever the daemon\'s default role', async () => {
     const dataDir = await makeTempDir();
     const secondary = await startDaemon({ dataDir, volumes: ['old:16M'] });
     expect((await secondary.stop()).code).toBe(0);
 
     const primary = await startDaemon({ dataDir, volumes: ['vm:16M'], args: await primaryArgs() });
-    const old = await api(primary, 'GET', '/v1/volumes/old');
-    expect(old.json).toMatchObject({ role: 'primary', state: 'error', error: { code: 'ERECORD' } });
-    expect(old.json.error.message).toContain('records a volume of role secondary, and this daemon runs role primary');
-    expect(await listedExports(primary)).toEqual(['vm']);
+    expect((await api(primary, 'GET', '/v1/volumes/old')).json).toMatchObject({ role: 'secondary', state: 'replicating' });
+    expect((await api(primary, 'GET', '/v1/volumes/vm')).json).toMatchObject({ role: 'primary', state: 'degraded' });
+    expect(await listedExports(primary)).toEqual(['old/primary', 'old/secondary', 'vm']);
+    const metrics = (await api(primary, 'GET', '/metrics')).text;
+    expect(metrics).toContain('gannet_volume_role{volume="old",role="secondary"} 1');
+    expect(metrics).toContain('gannet_volume_role{volume="vm",role="primary"} 1');
+    // A name is one volume, whichever role it has.
+    expect((await api(primary, 'POST', '/v1/volumes', { name: 'old', sizeBytes: '8M' })).status).toBe(409);
+    const status = await gannet(['status', ...clientFlags(primary)]);
+    expect(status.stdout).toMatch(/^VOLUME\s+STRATEGY\s+STATE[^\n]*\nold\s+gannet\s+replicating/);
+    expect(status.stdout).toMatch(/\n\nVOLUME\s+STATE\s+LINK[^\n]*\nvm\s+degraded/);
     expect((await primary.stop()).code).toBe(0);
 
+    // Without a peer, a primary volume cannot replicate: it is shown in error, the others are served.
     const again = await startDaemon({ dataDir, volumes: [] });
     const vm = await api(again, 'GET', '/v1/volumes/vm');
-    expect(vm.json).toMatchObject({ role: 'secondary', state: 'error', error: { code: 'ERECORD' } });
-    expect(vm.json.error.message).toContain('records a volume of role primary, and this daemon runs role secondary');
+    expect(vm.json).toMatchObject({ role: 'primary', state: 'error' });
+    expect(vm.json.error.message).toContain('the daemon needs its peer (--peer HOST:PORT --peer-token-file FILE)');
     expect((await api(again, 'GET', '/v1/volumes/old')).json).toMatchObject({ role: 'secondary', state: 'replicating' });
     expect(await listedExports(again)).toEqual(['old/primary', 'old/secondary']);
   });

@@ -7,3 +7,4 @@ export { ReadOnlyDevice } from './readonly.js';
 export { FaultDevice, type FaultVerb, type Hold } from './faults.js';
 export { MemoryDevice, memoryChunkBytes, type MemoryDeviceOptions } from './memory.js';
 export * from './file-device.js';
+export { SwappableDevice, swapDrainTimeoutMsDefault, type SwapOptions } from './swappable.js';

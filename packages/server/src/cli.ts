@@ -248,10 +248,17 @@ function primaryStatusTable(views: PrimaryVolumeView[]): string {
   return table.join('\n');
 }
 
+/** A table of the secondary volumes, then one of the primary volumes (their columns differ). */
 function statusTable(all: AnyVolumeView[]): string {
   const primaries = all.filter((view): view is PrimaryVolumeView => view.role === 'primary');
-  if (primaries.length > 0) return primaryStatusTable(primaries);
-  const views = all as VolumeView[];
+  const secondaries = all.filter((view): view is VolumeView => view.role !== 'primary');
+  const tables: string[] = [];
+  if (secondaries.length > 0 || primaries.length === 0) tables.push(secondaryStatusTable(secondaries));
+  if (primaries.length > 0) tables.push(primaryStatusTable(primaries));
+  return tables.join('\n\n');
+}
+
+function secondaryStatusTable(views: VolumeView[]): string {
   const header = ['VOLUME', 'STRATEGY', 'STATE', 'EPOCH', 'DURABLE', 'PRIMARY', 'SECONDARY', 'COMMITTED', 'SPILLED', 'TORN', 'CLIENTS'];
   const bytes = (n: number | undefined) => (n === undefined ? dash : formatBytes(n));
   const number = (n: number | undefined) => (n === undefined ? dash : String(n));
@@ -321,15 +328,15 @@ export function buildProgram(primaryDefaults?: PrimaryDefaults): Command {
   program
     .command('serve')
     .description(
-      'run the daemon: per volume, NBD exports NAME/primary and NAME/secondary (role secondary), or NAME replicated to the ' +
-        'secondary daemon given by --peer (role primary); and the control API',
+      'run the daemon: per volume, NBD exports NAME/primary and NAME/secondary (a secondary volume), or NAME replicated to the ' +
+        'secondary daemon given by --peer (a primary volume; --role is the role of the volumes it creates); and the control API',
     )
     .option('--config <FILE>', 'YAML or JSON config file (flags override it)')
     .addOption(new Option('--role <ROLE>', 'secondary: the GANNET buffer; primary: the PVM host, forwarding to --peer (default: secondary)').choices(['secondary', 'primary']))
-    .option('--peer <HOST:PORT>', "role primary: the secondary daemon's control API (required with --role primary)")
-    .option('--peer-token-file <FILE>', "role primary: a copy of the secondary's DATA_DIR/control.token (required with --role primary)")
-    .option('--peer-tls-certificates <DIR>', "role primary, a secondary requiring NBD TLS: DIR/ca-cert.pem (+ client-cert.pem, client-key.pem)")
-    .option('--peer-tls-psk <FILE>', 'role primary, a secondary requiring NBD TLS: pre-shared keys (psktool), its first identity')
+    .option('--peer <HOST:PORT>', "the peer (secondary) daemon's control API, for primary volumes (required with --role primary; with role secondary, for volumes promoted later)")
+    .option('--peer-token-file <FILE>', "a copy of the peer's DATA_DIR/control.token (required with --peer; reread at each promote)")
+    .option('--peer-tls-certificates <DIR>', "a peer requiring NBD TLS: DIR/ca-cert.pem (+ client-cert.pem, client-key.pem)")
+    .option('--peer-tls-psk <FILE>', 'a peer requiring NBD TLS: pre-shared keys (psktool), its first identity')
     .option('--data-dir <DIR>', `volumes, metadata and control.token (default: ${defaultDataDir})`)
     .option('--nbd <HOST:PORT>', 'NBD listen address, port 0 for a free port (default: 127.0.0.1:10809)')
     .option('--nbd-socket <PATH>', 'also serve NBD on this Unix socket')
@@ -391,6 +398,51 @@ export function buildProgram(primaryDefaults?: PrimaryDefaults): Command {
     client(flags, async (call) => {
       const view = (await call('POST', `/v1/volumes/${encodeURIComponent(name)}/failover`, { to: flags.to, force: flags.force })) as VolumeView;
       process.stdout.write(`${view.name}: failed over to ${flags.to}; ${view.exports.secondary} is now the disk (state ${view.state}, epoch ${view.epoch})\n`);
+    }),
+  );
+
+  addClientOptions(
+    program
+      .command('promote')
+      .description(
+        'make a secondary volume the primary: fail it over to the secondary view if not yet, then serve it in the primary role ' +
+          '(its VM stays connected to NAME/secondary; NAME is served too) and resync the peer; a primary volume is left as it is',
+      )
+      .argument('<NAME>', 'volume')
+      .option('--peer <HOST:PORT>', "the new secondary daemon's control API (default: the daemon's --peer); its token is read from the daemon's --peer-token-file")
+      .option('--force', 'fail over although the disk is half-synced or has torn ranges', false),
+  ).action((name: string, flags: ClientFlags & { peer?: string; force: boolean }) =>
+    client(flags, async (call) => {
+      const body = { force: flags.force, ...(flags.peer !== undefined && { peer: flags.peer }) };
+      const view = (await call('POST', `/v1/volumes/${encodeURIComponent(name)}/promote`, body)) as AnyVolumeView;
+      process.stdout.write(`${view.name}: role ${view.role}, ${view.state}${view.role === 'primary' && view.link !== undefined ? `, peer ${view.link.peer}` : ''}\n`);
+    }),
+  );
+
+  addClientOptions(
+    program
+      .command('demote')
+      .description('make a primary volume a secondary one, waiting for a primary to attach (refused while NBD clients use it, unless --force); a secondary volume is left as it is')
+      .argument('<NAME>', 'volume')
+      .option('--force', 'disconnect the NBD clients of the volume', false),
+  ).action((name: string, flags: ClientFlags & { force: boolean }) =>
+    client(flags, async (call) => {
+      const view = (await call('POST', `/v1/volumes/${encodeURIComponent(name)}/demote`, { force: flags.force })) as AnyVolumeView;
+      process.stdout.write(`${view.name}: role ${view.role}, ${view.state}\n`);
+    }),
+  );
+
+  addClientOptions(
+    program
+      .command('resolve')
+      .description("end a split brain: this side's changes since the split are dropped (its NBD clients are disconnected) and the peer's disk wins")
+      .argument('<NAME>', 'volume')
+      .option('--discard-local', "drop this side's changes (required: the only resolution)", false),
+  ).action((name: string, flags: ClientFlags & { discardLocal: boolean }) =>
+    client(flags, async (call) => {
+      if (!flags.discardLocal) throw new UsageError('resolve: --discard-local is required (this side\'s changes since the split are dropped)');
+      const view = (await call('POST', `/v1/volumes/${encodeURIComponent(name)}/resolve`, { discardLocal: true })) as AnyVolumeView;
+      process.stdout.write(`${view.name}: role ${view.role}, ${view.state}\n`);
     }),
   );
 

@@ -255,15 +255,8 @@ export const daemonConfigSchema = z
     if (config.role === 'primary' && config.peer === undefined) {
       ctx.addIssue({ code: 'custom', path: ['peer'], message: 'required with role primary: the secondary daemon\'s control address and token file (--peer HOST:PORT --peer-token-file FILE)' });
     }
-    if (config.role === 'secondary' && config.peer !== undefined) {
-      ctx.addIssue({ code: 'custom', path: ['peer'], message: 'only with role primary (a secondary is the one its primary connects to)' });
-    }
-    const foreign = config.role === 'primary' ? secondaryVolumeFields : primaryVolumeFields;
-    for (const [name, volume] of Object.entries(config.volumes)) {
-      for (const field of foreign) {
-        if (volume[field] !== undefined) ctx.addIssue({ code: 'custom', path: ['volumes', name, field], message: `not a setting of role ${config.role}` });
-      }
-    }
+    // With role secondary a peer is optional: the one a volume promoted to primary replicates to.
+    // A volume's settings of both roles are taken: each applies while the volume has that role.
     // Atomic group checkpoints are the secondary's (checkpointGroup); a primary checkpoints each volume's peer.
     if (config.role === 'primary' && Object.keys(config.groups).length > 0) {
       ctx.addIssue({ code: 'custom', path: ['groups'], message: 'not a setting of role primary: checkpoint a group atomically on the secondary' });

@@ -4,11 +4,14 @@ import {
   ApiError,
   apiErrorOf,
   type CheckpointResult,
+  type DemoteRequest,
   type ErrorCode,
   type GroupView,
   type PeerAttachRequest,
   type PeerAttachView,
+  type PromoteRequest,
   type RecoverResult,
+  type ResolveRequest,
   type ReloadResult,
   type RemoveResult,
   type AnyVolumeView,
@@ -37,6 +40,9 @@ export type Call =
   | { op: 'failover'; name: string; to: FailoverTarget; force: boolean }
   | { op: 'attach-peer'; name: string; from?: PeerAttachRequest }
   | { op: 'set-inconsistent'; name: string; inconsistent: boolean }
+  | { op: 'promote'; name: string; request: PromoteRequest }
+  | { op: 'demote'; name: string; request: DemoteRequest }
+  | { op: 'resolve'; name: string; request: ResolveRequest }
   | { op: 'groups' }
   | { op: 'reload' }
   | { op: 'metrics' };
@@ -57,6 +63,9 @@ export interface Results {
   failover: AnyVolumeView;
   'attach-peer': PeerAttachView;
   'set-inconsistent': VolumeView;
+  promote: AnyVolumeView;
+  demote: AnyVolumeView;
+  resolve: AnyVolumeView;
   groups: GroupView[];
   reload: ReloadResult;
   metrics: MetricsText;
@@ -137,6 +146,9 @@ export interface ControlOperations {
   /** A primary attaches: earlier NBD connections to NAME/primary are closed, then the volume's state is read. */
   attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView>;
   setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
+  promote(name: string, request: PromoteRequest): Promise<AnyVolumeView>;
+  demote(name: string, request: DemoteRequest): Promise<AnyVolumeView>;
+  resolve(name: string, request: ResolveRequest): Promise<AnyVolumeView>;
   groups(): GroupView[];
   reload(): Promise<ReloadResult>;
   metricsText(): Promise<MetricsText>;
@@ -162,6 +174,12 @@ function perform(operations: ControlOperations, call: Call): unknown {
       return operations.attachPeer(call.name, call.from);
     case 'set-inconsistent':
       return operations.setInconsistent(call.name, call.inconsistent);
+    case 'promote':
+      return operations.promote(call.name, call.request);
+    case 'demote':
+      return operations.demote(call.name, call.request);
+    case 'resolve':
+      return operations.resolve(call.name, call.request);
     case 'groups':
       return operations.groups();
     case 'reload':

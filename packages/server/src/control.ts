@@ -3,7 +3,7 @@ import type { Socket } from 'node:net';
 import type { FailoverStatus, FailoverTarget, PrimaryStats } from '@gannet/core';
 import fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { z } from 'zod';
-import { groupVolumesMax } from './defaults.js';
+import { groupVolumesMax, parseHostPort } from './defaults.js';
 import type { EventHub } from './events.js';
 
 /**
@@ -103,8 +103,11 @@ export interface VolumeView {
 export interface PrimaryVolumeView {
   name: string;
   role: 'primary';
-  exports: { disk: string };
-  uris: { disk: string[] };
+  /** `secondary`: a volume promoted from the secondary role is also served as NAME/secondary. */
+  exports: { disk: string; secondary?: string };
+  uris: { disk: string[]; secondary?: string[] };
+  /** When it was promoted from the secondary role. */
+  promotedAt?: string;
   state: string;
   error?: VolumeErrorView;
   sizeBytes?: number;
@@ -153,6 +156,22 @@ export interface PeerAttachView {
   inconsistent: boolean;
   /** `tls`: the daemon serves NBD only over TLS. */
   nbd: { export: string; addresses: NbdAddressView[]; tls: boolean };
+}
+
+/** `POST /v1/volumes/:name/promote`: the peer to replicate to (else the daemon's), and a failover forced over a half-synced disk. */
+export interface PromoteRequest {
+  peer?: string;
+  force: boolean;
+}
+
+/** `POST /v1/volumes/:name/demote`: `force` disconnects the NBD clients of the volume instead of refusing. */
+export interface DemoteRequest {
+  force: boolean;
+}
+
+/** `POST /v1/volumes/:name/resolve`: the local side's changes since the split are dropped. */
+export interface ResolveRequest {
+  discardLocal: true;
 }
 
 export interface CheckpointResult {
@@ -212,6 +231,9 @@ export interface ControlBackend {
   failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
   attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView>;
   setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
+  promote(name: string, request: PromoteRequest): Promise<AnyVolumeView>;
+  demote(name: string, request: DemoteRequest): Promise<AnyVolumeView>;
+  resolve(name: string, request: ResolveRequest): Promise<AnyVolumeView>;
   groups(): Promise<GroupView[]>;
   reload(): Promise<ReloadResult>;
   metrics(): Promise<{ contentType: string; text: string }>;
@@ -230,6 +252,19 @@ const attachBodySchema = z
   .strict()
   .refine((body) => (body.link === undefined) === (body.attempt === undefined), { message: 'link and attempt go together', path: ['attempt'] });
 const inconsistentBodySchema = z.object({ inconsistent: z.boolean() }).strict();
+const promoteBodySchema = z
+  .object({
+    peer: z
+      .string()
+      .refine((value) => parseHostPort(value) !== undefined && parseHostPort(value)!.port > 0, 'expected HOST:PORT, the new secondary daemon\'s control API')
+      .optional(),
+    force: z.boolean().default(false),
+  })
+  .strict();
+const demoteBodySchema = z.object({ force: z.boolean().default(false) }).strict();
+const resolveBodySchema = z
+  .object({ discardLocal: z.literal(true, { error: 'required: true (this side\'s changes since the split are dropped)' }) })
+  .strict();
 const flag = z.enum(['true', 'false']).transform((value) => value === 'true');
 const deleteQuerySchema = z.object({ force: flag.default(false), purge: flag.default(false) }).strict();
 /** Not strict: a client may add parameters of its own (a cache-buster, say). */
@@ -437,6 +472,31 @@ const routes: Route[] = [
     async handle(request, _reply, backend) {
       const body = validate(failoverBodySchema, bodyOf(request));
       return backend.failover(nameOf(request), body.to, body.force);
+    },
+  },
+  {
+    method: 'POST',
+    url: '/v1/volumes/:name/promote',
+    auth: true,
+    async handle(request, _reply, backend) {
+      const body = validate(promoteBodySchema, bodyOf(request));
+      return backend.promote(nameOf(request), { force: body.force, ...(body.peer !== undefined && { peer: body.peer }) });
+    },
+  },
+  {
+    method: 'POST',
+    url: '/v1/volumes/:name/demote',
+    auth: true,
+    async handle(request, _reply, backend) {
+      return backend.demote(nameOf(request), validate(demoteBodySchema, bodyOf(request)));
+    },
+  },
+  {
+    method: 'POST',
+    url: '/v1/volumes/:name/resolve',
+    auth: true,
+    async handle(request, _reply, backend) {
+      return backend.resolve(nameOf(request), validate(resolveBodySchema, bodyOf(request)));
     },
   },
   { method: 'GET', url: '/v1/groups', auth: true, handle: async (_request, _reply, backend) => ({ groups: await backend.groups() }) },

@@ -2,25 +2,42 @@ import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { resolve as resolvePath, join } from 'node:path';
-import type { FailoverTarget, PrimaryVolume, Volume } from '@gannet/core';
+import { PrimaryVolume, type FailoverTarget, type Peer, type Volume } from '@gannet/core';
 import { NbdServer, type ListenAddress as NbdListenAddress, type TlsClientCredentials } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { ConfigError, tokenFileName, type DaemonConfig } from './config.js';
-import { ApiError, type AnyVolumeView, type CheckpointResult, type GroupView, type PeerAttachRequest, type PeerAttachView, type RecoverResult, type ReloadResult, type RemoveResult, type VolumeView } from './control.js';
+import { formatHostPort, parseHostPort } from './defaults.js';
+import {
+  ApiError,
+  type AnyVolumeView,
+  type CheckpointResult,
+  type GroupView,
+  type PeerAttachRequest,
+  type PeerAttachView,
+  type DemoteRequest,
+  type PromoteRequest,
+  type RecoverResult,
+  type ResolveRequest,
+  type ReloadResult,
+  type RemoveResult,
+  type VolumeView,
+} from './control.js';
 import type { ControlListenAddress, ControlOperations, MetricsText } from './control-lane.js';
 import { ControlThread, type ControlThreadOptions } from './control-thread.js';
 import type { EventName } from './events.js';
 import { Metrics } from './metrics.js';
 import { prepareNbd, watchNbdLimits, type NbdSetup } from './nbd-setup.js';
 import { peerLink } from './peer-link.js';
-import { PrimarySet, readPeerTls, readPeerToken } from './primary-set.js';
-import { scanVolumes } from './registry.js';
-import { VolumeSet } from './volume-set.js';
+import { OperationOrder } from './ordering.js';
+import { PrimarySet, primaryOptions, readPeerTls, readPeerToken } from './primary-set.js';
+import { readAnyRecord, removeLeftovers, rewriteRecord, scanVolumes, splitByRoles, type PrimaryRecord } from './registry.js';
+import { VolumeSet, type VolumeReload } from './volume-set.js';
 
 /**
- * The gannet daemon: opens every volume of the data directory, serves NAME/primary and NAME/secondary
- * per volume over NBD (role secondary, volume-set.ts) or NAME, replicated to the peer daemon (role
- * primary, primary-set.ts), and the control API over HTTP on a thread of its own (control-thread.ts).
+ * The gannet daemon: opens every volume of the data directory in the role its volume.json records,
+ * serves NAME/primary and NAME/secondary per secondary volume over NBD (volume-set.ts) and NAME per
+ * primary volume, replicated to the peer daemon (primary-set.ts); `role` is the role of the volumes it
+ * creates. A promotion moves a volume from one set to the other while its VM stays connected, and the control API over HTTP on a thread of its own (control-thread.ts).
  * The main thread owns the volumes and answers the control thread's calls, also from inside
  * the NBD data path so that they do not wait behind it (control-lane.ts). Control operations that change
  * a volume run one at a time per volume (ordering.ts), so a failover never races a checkpoint of the
@@ -32,6 +49,13 @@ export const tokenBytes = 32;
 export const nbdShutdownGraceMs = 10_000;
 /** How long shutdown waits for control responses in flight before closing their sockets. */
 export const controlShutdownGraceMs = 5_000;
+/** How long a promotion waits for the failover it asked for (or found) to reach the backing file. */
+export const promoteApplyTimeoutMs = 600_000;
+/**
+ * How long a promotion lets the VM's requests in flight on NAME/secondary finish before the swap; the
+ * requests that arrive meanwhile wait until the primary serves them.
+ */
+export const promoteDrainTimeoutMs = 30_000;
 
 export type ControlAddress = ControlListenAddress;
 
@@ -110,7 +134,12 @@ export class Daemon implements ControlOperations {
   /** Resolves, with why, if the control API went down for good; the CLI then shuts the daemon down. */
   readonly failed: Promise<Error>;
   private reportFailure!: (error: Error) => void;
-  private readonly volumeSet: VolumeSet | PrimarySet;
+  /** The volumes in the secondary role, and those in the primary role; a name is in one of them at most. */
+  private readonly secondaries: VolumeSet;
+  private readonly primaries: PrimarySet;
+  private readonly order = new OperationOrder();
+  /** The peer's control token and NBD TLS credentials, when a peer is configured; reread by a promotion. */
+  private peerCredentials: { token: string; tls?: TlsClientCredentials } | undefined;
   private readonly nbd: NbdServer;
   private control: ControlThread | undefined;
   private closing: Promise<void> | undefined;
@@ -123,9 +152,10 @@ export class Daemon implements ControlOperations {
     readonly tokenFile: string,
     nbdSetup: NbdSetup,
     private readonly options: DaemonOptions,
-    /** Role primary: the secondary daemon's control token, and TLS credentials for its NBD. */
+    /** The peer daemon's control token, and TLS credentials for its NBD, when a peer is configured. */
     peerCredentials: { token: string; tls?: TlsClientCredentials } | undefined,
   ) {
+    this.peerCredentials = peerCredentials;
     this.failed = new Promise((resolve) => {
       this.reportFailure = resolve;
     });
@@ -159,39 +189,44 @@ export class Daemon implements ControlOperations {
       publish: (event: EventName, volume: string, data: Record<string, unknown>) => this.publish(event, volume, data),
       closing: () => this.closing !== undefined,
       tlsRequired: config.nbd.tls.mode === 'require',
+      order: this.order,
     };
-    const { peer } = config;
-    if (config.role === 'primary' && peer !== undefined && peerCredentials !== undefined) {
-      const peerLogger = logger.child({ component: 'peer' });
-      const { token, tls } = peerCredentials;
-      this.volumeSet = new PrimarySet({
-        ...context,
-        peerOf: (volume) => peerLink({ control: peer.control, token, volume, logger: peerLogger.child({ volume }), ...(tls !== undefined && { tls }) }),
-      });
-    } else {
-      this.volumeSet = new VolumeSet(context);
+    this.secondaries = new VolumeSet(context);
+    this.primaries = new PrimarySet({ ...context, peerOf: (volume, control) => this.peerOf(volume, control) });
+  }
+
+  /** The link of a primary volume to its peer: the daemon's peer, or `control` (recorded at its promotion). */
+  private peerOf(volume: string, control?: string): Peer {
+    const credentials = this.peerCredentials;
+    const configured = this.config.peer;
+    if (credentials === undefined || configured === undefined) {
+      throw new ConfigError('peer', `volume ${volume} is in the primary role: the daemon needs its peer (--peer HOST:PORT --peer-token-file FILE) to serve it`);
     }
+    const address = control === undefined ? configured.control : parseHostPort(control);
+    if (address === undefined) throw new ConfigError('peer', `volume ${volume}: its recorded peer "${control}" is not HOST:PORT`);
+    const { token, tls } = credentials;
+    const logger = this.logger.child({ component: 'peer', volume });
+    return peerLink({ control: address, token, volume, logger, ...(tls !== undefined && { tls }) });
   }
 
   static async start(config: DaemonConfig, logger: Logger, options: DaemonOptions = {}): Promise<Daemon> {
     const dataDir = resolvePath(config.dataDir);
     await mkdir(dataDir, { recursive: true, mode: 0o700 });
     const { token, file } = await ensureToken(dataDir, logger);
-    const { peer } = config;
-    const peerCredentials =
-      config.role === 'primary' && peer !== undefined
-        ? {
-            token: await readPeerToken(resolvePath(peer.tokenFile)),
-            ...(peer.tls !== undefined && { tls: await readPeerTls(peer.tls) }),
-          }
-        : undefined;
+    const peerCredentials = await readPeerCredentials(config);
     // The descriptor budget counts the volumes known now; volumes created at run time share it.
-    const scan = await scanVolumes(dataDir);
+    const scan = await scanVolumes(dataDir, readAnyRecord);
     const volumes = new Set([...scan.volumes.map((found) => found.name), ...Object.keys(config.volumes)]).size;
     const nbdSetup = await prepareNbd(config, Math.max(volumes, 1), logger);
     const daemon = new Daemon({ ...config, dataDir }, logger, token, file, nbdSetup, options, peerCredentials);
     try {
-      await daemon.volumeSet.start(daemon.config);
+      for (const dir of scan.leftovers) logger.warn({ dir }, 'removing the temporary directory of an interrupted creation or purge');
+      for (const { name, dir } of scan.unfinished) logger.warn({ volume: name, dir }, 'removing a volume whose creation never finished');
+      await removeLeftovers(dataDir, scan);
+      const shares = splitByRoles(daemon.config, scan);
+      const primaryNames = new Set([...shares.primary.scan.volumes.map((found) => found.name), ...Object.keys(shares.primary.config.volumes)]);
+      await daemon.secondaries.start(shares.secondary.config, shares.secondary.scan, primaryNames);
+      await daemon.primaries.start(shares.primary.config, shares.primary.scan);
       await daemon.listen();
     } catch (error) {
       await daemon.close().catch((closeError: unknown) => logger.error({ err: closeError }, 'cleanup after failed start'));
@@ -232,59 +267,159 @@ export class Daemon implements ControlOperations {
   }
 
   get volumeNames(): string[] {
-    return this.volumeSet.names;
+    return [...this.secondaries.names, ...this.primaries.names].sort();
   }
 
-  /** The engine volume of a secondary daemon's volume, for a caller that embeds the daemon. */
+  /** The engine volume of a secondary volume, for a caller that embeds the daemon. */
   volumeOf(name: string): Volume {
-    if (this.volumeSet instanceof PrimarySet) throw new ApiError('conflict', 'this daemon runs role primary: see primaryVolumeOf');
-    return this.volumeSet.volumeOf(name);
+    if (this.primaries.has(name)) throw new ApiError('conflict', `volume ${name} runs role primary: see primaryVolumeOf`);
+    return this.secondaries.volumeOf(name);
   }
 
-  /** The engine volume of a primary daemon's volume. */
+  /** The engine volume of a primary volume. */
   primaryVolumeOf(name: string): PrimaryVolume {
-    if (!(this.volumeSet instanceof PrimarySet)) throw new ApiError('conflict', 'this daemon runs role secondary: see volumeOf');
-    return this.volumeSet.volumeOf(name);
+    if (!this.primaries.has(name) && this.secondaries.has(name)) throw new ApiError('conflict', `volume ${name} runs role secondary: see volumeOf`);
+    return this.primaries.volumeOf(name);
+  }
+
+  /** The set holding `name`; for a name neither holds, the set of the default role (which answers 404). */
+  private setOf(name: string): VolumeSet | PrimarySet {
+    if (this.primaries.has(name)) return this.primaries;
+    if (this.secondaries.has(name)) return this.secondaries;
+    return this.config.role === 'primary' ? this.primaries : this.secondaries;
   }
 
   volumes(): AnyVolumeView[] {
-    return this.volumeSet.views();
+    return [...this.secondaries.views(), ...this.primaries.views()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
   volume(name: string): AnyVolumeView {
-    return this.volumeSet.viewOf(name);
+    return this.setOf(name).viewOf(name);
   }
 
   create(body: unknown): Promise<AnyVolumeView> {
-    return this.volumeSet.create(body);
+    const name = (body as { name?: unknown } | null)?.name;
+    const set = this.config.role === 'primary' ? this.primaries : this.secondaries;
+    const other = set === this.primaries ? this.secondaries : this.primaries;
+    if (typeof name === 'string' && other.has(name)) return Promise.reject(new ApiError('conflict', `volume ${name} already exists`));
+    return set.create(body);
   }
 
   remove(name: string, options: { force: boolean; purge: boolean }): Promise<RemoveResult> {
-    return this.volumeSet.remove(name, options);
+    return this.setOf(name).remove(name, options);
   }
 
   recover(name: string): Promise<RecoverResult> {
-    return this.volumeSet instanceof PrimarySet ? this.volumeSet.recover() : this.volumeSet.recover(name);
+    return this.setOf(name).recover(name);
   }
 
-  checkpoint(names?: string[]): Promise<CheckpointResult> {
-    return this.volumeSet.checkpoint(names);
+  /**
+   * Checkpoints the named volumes (secondary volumes and groups atomically, a primary volume through its
+   * peer); with no names, every volume of both roles that can take one.
+   */
+  async checkpoint(names?: string[]): Promise<CheckpointResult> {
+    if (names === undefined) {
+      const [secondary, primary] = await Promise.all([this.secondaries.checkpoint(), this.primaries.checkpoint()]);
+      return { volumes: [...secondary.volumes, ...primary.volumes], skipped: [...(secondary.skipped ?? []), ...(primary.skipped ?? [])] };
+    }
+    const primaries = names.filter((name) => this.primaries.has(name));
+    if (primaries.length === 0) return this.secondaries.checkpoint(names);
+    if (primaries.length < names.length) {
+      throw new ApiError('conflict', `${primaries.join(', ')} run role primary: checkpoint them apart from secondary volumes and groups`);
+    }
+    return this.primaries.checkpoint(names);
   }
 
   failover(name: string, to: FailoverTarget, force = false): Promise<AnyVolumeView> {
-    return this.volumeSet instanceof PrimarySet ? this.volumeSet.failover() : this.volumeSet.failover(name, to, force);
+    return this.primaries.has(name) ? this.primaries.failover(name) : this.secondaries.failover(name, to, force);
   }
 
   attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView> {
-    return this.volumeSet instanceof PrimarySet ? this.volumeSet.attachPeer() : this.volumeSet.attachPeer(name, from);
+    return this.primaries.has(name) ? this.primaries.attachPeer(name) : this.secondaries.attachPeer(name, from);
   }
 
   setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {
-    return this.volumeSet instanceof PrimarySet ? this.volumeSet.setInconsistent() : this.volumeSet.setInconsistent(name, inconsistent);
+    return this.primaries.has(name) ? this.primaries.setInconsistent(name) : this.secondaries.setInconsistent(name, inconsistent);
   }
 
   groups(): GroupView[] {
-    return this.volumeSet instanceof PrimarySet ? [] : this.volumeSet.groups();
+    return this.secondaries.groups();
+  }
+
+  /**
+   * `POST /v1/volumes/:name/promote`: a secondary volume becomes the primary of its VM's disk. It fails
+   * over to the secondary view first unless it already failed over, waits until the kept state is in
+   * disk.img, then, with the VM's requests on NAME/secondary held, closes the secondary volume, records
+   * the primary role in volume.json (the one step that changes the role, so a crash leaves either role
+   * whole), opens the primary volume on the same disk, and points NAME/secondary at it. NAME/primary
+   * (the old primary's forward target) goes; NAME is served too. The primary links to `peer`, or the
+   * daemon's peer. A primary volume is left as it is.
+   */
+  promote(name: string, request: PromoteRequest): Promise<AnyVolumeView> {
+    if (this.closing) return Promise.reject(new ApiError('unavailable', 'the daemon is shutting down'));
+    if (!this.primaries.has(name) && !this.secondaries.has(name)) return Promise.reject(new ApiError('not_found', `no such volume: ${name}`));
+    return this.order.run([name], async () => {
+      if (this.primaries.has(name)) return this.primaries.viewOf(name);
+      const configured = this.config.peer;
+      if (configured === undefined) {
+        throw new ApiError('conflict', `volume ${name} cannot be promoted: the daemon has no peer token (start it with --peer HOST:PORT --peer-token-file FILE)`);
+      }
+      try {
+        this.peerCredentials = await readPeerCredentials(this.config);
+      } catch (error) {
+        throw new ApiError('unavailable', (error as Error).message, undefined, 'ECONFIG');
+      }
+      const target = this.secondaries.promotable(name);
+      const { state } = target.volume.stats();
+      if (state === 'replicating') {
+        this.logger.warn({ volume: name, force: request.force }, 'promote: failing over to the secondary view first');
+        await target.volume.failover({ to: 'secondary', force: request.force });
+      } else if (state !== 'failed-over' && state !== 'failing-over') {
+        throw new ApiError('conflict', `volume ${name} cannot be promoted: it is ${state}`);
+      }
+      await failoverApplied(target.volume, promoteApplyTimeoutMs);
+      const record: PrimaryRecord = {
+        name,
+        role: 'primary',
+        sizeBytes: target.record.sizeBytes,
+        createdAt: target.record.createdAt,
+        promotedAt: new Date().toISOString(),
+        ...(request.peer !== undefined && { peer: request.peer }),
+      };
+      let step: 'released' | 'recorded' | null = null;
+      let volume: PrimaryVolume | undefined;
+      const started = performance.now();
+      try {
+        await target.secondaryExport.swap(
+          async () => {
+            await this.secondaries.release(name);
+            step = 'released';
+            await target.volume.close();
+            await rewriteRecord(target.dir, record);
+            step = 'recorded';
+            volume = await PrimaryVolume.open(primaryOptions(target.dir, record, target.wanted), this.peerOf(name, request.peer));
+            return volume.device;
+          },
+          { drainTimeoutMs: promoteDrainTimeoutMs },
+        );
+      } catch (error) {
+        this.logger.error({ err: error, volume: name, step }, 'promote failed');
+        if (step !== null) {
+          // The secondary volume is closed: its VM's connections end, and the volume is served again in
+          // the role its volume.json records, or shown in error.
+          await volume?.close().catch(() => undefined);
+          await this.nbd.removeExport(`${name}/secondary`, { graceMs: 0 });
+          if (step === 'recorded') this.primaries.addFailedPromotion(name, target.dir, record, target.wanted, error);
+          else await this.secondaries.reopen(name, target.dir, target.record, target.wanted);
+        }
+        throw error;
+      }
+      this.primaries.adoptPromoted(name, target.dir, record, target.wanted, volume!, target.secondaryExport);
+      const pauseMs = Math.round(performance.now() - started);
+      this.logger.warn({ volume: name, peer: request.peer ?? formatHostPort(configured.control), pauseMs }, 'promoted to the primary role');
+      this.publish('role-changed', name, { role: 'primary', from: 'secondary', pauseMs });
+      return this.primaries.viewOf(name);
+    });
   }
 
   /**
@@ -305,7 +440,7 @@ export class Daemon implements ControlOperations {
     }
     next = { ...next, dataDir: resolvePath(next.dataDir) };
     const restartNeeded = settingsNeedingRestart(this.config, next);
-    const outcome = await this.volumeSet.reload(next);
+    const outcome = await this.reloadVolumes(next);
     const applied: string[] = [];
     if (next.logLevel !== this.config.logLevel) {
       this.logger.level = next.logLevel;
@@ -322,6 +457,39 @@ export class Daemon implements ControlOperations {
     };
     this.logger.info(result, 'reread the config file');
     return result;
+  }
+
+  /** `POST /v1/volumes/:name/demote`: a primary volume becomes a secondary one; a secondary one is left as it is. */
+  demote(name: string, _request: DemoteRequest): Promise<AnyVolumeView> {
+    if (!this.primaries.has(name) && !this.secondaries.has(name)) return Promise.reject(new ApiError('not_found', `no such volume: ${name}`));
+    return this.order.run([name], async () => {
+      if (this.secondaries.has(name)) return this.secondaries.viewOf(name);
+      throw new ApiError('conflict', `volume ${name} cannot be demoted by this build`);
+    });
+  }
+
+  /** `POST /v1/volumes/:name/resolve`: only for a volume in split brain. */
+  resolve(name: string, _request: ResolveRequest): Promise<AnyVolumeView> {
+    if (!this.primaries.has(name) && !this.secondaries.has(name)) return Promise.reject(new ApiError('not_found', `no such volume: ${name}`));
+    return this.order.run([name], async () => {
+      throw new ApiError('conflict', `volume ${name} is not in split brain: there is nothing to resolve`);
+    });
+  }
+
+  /** Each set reloads the configured volumes it holds; those neither holds go to the default role's. */
+  private async reloadVolumes(next: DaemonConfig): Promise<VolumeReload> {
+    const toPrimary = (name: string) => this.primaries.has(name) || (!this.secondaries.has(name) && next.role === 'primary');
+    const share = (primary: boolean) => Object.fromEntries(Object.entries(next.volumes).filter(([name]) => toPrimary(name) === primary));
+    const primaryNames = new Set([...this.primaries.names, ...Object.keys(share(true))]);
+    const secondary = await this.secondaries.reload({ ...next, volumes: share(false) }, primaryNames);
+    const primary = await this.primaries.reload({ ...next, volumes: share(true) });
+    return {
+      added: [...secondary.added, ...primary.added].sort(),
+      failed: [...secondary.failed, ...primary.failed],
+      notInConfig: [...secondary.notInConfig, ...primary.notInConfig].sort(),
+      restartNeeded: [...secondary.restartNeeded, ...primary.restartNeeded],
+      groupsChanged: secondary.groupsChanged,
+    };
   }
 
   async metricsText(): Promise<MetricsText> {
@@ -341,12 +509,49 @@ export class Daemon implements ControlOperations {
     // `connection: close`.
     const controlClosed = this.control?.stopAccepting() ?? Promise.resolve();
     await this.nbd.close({ graceMs: nbdShutdownGraceMs });
-    await this.volumeSet.idle();
-    const failure = await this.volumeSet.closeAll();
+    await this.order.idle();
+    const [secondaryFailure, primaryFailure] = [await this.secondaries.closeAll(), await this.primaries.closeAll()];
+    const failure = secondaryFailure ?? primaryFailure;
     const force = setTimeout(() => this.control?.forceClose(), controlShutdownGraceMs);
     await controlClosed;
     clearTimeout(force);
     await this.control?.terminate();
     if (failure !== undefined) throw failure;
   }
+}
+
+/** The peer's control token and NBD TLS credentials, read from the files the config names; none without a peer. */
+async function readPeerCredentials(config: DaemonConfig): Promise<{ token: string; tls?: TlsClientCredentials } | undefined> {
+  const { peer } = config;
+  if (peer === undefined) return undefined;
+  return {
+    token: await readPeerToken(resolvePath(peer.tokenFile)),
+    ...(peer.tls !== undefined && { tls: await readPeerTls(peer.tls) }),
+  };
+}
+
+/** Resolves once the volume's failover is in its backing file; refuses after `timeoutMs`. */
+function failoverApplied(volume: Volume, timeoutMs: number): Promise<void> {
+  const applied = () => {
+    const { state, failover } = volume.stats();
+    return state === 'failed-over' && (failover === undefined || failover.phase === 'done');
+  };
+  if (applied()) return Promise.resolve();
+  return new Promise<void>((resolve, reject) => {
+    const events = ['failover', 'failover-durable', 'failover-applied'] as const;
+    const check = () => {
+      if (!applied()) return;
+      stop();
+      resolve();
+    };
+    const timer = setTimeout(() => {
+      stop();
+      reject(new ApiError('unavailable', `the failover was not in the backing file within ${timeoutMs} ms: promote again once it is (failover-applied event)`, undefined, 'ETIMEDOUT'));
+    }, timeoutMs);
+    const stop = () => {
+      clearTimeout(timer);
+      for (const event of events) volume.off(event, check);
+    };
+    for (const event of events) volume.on(event, check);
+  });
 }

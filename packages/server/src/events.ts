@@ -27,6 +27,9 @@ export type EventName =
   | 'durable'
   | 'resync-start'
   | 'resync-done'
+  // A volume changed role (promote, demote), or found its peer diverged (both wrote since they split).
+  | 'role-changed'
+  | 'split-brain'
   // Daemon-wide (empty volume, only to subscribers of every volume): NBD connections refused or dropped.
   | 'nbd-limits';
 

@@ -280,6 +280,17 @@ export class Metrics {
       },
     });
     new Gauge({
+      name: 'gannet_volume_role',
+      help: '1 for the role the volume has on this daemon: secondary (the GANNET buffer) or primary (the VM\'s disk, replicated to the peer).',
+      labelNames: ['volume', 'role'],
+      registers,
+      collect() {
+        this.reset();
+        for (const volumeName of volumes.keys()) this.set({ volume: volumeName, role: 'secondary' }, 1);
+        for (const volumeName of primaries.keys()) this.set({ volume: volumeName, role: 'primary' }, 1);
+      },
+    });
+    new Gauge({
       name: 'gannet_nbd_connections',
       help: 'Open NBD connections.',
       registers,

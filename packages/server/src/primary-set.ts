@@ -1,4 +1,5 @@
 import { readFile } from 'node:fs/promises';
+import { SwappableDevice } from '@gannet/block-device';
 import { join, resolve as resolvePath } from 'node:path';
 import { PrimaryVolume, type Peer, type PrimaryOptions } from '@gannet/core';
 import { loadClientX509, nbdUri, parsePskFile, type ListenAddress, type NbdServer, type TlsClientCredentials } from 'nbd-server-js';
@@ -6,7 +7,6 @@ import type { Logger } from 'pino';
 import { z } from 'zod';
 import {
   ConfigError,
-  defaultVolumeName,
   defaultVolumeSizeBytes,
   primaryVolumeFields,
   secondaryVolumeFields,
@@ -35,11 +35,10 @@ import {
   finishCreation,
   metaDirName,
   readPrimaryRecord,
-  removeLeftovers,
-  scanVolumes,
   unmovable,
   volumeDir,
   type PrimaryRecord,
+  type Scan,
 } from './registry.js';
 import { clientDisconnectGraceMs, closeOpenVolumes, eachBounded, errorCodeOf, exportCloseGraceMs, present, problemOf, retireDirectory, volumeOpenConcurrency, type VolumeReload } from './volume-set.js';
 
@@ -104,6 +103,8 @@ interface OpenEntry {
   readonly record: PrimaryRecord;
   readonly wanted: VolumeConfig;
   readonly volume: PrimaryVolume;
+  /** A promoted volume's NAME/secondary, the export its VM attached to as a secondary; null otherwise. */
+  readonly secondaryExport: SwappableDevice | null;
 }
 
 interface BrokenEntry {
@@ -124,8 +125,10 @@ export interface PrimarySetContext {
   readonly nbdAddresses: readonly ListenAddress[];
   readonly metrics: Metrics;
   readonly logger: Logger;
-  /** The link to the volume `name` on the peer. */
-  peerOf(name: string): Peer;
+  /** Shared with the secondary role's set (see VolumeSetContext). */
+  readonly order: OperationOrder;
+  /** The link to the volume `name` on the peer: the daemon's peer, or `control` (HOST:PORT) when given. */
+  peerOf(name: string, control?: string): Peer;
   publish(event: EventName, volume: string, data: Record<string, unknown>): void;
   closing(): boolean;
   readonly tlsRequired: boolean;
@@ -133,13 +136,16 @@ export interface PrimarySetContext {
 
 const createNameSchema = z.object({ name: volumeNameSchema }).passthrough();
 
-const notOnPrimary = (what: string) => new ApiError('conflict', `${what} is an operation of the secondary daemon; this daemon runs role primary`);
+const notOnPrimary = (what: string, name: string) => new ApiError('conflict', `${what} is an operation of a secondary volume; volume ${name} runs role primary here`);
 
 /** The engine options of a primary volume: its record's size and files, then the config's limits. */
 export function primaryOptions(dir: string, record: PrimaryRecord, wanted: VolumeConfig): PrimaryOptions {
   const limits: Record<string, unknown> = {};
   for (const field of primaryVolumeFields) if (wanted[field] !== undefined) limits[field] = wanted[field];
-  return { ...limits, sizeBytes: record.sizeBytes, path: join(dir, backingFileName), dataDir: join(dir, metaDirName) };
+  // A promoted volume's disk is the failed-over secondary's: adopted, also when a crash came before the
+  // primary's metadata was made.
+  const adopt = record.promotedAt !== undefined && { adoptBacking: true };
+  return { ...limits, ...adopt, sizeBytes: record.sizeBytes, path: join(dir, backingFileName), dataDir: join(dir, metaDirName) };
 }
 
 function refuseSizeChange(name: string, dir: string, record: PrimaryRecord, wanted: VolumeConfig): void {
@@ -151,19 +157,16 @@ function refuseSizeChange(name: string, dir: string, record: PrimaryRecord, want
 export class PrimarySet {
   private readonly entries = new Map<string, Entry>();
   private readonly creating = new Set<string>();
-  private readonly order = new OperationOrder();
 
   constructor(private readonly context: PrimarySetContext) {}
 
-  /** Opens every volume of the data directory and creates the configured ones that are missing. */
-  async start(config: DaemonConfig): Promise<void> {
-    const { dataDir, logger } = this.context;
-    const scan = await scanVolumes(dataDir, readPrimaryRecord);
-    for (const dir of scan.leftovers) logger.warn({ dir }, 'removing the temporary directory of an interrupted creation or purge');
-    for (const { name, dir } of scan.unfinished) logger.warn({ volume: name, dir }, 'removing a volume whose creation never finished');
-    await removeLeftovers(dataDir, scan);
+  private get order(): OperationOrder {
+    return this.context.order;
+  }
+
+  /** Opens the primary volumes of the data directory (`scan`, leftovers already removed) and creates the configured ones that are missing. */
+  async start(config: DaemonConfig, scan: Scan<PrimaryRecord>): Promise<void> {
     const configured = new Map(Object.entries(config.volumes));
-    if (configured.size === 0 && scan.volumes.length === 0) configured.set(defaultVolumeName, {});
     const existing: { name: string; dir: string; record: PrimaryRecord; wanted: VolumeConfig }[] = [];
     for (const found of scan.volumes) {
       const wanted = configured.get(found.name) ?? {};
@@ -181,6 +184,10 @@ export class PrimarySet {
 
   get names(): string[] {
     return [...this.entries.keys()].sort();
+  }
+
+  has(name: string): boolean {
+    return this.entries.has(name) || this.creating.has(name);
   }
 
   views(): PrimaryVolumeView[] {
@@ -220,8 +227,8 @@ export class PrimarySet {
 
   private async openExisting(name: string, dir: string, record: PrimaryRecord, wanted: VolumeConfig, how: 'opened'): Promise<Entry> {
     try {
-      const volume = await PrimaryVolume.open(primaryOptions(dir, record, wanted), this.context.peerOf(name));
-      return this.serve({ kind: 'open', name, dir, record, wanted, volume }, how);
+      const volume = await PrimaryVolume.open(primaryOptions(dir, record, wanted), this.context.peerOf(name, record.peer));
+      return this.serve({ kind: 'open', name, dir, record, wanted, volume, secondaryExport: null }, how);
     } catch (error) {
       const problem = problemOf(errorCodeOf(error), (error as Error).message);
       return this.addBroken({ kind: 'error', name, dir, record, wanted, error: problem, cause: error });
@@ -237,7 +244,7 @@ export class PrimarySet {
     try {
       volume = await PrimaryVolume.open(primaryOptions(dir, record, wanted), this.context.peerOf(name));
       await finishCreation(dir);
-      return this.serve({ kind: 'open', name, dir, record, wanted, volume }, 'created');
+      return this.serve({ kind: 'open', name, dir, record, wanted, volume, secondaryExport: null }, 'created');
     } catch (error) {
       await volume?.close().catch((closeError: unknown) => logger.error({ err: closeError, volume: name }, 'closing a volume whose creation failed'));
       await discardVolume(dataDir, dir, name).catch((discardError: unknown) =>
@@ -256,9 +263,25 @@ export class PrimarySet {
     }
   }
 
-  private serve(entry: OpenEntry, how: 'opened' | 'created'): OpenEntry {
+  /**
+   * Serves a volume a promotion made (in the volume's order): `secondaryExport` is the NAME/secondary its
+   * VM is attached to, already pointed at the volume's disk.
+   */
+  adoptPromoted(name: string, dir: string, record: PrimaryRecord, wanted: VolumeConfig, volume: PrimaryVolume, secondaryExport: SwappableDevice): void {
+    this.serve({ kind: 'open', name, dir, record, wanted, volume, secondaryExport }, 'promoted');
+  }
+
+  /** A promotion that failed once the volume's record named the primary role: shown in error until a restart opens it. */
+  addFailedPromotion(name: string, dir: string, record: PrimaryRecord, wanted: VolumeConfig, error: unknown): void {
+    const problem = problemOf(errorCodeOf(error), `promoting volume ${name} failed: ${(error as Error).message}`);
+    this.addBroken({ kind: 'error', name, dir, record, wanted, error: problem, cause: error });
+  }
+
+  private serve(opened: OpenEntry, how: 'opened' | 'created' | 'promoted'): OpenEntry {
     const { nbd, metrics, logger } = this.context;
-    const { name, volume } = entry;
+    const { name, volume } = opened;
+    const alias = opened.secondaryExport ?? (opened.record.promotedAt !== undefined ? new SwappableDevice(volume.device) : null);
+    const entry: OpenEntry = { ...opened, secondaryExport: alias };
     const log = logger.child({ volume: name });
     const forward = (event: EventName, level: 'debug' | 'info' | 'warn', message: string) => (data: object) => {
       log[level](data, message);
@@ -279,6 +302,9 @@ export class PrimarySet {
     });
     metrics.addPrimary(name, volume);
     nbd.addExport(name, volume.device, { description: `gannet volume ${name}: primary role (the PVM's disk, replicated to ${volume.stats().link.peer})` });
+    if (alias !== null && opened.secondaryExport === null) {
+      nbd.addExport(`${name}/secondary`, alias, { description: `gannet volume ${name}: primary role, promoted from secondary (the same disk as ${name})` });
+    }
     this.entries.set(name, entry);
     const stats = volume.stats();
     log.info({ sizeBytes: stats.sizeBytes, ackMode: stats.ackMode, state: stats.state, peer: stats.link.peer, dirtyBytes: stats.dirtyBytes }, `${how} volume`);
@@ -298,7 +324,8 @@ export class PrimarySet {
 
   private view(entry: Entry): PrimaryVolumeView {
     const { name } = entry;
-    const exports = { disk: name };
+    const promoted = entry.record?.promotedAt !== undefined;
+    const exports = { disk: name, ...(promoted && { secondary: `${name}/secondary` }) };
     if (entry.kind === 'error') {
       return {
         name,
@@ -316,10 +343,14 @@ export class PrimarySet {
       name,
       role: 'primary',
       exports,
-      uris: { disk: nbdAddresses.map((address) => nbdUri(address, name, { tls: tlsRequired })) },
+      uris: {
+        disk: nbdAddresses.map((address) => nbdUri(address, name, { tls: tlsRequired })),
+        ...(promoted && { secondary: nbdAddresses.map((address) => nbdUri(address, exports.secondary!, { tls: tlsRequired })) }),
+      },
       state: stats.state,
       ...(stats.error !== undefined && { error: { ...stats.error } }),
       sizeBytes: stats.sizeBytes,
+      ...(promoted && { promotedAt: entry.record.promotedAt }),
       ackMode: stats.ackMode,
       link: { ...stats.link },
       inflightBytes: stats.inflightBytes,
@@ -331,7 +362,7 @@ export class PrimarySet {
       resyncDataBytesTotal: stats.resyncDataBytesTotal,
       peerEpoch: stats.peerEpoch,
       peerDurableEpoch: stats.peerDurableEpoch,
-      clients: nbd.exportConnectionCount(name),
+      clients: exportNames(entry).reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0),
     };
   }
 
@@ -371,21 +402,21 @@ export class PrimarySet {
     });
   }
 
-  failover(): Promise<never> {
-    return Promise.reject(notOnPrimary('failover'));
+  failover(name: string): Promise<never> {
+    return Promise.reject(notOnPrimary('failover', name));
   }
 
-  recover(): Promise<RecoverResult> {
-    return Promise.reject(notOnPrimary('recover'));
+  recover(name: string): Promise<RecoverResult> {
+    return Promise.reject(notOnPrimary('recover', name));
   }
 
   /** A primary attaching to a primary: two primaries configured as each other's peer. */
-  attachPeer(): Promise<never> {
-    return Promise.reject(notOnPrimary('attaching a primary (its peer must run role secondary)'));
+  attachPeer(name: string): Promise<never> {
+    return Promise.reject(notOnPrimary('attaching a primary (its peer must be a secondary volume)', name));
   }
 
-  setInconsistent(): Promise<never> {
-    return Promise.reject(notOnPrimary('marking a volume inconsistent'));
+  setInconsistent(name: string): Promise<never> {
+    return Promise.reject(notOnPrimary('marking a volume inconsistent', name));
   }
 
   /** `POST /v1/volumes`: a name, sizeBytes, and the primary role's settings of the config file. */
@@ -435,15 +466,17 @@ export class PrimarySet {
       if (stuck !== undefined) throw new ApiError('conflict', `volume ${name} cannot be deleted: ${stuck}`);
       let closeError: string | undefined;
       if (entry.kind === 'open') {
-        let clients = nbd.exportConnectionCount(name);
+        const exports = exportNames(entry);
+        const connected = () => exports.reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0);
+        let clients = connected();
         if (clients > 0 && !force) {
           let timer: NodeJS.Timeout | undefined;
           const grace = new Promise<void>((resolve) => {
             timer = setTimeout(resolve, clientDisconnectGraceMs);
           });
-          await Promise.race([nbd.exportConnectionsClosed(name), grace]);
+          await Promise.race([Promise.all(exports.map((exportName) => nbd.exportConnectionsClosed(exportName))), grace]);
           clearTimeout(timer);
-          clients = nbd.exportConnectionCount(name);
+          clients = connected();
         }
         if (clients > 0 && !force) {
           throw new ApiError('conflict', `volume ${name} has ${clients} NBD client(s) connected: disconnect them first, or force (which closes them)`);
@@ -453,7 +486,7 @@ export class PrimarySet {
           throw new ApiError('conflict', `volume ${name} has ${dirtyBytes} bytes its peer has not made durable: checkpoint and wait, or force`);
         }
         logger.warn({ volume: name, force, purge, clients }, 'deleting volume');
-        await nbd.removeExport(name, { graceMs: exportCloseGraceMs });
+        await Promise.all(exports.map((exportName) => nbd.removeExport(exportName, { graceMs: exportCloseGraceMs })));
         try {
           await entry.volume.close();
         } catch (error) {
@@ -518,6 +551,11 @@ export class PrimarySet {
       return { added: added.sort(), failed, notInConfig, restartNeeded, groupsChanged: false };
     });
   }
+}
+
+/** The NBD exports of an open volume: NAME, and NAME/secondary for a promoted one. */
+function exportNames(entry: OpenEntry): string[] {
+  return entry.secondaryExport !== null ? [entry.name, `${entry.name}/secondary`] : [entry.name];
 }
 
 function unavailable(entry: BrokenEntry): ApiError {

@@ -79,6 +79,14 @@ const primaryRecordSchema = z
     role: z.literal('primary'),
     sizeBytes: positiveInteger,
     createdAt: z.string(),
+    /**
+     * The volume was a secondary promoted to this role: its disk.img is the failed-over disk, adopted by
+     * the primary (a full or digest sync of its next peer), and it is also served as NAME/secondary, the
+     * export its VM was attached to.
+     */
+    promotedAt: z.string().optional(),
+    /** The peer's control address (HOST:PORT) given at promotion, used instead of the daemon's peer. */
+    peer: z.string().optional(),
   })
   .strict();
 
@@ -149,6 +157,39 @@ export function readVolumeRecord(dir: string, name: string): Promise<VolumeRecor
 /** volume.json of the primary-role volume in `dir`, checked as readVolumeRecord does. */
 export function readPrimaryRecord(dir: string, name: string): Promise<PrimaryRecord> {
   return readRecord(dir, name, 'primary', primaryRecordSchema);
+}
+
+export type AnyVolumeRecord = VolumeRecord | PrimaryRecord;
+
+export function isPrimaryRecord(record: AnyVolumeRecord): record is PrimaryRecord {
+  return record.role === 'primary';
+}
+
+/** volume.json of a volume of either role, checked against the schema of the role it records. */
+export async function readAnyRecord(dir: string, name: string): Promise<AnyVolumeRecord> {
+  let role: unknown;
+  try {
+    role = (JSON.parse(await readFile(join(dir, volumeRecordName), 'utf8')) as { role?: unknown } | null)?.role;
+  } catch {
+    // readVolumeRecord names what is wrong with the file.
+  }
+  return role === 'primary' ? readPrimaryRecord(dir, name) : readVolumeRecord(dir, name);
+}
+
+/**
+ * Replaces a volume's volume.json atomically (a new file renamed over it, both synced): a role change
+ * is recorded by this one rename, so a crash leaves the volume in the old role or the new one.
+ */
+export async function rewriteRecord(dir: string, record: AnyVolumeRecord): Promise<void> {
+  const temporary = join(dir, `.${volumeRecordName}.${suffix()}`);
+  try {
+    await writeFileDurably(temporary, `${JSON.stringify(record, null, 2)}\n`);
+    await rename(temporary, join(dir, volumeRecordName));
+  } catch (error) {
+    await rm(temporary, { force: true });
+    throw error;
+  }
+  await syncDirectory(dir);
 }
 
 /**
@@ -259,13 +300,12 @@ export interface VolumePlan {
 }
 
 /**
- * What to serve: every volume on disk plus every configured one; `vol0` of 1 GiB when the data
- * directory holds no volume at all and none is configured. Configured values that contradict a volume's
+ * What the secondary role serves (see splitByRoles): every volume on disk plus every configured one;
+ * group members may be volumes of the other role (`elsewhere`). Configured values that contradict a volume's
  * record, and groups naming unknown volumes, are refused with the field named.
  */
-export function planVolumes(config: DaemonConfig, scan: Scan): VolumePlan {
+export function planVolumes(config: DaemonConfig, scan: Scan, elsewhere: ReadonlySet<string> = new Set()): VolumePlan {
   const configured = new Map(Object.entries(config.volumes));
-  if (configured.size === 0 && scan.volumes.length === 0) configured.set(defaultVolumeName, {});
   const plan: VolumePlan = { existing: [], broken: [], create: [], groups: new Map() };
   const onDisk = new Set<string>();
   for (const found of scan.volumes) {
@@ -279,7 +319,7 @@ export function planVolumes(config: DaemonConfig, scan: Scan): VolumePlan {
     plan.existing.push({ name: found.name, dir: found.dir, record: found.record, wanted });
   }
   for (const [name, wanted] of configured) if (!onDisk.has(name)) plan.create.push({ name, wanted });
-  const known = new Set([...onDisk, ...configured.keys()]);
+  const known = new Set([...onDisk, ...configured.keys(), ...elsewhere]);
   for (const [group, members] of Object.entries(config.groups)) {
     if (known.has(group)) throw new ConfigError(`groups.${group}`, `"${group}" is also a volume's name`);
     members.forEach((member, index) => {
@@ -288,6 +328,47 @@ export function planVolumes(config: DaemonConfig, scan: Scan): VolumePlan {
     plan.groups.set(group, members);
   }
   return plan;
+}
+
+/** One role's share of the data directory and the config, for its volume set's start. */
+export interface RoleShare<R> {
+  /** The config with the volumes this role opens or creates. */
+  readonly config: DaemonConfig;
+  readonly scan: Scan<R>;
+}
+
+/**
+ * Splits the volumes on disk by the role their volume.json records, and the configured volumes not on
+ * disk (created in the default role). A volume whose record cannot be read goes to the default role's
+ * set, which shows it in state `error`. `vol0` of 1 GiB is created when the data directory holds no
+ * volume at all and none is configured. Leftovers are for the caller to remove, once.
+ */
+export function splitByRoles(config: DaemonConfig, scan: Scan<AnyVolumeRecord>): { secondary: RoleShare<VolumeRecord>; primary: RoleShare<PrimaryRecord> } {
+  const defaultRole = config.role;
+  const secondary: DiskVolume<VolumeRecord>[] = [];
+  const primary: DiskVolume<PrimaryRecord>[] = [];
+  const roleOf = new Map<string, Role>();
+  for (const found of scan.volumes) {
+    const record = 'record' in found ? found.record : null;
+    if (record !== null && isPrimaryRecord(record)) {
+      primary.push({ name: found.name, dir: found.dir, record });
+      roleOf.set(found.name, 'primary');
+    } else if (record !== null) {
+      secondary.push({ name: found.name, dir: found.dir, record });
+      roleOf.set(found.name, 'secondary');
+    } else if ('problem' in found) {
+      (defaultRole === 'primary' ? primary : secondary).push(found);
+      roleOf.set(found.name, defaultRole);
+    }
+  }
+  const configured = Object.keys(config.volumes).length === 0 && scan.volumes.length === 0 ? { [defaultVolumeName]: {} } : config.volumes;
+  const share = (role: Role) =>
+    Object.fromEntries(Object.entries(configured).filter(([name]) => (roleOf.get(name) ?? defaultRole) === role));
+  const empty = { leftovers: [], unfinished: [] };
+  return {
+    secondary: { config: { ...config, volumes: share('secondary') }, scan: { volumes: secondary, ...empty } },
+    primary: { config: { ...config, volumes: share('primary'), groups: {} }, scan: { volumes: primary, ...empty } },
+  };
 }
 
 async function writeFileDurably(file: string, text: string): Promise<void> {

@@ -1,4 +1,5 @@
 import { access } from 'node:fs/promises';
+import { SwappableDevice } from '@gannet/block-device';
 import { checkpointGroup, openVolume, ReplicatedVolume, type FailoverTarget, type ResolvedVolumeOptions, type Volume } from '@gannet/core';
 import { nbdUri, type ListenAddress, type NbdServer } from 'nbd-server-js';
 import type { Logger } from 'pino';
@@ -29,11 +30,10 @@ import {
   newVolumeRecord,
   planVolumes,
   readVolumeRecord,
-  removeLeftovers,
-  scanVolumes,
   unmovable,
   volumeDir,
   volumeOptions,
+  type Scan,
   type VolumeRecord,
 } from './registry.js';
 
@@ -78,6 +78,8 @@ interface OpenEntry {
   readonly wanted: VolumeConfig;
   readonly options: ResolvedVolumeOptions;
   readonly volume: Volume;
+  /** What NAME/secondary serves: the secondary view, swapped for the primary's disk by a promotion. */
+  readonly secondaryExport: SwappableDevice;
 }
 
 /** A volume that could not be opened or created; `record` and `options` when its volume.json is readable. */
@@ -112,6 +114,8 @@ export interface VolumeSetContext {
   readonly nbdAddresses: readonly ListenAddress[];
   readonly metrics: Metrics;
   readonly logger: Logger;
+  /** Shared by both roles' sets: a promotion moves a volume from one to the other in the order of its operations. */
+  readonly order: OperationOrder;
   publish(event: EventName, volume: string, data: Record<string, unknown>): void;
   /** Shutdown began: operations are refused from then on. */
   closing(): boolean;
@@ -167,21 +171,22 @@ export class VolumeSet {
   private readonly entries = new Map<string, Entry>();
   /** Names being created: a second creation of the same name is refused while the first runs. */
   private readonly creating = new Set<string>();
-  private readonly order = new OperationOrder();
   private groupsValue = new Map<string, string[]>();
   /** The last attach per volume that named its primary's link (in memory: a restart forgets stale sessions too). */
   private readonly attached = new Map<string, PeerAttachRequest>();
 
   constructor(private readonly context: VolumeSetContext) {}
 
-  /** Opens every volume of the data directory and creates the configured ones that are missing. */
-  async start(config: DaemonConfig): Promise<void> {
-    const { dataDir, logger } = this.context;
-    const scan = await scanVolumes(dataDir);
-    const plan = planVolumes(config, scan);
-    for (const dir of scan.leftovers) logger.warn({ dir }, 'removing the temporary directory of an interrupted creation or purge');
-    for (const { name, dir } of scan.unfinished) logger.warn({ volume: name, dir }, 'removing a volume whose creation never finished');
-    await removeLeftovers(dataDir, scan);
+  private get order(): OperationOrder {
+    return this.context.order;
+  }
+
+  /**
+   * Opens the secondary volumes of the data directory (`scan`, leftovers already removed) and creates the
+   * configured ones that are missing; `elsewhere` names the volumes of the other role, which groups may name.
+   */
+  async start(config: DaemonConfig, scan: Scan, elsewhere: ReadonlySet<string>): Promise<void> {
+    const plan = planVolumes(config, scan, elsewhere);
     for (const { name, dir, problem } of plan.broken) {
       const wanted = config.volumes[name] ?? {};
       this.addBroken({ kind: 'error', name, dir, record: null, wanted, options: null, error: problemOf('ERECORD', problem), cause: undefined }, 'opened');
@@ -195,6 +200,10 @@ export class VolumeSet {
 
   get names(): string[] {
     return [...this.entries.keys()].sort();
+  }
+
+  has(name: string): boolean {
+    return this.entries.has(name) || this.creating.has(name);
   }
 
   views(): VolumeView[] {
@@ -299,9 +308,10 @@ export class VolumeSet {
     }
   }
 
-  private serve(entry: OpenEntry, how: 'opened' | 'created' | 'recovered'): OpenEntry {
+  private serve(opened: Omit<OpenEntry, 'secondaryExport'>, how: 'opened' | 'created' | 'recovered'): OpenEntry {
     const { nbd, metrics, logger } = this.context;
-    const { name, volume } = entry;
+    const { name, volume } = opened;
+    const entry: OpenEntry = { ...opened, secondaryExport: new SwappableDevice(volume.secondary) };
     const log = logger.child({ volume: name });
     const forward = <E extends EventName>(event: E, level: 'debug' | 'info' | 'warn', message: string) => (data: object) => {
       log[level](data, message);
@@ -321,7 +331,7 @@ export class VolumeSet {
     });
     metrics.addVolume(name, volume);
     nbd.addExport(`${name}/primary`, volume.primary, { description: `gannet volume ${name}: primary view (the PVM's forwarded writes)` });
-    nbd.addExport(`${name}/secondary`, volume.secondary, { description: `gannet volume ${name}: secondary view (the SVM's disk)` });
+    nbd.addExport(`${name}/secondary`, entry.secondaryExport, { description: `gannet volume ${name}: secondary view (the SVM's disk)` });
     this.entries.set(name, entry);
     const stats = volume.stats();
     log.info(
@@ -527,6 +537,38 @@ export class VolumeSet {
     });
   }
 
+  /**
+   * The open gannet volume `name`, for a promotion (run in the volume's order by the caller), or a
+   * conflict saying why it cannot be promoted.
+   */
+  promotable(name: string): { dir: string; record: VolumeRecord; volume: ReplicatedVolume; secondaryExport: SwappableDevice; wanted: VolumeConfig } {
+    const entry = this.lookup(name);
+    if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot be promoted: it is in error (${entry.error.code}): ${entry.error.message}`);
+    if (!(entry.volume instanceof ReplicatedVolume)) {
+      throw new ApiError('conflict', `volume ${name} cannot be promoted: its strategy ${entry.volume.stats().strategy} is a baseline with no replication`);
+    }
+    return { dir: entry.dir, record: entry.record, volume: entry.volume, secondaryExport: entry.secondaryExport, wanted: entry.wanted };
+  }
+
+  /**
+   * Takes a volume out of the set for a promotion (in its order): NAME/primary goes, its connections
+   * closed (a primary forwarding to it is stale from now on), and NAME/secondary stays served, for the
+   * primary role to take over. The caller closes the volume.
+   */
+  async release(name: string): Promise<void> {
+    const { nbd, metrics } = this.context;
+    this.lookup(name);
+    this.entries.delete(name);
+    this.attached.delete(name);
+    metrics.removeVolume(name);
+    await nbd.removeExport(`${name}/primary`, { graceMs: exportCloseGraceMs });
+  }
+
+  /** Serves again a volume whose promotion failed before its role changed (in its order). */
+  async reopen(name: string, dir: string, record: VolumeRecord, wanted: VolumeConfig): Promise<void> {
+    await this.openExisting(name, dir, record, wanted, 'opened');
+  }
+
   /** A gannet volume that is replicating, or a conflict saying why it cannot `what`. */
   private replicatedOf(name: string, what: string): ReplicatedVolume {
     const entry = this.lookup(name);
@@ -659,10 +701,10 @@ export class VolumeSet {
    * reports the rest (volumes it no longer names are kept; limits of open volumes apply when they are
    * next opened, since the engine takes them only then). A contradiction is refused before anything changes.
    */
-  reload(config: DaemonConfig): Promise<VolumeReload> {
+  reload(config: DaemonConfig, elsewhere: ReadonlySet<string>): Promise<VolumeReload> {
     return this.ordered([reloadKey], async () => {
       const configured = Object.entries(config.volumes);
-      const known = new Set([...this.entries.keys(), ...configured.map(([name]) => name)]);
+      const known = new Set([...this.entries.keys(), ...configured.map(([name]) => name), ...elsewhere]);
       /** `found`: the volume's directory exists (put back by an operator), with its record or what is wrong with it. */
       const add: { name: string; wanted: VolumeConfig; found: VolumeRecord | string | null }[] = [];
       const restartNeeded: string[] = [];

@@ -1,0 +1,215 @@
+/**
+ * Goal: after a failover the surviving volume is protected again without its VM noticing: `gannet
+ * promote` makes the failed-over secondary volume a primary on the same disk while the VM's NBD
+ * connection to NAME/secondary keeps working (no request fails), a new secondary daemon is brought up
+ * to date by the resync, and a second failover, onto that new secondary, keeps the data of both
+ * periods. The role survives kill -9.
+ *
+ * Method: three real daemons on loopback: P (role primary) replicating to S (role secondary), and a
+ * fresh daemon T. Period 1: qemu-io writes through P. `gannet failover vm` on S; an NbdClient (one
+ * connection, the "VM") keeps writing 4 KiB blocks to S's vm/secondary in a bounded loop, recording
+ * every acknowledged write and every failure; `gannet promote vm --peer T` runs meanwhile (S's own
+ * --peer is a dead address and its token file is filled with T's token only now: the override and the
+ * reread are both exercised). Once S's volume is `replicating` (its state event), a checkpoint made
+ * durable on T; T's disk.img must equal S's disk, read back through S's export vm. Then `gannet
+ * failover vm` on T, and T's vm/secondary must hold period 1's pattern and every block's last write of
+ * period 2.
+ */
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { NbdClient } from 'nbd-server-js';
+import { afterEach, describe, expect, it } from 'vitest';
+import { api, assertQemuOk, clientFlags, gannet, listedExports, makeTempDir, qemuIo, requireTool, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
+import { subscribe, type EventStream } from './helpers/events.js';
+
+const MiB = 1024 * 1024;
+const volumeBytes = 64 * MiB;
+/** Period 1, written through the old primary: 8 MiB of 0x11 at the start of the disk. */
+const periodOneBytes = 8 * MiB;
+/** Period 2, the VM's writes on the promoted side: 4 KiB blocks spread over a 16 MiB region. */
+const blockBytes = 4096;
+const regionOffset = 32 * MiB;
+const regionBlocks = (16 * MiB) / blockBytes;
+/** Writes the VM must have finished before the promotion starts, and after it returned. */
+const writesBefore = 200;
+const writesAfter = 200;
+/** Bounds of the writer loop, whichever comes first. */
+const writerWritesMax = 200_000;
+const writerMsMax = 120_000;
+const eventWaitMs = 60_000;
+/** Nothing listens on port 1 of loopback: S's configured peer, overridden at promotion. */
+const deadPeer = '127.0.0.1:1';
+
+async function view(daemon: DaemonHandle): Promise<Record<string, any>> {
+  const response = await api(daemon, 'GET', '/v1/volumes/vm');
+  expect(response.status).toBe(200);
+  return response.json;
+}
+
+async function reachState(daemon: DaemonHandle, events: EventStream, state: string): Promise<void> {
+  if ((await view(daemon)).state === state) return;
+  await events.next((event) => event.event === 'state' && event.data.state === state, eventWaitMs);
+}
+
+async function reachDurable(daemon: DaemonHandle, events: EventStream, epoch: number): Promise<void> {
+  const now = (await view(daemon)).peerDurableEpoch;
+  if (now !== null && now >= epoch) return;
+  await events.next((event) => event.event === 'durable' && event.data.epoch >= epoch, eventWaitMs);
+}
+
+async function checkpoint(daemon: DaemonHandle): Promise<number> {
+  const response = await api(daemon, 'POST', '/v1/volumes/vm/checkpoint');
+  expect(response.status).toBe(200);
+  return response.json.epoch as number;
+}
+
+/** The block each write of the loop goes to, and the byte it fills it with (never 0, never period 1's). */
+const blockOf = (i: number) => (i * 7919) % regionBlocks;
+const byteOf = (i: number) => (i % 200) + 0x20;
+
+/** The VM: one NBD connection writing in a bounded loop until stopped; failures are kept, not thrown. */
+function keepWriting(client: NbdClient) {
+  const last = new Map<number, number>();
+  const failures: string[] = [];
+  let written = 0;
+  let stopped = false;
+  const waiters: { count: number; resolve: () => void }[] = [];
+  const started = Date.now();
+  const done = (async () => {
+    for (let i = 0; i < writerWritesMax && !stopped && Date.now() - started < writerMsMax; i++) {
+      try {
+        await client.write(Buffer.alloc(blockBytes, byteOf(i)), regionOffset + blockOf(i) * blockBytes);
+        last.set(blockOf(i), byteOf(i));
+        written++;
+      } catch (error) {
+        failures.push(`write ${i}: ${(error as Error).message}`);
+      }
+      for (const waiter of waiters.filter((w) => written >= w.count)) {
+        waiters.splice(waiters.indexOf(waiter), 1);
+        waiter.resolve();
+      }
+    }
+    for (const waiter of waiters) waiter.resolve();
+  })();
+  return {
+    last,
+    failures,
+    get written() {
+      return written;
+    },
+    /** Resolves once `count` writes in all were acknowledged (or the loop ended). */
+    reached: (count: number) => (written >= count ? Promise.resolve() : new Promise<void>((resolve) => waiters.push({ count, resolve }))),
+    async stop(): Promise<void> {
+      stopped = true;
+      await done;
+    },
+  };
+}
+
+function firstDifferentMiB(a: Buffer, b: Buffer): number | null {
+  for (let at = 0; at < volumeBytes; at += MiB) if (Buffer.compare(a.subarray(at, at + MiB), b.subarray(at, at + MiB)) !== 0) return at / MiB;
+  return null;
+}
+
+async function readWhole(client: NbdClient): Promise<Buffer> {
+  const whole = Buffer.alloc(volumeBytes);
+  for (let at = 0; at < volumeBytes; at += 4 * MiB) await client.read(whole.subarray(at, at + 4 * MiB), at);
+  return whole;
+}
+
+describe('re-protection: promote a failed-over secondary while its VM writes', () => {
+  afterEach(stopAll);
+
+  it('keeps the VM connection across the promotion, resyncs a fresh secondary, and fails over onto it with both periods intact', async () => {
+    requireTool('qemu-io');
+    // T, the fresh daemon that becomes the new secondary.
+    const third = await startDaemon({ volumes: [`vm:${volumeBytes}`] });
+    // S: role secondary, its --peer dead and its token file empty until the promotion needs it.
+    const peerDir = await makeTempDir();
+    const sTokenFile = join(peerDir, 'peer.token');
+    await writeFile(sTokenFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    const sArgs = ['--peer', deadPeer, '--peer-token-file', sTokenFile];
+    const secondary = await startDaemon({ volumes: [`vm:${volumeBytes}`], args: sArgs });
+    // P: role primary, replicating to S.
+    const pTokenFile = join(peerDir, 'p-peer.token');
+    await writeFile(pTokenFile, `${secondary.token}\n`, { mode: 0o600 });
+    const primary = await startDaemon({
+      volumes: [`vm:${volumeBytes}`],
+      args: ['--role', 'primary', '--peer', `${secondary.control.host}:${secondary.control.port}`, '--peer-token-file', pTokenFile],
+    });
+    const pEvents = await subscribe(primary, 'vm');
+    await reachState(primary, pEvents, 'replicating');
+
+    // Period 1, through the old primary, made durable on S.
+    assertQemuOk(await qemuIo(primary, 'vm', [`write -P 0x11 0 ${periodOneBytes}`, 'flush']), 'period 1');
+    await reachDurable(primary, pEvents, await checkpoint(primary));
+
+    const failover = await gannet(['failover', 'vm', ...clientFlags(secondary)]);
+    expect({ status: failover.status, stderr: failover.stderr }).toEqual({ status: 0, stderr: '' });
+
+    // Period 2: the VM on S's vm/secondary, one connection throughout.
+    const vm = await NbdClient.connect(secondary.nbd, { exportName: 'vm/secondary' });
+    const writer = keepWriting(vm);
+    await writer.reached(writesBefore);
+    await writeFile(sTokenFile, `${third.token}\n`);
+    const sEvents = await subscribe(secondary, 'vm');
+    const promote = await gannet(['promote', 'vm', '--peer', `${third.control.host}:${third.control.port}`, ...clientFlags(secondary)]);
+    expect({ status: promote.status, stderr: promote.stderr }).toEqual({ status: 0, stderr: '' });
+    expect(promote.stdout).toMatch(/^vm: role primary, \S+, peer 127\.0\.0\.1:\d+$/m);
+    const changed = await sEvents.next((event) => event.event === 'role-changed', eventWaitMs);
+    expect(changed.data).toMatchObject({ volume: 'vm', role: 'primary', from: 'secondary' });
+    const promotedAt = writer.written;
+    await writer.reached(promotedAt + writesAfter);
+    expect(writer.failures).toEqual([]);
+
+    await reachState(secondary, sEvents, 'replicating');
+    await writer.stop();
+    expect(writer.failures).toEqual([]);
+    expect(writer.written).toBeGreaterThanOrEqual(promotedAt + writesAfter);
+    await vm.flush();
+
+    const promoted = await view(secondary);
+    expect(promoted).toMatchObject({
+      role: 'primary',
+      state: 'replicating',
+      exports: { disk: 'vm', secondary: 'vm/secondary' },
+      link: { state: 'up', peer: `${third.control.host}:${third.control.port}` },
+    });
+    expect(promoted.lastResync).toMatchObject({ full: true });
+    expect(await listedExports(secondary)).toEqual(['vm', 'vm/secondary']);
+    const metrics = (await api(secondary, 'GET', '/metrics')).text;
+    expect(metrics).toContain('gannet_volume_role{volume="vm",role="primary"} 1');
+
+    // The new secondary's disk equals the new primary's once a checkpoint is durable there.
+    await reachDurable(secondary, sEvents, await checkpoint(secondary));
+    const disk = await readWhole(vm);
+    const thirdDisk = await readFile(join(third.dataDir, 'volumes', 'vm', 'disk.img'));
+    expect({ firstDifferentMiB: firstDifferentMiB(disk, thirdDisk) }).toEqual({ firstDifferentMiB: null });
+    await vm.close();
+
+    // The second failover, onto T: both periods are there.
+    const back = await gannet(['failover', 'vm', ...clientFlags(third)]);
+    expect({ status: back.status, stderr: back.stderr }).toEqual({ status: 0, stderr: '' });
+    const survivor = await NbdClient.connect(third.nbd, { exportName: 'vm/secondary' });
+    const seen = await readWhole(survivor);
+    await survivor.close();
+    expect(seen.subarray(0, periodOneBytes).every((byte) => byte === 0x11)).toBe(true);
+    const wrong: number[] = [];
+    for (const [block, byte] of writer.last) {
+      const at = regionOffset + block * blockBytes;
+      if (!seen.subarray(at, at + blockBytes).every((b) => b === byte)) wrong.push(block);
+    }
+    expect({ blocks: writer.last.size, wrong: wrong.slice(0, 10) }).toEqual({ blocks: writer.last.size, wrong: [] });
+    expect({ firstDifferentMiB: firstDifferentMiB(seen, disk) }).toEqual({ firstDifferentMiB: null });
+
+    // kill -9 after the promotion: S restarts with the volume in the primary role, its disk whole.
+    expect((await secondary.stop('SIGKILL')).signal).toBe('SIGKILL');
+    const restarted = await startDaemon({ dataDir: secondary.dataDir, volumes: [], args: sArgs });
+    expect(await view(restarted)).toMatchObject({ role: 'primary', exports: { disk: 'vm', secondary: 'vm/secondary' }, link: { peer: `${third.control.host}:${third.control.port}` } });
+    expect(await listedExports(restarted)).toEqual(['vm', 'vm/secondary']);
+    const again = await NbdClient.connect(restarted.nbd, { exportName: 'vm/secondary' });
+    expect({ firstDifferentMiB: firstDifferentMiB(await readWhole(again), disk) }).toEqual({ firstDifferentMiB: null });
+    await again.close();
+    await Promise.all([pEvents.close(), sEvents.close()]);
+  });
+});
