@@ -14,6 +14,7 @@
  * ocf_promotion_score looks for it. xmllint checks the meta-data; ocf-tester drives a whole life cycle.
  */
 import { chmod, mkdir, readFile, stat, writeFile } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { subscribe, type EventStream } from './helpers/events.js';
@@ -40,10 +41,14 @@ const raSchemaDir = '/usr/share/resource-agents';
 const MiB = 1024 * 1024;
 const volumeBytes = 64 * MiB;
 const eventWaitMs = 30_000;
+/** ocf-tester runs some forty actions, each a CLI call or two (node starting), and four promotions. */
+const ocfTesterTimeoutMs = 120_000;
 /** OCF exit codes (OCF resource agent API, Pacemaker's promotable extensions). */
 const ocf = { success: 0, generic: 1, installed: 5, configured: 6, notRunning: 7, runningPromoted: 8, failedPromoted: 9 } as const;
 /** The agent's promotion scores (SCORE_* in the agent). */
 const score = { disk: 10000, replica: 100 } as const;
+/** Nothing listens on port 1 of loopback. */
+const deadPeer = '127.0.0.1:1';
 /** A recurring monitor's interval; a probe is a monitor with interval 0. */
 const monitorIntervalMs = '10000';
 
@@ -155,6 +160,19 @@ async function startPair(): Promise<{ primary: DaemonHandle; secondary: DaemonHa
   );
   const primary = await startDaemon({ volumes: [], args: ['--config', config] });
   return { primary, secondary };
+}
+
+/**
+ * A daemon whose secondary volume `vm` can be promoted, and the daemon it then replicates to. The first
+ * one's own --peer is a dead address (its token file holds the second's token): the agent's `peer`
+ * parameter must name the second for the promotion to reach it.
+ */
+async function startPromotable(): Promise<{ local: DaemonHandle; peer: DaemonHandle }> {
+  const peer = await startDaemon({ volumes: [`vm:${volumeBytes}`] });
+  const tokenFile = join(await makeTempDir(), 'peer.token');
+  await writeFile(tokenFile, `${peer.token}\n`, { mode: 0o600 });
+  const local = await startDaemon({ volumes: [`vm:${volumeBytes}`], args: ['--peer', deadPeer, '--peer-token-file', tokenFile] });
+  return { local, peer };
 }
 
 async function reachState(daemon: DaemonHandle, events: EventStream, state: string): Promise<void> {
@@ -286,6 +304,58 @@ describe('ocf:gannet:volume', () => {
     expect(await onPrimary.lastScore()).toBe('deleted');
     await events.close();
   });
+
+  it('promote makes the volume primary and attaches the peer its parameter names for another node; demote makes it secondary again', async () => {
+    const { local, peer } = await startPromotable();
+    const peerAddress = `${peer.control.host}:${peer.control.port}`;
+    // One entry per node: this node's (uname -n, as ocf_local_nodename says outside a cluster) must be skipped.
+    const agent = await agentFor(local, 'vm', { peer: `${hostname()}=${deadPeer} other-node=${peerAddress}` });
+    const events = await subscribe(local, 'vm');
+
+    await expectCode(agent, 'start', ocf.success);
+    await expectCode(agent, 'monitor', ocf.success);
+    await expectCode(agent, 'promote', ocf.success);
+    expect(await statusOf(local, 'vm')).toMatchObject({ role: 'primary', link: { peer: peerAddress } });
+    await reachState(local, events, 'replicating');
+    await expectCode(agent, 'monitor', ocf.runningPromoted);
+    expect(await agent.lastScore()).toBe(score.disk);
+    await expectCode(agent, 'promote', ocf.success);
+    expect(await statusOf(peer, 'vm')).toMatchObject({ role: 'secondary', state: 'replicating' });
+
+    await expectCode(agent, 'demote', ocf.success);
+    expect(await statusOf(local, 'vm')).toMatchObject({ role: 'secondary' });
+    await expectCode(agent, 'monitor', ocf.success);
+    expect(await agent.lastScore()).not.toBe(score.disk);
+    await expectCode(agent, 'demote', ocf.success);
+    await expectCode(agent, 'stop', ocf.success);
+    await expectCode(agent, 'monitor', ocf.notRunning);
+    expect(await statusOf(local, 'vm')).toMatchObject({ role: 'secondary' });
+    await events.close();
+  });
+
+  it('passes ocf-tester against a running daemon, and leaves the volume secondary', async () => {
+    const ocfTester = requireResourceAgents();
+    const { local, peer } = await startPromotable();
+    const rsctmp = await makeTempDir('gannet-ocf-rsctmp-');
+    const parameters = {
+      volume: 'vm',
+      api: `${local.control.host}:${local.control.port}`,
+      data_dir: local.dataDir,
+      gannet: gannetBin,
+      peer: `${peer.control.host}:${peer.control.port}`,
+    };
+    const result = await runCommand(
+      ocfTester,
+      ['-v', '-n', 'gannet-vm', ...Object.entries(parameters).flatMap(([key, value]) => ['-o', `${key}=${value}`]), agentPath],
+      { env: { ...process.env, OCF_ROOT: ocfRoot, HA_RSCTMP: rsctmp }, timeoutMs: ocfTesterTimeoutMs },
+    );
+    expect(result.status, describeResult('ocf-tester', result)).toBe(0);
+    expect(result.stdout).toContain(`${agentPath} passed all tests`);
+    // Its last steps stop the resource: the volume is a secondary again, and reads as stopped.
+    expect(await statusOf(local, 'vm')).toMatchObject({ role: 'secondary' });
+    const agent = await agentFor(local, 'vm');
+    await expectCode(agent, 'monitor', ocf.notRunning);
+  }, ocfTesterTimeoutMs + 30_000);
 
   it('gannet ocf-path prints the agent, which the package ships executable', async () => {
     const printed = await gannet(['ocf-path']);
