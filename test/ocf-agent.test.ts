@@ -208,6 +208,15 @@ describe('ocf:gannet:volume', () => {
     expect(xml).toContain('<parameter name="volume" unique="1" required="1">');
   });
 
+  it('is POSIX sh that /bin/sh parses and shellcheck passes', async () => {
+    // Debian's /bin/sh, which the agent's #! line names, is dash: no bash extensions.
+    const parse = await runCommand('/bin/sh', ['-n', agentPath]);
+    expect(parse.status, describeResult('sh -n', parse)).toBe(0);
+    // SC1091: ocf-shellfuncs is sourced from a path known only at run time. SC2086: the OCF_* exit codes are numbers.
+    const lint = await runCommand(requireTool('shellcheck'), ['--shell=sh', '--severity=style', '--exclude=SC1091,SC2086', agentPath]);
+    expect(lint.status, describeResult('shellcheck', lint)).toBe(0);
+  });
+
   it('validate-all names a missing or malformed parameter (6) and a missing gannet (5)', async () => {
     const target = { control: { host: '127.0.0.1', port: 1 }, dataDir: await makeTempDir() };
     const cases: [Record<string, string>, number, string][] = [

@@ -118,6 +118,7 @@ const requirements = [
     ['e2fsprogs', ['mkfs.ext4', 'e2fsck', 'debugfs']],
     ['resource-agents', ['ocf-tester']],
     ['libxml2-utils', ['xmllint']],
+    ['shellcheck', ['shellcheck']],
   ].flatMap(([pkg, programs]) => programs.map((program) => ({ pkg, what: program, present: (path) => findProgram(program, path) !== undefined }))),
   { pkg: 'python3-libnbd', what: `python3 module nbd (${systemPython})`, present: () => pythonHas('nbd') },
   { pkg: 'resource-agents', what: `${ocfShellfuncs} (the OCF agents' shell library)`, present: () => existsSync(ocfShellfuncs) },
