@@ -266,6 +266,17 @@ describe('ocf:gannet:volume', () => {
     // Stopping an instance leaves the daemon's volume alone: it stays a replica.
     expect(await statusOf(daemon, 'vol0')).toMatchObject({ role: 'secondary', state: 'replicating' });
 
+    // The token from token_file rather than data_dir; a wrong one is a failure, not a stopped volume.
+    const tokenDir = await makeTempDir();
+    await writeFile(join(tokenDir, 'right.token'), `${daemon.token}\n`);
+    await writeFile(join(tokenDir, 'wrong.token'), `${'cd'.repeat(32)}\n`);
+    const byTokenFile = await agentFor({ control: daemon.control, dataDir: '/nonexistent' }, 'vol0', { token_file: join(tokenDir, 'right.token') });
+    await expectCode(byTokenFile, 'start', ocf.success);
+    await expectCode(byTokenFile, 'monitor', ocf.success);
+    await expectCode(byTokenFile, 'stop', ocf.success);
+    const wrongToken = await agentFor(daemon, 'vol0', { token_file: join(tokenDir, 'wrong.token') });
+    expect((await expectCode(wrongToken, 'monitor', ocf.generic, { probe: true })).stderr).toContain('401 unauthorized');
+
     const missing = await agentFor(daemon, 'missing');
     await expectCode(missing, 'monitor', ocf.notRunning, { probe: true });
     expect((await expectCode(missing, 'start', ocf.installed)).stderr).toContain('has no volume missing');
