@@ -212,4 +212,43 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     await again.close();
     await Promise.all([pEvents.close(), sEvents.close()]);
   });
+
+  it('checks every body naming the field, promotes a volume nobody uses, answers a promote of a primary and a demote of a secondary as no-ops, and refuses a resolve outside split brain', async () => {
+    const peerDir = await makeTempDir();
+    const tokenFile = join(peerDir, 'peer.token');
+    await writeFile(tokenFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    const daemon = await startDaemon({ volumes: ['vm:16M'], args: ['--peer', deadPeer, '--peer-token-file', tokenFile] });
+    const created = await api(daemon, 'POST', '/v1/volumes', { name: 'pv', sizeBytes: '8M' });
+    expect(created.status).toBe(201);
+    for (const [path, body, field] of [
+      ['/v1/volumes/vm/promote', { peer: 'nowhere' }, 'peer'],
+      ['/v1/volumes/vm/promote', { force: 'yes' }, 'force'],
+      ['/v1/volumes/vm/promote', { peers: '127.0.0.1:1' }, 'peers'],
+      ['/v1/volumes/vm/demote', { force: 1 }, 'force'],
+      ['/v1/volumes/vm/resolve', {}, 'discardLocal'],
+      ['/v1/volumes/vm/resolve', { discardLocal: false }, 'discardLocal'],
+    ] as const) {
+      const refused = await api(daemon, 'POST', path, body);
+      expect({ path, status: refused.status, code: refused.json.error.code, field: refused.json.error.field }).toEqual({ path, status: 400, code: 'bad_request', field });
+    }
+    expect((await api(daemon, 'POST', '/v1/volumes/nope/promote', {})).status).toBe(404);
+    // pv fails over and becomes primary, degraded with its peer away; promoting it again changes nothing.
+    const promoted = await api(daemon, 'POST', '/v1/volumes/pv/promote', {});
+    expect(promoted.status).toBe(200);
+    expect(promoted.json).toMatchObject({ name: 'pv', role: 'primary', link: { peer: deadPeer } });
+    const again = await api(daemon, 'POST', '/v1/volumes/pv/promote', { peer: '127.0.0.1:2' });
+    expect(again.status).toBe(200);
+    expect(again.json).toMatchObject({ role: 'primary', promotedAt: promoted.json.promotedAt, link: { peer: deadPeer } });
+    expect(await listedExports(daemon)).toEqual(['pv', 'pv/secondary', 'vm/primary', 'vm/secondary']);
+    const demoted = await api(daemon, 'POST', '/v1/volumes/vm/demote', {});
+    expect(demoted.status).toBe(200);
+    expect(demoted.json).toMatchObject({ name: 'vm', role: 'secondary', state: 'replicating' });
+    const notSplit = await api(daemon, 'POST', '/v1/volumes/vm/resolve', { discardLocal: true });
+    expect(notSplit.status).toBe(409);
+    expect(notSplit.json.error.message).toContain('not in split brain');
+    const cli = await gannet(['resolve', 'vm', ...clientFlags(daemon)]);
+    expect({ status: cli.status, stderr: cli.stderr }).toEqual({ status: 2, stderr: expect.stringContaining('--discard-local is required') });
+    const cliRefused = await gannet(['resolve', 'vm', '--discard-local', ...clientFlags(daemon)]);
+    expect({ status: cliRefused.status, stderr: cliRefused.stderr }).toEqual({ status: 1, stderr: expect.stringContaining('refused (409 conflict)') });
+  });
 });

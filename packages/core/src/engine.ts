@@ -4,13 +4,14 @@ import { blockErrorCode, type BlockDevice } from '@gannet/block-device';
 import { InvariantError } from './assert.js';
 import { BlockBuffers, type Layer } from './buffer.js';
 import { EpochLease, Epochs } from './epochs.js';
+import type { Generation } from './generation.js';
 import type { Inconsistent, LostFailover, MetaStore } from './meta.js';
 import type { ResolvedVolumeOptions } from './options.js';
 import type { Geometry } from './plan.js';
 import { Spiller } from './spill.js';
 import type { VolumeStateFile, VolumeStateRecord } from './state-file.js';
 import type { Storage } from './storage.js';
-import type { ByteRange, FailoverStatus, FailoverTarget, VolumeError, VolumeEvents, VolumeState } from './types.js';
+import type { ByteRange, FailoverStatus, FailoverTarget, SplitBrain, VolumeError, VolumeEvents, VolumeState } from './types.js';
 
 /** Which part set an error (and may clear it). */
 export type ErrorSource = 'flush' | 'failover' | 'halt';
@@ -39,6 +40,7 @@ export interface EngineInit {
   readonly torn: ByteRange[];
   readonly lostFailover: LostFailover | null;
   readonly inconsistent: Inconsistent | null;
+  readonly generation: Generation | null;
 }
 
 /**
@@ -67,6 +69,10 @@ export class Engine {
   lostFailover: LostFailover | null;
   /** A resync from the primary has the disk half-way: failover is refused unless forced. */
   inconsistent: Inconsistent | null;
+  /** The volume's lineage (generation.ts); null: none yet (fresh), its first sync is a full one. */
+  generation: Generation | null;
+  /** The last primary that attached had written since they split: both histories, and since when. */
+  splitBrain: SplitBrain | null = null;
   /** Set once close() has begun. */
   closing = false;
   /** Called after every flush pass (the failover retires its journal once the kept state is applied). */
@@ -93,6 +99,7 @@ export class Engine {
     this.torn = init.torn;
     this.lostFailover = init.lostFailover;
     this.inconsistent = init.inconsistent;
+    this.generation = init.generation;
     this.buffers = new BlockBuffers({
       blockBytes: init.options.blockBytes,
       sizeBytes: init.options.sizeBytes,

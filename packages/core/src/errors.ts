@@ -1,3 +1,5 @@
+import type { Generation } from './generation.js';
+
 /**
  * Errors of the engine carry a stable `code` (tests assert codes, never messages). Errors on the block
  * device verbs are `BlockDeviceError`s (@gannet/block-device), so the NBD server maps them to wire errnos.
@@ -23,6 +25,8 @@ export type GannetErrorCode =
   | 'EPEER'
   /** The primary role's peer failed over: this side is stale and takes no more writes. */
   | 'EFENCED'
+  /** Both sides of a volume wrote since they split (generation ids): nothing is resynced until an operator discards one side. */
+  | 'ESPLITBRAIN'
   /** The strategy is not available in this build. */
   | 'ENOTAVAILABLE';
 
@@ -32,6 +36,21 @@ export class GannetError extends Error {
     super(message, options);
     this.name = 'GannetError';
     this.code = code;
+  }
+}
+
+/**
+ * A secondary refused a primary's attach: both moved on since they split. It carries both generations, so
+ * that the primary, which learns the secondary's only from this refusal, can report both.
+ */
+export class SplitBrainError extends GannetError {
+  constructor(
+    message: string,
+    readonly secondary: Generation,
+    readonly primary: Generation | null,
+  ) {
+    super('ESPLITBRAIN', message);
+    this.name = 'SplitBrainError';
   }
 }
 

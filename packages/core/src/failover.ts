@@ -4,6 +4,7 @@ import { BlockDeviceError, toBlockDeviceError } from '@gannet/block-device';
 import { InvariantError } from './assert.js';
 import type { Engine } from './engine.js';
 import { GannetError } from './errors.js';
+import { nextGeneration, unknownGeneration } from './generation.js';
 import type { Flusher } from './flusher.js';
 import { journalFileName, openJournal, writeJournal } from './journal.js';
 import { layerSource, planFlush } from './plan.js';
@@ -75,7 +76,11 @@ export class Failover {
     const { lease, epoch } = engine.epochs;
     if (!lease.covers(epoch + 1)) await lease.ensure(epoch + 1);
     const requestedAt = new Date().toISOString();
-    await engine.meta.recordFailoverPending(to, requestedAt);
+    // A failed-over volume is a new lineage: a primary that attaches later and wrote meanwhile is split from it.
+    const before = engine.generation;
+    const generation = nextGeneration(before ?? unknownGeneration);
+    await engine.meta.recordFailoverPending(to, requestedAt, generation, before);
+    engine.generation = generation;
     if (engine.state !== 'replicating') throw new GannetError('ESTATE', `failover: the volume is ${engine.state}`);
     const start = performance.now();
     this.started = start;

@@ -5,9 +5,11 @@ import type { BlockDevice } from '@gannet/block-device';
 import { epochLeaseCount } from './epochs.js';
 import { GannetError } from './errors.js';
 import { journalFileName } from './journal.js';
+import { forgetGeneration, type Generation } from './generation.js';
 import { MetaStore, type Identity, type Inconsistent, type LostFailover, type PersistedMeta } from './meta.js';
 import type { ResolvedVolumeOptions } from './options.js';
 import { mergeRanges } from './ranges.js';
+import { checkRole } from './role-file.js';
 import { VolumeStateFile, type VolumeStateRecord } from './state-file.js';
 import type { Storage } from './storage.js';
 import type { ByteRange } from './types.js';
@@ -27,6 +29,7 @@ export interface Opened {
   readonly torn: ByteRange[];
   readonly lostFailover: LostFailover | null;
   readonly inconsistent: Inconsistent | null;
+  readonly generation: Generation | null;
 }
 
 /**
@@ -39,6 +42,7 @@ export interface Opened {
  */
 export async function openFiles(options: ResolvedVolumeOptions, storage: Storage): Promise<Opened> {
   await mkdir(options.dataDir, { recursive: true });
+  await checkRole(storage, options.dataDir, 'secondary');
   const stateFile = new VolumeStateFile(storage, options.dataDir);
   const metaLocation = join(options.dataDir, metaDirName);
   let record = await stateFile.read();
@@ -69,7 +73,7 @@ export async function openFiles(options: ResolvedVolumeOptions, storage: Storage
       throw new GannetError('EMETA', `the backing file ${options.path} of the volume in ${stateFile.path} is missing`);
     }
     backing = await storage.openBacking(options.path, options.sizeBytes, { create: fresh });
-    const lostFailover = await reconcileLifecycle(record, persisted, meta, storage, options, stateFile.path);
+    const { lostFailover, generation, inconsistent } = await reconcileLifecycle(record, persisted, meta, storage, options, stateFile.path);
     const epoch = fresh ? 0 : Math.max(persisted.epochCeiling, persisted.durableEpoch, record.epochCeiling) + 1;
     const epochCeiling = epoch + epochLeaseCount;
     const torn = record.lifecycle === 'failed-over' ? [] : mergeRanges([...persisted.torn, ...persisted.flushing]);
@@ -88,7 +92,8 @@ export async function openFiles(options: ResolvedVolumeOptions, storage: Storage
       epochCeiling,
       torn,
       lostFailover,
-      inconsistent: record.lifecycle === 'replicating' ? persisted.inconsistent : null,
+      inconsistent: record.lifecycle === 'replicating' ? inconsistent : null,
+      generation,
     };
   } catch (err) {
     await backing?.close().catch(() => undefined);
@@ -135,6 +140,12 @@ async function adopt(
   return record;
 }
 
+interface Reconciled {
+  readonly lostFailover: LostFailover | null;
+  readonly generation: Generation | null;
+  readonly inconsistent: Inconsistent | null;
+}
+
 /** Brings state file and metadata back in step after a crash between their writes; refuses what no crash explains. */
 async function reconcileLifecycle(
   record: VolumeStateRecord,
@@ -143,20 +154,30 @@ async function reconcileLifecycle(
   storage: Storage,
   options: ResolvedVolumeOptions,
   statePath: string,
-): Promise<LostFailover | null> {
+): Promise<Reconciled> {
   const journalPath = join(options.dataDir, journalFileName);
+  const { generation, inconsistent } = persisted;
   if (record.lifecycle === 'replicating') {
+    if (persisted.state === 'failed-over' && persisted.discard !== null) {
+      // A discard committed (the state file says replicating) and stopped before its last batch.
+      const discarded = forgetGeneration(generation ?? { current: null, history: [] });
+      const mark = { since: persisted.discard.at };
+      await meta.recordDiscarded(discarded, mark);
+      await storage.removeFile(journalPath);
+      return { lostFailover: null, generation: discarded, inconsistent: mark };
+    }
     if (persisted.state === 'failed-over') {
       throw new GannetError('EMETA', `${meta.location} says failed over but the state file ${statePath} says replicating: one of them is damaged`);
     }
     if (persisted.state === 'failover-pending') {
-      // Requested, but the process stopped before it was durable: the volume is at its checkpoint.
+      // Requested, but the process stopped before it was durable: the volume is at its checkpoint, and
+      // at the generation it had then.
       const lost: LostFailover = { target: persisted.target!, requestedAt: persisted.failoverAt ?? 'unknown', lostAt: new Date().toISOString() };
-      await meta.recordFailoverLost(lost);
+      await meta.recordFailoverLost(lost, persisted.generationBefore);
       await storage.removeFile(journalPath);
-      return lost;
+      return { lostFailover: lost, generation: persisted.generationBefore, inconsistent };
     }
-    return persisted.lostFailover;
+    return { lostFailover: persisted.lostFailover, generation, inconsistent };
   }
   if (persisted.state === 'replicating') {
     throw new GannetError('EMETA', `the state file ${statePath} says failed over to ${record.target} but ${meta.location} says replicating: one of them is damaged`);
@@ -168,7 +189,7 @@ async function reconcileLifecycle(
     await meta.recordFailedOver(record.target!);
   }
   if (record.journal === null) await storage.removeFile(journalPath);
-  return null;
+  return { lostFailover: null, generation, inconsistent: null };
 }
 
 function identityOf(record: VolumeStateRecord): Identity {
@@ -232,6 +253,85 @@ export async function recoverFiles(options: ResolvedVolumeOptions, storage: Stor
     if (record.lifecycle === 'failed-over') await meta.recordFailedOver(record.target!);
     await stateFile.write({ ...record, epochCeiling: ceiling, resync: fullResync ? 'full' : record.resync });
     return { lifecycle: record.lifecycle, movedTo, fullResync };
+  } finally {
+    await meta.close();
+  }
+}
+
+/**
+ * Makes a secondary volume's files (metadata store, state file) for a disk that exists already (a
+ * demoted primary's, role-change.ts): replicating at epoch 0, its generation's current id unknown (the
+ * lineage kept in the history) and marked inconsistent, so the first primary gives it a full digest
+ * sync and failover onto it is refused until that sync is durable. Leftovers of an earlier attempt are
+ * replaced; the caller commits by the role file.
+ */
+export async function createSecondaryFiles(
+  options: ResolvedVolumeOptions,
+  storage: Storage,
+  init: { uuid: string; generation: Generation },
+): Promise<void> {
+  await mkdir(options.dataDir, { recursive: true });
+  if (!(await storage.exists(options.path))) throw new GannetError('EMETA', `the backing file ${options.path} is missing: there is no disk to make a secondary of`);
+  const location = join(options.dataDir, metaDirName);
+  const meta = new MetaStore(await storage.openMeta(location, { create: true }), location);
+  try {
+    const identity: Identity = { uuid: init.uuid, sizeBytes: options.sizeBytes, blockBytes: options.blockBytes };
+    await meta.create(identity, epochLeaseCount, { epoch: 0, torn: [] });
+    const since = new Date().toISOString();
+    await meta.putAdopted(forgetGeneration(init.generation), { since });
+    await new VolumeStateFile(storage, options.dataDir).write({
+      format: 1,
+      uuid: init.uuid,
+      sizeBytes: options.sizeBytes,
+      blockBytes: options.blockBytes,
+      createdAt: since,
+      lifecycle: 'replicating',
+      target: null,
+      journal: null,
+      epochCeiling: epochLeaseCount,
+      resync: null,
+    });
+  } finally {
+    await meta.close();
+  }
+}
+
+/**
+ * Discards a closed secondary volume's data (the side an operator gives up after a split brain): a
+ * failed-over one becomes a replicating secondary on its own disk again, a replicating one stays so; its
+ * generation's current id becomes unknown and the disk is marked inconsistent, so the next primary gives
+ * it a full digest sync. A failed-over volume changes in three steps, crash-safe: the intent in the
+ * metadata, the state file (the commit: from here an open finishes the discard), the metadata.
+ */
+export async function discardFiles(options: ResolvedVolumeOptions, storage: Storage): Promise<void> {
+  const stateFile = new VolumeStateFile(storage, options.dataDir);
+  const record = await stateFile.read();
+  if (record === null) throw new GannetError('EMETA', `${options.dataDir} holds no secondary volume (no ${stateFile.path})`);
+  if (record.journal !== null) {
+    throw new GannetError('ESTATE', `the failover of the volume in ${options.dataDir} is not applied to its disk yet: open it until it is (its FLUSH returns), close it, then discard`);
+  }
+  const location = join(options.dataDir, metaDirName);
+  const meta = new MetaStore(await storage.openMeta(location, { create: false }), location);
+  try {
+    const persisted = await meta.load();
+    checkIdentity(options, record, persisted.identity, meta.location, stateFile.path);
+    const discarded = forgetGeneration(persisted.generation ?? { current: null, history: [] });
+    const at = new Date().toISOString();
+    if (record.lifecycle === 'replicating') {
+      if (persisted.state !== 'replicating') {
+        // A discard that committed and stopped before its last batch: finish it.
+        if (persisted.discard === null) throw new GannetError('ESTATE', `${meta.location} says ${persisted.state} while the state file ${stateFile.path} says replicating: open the volume once to settle it, close it, then discard`);
+        await meta.recordDiscarded(discarded, { since: persisted.discard.at });
+        return;
+      }
+      await meta.putAdopted(discarded, persisted.inconsistent ?? { since: at });
+      return;
+    }
+    await meta.recordDiscardBegun(at);
+    const { failoverRequestedAt: _requested, ...rest } = record;
+    await stateFile.write({ ...rest, lifecycle: 'replicating', target: null, journal: null });
+    await meta.recordDiscarded(discarded, { since: at });
+    await storage.removeFile(join(options.dataDir, journalFileName));
   } finally {
     await meta.close();
   }

@@ -1,4 +1,5 @@
 import type { BlockDevice } from '@gannet/block-device';
+import type { Generation } from './generation.js';
 import type { ByteRange, VolumeState } from './types.js';
 
 /**
@@ -10,8 +11,12 @@ import type { ByteRange, VolumeState } from './types.js';
 export interface Peer {
   /** Names the peer in status and messages (host:port of its control API). */
   readonly address: string;
-  /** Opens a session: the peer's state, then a data path. Rejects when the peer cannot be reached. */
-  connect(): Promise<PeerSession>;
+  /**
+   * Opens a session: the peer's state, then a data path. `generation` is the primary's: the peer
+   * compares it with its own and refuses a split brain (SplitBrainError, code ESPLITBRAIN, carrying the
+   * peer's generation). Rejects when the peer cannot be reached.
+   */
+  connect(generation: Generation): Promise<PeerSession>;
 }
 
 /** What the peer says about its volume when a session opens. */
@@ -28,6 +33,8 @@ export interface PeerInfo {
   readonly tornRanges: readonly ByteRange[];
   /** Marked inconsistent by a resync that has not settled (its last checkpoint not yet durable). */
   readonly inconsistent: boolean;
+  /** The peer volume's generation; null (or a null current id): its data is unknown, it takes a full sync. */
+  readonly generation: Generation | null;
 }
 
 /**
@@ -46,8 +53,23 @@ export interface PeerSession {
   /**
    * Marks the peer's disk inconsistent, durably, while a resync runs (it refuses to fail over onto a
    * half-synced disk unless forced), and clears the mark once the resync's last checkpoint is durable.
+   * With a generation (only when clearing), the peer adopts it in the same synced batch: it is then in
+   * sync with that lineage.
    */
-  setInconsistent(inconsistent: boolean): Promise<void>;
+  setInconsistent(inconsistent: boolean, generation?: Generation): Promise<void>;
+  /**
+   * Digests of the peer's primary view, one per digestChunkBytes chunk from `offset` (chunk-aligned) over
+   * `length` bytes (the last chunk may be cut at the end of the disk), digestBytes each, concatenated;
+   * at most digestChunksPerCallMax chunks per call.
+   */
+  digests(offset: number, length: number): Promise<Uint8Array>;
   /** Ends the session at once: requests in flight fail, and nothing more of this session reaches the peer. */
   abort(): void;
 }
+
+/** A full sync compares the disks in chunks of this size, and sends only the chunks that differ. */
+export const digestChunkBytes = 64 * 1024;
+/** Bytes of one chunk's digest: sha256, truncated. */
+export const digestBytes = 16;
+/** Chunks one digests call covers at most: 64 MiB of disk, 16 KiB of answer. */
+export const digestChunksPerCallMax = 1024;

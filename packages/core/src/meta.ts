@@ -2,6 +2,7 @@ import { z } from 'zod';
 import { GannetError } from './errors.js';
 import type { KvOp, KvRange, KvStore } from './kv.js';
 import { decodeRanges, encodePairs, encodeRanges, type RangePairs } from './ranges.js';
+import { generationSchema, type Generation } from './generation.js';
 import type { ByteRange, FailoverTarget } from './types.js';
 
 /**
@@ -14,7 +15,10 @@ import type { ByteRange, FailoverTarget } from './types.js';
  * failed-over; m/target; m/failover-at (when a pending failover was requested); m/durable-epoch and
  * m/epoch-ceiling (decimal); m/flushing and m/torn (byte ranges, float64 pairs); m/lost-failover (JSON:
  * a failover the process stopped before it was durable); m/inconsistent (JSON: a resync from the primary
- * is under way, since when). Earlier versions kept a journal under j/ and
+ * is under way, since when); m/generation (JSON {current, history}: generation.ts; absent: unknown) and
+ * m/generation-before (the one a pending failover replaced, put back if that failover is lost);
+ * m/discard (JSON {at}: discardFailedOver has begun turning this failed-over volume back into a
+ * replicating one). Earlier versions kept a journal under j/ and
  * spilled blocks under s/; `clearLegacy` drops them.
  */
 
@@ -45,6 +49,11 @@ export interface PersistedMeta {
   lostFailover: LostFailover | null;
   /** Set while a resync from the primary has the disk half-way (the primary clears it). */
   inconsistent: Inconsistent | null;
+  /** Null: the volume has none yet (a fresh disk): the primary's first sync is a full one. */
+  generation: Generation | null;
+  generationBefore: Generation | null;
+  /** A discard of this failed-over volume began (see discardFailedOver). */
+  discard: { readonly at: string } | null;
 }
 
 export interface Inconsistent {
@@ -62,6 +71,9 @@ const key = {
   torn: 'm/torn',
   lostFailover: 'm/lost-failover',
   inconsistent: 'm/inconsistent',
+  generation: 'm/generation',
+  generationBefore: 'm/generation-before',
+  discard: 'm/discard',
 } as const;
 const legacyRanges: KvRange[] = [
   { gte: 'j/', lt: 'j0' },
@@ -96,6 +108,9 @@ const identitySchema = json(
 );
 const lostFailoverSchema = json(z.object({ target, requestedAt: z.string(), lostAt: z.string() }).strict());
 const inconsistentSchema = json(z.object({ since: z.string() }).strict());
+const generationJson = json(generationSchema);
+const discardSchema = json(z.object({ at: z.string() }).strict());
+const generationOp = (k: string, g: Generation | null): KvOp => (g === null ? { type: 'del', key: k } : { type: 'put', key: k, value: text(JSON.stringify(g)) });
 
 export class MetaStore {
   constructor(
@@ -137,6 +152,9 @@ export class MetaStore {
       torn: ranges(key.torn),
       lostFailover: field(key.lostFailover, lostFailoverSchema),
       inconsistent: field(key.inconsistent, inconsistentSchema),
+      generation: field(key.generation, generationJson),
+      generationBefore: field(key.generationBefore, generationJson),
+      discard: field(key.discard, discardSchema),
     };
     if (identity !== null && state === null) throw this.damaged(key.state, 'is missing');
     if (state !== null && identity === null) throw this.damaged(key.identity, 'is missing');
@@ -190,33 +208,81 @@ export class MetaStore {
     );
   }
 
-  /** Marks the disk inconsistent (a resync from the primary began) or consistent again (it ended). */
-  async putInconsistent(inconsistent: Inconsistent | null): Promise<void> {
+  /**
+   * Marks the disk inconsistent (a resync from the primary began) or consistent again (it ended); with a
+   * generation, the volume adopts it in the same batch (the resync made it that lineage's copy).
+   */
+  async putInconsistent(inconsistent: Inconsistent | null, generation?: Generation): Promise<void> {
     const op: KvOp = inconsistent === null ? { type: 'del', key: key.inconsistent } : { type: 'put', key: key.inconsistent, value: text(JSON.stringify(inconsistent)) };
-    await this.kv.batch([op], { sync: true });
+    await this.kv.batch(generation === undefined ? [op] : [op, generationOp(key.generation, generation)], { sync: true });
   }
 
-  /** The foreground of a failover: requested, not durable yet (a restart before it is reports it lost). */
-  async recordFailoverPending(to: FailoverTarget, at: string): Promise<void> {
+  /**
+   * The foreground of a failover: requested, not durable yet (a restart before it is reports it lost).
+   * The volume takes its next generation in the same batch, keeping the one before in case it is lost.
+   */
+  async recordFailoverPending(to: FailoverTarget, at: string, generation: Generation, before: Generation | null): Promise<void> {
     await this.kv.batch(
       [
         { type: 'put', key: key.state, value: text('failover-pending') },
         { type: 'put', key: key.target, value: text(to) },
         { type: 'put', key: key.failoverAt, value: text(at) },
+        generationOp(key.generation, generation),
+        generationOp(key.generationBefore, before),
       ],
       { sync: true },
     );
   }
 
-  /** The process stopped before a requested failover was durable: the volume is back at its checkpoint. */
-  async recordFailoverLost(lost: LostFailover): Promise<void> {
+  /**
+   * The process stopped before a requested failover was durable: the volume is back at its checkpoint,
+   * and at the generation it had then (its disk is still that lineage's copy).
+   */
+  async recordFailoverLost(lost: LostFailover, generation: Generation | null): Promise<void> {
     await this.kv.batch(
       [
         { type: 'put', key: key.state, value: text('replicating') },
         { type: 'del', key: key.target },
         { type: 'del', key: key.failoverAt },
         { type: 'put', key: key.lostFailover, value: text(JSON.stringify(lost)) },
+        generationOp(key.generation, generation),
+        { type: 'del', key: key.generationBefore },
       ],
+      { sync: true },
+    );
+  }
+
+  /** Step 1 of discardFailedOver (role-change.ts): the intent, before the state file says replicating. */
+  async recordDiscardBegun(at: string): Promise<void> {
+    await this.kv.batch([{ type: 'put', key: key.discard, value: text(JSON.stringify({ at })) }], { sync: true });
+  }
+
+  /**
+   * The last step of a discard: the failed-over volume is a replicating secondary again, its data
+   * unknown (`generation`'s current id is null) and marked inconsistent until a primary's full sync.
+   */
+  async recordDiscarded(generation: Generation, inconsistent: Inconsistent): Promise<void> {
+    await this.kv.batch(
+      [
+        { type: 'put', key: key.state, value: text('replicating') },
+        { type: 'del', key: key.target },
+        { type: 'del', key: key.failoverAt },
+        { type: 'del', key: key.flushing },
+        { type: 'del', key: key.torn },
+        { type: 'del', key: key.lostFailover },
+        { type: 'del', key: key.discard },
+        { type: 'del', key: key.generationBefore },
+        generationOp(key.generation, generation),
+        { type: 'put', key: key.inconsistent, value: text(JSON.stringify(inconsistent)) },
+      ],
+      { sync: true },
+    );
+  }
+
+  /** A new secondary made from an existing disk (role-change.ts): its generation and inconsistent mark. */
+  async putAdopted(generation: Generation, inconsistent: Inconsistent): Promise<void> {
+    await this.kv.batch(
+      [generationOp(key.generation, generation), { type: 'put', key: key.inconsistent, value: text(JSON.stringify(inconsistent)) }],
       { sync: true },
     );
   }
@@ -231,6 +297,7 @@ export class MetaStore {
         { type: 'del', key: key.flushing },
         { type: 'del', key: key.torn },
         { type: 'del', key: key.lostFailover },
+        { type: 'del', key: key.generationBefore },
       ],
       { sync: true },
     );

@@ -6,8 +6,6 @@ import { performance } from 'node:perf_hooks';
 import {
   AbstractBlockDevice,
   BlockDeviceError,
-  EXTENT_ZERO,
-  GiB,
   MiB,
   toBlockDeviceError,
   zeroes,
@@ -19,11 +17,23 @@ import {
 import { z } from 'zod';
 import { ActivityLog } from './activity-log.js';
 import { InvariantError } from './assert.js';
+import { chunkDigest } from './digest.js';
 import { BlockBitmap } from './dirty.js';
-import { GannetError } from './errors.js';
+import { GannetError, SplitBrainError } from './errors.js';
+import {
+  compareGenerations,
+  copyGeneration,
+  generationSchema,
+  newGeneration,
+  nextGeneration,
+  sameGeneration,
+  unknownGeneration,
+  type Generation,
+} from './generation.js';
 import { Order, Tally, type Turn } from './inflight.js';
 import type { KvStore } from './kv.js';
-import type { Peer, PeerSession } from './link.js';
+import { digestBytes, digestChunkBytes, type Peer, type PeerSession } from './link.js';
+import { checkRole } from './role-file.js';
 import { activityExtentBytes, dirtyBlockBytes, type PrimaryOptions, type ResolvedPrimaryOptions } from './options.js';
 import { parsePrimaryOptions } from './parse.js';
 import { fileStorage, type Storage } from './storage.js';
@@ -56,14 +66,23 @@ import type { VolumeError } from './types.js';
  */
 
 /**
- * `fenced`: the peer failed over (its volume is the disk now), so this side is stale; in ack mode `peer`
- * it refuses writes from then on, across restarts, rather than diverge from the survivor.
+ * `fenced`: the peer failed over (its volume is the disk now) and this side did not write since they
+ * split, so it is stale: it refuses writes from then on, across restarts, rather than diverge from the
+ * survivor. `split-brain`: both sides wrote since they split (generation.ts): the link is refused and
+ * nothing is sent until the peer's data is discarded (its generation becomes unknown); writes still go
+ * to the local disk, as while degraded. Both persist across restarts.
  */
-export type PrimaryState = 'replicating' | 'degraded' | 'resyncing' | 'fenced' | 'closed' | 'halted';
+export type PrimaryState = 'replicating' | 'degraded' | 'resyncing' | 'fenced' | 'split-brain' | 'closed' | 'halted';
 export type LinkState = 'connecting' | 'up' | 'down' | 'refused';
 
 export interface ResyncStatus {
   readonly full: boolean;
+  /**
+   * A full sync compares digests (csums-alg style): `comparedBytes` went over by digest, of those
+   * `sameBytes` were equal on both sides and not sent.
+   */
+  readonly comparedBytes: number;
+  readonly sameBytes: number;
   /** Bytes to go over, bytes gone over (as data or as zero requests), and of those, sent as data. */
   readonly bytesTotal: number;
   readonly bytesDone: number;
@@ -88,7 +107,15 @@ export interface PrimaryStats {
   readonly unsentBytes: number;
   readonly resync?: ResyncStatus;
   /** The last resync that finished. */
-  readonly lastResync?: { readonly full: boolean; readonly bytesDone: number; readonly dataBytes: number; readonly durationMs: number; readonly endedAt: string };
+  readonly lastResync?: {
+    readonly full: boolean;
+    readonly bytesDone: number;
+    readonly dataBytes: number;
+    readonly comparedBytes: number;
+    readonly sameBytes: number;
+    readonly durationMs: number;
+    readonly endedAt: string;
+  };
   /** Bytes every resync since the volume opened went over, and of those, sent as data (the rest as zero requests). */
   readonly resyncBytesTotal: number;
   readonly resyncDataBytesTotal: number;
@@ -96,6 +123,10 @@ export interface PrimaryStats {
   readonly peerEpoch: number | null;
   readonly peerDurableEpoch: number | null;
   readonly activityExtents: number;
+  /** This volume's lineage (generation.ts). */
+  readonly generation: Generation;
+  /** Both histories of a split brain with the peer, and since when (state `split-brain`). */
+  readonly splitBrain?: { readonly local: Generation; readonly peer: Generation; readonly since: string };
   readonly error?: VolumeError;
 }
 
@@ -105,14 +136,26 @@ export interface PrimaryEvents {
   checkpoint: [{ epoch: number; pauseMs: number }];
   durable: [{ epoch: number }];
   'resync-start': [{ full: boolean; bytes: number }];
-  'resync-done': [{ full: boolean; bytes: number; dataBytes: number; durationMs: number }];
+  'resync-done': [{ full: boolean; bytes: number; dataBytes: number; comparedBytes: number; sameBytes: number; durationMs: number }];
+  'split-brain': [{ local: Generation; peer: Generation }];
   error: [Error];
 }
 
 /** What the primary's metadata store holds besides the activity log (prefix p/). */
-const key = { identity: 'p/identity', peer: 'p/peer', fenced: 'p/fenced' } as const;
+const key = { identity: 'p/identity', peer: 'p/peer', fenced: 'p/fenced', generation: 'p/generation', splitBrain: 'p/split-brain' } as const;
 const fencedSchema = z.object({ since: z.string(), reason: z.string() }).strict();
-const metaDirName = 'primary-meta';
+/**
+ * The primary's generation, and whether it moved on since the peer last adopted it (`diverged`: the
+ * next write while not replicating needs no new id).
+ */
+const primaryGenerationSchema = z
+  .object({ current: z.string().regex(/^[0-9a-f]{16}$/), history: generationSchema.shape.history, diverged: z.boolean() })
+  .strict();
+const splitBrainSchema = z.object({ since: z.string(), peer: generationSchema }).strict();
+export type PrimaryGenerationRecord = z.output<typeof primaryGenerationSchema>;
+/** The primary role's metadata directory inside dataDir. */
+export const primaryMetaDirName = 'primary-meta';
+const metaDirName = primaryMetaDirName;
 const identitySchema = z.object({ uuid: z.uuid(), sizeBytes: z.number().int().positive(), createdAt: z.string() }).strict();
 const syncedPeerSchema = z.object({ volumeId: z.string().min(1) }).strict();
 
@@ -120,11 +163,16 @@ const syncedPeerSchema = z.object({ volumeId: z.string().min(1) }).strict();
 const orderChunkBytes = 64 * 1024;
 const resyncChunkBytes = 1 * MiB;
 const resyncChunksInFlight = 4;
-/** A zero request of the full sync covers at most this much (the NBD length field is 32 bits). */
-const zeroRequestBytesMax = 1 * GiB;
 const durablePollMs = 200;
 /** Sealed intervals kept apart; beyond it the oldest two merge (the later epoch clears both). */
 const intervalsMax = 32;
+
+/** What one resync chunk sent as data, compared by digest, and found equal on the peer. */
+interface ChunkSent {
+  readonly dataBytes: number;
+  readonly comparedBytes: number;
+  readonly sameBytes: number;
+}
 
 interface Interval {
   readonly bits: BlockBitmap;
@@ -163,10 +211,19 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   private peerInstance: string | null = null;
   private peerEpoch: number | null = null;
   private peerDurable: number | null = null;
-  private resync: { full: boolean; bytesTotal: number; bytesDone: number; dataBytes: number; startedMs: number; startedAt: string } | null = null;
+  private resync: {
+    full: boolean;
+    bytesTotal: number;
+    bytesDone: number;
+    dataBytes: number;
+    comparedBytes: number;
+    sameBytes: number;
+    startedMs: number;
+    startedAt: string;
+  } | null = null;
   private resyncBytesTotal = 0;
   private resyncDataBytesTotal = 0;
-  private lastResync: { full: boolean; bytesDone: number; dataBytes: number; durationMs: number; endedAt: string } | null = null;
+  private lastResync: NonNullable<PrimaryStats['lastResync']> | null = null;
 
   /** Local ack mode: bytes copied for forwards not yet acknowledged, and writes waiting for room. */
   private forwardBytes = 0;
@@ -183,6 +240,11 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   private readonly loop: Promise<void>;
   /** Storing the fenced mark; close waits for it. */
   private fencing: Promise<void> = Promise.resolve();
+  private generation: PrimaryGenerationRecord;
+  /** A new generation being made durable: every write that needs one waits for the same. */
+  private bumping: Promise<void> | null = null;
+  private generationOps: Promise<unknown> = Promise.resolve();
+  private splitBrain: { readonly peer: Generation; readonly since: string } | null;
 
   private constructor(
     options: ResolvedPrimaryOptions,
@@ -193,8 +255,12 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     syncedPeer: string | null,
     logged: Awaited<ReturnType<typeof ActivityLog.load>>,
     fenced: z.output<typeof fencedSchema> | null,
+    generation: PrimaryGenerationRecord,
+    splitBrain: z.output<typeof splitBrainSchema> | null,
   ) {
     super();
+    this.generation = generation;
+    this.splitBrain = splitBrain;
     this.options = options;
     this.sizeBytes = options.sizeBytes;
     this.volumeId = volumeId;
@@ -213,6 +279,9 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     if (fenced !== null) {
       this.state = 'fenced';
       this.error = { code: 'EFENCED', message: fenced.reason, since: fenced.since };
+    } else if (splitBrain !== null) {
+      this.state = 'split-brain';
+      this.error = { code: 'ESPLITBRAIN', message: splitBrainMessage(generation, splitBrain.peer), since: splitBrain.since };
     }
     this.loop = this.run();
   }
@@ -225,6 +294,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   static async open(input: PrimaryOptions, peer: Peer, context: PrimaryOpenContext = {}): Promise<PrimaryVolume> {
     const options = parsePrimaryOptions(input);
     const storage = context.storage ?? fileStorage;
+    await checkRole(storage, options.dataDir, 'primary');
     const metaPath = join(options.dataDir, metaDirName);
     const [backingExists, metaExists] = await Promise.all([storage.exists(options.path), storage.exists(metaPath)]);
     if (metaExists && !backingExists) {
@@ -241,7 +311,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     let kv: KvStore | null = null;
     try {
       kv = await storage.openMeta(metaPath, { create: true });
-      const [identityBytes, peerBytes, fencedBytes] = await kv.getMany([key.identity, key.peer, key.fenced]);
+      const [identityBytes, peerBytes, fencedBytes, generationBytes, splitBrainBytes] = await kv.getMany([key.identity, key.peer, key.fenced, key.generation, key.splitBrain]);
       let identity = identityBytes === undefined ? null : readJson(identitySchema, identityBytes, key.identity);
       if (identity === null) {
         identity = { uuid: randomUUID(), sizeBytes: options.sizeBytes, createdAt: new Date().toISOString() };
@@ -251,8 +321,15 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       }
       const synced = peerBytes === undefined ? null : readJson(syncedPeerSchema, peerBytes, key.peer).volumeId;
       const fenced = fencedBytes === undefined ? null : readJson(fencedSchema, fencedBytes, key.fenced);
+      let generation = generationBytes === undefined ? null : readJson(primaryGenerationSchema, generationBytes, key.generation);
+      if (generation === null) {
+        // A new volume, or one stored before generations: a lineage of its own, not yet on any peer.
+        generation = { ...newGeneration(), diverged: true } as PrimaryGenerationRecord;
+        await kv.batch([{ type: 'put', key: key.generation, value: Buffer.from(JSON.stringify(generation)) }], { sync: true });
+      }
+      const splitBrain = splitBrainBytes === undefined ? null : readJson(splitBrainSchema, splitBrainBytes, key.splitBrain);
       const logged = await ActivityLog.load(kv, 'p/', activityExtentBytes / dirtyBlockBytes / 32);
-      return new PrimaryVolume(options, identity.uuid, local, kv, peer, synced, logged, fenced);
+      return new PrimaryVolume(options, identity.uuid, local, kv, peer, synced, logged, fenced, generation, splitBrain);
     } catch (err) {
       await kv?.close().catch(() => undefined);
       await local.close().catch(() => undefined);
@@ -277,6 +354,8 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
         ? {
             resync: {
               full: r.full,
+              comparedBytes: r.comparedBytes,
+              sameBytes: r.sameBytes,
               bytesTotal: r.bytesTotal,
               bytesDone: r.bytesDone,
               dataBytes: r.dataBytes,
@@ -291,6 +370,8 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       peerEpoch: this.peerEpoch,
       peerDurableEpoch: this.peerDurable,
       activityExtents: this.al.hotExtents,
+      generation: publicGeneration(this.generation),
+      ...(this.splitBrain !== null ? { splitBrain: { local: publicGeneration(this.generation), peer: copyGeneration(this.splitBrain.peer), since: this.splitBrain.since } } : {}),
       ...(this.error !== null ? { error: { ...this.error } } : {}),
     };
   }
@@ -330,6 +411,15 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
         throw toBlockDeviceError(err, 'recording the write in the activity log');
       }
     }
+    // The first write since the peer was last in sync that it may not get: a new generation, durable
+    // before this write is acknowledged, so that a peer that fails over meanwhile finds a split brain.
+    if (this.state !== 'replicating' && !this.generation.diverged) {
+      try {
+        await this.bumpGeneration();
+      } catch (err) {
+        throw toBlockDeviceError(err, 'recording a new generation');
+      }
+    }
     const awaitPeer = this.options.ackMode === 'peer';
     let data = src;
     if (!awaitPeer && src !== null && this.session !== null) {
@@ -347,6 +437,41 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     if (done.status === 'rejected') throw done.reason;
     // The peer refused this very write because it failed over: the VM must not go on as if it landed.
     if ((this.state as PrimaryState) === 'fenced') throw new BlockDeviceError('EIO', `the volume is fenced: ${this.error?.message}`);
+  }
+
+  private bumpGeneration(): Promise<void> {
+    this.bumping ??= this.storeGeneration(() =>
+      this.generation.diverged ? null : { ...(nextGeneration(this.generation) as { current: string; history: string[] }), diverged: true },
+    ).finally(() => {
+      this.bumping = null;
+    });
+    return this.bumping;
+  }
+
+  /** Generation changes one at a time, so the store and memory see them in the same order. */
+  private storeGeneration(next: () => PrimaryGenerationRecord | null): Promise<void> {
+    const run = this.generationOps.then(async () => {
+      const record = next();
+      if (record === null) return;
+      await this.kv.batch([{ type: 'put', key: key.generation, value: Buffer.from(JSON.stringify(record)) }], { sync: true });
+      this.generation = record;
+    });
+    this.generationOps = run.catch(() => undefined);
+    return run;
+  }
+
+  /**
+   * The peer is about to adopt our generation (a resync settles): from here a write while not
+   * replicating needs a new id again. Stored before the peer adopts, so a crash between the two only
+   * costs an id more, never one less.
+   */
+  private async convergeGeneration(): Promise<Generation> {
+    let converged: Generation | null = null;
+    await this.storeGeneration(() => {
+      converged = publicGeneration(this.generation);
+      return this.generation.diverged ? { ...this.generation, diverged: false } : null;
+    });
+    return converged!;
   }
 
   /** Local fdatasync, and in local ack mode the peer's acknowledgement of every forward before it. */
@@ -497,7 +622,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     session.abort();
     this.stopWatch();
     this.setLink('down', err);
-    if (this.state !== 'halted' && this.state !== 'closed' && this.state !== 'fenced') this.setState('degraded');
+    if (this.state !== 'halted' && this.state !== 'closed' && this.state !== 'fenced' && this.state !== 'split-brain') this.setState('degraded');
     this.sessionEnded?.();
   }
 
@@ -509,7 +634,9 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       try {
         session = await this.connect();
       } catch (err) {
-        this.setLink('down', err);
+        // The peer compared generations first and refused: it moved on as we did.
+        if (err instanceof SplitBrainError) await this.enterSplitBrain(err.secondary);
+        this.setLink(err instanceof SplitBrainError ? 'refused' : 'down', err);
         await this.sleep(delay);
         delay = Math.min(delay * 2, this.options.peerReconnectMsMax);
         continue;
@@ -520,8 +647,19 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
         session.abort();
         break;
       }
-      if (session.info.state === 'failed-over' && this.options.ackMode === 'peer') {
-        this.peerFailedOver(session, "the peer's volume failed over: it is the disk now");
+      const relation = compareGenerations(this.generation, session.info.generation);
+      // A split brain is left only for a peer whose data was discarded (its generation unknown).
+      if (relation === 'split-brain' || (this.state === 'split-brain' && relation !== 'unknown')) {
+        session.abort();
+        await this.enterSplitBrain(session.info.generation ?? unknownGeneration);
+        this.setLink('refused', new GannetError('ESPLITBRAIN', this.error?.message ?? 'split brain'));
+        await this.sleep(delay);
+        delay = Math.min(delay * 2, this.options.peerReconnectMsMax);
+        continue;
+      }
+      if (relation === 'peer-newer') {
+        const how = session.info.state === 'failed-over' ? 'failed over' : 'moved on';
+        this.fence(session, `the peer's volume ${how} (generation ${session.info.generation?.current}) and this one did not write since they split: it is stale`);
         break;
       }
       const refusal = this.refusal(session);
@@ -540,7 +678,9 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       this.watch(session);
       this.setLink('up');
       try {
-        await this.resyncAll(session);
+        // The peer discarded its data: the split brain is resolved, and its disk gets a full digest sync.
+        if (this.state === 'split-brain') await this.leaveSplitBrain();
+        await this.resyncAll(session, relation === 'unknown');
       } catch (err) {
         if (err instanceof InvariantError) this.halt(err);
         this.linkFailed(session, err);
@@ -550,9 +690,33 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     }
   }
 
+  /** Both sides wrote since they split: stored (a restart stays split), shown, emitted once per peer generation. */
+  private async enterSplitBrain(peer: Generation): Promise<void> {
+    if (this.state === 'halted' || this.state === 'fenced' || this.closing !== null) return;
+    if (this.splitBrain !== null && sameGeneration(this.splitBrain.peer, peer)) return;
+    const record = { since: this.splitBrain?.since ?? new Date().toISOString(), peer: copyGeneration(peer) };
+    try {
+      await this.kv.batch([{ type: 'put', key: key.splitBrain, value: Buffer.from(JSON.stringify(record)) }], { sync: true });
+    } catch (err) {
+      this.halt(err instanceof Error ? err : new Error(String(err)));
+      return;
+    }
+    this.splitBrain = record;
+    this.error = { code: 'ESPLITBRAIN', message: splitBrainMessage(this.generation, peer), since: record.since };
+    this.setState('split-brain');
+    this.emit('split-brain', { local: publicGeneration(this.generation), peer: copyGeneration(peer) });
+  }
+
+  private async leaveSplitBrain(): Promise<void> {
+    await this.kv.batch([{ type: 'del', key: key.splitBrain }], { sync: true });
+    this.splitBrain = null;
+    this.error = null;
+    this.setState('degraded');
+  }
+
   private async connect(): Promise<PeerSession> {
     let timer: NodeJS.Timeout | undefined;
-    const connecting = this.peer.connect();
+    const connecting = this.peer.connect(publicGeneration(this.generation));
     const timeout = new Promise<never>((_, reject) => {
       timer = setTimeout(() => reject(new GannetError('EPEER', `no answer from ${this.peer.address} within ${this.options.peerTimeoutMs} ms`)), this.options.peerTimeoutMs);
     });
@@ -592,6 +756,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     if (this.closing !== null) throw new GannetError('ESTATE', 'checkpoint: the volume is closed');
     if (this.state === 'halted') throw new GannetError('EHALTED', `checkpoint: the volume is halted: ${this.error?.message}`);
     if (this.state === 'fenced') throw new GannetError('EFENCED', `checkpoint: the volume is fenced: ${this.error?.message}`);
+    if (this.state === 'split-brain') throw new GannetError('ESPLITBRAIN', `checkpoint: ${this.error?.message}`);
     const session = this.session;
     if (session === null) {
       throw new GannetError('EPEER', `checkpoint: the peer ${this.peer.address} is not connected (link ${this.link.state}${this.link.error ? `: ${this.link.error}` : ''}); the volume is degraded`);
@@ -659,11 +824,11 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
 
   // ---- resync ----
 
-  private async resyncAll(session: PeerSession): Promise<void> {
+  private async resyncAll(session: PeerSession, unknown: boolean): Promise<void> {
     const { info } = session;
     const restarted = this.peerInstance !== info.instance;
     this.peerInstance = info.instance;
-    if (this.syncedPeer !== info.volumeId) {
+    if (unknown || this.syncedPeer !== info.volumeId) {
       await this.fullSync(session);
       return;
     }
@@ -683,8 +848,9 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     this.trimToDisk(send);
     if (send.isEmpty) {
       // An earlier resync sent everything but its last checkpoint was not durable when the link broke:
-      // settle it now, so that the peer does not stay marked inconsistent (refusing failover) for good.
-      if (info.inconsistent) await this.settleResync(session);
+      // settle it now, so that the peer does not stay marked inconsistent (refusing failover) for good;
+      // a peer behind our generation adopts it so.
+      if (info.inconsistent || !sameGeneration(info.generation, publicGeneration(this.generation))) await this.settleResync(session);
       if (this.session === session) this.setState('replicating');
       return;
     }
@@ -714,10 +880,16 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       this.noteDurable(await this.call(session, session.durableEpoch()));
       if ((this.peerDurable ?? -1) < epoch) await this.sleep(durablePollMs);
     }
-    await this.call(session, session.setInconsistent(false));
+    const generation = await this.convergeGeneration();
+    await this.call(session, session.setInconsistent(false, generation));
   }
 
-  /** Every byte of the disk: data read and sent, holes and zeroes sent as zero requests. */
+  /**
+   * Every byte of the disk, compared by digest (csums-alg style): the peer answers a digest per
+   * digestChunkBytes chunk of its primary view, and only the chunks that differ are sent (as data, or as
+   * zero requests when they read as zeroes here). A disk the peer already holds, stale or whole, costs
+   * reads on both sides and only its differences on the link.
+   */
   private async fullSync(session: PeerSession): Promise<void> {
     // All of the disk goes: what was dirty against an earlier peer means nothing to this one.
     this.unsent.clear();
@@ -727,7 +899,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     this.beginResync(true, this.sizeBytes);
     try {
       await this.call(session, session.setInconsistent(true));
-      await this.sendRuns(session, this.allocation(), null);
+      await this.sendRuns(session, [[0, this.sizeBytes]], null);
       // The peer is ours only once the synced state is durable there: a crash before that syncs again.
       await this.settleResync(session);
       await this.kv.batch([{ type: 'put', key: key.peer, value: Buffer.from(JSON.stringify({ volumeId: session.info.volumeId })) }], { sync: true });
@@ -740,7 +912,16 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   }
 
   private beginResync(full: boolean, bytes: number): void {
-    this.resync = { full, bytesTotal: bytes, bytesDone: 0, dataBytes: 0, startedMs: performance.now(), startedAt: new Date().toISOString() };
+    this.resync = {
+      full,
+      bytesTotal: bytes,
+      bytesDone: 0,
+      dataBytes: 0,
+      comparedBytes: 0,
+      sameBytes: 0,
+      startedMs: performance.now(),
+      startedAt: new Date().toISOString(),
+    };
     this.setState('resyncing');
     this.emit('resync-start', { full, bytes });
   }
@@ -748,53 +929,43 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   private endResync(): void {
     const r = this.resync!;
     const durationMs = performance.now() - r.startedMs;
-    this.lastResync = { full: r.full, bytesDone: r.bytesDone, dataBytes: r.dataBytes, durationMs, endedAt: new Date().toISOString() };
-    this.emit('resync-done', { full: r.full, bytes: r.bytesDone, dataBytes: r.dataBytes, durationMs });
-  }
-
-  /** Runs of blocks from the bitmap, or of the disk's allocation (negative start: a run of zeroes). */
-  private async *allocation(): AsyncIterableIterator<[number, number, boolean]> {
-    let offset = 0;
-    while (offset < this.sizeBytes) {
-      const extents: Extent[] = this.local.capabilities.extents
-        ? await this.local.extents(offset, Math.min(this.sizeBytes - offset, 4 * GiB))
-        : [{ length: this.sizeBytes - offset, flags: 0 }];
-      for (const e of extents) {
-        yield [offset, offset + e.length, (e.flags & EXTENT_ZERO) !== 0];
-        offset += e.length;
-      }
-    }
+    this.lastResync = {
+      full: r.full,
+      bytesDone: r.bytesDone,
+      dataBytes: r.dataBytes,
+      comparedBytes: r.comparedBytes,
+      sameBytes: r.sameBytes,
+      durationMs,
+      endedAt: new Date().toISOString(),
+    };
+    this.emit('resync-done', { full: r.full, bytes: r.bytesDone, dataBytes: r.dataBytes, comparedBytes: r.comparedBytes, sameBytes: r.sameBytes, durationMs });
   }
 
   /**
-   * Sends runs (block runs of `set`, or byte runs of the allocation) in chunks, a few in flight; chunks
-   * that read as zeroes go as zero requests. Data is paced to resyncBytesPerSecondMax, and the peer is
-   * checkpointed every resyncCheckpointBytes.
+   * Sends runs (block runs of `set`, or byte runs of the disk compared by digest when `set` is null) in
+   * chunks, a few in flight; chunks that read as zeroes go as zero requests. Data is paced to
+   * resyncBytesPerSecondMax, and the peer is checkpointed every resyncCheckpointBytes.
    */
-  private async sendRuns(
-    session: PeerSession,
-    runs: Iterable<[number, number]> | AsyncIterable<[number, number, boolean]>,
-    set: BlockBitmap | null,
-  ): Promise<void> {
+  private async sendRuns(session: PeerSession, runs: Iterable<[number, number]>, set: BlockBitmap | null): Promise<void> {
     const inFlight = new Set<Promise<void>>();
     let failure: unknown = null;
     let sinceCheckpoint = 0;
     const progress = this.resync!;
-    const launch = async (offset: number, length: number, zero: boolean): Promise<void> => {
+    const launch = async (offset: number, length: number): Promise<void> => {
       while (inFlight.size >= resyncChunksInFlight) await Promise.race(inFlight);
       if (failure !== null) throw failure;
       if (this.session !== session) throw new GannetError('EPEER', 'the link dropped during the resync');
       const waitMs = progress.startedMs + (progress.dataBytes / this.options.resyncBytesPerSecondMax) * 1000 - performance.now();
       if (waitMs > 1) await this.sleep(waitMs);
-      const chunk = this.sendChunk(session, offset, length, zero, set).then(
-        (sentData) => {
+      const chunk = (set === null ? this.compareChunk(session, offset, length) : this.sendChunk(session, offset, length, set)).then(
+        (sent) => {
           progress.bytesDone += length;
           this.resyncBytesTotal += length;
-          if (sentData) {
-            progress.dataBytes += length;
-            this.resyncDataBytesTotal += length;
-            sinceCheckpoint += length;
-          }
+          progress.dataBytes += sent.dataBytes;
+          this.resyncDataBytesTotal += sent.dataBytes;
+          progress.comparedBytes += sent.comparedBytes;
+          progress.sameBytes += sent.sameBytes;
+          sinceCheckpoint += sent.dataBytes;
         },
         (err: unknown) => {
           failure ??= err;
@@ -810,12 +981,10 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       }
     };
     try {
-      for await (const run of runs) {
-        const zero = run.length === 3 && run[2] === true;
+      for (const run of runs) {
         const start = set === null ? run[0] : run[0] * dirtyBlockBytes;
         const end = Math.min(this.sizeBytes, set === null ? run[1] : run[1] * dirtyBlockBytes);
-        const step = zero ? zeroRequestBytesMax : resyncChunkBytes;
-        for (let at = start; at < end; at += step) await launch(at, Math.min(step, end - at), zero);
+        for (let at = start; at < end; at += resyncChunkBytes) await launch(at, Math.min(resyncChunkBytes, end - at));
       }
     } finally {
       // A failed resync ends only once its chunks have: none of them outlives it into the next session.
@@ -824,8 +993,8 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     if (failure !== null) throw failure;
   }
 
-  /** One chunk, in order with the VM's writes; resolves whether it went as data (not as a zero request). */
-  private async sendChunk(session: PeerSession, offset: number, length: number, zero: boolean, set: BlockBitmap | null): Promise<boolean> {
+  /** One chunk of `set`, in order with the VM's writes. */
+  private async sendChunk(session: PeerSession, offset: number, length: number, set: BlockBitmap): Promise<ChunkSent> {
     const first = Math.floor(offset / dirtyBlockBytes);
     const end = Math.ceil((offset + length) / dirtyBlockBytes);
     const localTurn = this.localOrder.enter(offset, length);
@@ -834,12 +1003,10 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     const generation = this.inflight.enter();
     try {
       try {
-        if (!zero) {
-          if (localTurn.before !== null) await localTurn.before;
-          data = Buffer.allocUnsafe(length);
-          await this.local.read(data, offset);
-          if (isZero(data)) data = null;
-        }
+        if (localTurn.before !== null) await localTurn.before;
+        data = Buffer.allocUnsafe(length);
+        await this.local.read(data, offset);
+        if (isZero(data)) data = null;
       } finally {
         localTurn.leave();
       }
@@ -847,8 +1014,57 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       if (this.session !== session) throw new GannetError('EPEER', 'the link dropped during the resync');
       this.current.bits.add(first, end);
       await this.call(session, data === null ? session.device.writeZeroes(offset, length) : session.device.write(data, offset));
-      set?.remove(first, end);
-      return data !== null;
+      set.remove(first, end);
+      return { dataBytes: data === null ? 0 : length, comparedBytes: 0, sameBytes: 0 };
+    } finally {
+      peerTurn.leave();
+      this.inflight.leave(generation);
+    }
+  }
+
+  /**
+   * One chunk of a full sync (digestChunkBytes-aligned), in order with the VM's writes: read here under
+   * its local turn, the peer's digests asked under its peer turn (every earlier write has reached the
+   * peer, no later one has), and only the sub-chunks whose digests differ are sent.
+   */
+  private async compareChunk(session: PeerSession, offset: number, length: number): Promise<ChunkSent> {
+    const localTurn = this.localOrder.enter(offset, length);
+    const peerTurn = this.peerOrder.enter(offset, length);
+    const generation = this.inflight.enter();
+    try {
+      const data = Buffer.allocUnsafe(length);
+      try {
+        if (localTurn.before !== null) await localTurn.before;
+        await this.local.read(data, offset);
+      } finally {
+        localTurn.leave();
+      }
+      if (peerTurn.before !== null) await peerTurn.before;
+      if (this.session !== session) throw new GannetError('EPEER', 'the link dropped during the resync');
+      const digests = await this.call(session, session.digests(offset, length));
+      const chunks = Math.ceil(length / digestChunkBytes);
+      if (digests.byteLength !== chunks * digestBytes) {
+        throw new GannetError('EPEER', `the peer answered ${digests.byteLength} bytes of digests for ${chunks} chunks at ${offset}`);
+      }
+      const theirs = Buffer.from(digests.buffer, digests.byteOffset, digests.byteLength);
+      let dataBytes = 0;
+      let sameBytes = 0;
+      for (let i = 0; i < chunks; i++) {
+        const piece = data.subarray(i * digestChunkBytes, Math.min(length, (i + 1) * digestChunkBytes));
+        if (chunkDigest(piece).equals(theirs.subarray(i * digestBytes, (i + 1) * digestBytes))) {
+          sameBytes += piece.length;
+          continue;
+        }
+        const at = offset + i * digestChunkBytes;
+        this.current.bits.add(Math.floor(at / dirtyBlockBytes), Math.ceil((at + piece.length) / dirtyBlockBytes));
+        if (isZero(piece)) {
+          await this.call(session, session.device.writeZeroes(at, piece.length));
+        } else {
+          await this.call(session, session.device.write(piece, at));
+          dataBytes += piece.length;
+        }
+      }
+      return { dataBytes, comparedBytes: length, sameBytes };
     } finally {
       peerTurn.leave();
       this.inflight.leave(generation);
@@ -915,16 +1131,24 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   }
 
   /**
-   * The peer failed over. In ack mode `peer` this side is fenced: the session ends, writes and FLUSH fail
-   * with EIO from now on, and the mark is stored, so a restart does not start writing again. In ack mode
-   * `local` writes were acknowledged before the peer had them, so both sides may have changed: the link is
-   * refused and the volume stays degraded, a split brain for the operator.
+   * The peer refused a forwarded write: it failed over. In ack mode `peer` this side is fenced at once.
+   * In ack mode `local` writes were acknowledged before the peer had them and the next ones are written
+   * here while degraded: the link drops, and the next connect compares generations to tell a stale side
+   * (fenced) from a split brain.
    */
   private peerFailedOver(session: PeerSession, reason: string): void {
     if (this.options.ackMode === 'local') {
       this.linkFailed(session, new GannetError('EPEER', reason));
       return;
     }
+    this.fence(session, reason);
+  }
+
+  /**
+   * This side is stale: the session ends, writes and FLUSH fail with EIO from now on, and the mark is
+   * stored, so a restart does not start writing again.
+   */
+  private fence(session: PeerSession, reason: string): void {
     if (this.state === 'fenced' || this.state === 'halted' || this.state === 'closed') return;
     const since = new Date().toISOString();
     this.error = { code: 'EFENCED', message: reason, since };
@@ -981,6 +1205,51 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
   }
 }
 
+/** What a role change needs to know of a primary's metadata (role-change.ts). */
+export interface PrimaryMetaSummary {
+  readonly uuid: string;
+  readonly sizeBytes: number;
+  readonly generation: Generation;
+}
+
+/** Reads a closed primary volume's identity and generation; EMETA when its metadata is missing or damaged. */
+export async function readPrimaryMeta(storage: Storage, dataDir: string): Promise<PrimaryMetaSummary> {
+  const metaPath = join(dataDir, metaDirName);
+  if (!(await storage.exists(metaPath))) throw new GannetError('EMETA', `${dataDir} has no primary metadata (${metaPath})`);
+  const kv = await storage.openMeta(metaPath, { create: false });
+  try {
+    const [identityBytes, generationBytes] = await kv.getMany([key.identity, key.generation]);
+    if (identityBytes === undefined) throw new GannetError('EMETA', `the primary's metadata ${metaPath} records no volume (key ${key.identity})`);
+    const identity = readJson(identitySchema, identityBytes, key.identity);
+    const generation = generationBytes === undefined ? null : readJson(primaryGenerationSchema, generationBytes, key.generation);
+    return { uuid: identity.uuid, sizeBytes: identity.sizeBytes, generation: generation === null ? { current: null, history: [] } : publicGeneration(generation) };
+  } finally {
+    await kv.close();
+  }
+}
+
+/**
+ * Creates the metadata of a primary volume for an existing disk (a promotion, role-change.ts): its
+ * identity and its generation, which has moved on from any peer's (no peer was synced to it yet).
+ */
+export async function createPrimaryMeta(storage: Storage, dataDir: string, init: { uuid: string; sizeBytes: number; generation: Generation }): Promise<void> {
+  if (init.generation.current === null) throw new GannetError('ESTATE', 'a primary volume needs a known generation');
+  const identity = { uuid: init.uuid, sizeBytes: init.sizeBytes, createdAt: new Date().toISOString() };
+  const generation: PrimaryGenerationRecord = { current: init.generation.current, history: [...init.generation.history], diverged: true };
+  const kv = await storage.openMeta(join(dataDir, metaDirName), { create: true });
+  try {
+    await kv.batch(
+      [
+        { type: 'put', key: key.identity, value: Buffer.from(JSON.stringify(identity)) },
+        { type: 'put', key: key.generation, value: Buffer.from(JSON.stringify(generation)) },
+      ],
+      { sync: true },
+    );
+  } finally {
+    await kv.close();
+  }
+}
+
 const zeroCompareBytes = 1 * MiB;
 
 function isZero(data: Buffer): boolean {
@@ -990,6 +1259,18 @@ function isZero(data: Buffer): boolean {
     if (piece.compare(zero, 0, piece.length) !== 0) return false;
   }
   return true;
+}
+
+/** The public part of the stored generation. */
+function publicGeneration(g: PrimaryGenerationRecord): Generation {
+  return { current: g.current, history: [...g.history] };
+}
+
+function splitBrainMessage(local: Generation, peer: Generation): string {
+  return (
+    `split brain: this volume (generation ${local.current}) and its peer (generation ${peer.current ?? 'unknown'}) both wrote since they split; ` +
+    'nothing is resynced until the changes of one side are discarded'
+  );
 }
 
 function readJson<T extends z.ZodType>(schema: T, bytes: Uint8Array, name: string): z.output<T> {

@@ -1,5 +1,6 @@
 import type { EventEmitter } from 'node:events';
 import type { BlockDevice } from '@gannet/block-device';
+import type { Generation } from './generation.js';
 
 /**
  * What every volume strategy (gannet, colo, passthrough) offers, so the daemon and the benchmark harness
@@ -62,6 +63,26 @@ export interface VolumeStats {
   readonly lostFailover?: { readonly target: FailoverTarget; readonly requestedAt: string; readonly lostAt: string };
   /** A resync from the primary is under way (gannet): the disk is part old, part new, and failover is refused. */
   readonly inconsistent?: { readonly since: string };
+  /** The volume's lineage (gannet; generation.ts): null when it has none yet. */
+  readonly generation?: Generation | null;
+  /**
+   * A primary attached after both it and this volume wrote since they split (gannet): its attach was
+   * refused, nothing was overwritten. Cleared when a primary attaches that is not split from it (after
+   * an operator discarded one side).
+   */
+  readonly splitBrain?: SplitBrain;
+}
+
+/** Both sides of a split brain: this side's generation, the other's, and since when it is known. */
+export interface SplitBrain {
+  readonly local: Generation;
+  readonly peer: Generation;
+  readonly since: string;
+}
+
+export interface SplitBrainEvent {
+  readonly local: Generation;
+  readonly peer: Generation;
 }
 
 export interface CheckpointEvent {
@@ -102,6 +123,7 @@ export interface VolumeEvents {
   failover: [FailoverEvent];
   'failover-durable': [FailoverDurableEvent];
   'failover-applied': [FailoverAppliedEvent];
+  'split-brain': [SplitBrainEvent];
   error: [Error];
 }
 

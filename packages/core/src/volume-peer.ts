@@ -1,5 +1,6 @@
 import { BlockDeviceError, FilterDevice, type BlockDevice, type ZeroRequest } from '@gannet/block-device';
 import { GannetError } from './errors.js';
+import type { Generation } from './generation.js';
 import type { Peer, PeerSession } from './link.js';
 import type { ReplicatedVolume } from './volume.js';
 
@@ -15,9 +16,11 @@ export function volumePeer(target: () => ReplicatedVolume | null, options: { add
   const address = options.address ?? 'in-process';
   return {
     address,
-    async connect(): Promise<PeerSession> {
+    async connect(generation: Generation): Promise<PeerSession> {
       const volume = target();
       if (volume === null) throw new GannetError('EPEER', `${address}: no volume to connect to`);
+      // A split brain is refused before anything of the session exists (SplitBrainError).
+      volume.acceptPrimary(generation);
       const s = volume.stats();
       const gate = new Gate(volume.primary);
       const device = new SessionDevice(options.wrap !== undefined ? options.wrap(gate) : gate, gate);
@@ -35,11 +38,13 @@ export function volumePeer(target: () => ReplicatedVolume | null, options: { add
           durableEpoch: s.durableEpoch,
           tornRanges: s.tornRanges,
           inconsistent: s.inconsistent !== undefined,
+          generation: s.generation ?? null,
         },
         device,
         checkpoint: () => live(async () => ({ epoch: await volume.checkpoint(), durableEpoch: volume.stats().durableEpoch })),
         durableEpoch: () => live(async () => volume.stats().durableEpoch),
-        setInconsistent: (inconsistent) => live(() => volume.setInconsistent(inconsistent)),
+        setInconsistent: (inconsistent, generation) => live(() => volume.setInconsistent(inconsistent, generation)),
+        digests: (offset, length) => live(() => volume.digests(offset, length)),
         abort: () => device.abort(),
       };
     },

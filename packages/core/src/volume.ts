@@ -5,9 +5,11 @@ import { assert, InvariantError } from './assert.js';
 import { isSlot, isSpilled } from './buffer.js';
 import { Engine, spillDir } from './engine.js';
 import { groupCheckpoint, type GroupCheckpointable } from './epochs.js';
-import { GannetError } from './errors.js';
+import { deviceDigests } from './digest.js';
+import { GannetError, SplitBrainError } from './errors.js';
 import { Failover } from './failover.js';
 import { Flusher } from './flusher.js';
+import { compareGenerations, copyGeneration, sameGeneration, type Generation, type GenerationRelation } from './generation.js';
 import { BufferedIo } from './io.js';
 import { openFiles, recoverFiles, type Recovered } from './lifecycle.js';
 import { parseVolumeOptions } from './parse.js';
@@ -96,6 +98,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
             torn: opened.torn,
             lostFailover: opened.lostFailover,
             inconsistent: opened.inconsistent,
+            generation: opened.generation,
           },
           events,
         ),
@@ -129,13 +132,51 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
    * Marks the disk inconsistent, durably, while a primary resyncs it (failover is then refused unless
    * forced), or consistent again once the resync's last checkpoint is durable. Only while replicating.
    */
-  async setInconsistent(inconsistent: boolean): Promise<void> {
+  async setInconsistent(inconsistent: boolean, generation?: Generation): Promise<void> {
     const { engine } = this;
     if (engine.state !== 'replicating' || this.closing !== null) throw new GannetError('ESTATE', `setInconsistent: the volume is ${this.closing !== null ? 'closed' : engine.state}`);
-    if (inconsistent === (engine.inconsistent !== null)) return;
-    const mark = inconsistent ? { since: new Date().toISOString() } : null;
-    await engine.meta.putInconsistent(mark);
+    if (inconsistent && generation !== undefined) throw new GannetError('EOPTIONS', 'generation: only adopted when the mark is cleared (the resync is durable)');
+    const adopt = generation !== undefined && !sameGeneration(generation, engine.generation) ? generation : undefined;
+    if (inconsistent === (engine.inconsistent !== null) && adopt === undefined) return;
+    const mark = inconsistent ? (engine.inconsistent ?? { since: new Date().toISOString() }) : null;
+    await engine.meta.putInconsistent(mark, adopt);
     engine.inconsistent = mark;
+    if (adopt !== undefined) engine.generation = copyGeneration(adopt);
+  }
+
+  /**
+   * A primary attaches with its generation: how this volume stands to it (generation.ts). A split brain
+   * (both wrote since they split, or unrelated lineages) is recorded in stats().splitBrain, emitted, and
+   * refused with SplitBrainError (ESPLITBRAIN): nothing of that primary may reach this disk. Any other
+   * answer clears an earlier split brain (an operator discarded one side). The record is kept in memory:
+   * a restarted volume finds the split again at the primary's next attach.
+   */
+  acceptPrimary(generation: Generation | null): GenerationRelation {
+    const { engine } = this;
+    if (this.closing !== null || engine.state === 'closed') throw new GannetError('ESTATE', 'attach: the volume is closed');
+    const relation = compareGenerations(engine.generation, generation);
+    if (relation !== 'split-brain') {
+      engine.splitBrain = null;
+      return relation;
+    }
+    const local = copyGeneration(engine.generation!);
+    const peer = copyGeneration(generation!);
+    if (engine.splitBrain === null || !sameGeneration(engine.splitBrain.peer, peer)) {
+      engine.splitBrain = { local, peer, since: new Date().toISOString() };
+      engine.emit('split-brain', { local, peer });
+    }
+    throw new SplitBrainError(
+      `split brain: this volume (generation ${local.current}) and the primary (generation ${peer.current}) both wrote since they split; ` +
+        'discard the changes of one side to resync it from the other',
+      local,
+      peer,
+    );
+  }
+
+  /** Digests of the primary view (P over C over B), for a primary's full sync: see PeerSession.digests. */
+  digests(offset: number, length: number): Promise<Uint8Array> {
+    if (this.closing !== null || this.engine.state === 'closed') return Promise.reject(new GannetError('ESTATE', 'digests: the volume is closed'));
+    return deviceDigests(this.primary, offset, length);
   }
 
   stats(): VolumeStats {
@@ -174,6 +215,8 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
         : {}),
       ...(engine.lostFailover !== null ? { lostFailover: { ...engine.lostFailover } } : {}),
       ...(engine.inconsistent !== null ? { inconsistent: { ...engine.inconsistent } } : {}),
+      generation: engine.generation === null ? null : copyGeneration(engine.generation),
+      ...(engine.splitBrain !== null ? { splitBrain: { local: copyGeneration(engine.splitBrain.local), peer: copyGeneration(engine.splitBrain.peer), since: engine.splitBrain.since } } : {}),
     };
   }
 

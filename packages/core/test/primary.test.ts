@@ -417,18 +417,18 @@ describe('PrimaryVolume, link faults', () => {
     await pair.close();
   });
 
-  it('in local ack mode a failed-over peer is refused and the primary stays degraded: both sides may have written', async () => {
+  it('in local ack mode a failed-over peer fences a primary that wrote nothing since the link dropped (generations say it is stale)', async () => {
     const pair = await Pair.start(1 * MiB, { ackMode: 'local' });
     pair.peerUp = false;
     pair.faults!.fail('write', new Error('cut'));
+    // Accepted while replicating: its forward fails, but it takes no new generation.
     await pair.primary.device.write(pattern(4 * KiB, 1), 0);
     await pair.until('degraded');
     await pair.secondary.failover({ to: 'secondary' });
-    const refused = new Promise<string>((resolve) => pair.primary.on('link', (l) => l.state === 'refused' && resolve(l.error ?? '')));
     pair.peerUp = true;
-    expect(await within('refusal', refused)).toMatch(/failed-over/);
-    expect(pair.primary.stats().state).toBe('degraded');
-    await pair.primary.device.write(pattern(4 * KiB, 2), 0);
+    await pair.until('fenced');
+    expect(pair.primary.stats().link).toMatchObject({ state: 'refused', error: expect.stringMatching(/failed over/) });
+    await expect(pair.primary.device.write(pattern(4 * KiB, 2), 0)).rejects.toMatchObject({ code: 'EIO' });
     await pair.close();
   });
 });

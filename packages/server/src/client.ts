@@ -23,6 +23,8 @@ export class RefusedError extends Error {
     message: string,
     /** The request field the daemon refused, when it named one. */
     readonly field?: string,
+    /** The engine's code behind the refusal, when the daemon named one (EPEER, ESPLITBRAIN, ...). */
+    readonly reason?: string,
   ) {
     super(message);
     this.name = 'RefusedError';
@@ -117,8 +119,8 @@ export function callControl(
             resolve(value);
             return;
           }
-          const error = (value as { error?: { code?: string; message?: string; field?: string } }).error;
-          reject(new RefusedError(status, error?.code ?? 'unknown', error?.message ?? `HTTP ${status}`, error?.field));
+          const error = (value as { error?: { code?: string; message?: string; field?: string; reason?: string } }).error;
+          reject(new RefusedError(status, error?.code ?? 'unknown', error?.message ?? `HTTP ${status}`, error?.field, error?.reason));
         });
       },
     );

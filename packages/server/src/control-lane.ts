@@ -1,10 +1,11 @@
 import { receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
-import type { FailoverTarget } from '@gannet/core';
+import type { FailoverTarget, Generation } from '@gannet/core';
 import {
   ApiError,
   apiErrorOf,
   type CheckpointResult,
   type DemoteRequest,
+  type DigestsView,
   type ErrorCode,
   type GroupView,
   type PeerAttachRequest,
@@ -38,8 +39,9 @@ export type Call =
   | { op: 'recover'; name: string }
   | { op: 'checkpoint'; names?: string[] }
   | { op: 'failover'; name: string; to: FailoverTarget; force: boolean }
-  | { op: 'attach-peer'; name: string; from?: PeerAttachRequest }
-  | { op: 'set-inconsistent'; name: string; inconsistent: boolean }
+  | { op: 'attach-peer'; name: string; from?: PeerAttachRequest; generation?: Generation | null }
+  | { op: 'set-inconsistent'; name: string; inconsistent: boolean; generation?: Generation }
+  | { op: 'digests'; name: string; offset: number; length: number }
   | { op: 'promote'; name: string; request: PromoteRequest }
   | { op: 'demote'; name: string; request: DemoteRequest }
   | { op: 'resolve'; name: string; request: ResolveRequest }
@@ -66,6 +68,7 @@ export interface Results {
   promote: AnyVolumeView;
   demote: AnyVolumeView;
   resolve: AnyVolumeView;
+  digests: DigestsView;
   groups: GroupView[];
   reload: ReloadResult;
   metrics: MetricsText;
@@ -144,8 +147,9 @@ export interface ControlOperations {
   checkpoint(names?: string[]): Promise<CheckpointResult>;
   failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
   /** A primary attaches: earlier NBD connections to NAME/primary are closed, then the volume's state is read. */
-  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView>;
-  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
+  attachPeer(name: string, from?: PeerAttachRequest, generation?: Generation | null): Promise<PeerAttachView>;
+  setInconsistent(name: string, inconsistent: boolean, generation?: Generation): Promise<VolumeView>;
+  digests(name: string, offset: number, length: number): Promise<DigestsView>;
   promote(name: string, request: PromoteRequest): Promise<AnyVolumeView>;
   demote(name: string, request: DemoteRequest): Promise<AnyVolumeView>;
   resolve(name: string, request: ResolveRequest): Promise<AnyVolumeView>;
@@ -171,9 +175,11 @@ function perform(operations: ControlOperations, call: Call): unknown {
     case 'failover':
       return operations.failover(call.name, call.to, call.force);
     case 'attach-peer':
-      return operations.attachPeer(call.name, call.from);
+      return operations.attachPeer(call.name, call.from, call.generation);
     case 'set-inconsistent':
-      return operations.setInconsistent(call.name, call.inconsistent);
+      return operations.setInconsistent(call.name, call.inconsistent, call.generation);
+    case 'digests':
+      return operations.digests(call.name, call.offset, call.length);
     case 'promote':
       return operations.promote(call.name, call.request);
     case 'demote':

@@ -43,8 +43,10 @@ const backend: ControlBackend = {
   recover: (name) => lane.call({ op: 'recover', name }),
   checkpoint: (names) => lane.call(names === undefined ? { op: 'checkpoint' } : { op: 'checkpoint', names }),
   failover: (name, to, force) => lane.call({ op: 'failover', name, to, force }),
-  attachPeer: (name, from) => lane.call(from === undefined ? { op: 'attach-peer', name } : { op: 'attach-peer', name, from }),
-  setInconsistent: (name, inconsistent) => lane.call({ op: 'set-inconsistent', name, inconsistent }),
+  attachPeer: (name, from, generation) =>
+    lane.call({ op: 'attach-peer', name, ...(from !== undefined && { from }), ...(generation !== undefined && { generation }) }),
+  setInconsistent: (name, inconsistent, generation) => lane.call({ op: 'set-inconsistent', name, inconsistent, ...(generation !== undefined && { generation }) }),
+  digests: (name, offset, length) => lane.call({ op: 'digests', name, offset, length }),
   promote: (name, request) => lane.call({ op: 'promote', name, request }),
   demote: (name, request) => lane.call({ op: 'demote', name, request }),
   resolve: (name, request) => lane.call({ op: 'resolve', name, request }),

@@ -1,6 +1,6 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { Socket } from 'node:net';
-import type { FailoverStatus, FailoverTarget, PrimaryStats } from '@gannet/core';
+import { digestBytes, digestChunkBytes, digestChunksPerCallMax, generationSchema, type FailoverStatus, type FailoverTarget, type Generation, type PrimaryStats, type SplitBrain } from '@gannet/core';
 import fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import { z } from 'zod';
 import { groupVolumesMax, parseHostPort } from './defaults.js';
@@ -90,6 +90,10 @@ export interface VolumeView {
   /** A primary's resync is under way (gannet): the disk is part old, part new, and failover is refused. */
   inconsistent?: boolean;
   inconsistentSince?: string;
+  /** The volume's lineage (gannet): null while it has none (a fresh or discarded disk). */
+  generation?: Generation | null;
+  /** The last primary that attached had written since they split: its attach was refused (ESPLITBRAIN). */
+  splitBrain?: SplitBrain;
   /** NBD connections on the volume's exports. */
   clients?: number;
 }
@@ -154,6 +158,8 @@ export interface PeerAttachView {
   durableEpoch: number;
   tornRanges: { offset: number; length: number }[];
   inconsistent: boolean;
+  /** The volume's generation; null: none (it takes a full digest sync). */
+  generation: Generation | null;
   /** `tls`: the daemon serves NBD only over TLS. */
   nbd: { export: string; addresses: NbdAddressView[]; tls: boolean };
 }
@@ -172,6 +178,18 @@ export interface DemoteRequest {
 /** `POST /v1/volumes/:name/resolve`: the local side's changes since the split are dropped. */
 export interface ResolveRequest {
   discardLocal: true;
+}
+
+/**
+ * `POST /v1/volumes/:name/digests`: digests of the volume's primary view, one per chunk (digestChunkBytes,
+ * digestBytes each), concatenated and base64-encoded, for a primary's full sync that sends only what
+ * differs. `instance` lets the primary tell a restarted volume from the one it feeds.
+ */
+export interface DigestsView {
+  instance: string;
+  chunkBytes: typeof digestChunkBytes;
+  digestBytes: typeof digestBytes;
+  digests: string;
 }
 
 export interface CheckpointResult {
@@ -229,8 +247,9 @@ export interface ControlBackend {
   recover(name: string): Promise<RecoverResult>;
   checkpoint(names?: string[]): Promise<CheckpointResult>;
   failover(name: string, to: FailoverTarget, force: boolean): Promise<AnyVolumeView>;
-  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView>;
-  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView>;
+  attachPeer(name: string, from?: PeerAttachRequest, generation?: Generation | null): Promise<PeerAttachView>;
+  setInconsistent(name: string, inconsistent: boolean, generation?: Generation): Promise<VolumeView>;
+  digests(name: string, offset: number, length: number): Promise<DigestsView>;
   promote(name: string, request: PromoteRequest): Promise<AnyVolumeView>;
   demote(name: string, request: DemoteRequest): Promise<AnyVolumeView>;
   resolve(name: string, request: ResolveRequest): Promise<AnyVolumeView>;
@@ -248,10 +267,24 @@ const failoverBodySchema = z
   .object({ to: z.enum(['secondary', 'checkpoint', 'primary']).default('secondary'), force: z.boolean().default(false) })
   .strict();
 const attachBodySchema = z
-  .object({ link: z.string().min(1).max(128).optional(), attempt: z.number().int().positive().max(Number.MAX_SAFE_INTEGER).optional() })
+  .object({
+    link: z.string().min(1).max(128).optional(),
+    attempt: z.number().int().positive().max(Number.MAX_SAFE_INTEGER).optional(),
+    generation: generationSchema.nullable().optional(),
+  })
   .strict()
   .refine((body) => (body.link === undefined) === (body.attempt === undefined), { message: 'link and attempt go together', path: ['attempt'] });
-const inconsistentBodySchema = z.object({ inconsistent: z.boolean() }).strict();
+const inconsistentBodySchema = z
+  .object({ inconsistent: z.boolean(), generation: generationSchema.optional() })
+  .strict()
+  .refine((body) => body.generation === undefined || !body.inconsistent, { message: 'a generation is adopted only when the mark is cleared', path: ['generation'] });
+/** One digests call covers at most digestChunksPerCallMax chunks; the volume checks the alignment. */
+const digestsBodySchema = z
+  .object({
+    offset: z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER),
+    length: z.number().int().positive().max(digestChunksPerCallMax * digestChunkBytes),
+  })
+  .strict();
 const promoteBodySchema = z
   .object({
     peer: z
@@ -326,6 +359,8 @@ export function apiErrorOf(error: unknown): ApiError | undefined {
   // ESTATE: the volume's state forbids it; ETORN: failover over torn ranges without force; EFENCED: the
   // primary's peer failed over.
   if (code === 'ESTATE' || code === 'ETORN' || code === 'EMISMATCH' || code === 'EFENCED') return new ApiError('conflict', message);
+  // ESPLITBRAIN: a primary that wrote since it split from this volume attached; the reason tells it so.
+  if (code === 'ESPLITBRAIN') return new ApiError('conflict', message, undefined, code);
   if (code === 'EOPTIONS') return new ApiError('bad_request', message);
   if (unavailableCodes.has(code)) return new ApiError('unavailable', message, undefined, code);
   // The metadata store (LevelDB) failed under the engine.
@@ -444,7 +479,7 @@ const routes: Route[] = [
     async handle(request, _reply, backend) {
       const body = validate(attachBodySchema, bodyOf(request));
       const from = body.link !== undefined && body.attempt !== undefined ? { link: body.link, attempt: body.attempt } : undefined;
-      return backend.attachPeer(nameOf(request), from);
+      return backend.attachPeer(nameOf(request), from, body.generation);
     },
   },
   {
@@ -453,7 +488,16 @@ const routes: Route[] = [
     auth: true,
     async handle(request, _reply, backend) {
       const body = validate(inconsistentBodySchema, bodyOf(request));
-      return backend.setInconsistent(nameOf(request), body.inconsistent);
+      return backend.setInconsistent(nameOf(request), body.inconsistent, body.generation);
+    },
+  },
+  {
+    method: 'POST',
+    url: '/v1/volumes/:name/digests',
+    auth: true,
+    async handle(request, _reply, backend) {
+      const body = validate(digestsBodySchema, bodyOf(request));
+      return backend.digests(nameOf(request), body.offset, body.length);
     },
   },
   {

@@ -2,15 +2,16 @@ import { randomBytes } from 'node:crypto';
 import { chmod, lstat, mkdir, readFile, stat, unlink, writeFile } from 'node:fs/promises';
 import { connect } from 'node:net';
 import { resolve as resolvePath, join } from 'node:path';
-import { PrimaryVolume, type FailoverTarget, type Peer, type Volume } from '@gannet/core';
+import { demoteToSecondary, discardSecondary, promoteToPrimary, type FailoverTarget, type Generation, type Peer, type PrimaryVolume, type Volume } from '@gannet/core';
 import { NbdServer, type ListenAddress as NbdListenAddress, type TlsClientCredentials } from 'nbd-server-js';
 import type { Logger } from 'pino';
-import { ConfigError, tokenFileName, type DaemonConfig } from './config.js';
+import { ConfigError, primaryVolumeFields, tokenFileName, type DaemonConfig, type VolumeConfig } from './config.js';
 import { formatHostPort, parseHostPort } from './defaults.js';
 import {
   ApiError,
   type AnyVolumeView,
   type CheckpointResult,
+  type DigestsView,
   type GroupView,
   type PeerAttachRequest,
   type PeerAttachView,
@@ -29,8 +30,20 @@ import { Metrics } from './metrics.js';
 import { prepareNbd, watchNbdLimits, type NbdSetup } from './nbd-setup.js';
 import { peerLink } from './peer-link.js';
 import { OperationOrder } from './ordering.js';
-import { PrimarySet, primaryOptions, readPeerTls, readPeerToken } from './primary-set.js';
-import { readAnyRecord, removeLeftovers, rewriteRecord, scanVolumes, splitByRoles, type PrimaryRecord } from './registry.js';
+import { PrimarySet, readPeerTls, readPeerToken } from './primary-set.js';
+import {
+  isPrimaryRecord,
+  primaryRecordOf,
+  readAnyRecord,
+  reconcileRecord,
+  removeLeftovers,
+  rewriteRecord,
+  scanVolumes,
+  secondaryRecordOf,
+  splitByRoles,
+  volumeOptions,
+  type AnyVolumeRecord,
+} from './registry.js';
 import { VolumeSet, type VolumeReload } from './volume-set.js';
 
 /**
@@ -138,6 +151,11 @@ export class Daemon implements ControlOperations {
   private readonly secondaries: VolumeSet;
   private readonly primaries: PrimarySet;
   private readonly order = new OperationOrder();
+  /**
+   * Volumes between the two sets while their role changes: the view from before, with the state
+   * `promoting` or `demoting`, so that a status query in the middle finds the volume.
+   */
+  private readonly changing = new Map<string, AnyVolumeView>();
   /** The peer's control token and NBD TLS credentials, when a peer is configured; reread by a promotion. */
   private peerCredentials: { token: string; tls?: TlsClientCredentials } | undefined;
   private readonly nbd: NbdServer;
@@ -223,7 +241,18 @@ export class Daemon implements ControlOperations {
       for (const dir of scan.leftovers) logger.warn({ dir }, 'removing the temporary directory of an interrupted creation or purge');
       for (const { name, dir } of scan.unfinished) logger.warn({ volume: name, dir }, 'removing a volume whose creation never finished');
       await removeLeftovers(dataDir, scan);
-      const shares = splitByRoles(daemon.config, scan);
+      // A role change interrupted between the engine's commit and volume.json: the engine's role wins.
+      const volumes = await Promise.all(
+        scan.volumes.map(async (found) => {
+          if (!('record' in found)) return found;
+          try {
+            return { ...found, record: await reconcileRecord(found.dir, found.record) };
+          } catch (error) {
+            return { name: found.name, dir: found.dir, problem: `the role of volume ${found.name} cannot be read: ${(error as Error).message}` };
+          }
+        }),
+      );
+      const shares = splitByRoles(daemon.config, { ...scan, volumes });
       const primaryNames = new Set([...shares.primary.scan.volumes.map((found) => found.name), ...Object.keys(shares.primary.config.volumes)]);
       await daemon.secondaries.start(shares.secondary.config, shares.secondary.scan, primaryNames);
       await daemon.primaries.start(shares.primary.config, shares.primary.scan);
@@ -290,11 +319,11 @@ export class Daemon implements ControlOperations {
   }
 
   volumes(): AnyVolumeView[] {
-    return [...this.secondaries.views(), ...this.primaries.views()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
+    return [...this.secondaries.views(), ...this.primaries.views(), ...this.changing.values()].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
   }
 
   volume(name: string): AnyVolumeView {
-    return this.setOf(name).viewOf(name);
+    return this.changing.get(name) ?? this.setOf(name).viewOf(name);
   }
 
   create(body: unknown): Promise<AnyVolumeView> {
@@ -334,12 +363,16 @@ export class Daemon implements ControlOperations {
     return this.primaries.has(name) ? this.primaries.failover(name) : this.secondaries.failover(name, to, force);
   }
 
-  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView> {
-    return this.primaries.has(name) ? this.primaries.attachPeer(name) : this.secondaries.attachPeer(name, from);
+  attachPeer(name: string, from?: PeerAttachRequest, generation?: Generation | null): Promise<PeerAttachView> {
+    return this.primaries.has(name) ? this.primaries.attachPeer(name) : this.secondaries.attachPeer(name, from, generation);
   }
 
-  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {
-    return this.primaries.has(name) ? this.primaries.setInconsistent(name) : this.secondaries.setInconsistent(name, inconsistent);
+  setInconsistent(name: string, inconsistent: boolean, generation?: Generation): Promise<VolumeView> {
+    return this.primaries.has(name) ? this.primaries.setInconsistent(name) : this.secondaries.setInconsistent(name, inconsistent, generation);
+  }
+
+  digests(name: string, offset: number, length: number): Promise<DigestsView> {
+    return this.primaries.has(name) ? this.primaries.digests(name) : this.secondaries.digests(name, offset, length);
   }
 
   groups(): GroupView[] {
@@ -349,11 +382,11 @@ export class Daemon implements ControlOperations {
   /**
    * `POST /v1/volumes/:name/promote`: a secondary volume becomes the primary of its VM's disk. It fails
    * over to the secondary view first unless it already failed over, waits until the kept state is in
-   * disk.img, then, with the VM's requests on NAME/secondary held, closes the secondary volume, records
-   * the primary role in volume.json (the one step that changes the role, so a crash leaves either role
-   * whole), opens the primary volume on the same disk, and points NAME/secondary at it. NAME/primary
-   * (the old primary's forward target) goes; NAME is served too. The primary links to `peer`, or the
-   * daemon's peer. A primary volume is left as it is.
+   * disk.img, then, with the VM's requests on NAME/secondary held, has the engine turn the volume into a
+   * primary on the same disk (promoteToPrimary: the engine's role file is the commit point), records the
+   * role in volume.json, and points NAME/secondary at the primary's disk. NAME/primary (the old
+   * primary's forward target) goes; NAME is served too. The primary links to `peer`, or the daemon's
+   * peer. A primary volume is left as it is.
    */
   promote(name: string, request: PromoteRequest): Promise<AnyVolumeView> {
     if (this.closing) return Promise.reject(new ApiError('unavailable', 'the daemon is shutting down'));
@@ -370,7 +403,10 @@ export class Daemon implements ControlOperations {
         throw new ApiError('unavailable', (error as Error).message, undefined, 'ECONFIG');
       }
       const target = this.secondaries.promotable(name);
-      const { state } = target.volume.stats();
+      const { state, splitBrain } = target.volume.stats();
+      if (splitBrain !== undefined) {
+        throw new ApiError('conflict', `volume ${name} is in split brain with the primary of generation ${splitBrain.peer.current}: resolve it first (gannet resolve ${name} --discard-local on the side whose changes are dropped)`);
+      }
       if (state === 'replicating') {
         this.logger.warn({ volume: name, force: request.force }, 'promote: failing over to the secondary view first');
         await target.volume.failover({ to: 'secondary', force: request.force });
@@ -378,41 +414,34 @@ export class Daemon implements ControlOperations {
         throw new ApiError('conflict', `volume ${name} cannot be promoted: it is ${state}`);
       }
       await failoverApplied(target.volume, promoteApplyTimeoutMs);
-      const record: PrimaryRecord = {
-        name,
-        role: 'primary',
-        sizeBytes: target.record.sizeBytes,
-        createdAt: target.record.createdAt,
-        promotedAt: new Date().toISOString(),
-        ...(request.peer !== undefined && { peer: request.peer }),
-      };
-      let step: 'released' | 'recorded' | null = null;
+      const record = primaryRecordOf(target.record, new Date().toISOString(), request.peer);
+      let released = false;
       let volume: PrimaryVolume | undefined;
       const started = performance.now();
+      this.changing.set(name, { ...this.secondaries.viewOf(name), state: 'promoting' });
       try {
         await target.secondaryExport.swap(
           async () => {
             await this.secondaries.release(name);
-            step = 'released';
-            await target.volume.close();
+            released = true;
+            volume = await promoteToPrimary(target.volume, this.peerOf(name, request.peer), primarySettings(target.wanted));
             await rewriteRecord(target.dir, record);
-            step = 'recorded';
-            volume = await PrimaryVolume.open(primaryOptions(target.dir, record, target.wanted), this.peerOf(name, request.peer));
             return volume.device;
           },
           { drainTimeoutMs: promoteDrainTimeoutMs },
         );
       } catch (error) {
-        this.logger.error({ err: error, volume: name, step }, 'promote failed');
-        if (step !== null) {
+        this.logger.error({ err: error, volume: name }, 'promote failed');
+        if (released) {
           // The secondary volume is closed: its VM's connections end, and the volume is served again in
-          // the role its volume.json records, or shown in error.
+          // the role the engine committed, or shown in error.
           await volume?.close().catch(() => undefined);
           await this.nbd.removeExport(`${name}/secondary`, { graceMs: 0 });
-          if (step === 'recorded') this.primaries.addFailedPromotion(name, target.dir, record, target.wanted, error);
-          else await this.secondaries.reopen(name, target.dir, target.record, target.wanted);
+          await this.reopenAfterFailure(name, target.dir, target.record, target.wanted, error);
         }
         throw error;
+      } finally {
+        this.changing.delete(name);
       }
       this.primaries.adoptPromoted(name, target.dir, record, target.wanted, volume!, target.secondaryExport);
       const pauseMs = Math.round(performance.now() - started);
@@ -420,6 +449,109 @@ export class Daemon implements ControlOperations {
       this.publish('role-changed', name, { role: 'primary', from: 'secondary', pauseMs });
       return this.primaries.viewOf(name);
     });
+  }
+
+  /**
+   * `POST /v1/volumes/:name/demote`: a primary volume becomes a secondary on the same disk, a stale copy
+   * the next primary that attaches brings up to date with a digest sync (only differing chunks are
+   * sent). Refused while NBD clients use the volume, unless `force` (they are disconnected). Its exports
+   * become NAME/primary and NAME/secondary. A secondary volume is left as it is.
+   */
+  demote(name: string, request: DemoteRequest): Promise<AnyVolumeView> {
+    if (this.closing) return Promise.reject(new ApiError('unavailable', 'the daemon is shutting down'));
+    if (!this.primaries.has(name) && !this.secondaries.has(name)) return Promise.reject(new ApiError('not_found', `no such volume: ${name}`));
+    return this.order.run([name], async () => {
+      if (this.secondaries.has(name)) return this.secondaries.viewOf(name);
+      return this.demoteNow(name, request.force, 'demote');
+    });
+  }
+
+  /** Demotes the primary volume `name` (in its order); `why` names the operation in logs and errors. */
+  private async demoteNow(name: string, force: boolean, why: 'demote' | 'resolve'): Promise<AnyVolumeView> {
+    const target = this.primaries.demotable(name);
+    if (target.clients > 0 && !force) {
+      throw new ApiError('conflict', `volume ${name} has ${target.clients} NBD client(s) connected: stop its VM first, or force (which disconnects them)`);
+    }
+    const record = secondaryRecordOf(target.record);
+    this.changing.set(name, { ...this.primaries.viewOf(name), state: 'demoting' });
+    try {
+      this.logger.warn({ volume: name, force, clients: target.clients }, `${why}: the primary volume becomes a secondary`);
+      await this.primaries.release(name);
+      try {
+        await target.volume.close();
+        await demoteToSecondary(volumeOptions(target.dir, record, target.wanted));
+        await rewriteRecord(target.dir, record);
+      } catch (error) {
+        this.logger.error({ err: error, volume: name }, `${why} failed`);
+        await this.reopenAfterFailure(name, target.dir, target.record, target.wanted, error);
+        throw error;
+      }
+      await this.secondaries.reopen(name, target.dir, record, target.wanted);
+    } finally {
+      this.changing.delete(name);
+    }
+    this.publish('role-changed', name, { role: 'secondary', from: 'primary' });
+    return this.secondaries.viewOf(name);
+  }
+
+  /**
+   * `POST /v1/volumes/:name/resolve {discardLocal: true}`: ends a split brain on this side, whose
+   * changes since the split are dropped. A primary volume is demoted (its clients disconnected): the
+   * peer, promoted if it is not a primary yet, resyncs it. A secondary volume's disk is discarded in the
+   * engine (its clients disconnected) and served again as a replicating secondary with no generation:
+   * the primary's next attach is no split brain, and its digest sync sends only what differs.
+   */
+  resolve(name: string, _request: ResolveRequest): Promise<AnyVolumeView> {
+    if (this.closing) return Promise.reject(new ApiError('unavailable', 'the daemon is shutting down'));
+    if (!this.primaries.has(name) && !this.secondaries.has(name)) return Promise.reject(new ApiError('not_found', `no such volume: ${name}`));
+    return this.order.run([name], async () => {
+      const notSplit = () => new ApiError('conflict', `volume ${name} is not in split brain: there is nothing to resolve`);
+      if (this.primaries.has(name)) {
+        if (this.primaries.volumeOf(name).stats().state !== 'split-brain') throw notSplit();
+        const view = await this.demoteNow(name, true, 'resolve');
+        this.logger.warn({ volume: name }, 'split brain resolved: this side\'s changes are discarded');
+        return view;
+      }
+      const target = this.secondaries.promotable(name);
+      if (target.volume.stats().splitBrain === undefined) throw notSplit();
+      this.changing.set(name, { ...this.secondaries.viewOf(name), state: 'resolving' });
+      try {
+        await this.secondaries.release(name, { keepSecondary: false });
+        try {
+          await target.volume.close();
+          await discardSecondary(target.volume.options);
+        } catch (error) {
+          this.logger.error({ err: error, volume: name }, 'resolve failed');
+          await this.reopenAfterFailure(name, target.dir, target.record, target.wanted, error);
+          throw error;
+        }
+        await this.secondaries.reopen(name, target.dir, target.record, target.wanted);
+      } finally {
+        this.changing.delete(name);
+      }
+      this.logger.warn({ volume: name }, 'split brain resolved: this side\'s changes are discarded');
+      this.publish('role-changed', name, { role: 'secondary', from: 'secondary', discarded: true });
+      return this.secondaries.viewOf(name);
+    });
+  }
+
+  /**
+   * A role change that failed after its volume left its set: the volume is served again in the role
+   * the engine has committed (volume.json brought in line), or shown in error in that role.
+   */
+  private async reopenAfterFailure(name: string, dir: string, record: AnyVolumeRecord, wanted: VolumeConfig, cause: unknown): Promise<void> {
+    let current: AnyVolumeRecord;
+    try {
+      current = await reconcileRecord(dir, record);
+    } catch (error) {
+      this.logger.error({ err: error, volume: name }, 'reading the role of a volume whose role change failed');
+      current = record;
+    }
+    if (isPrimaryRecord(current)) {
+      this.primaries.addFailedPromotion(name, dir, current, wanted, cause);
+      return;
+    }
+    await this.secondaries.reopen(name, dir, current, wanted);
   }
 
   /**
@@ -457,23 +589,6 @@ export class Daemon implements ControlOperations {
     };
     this.logger.info(result, 'reread the config file');
     return result;
-  }
-
-  /** `POST /v1/volumes/:name/demote`: a primary volume becomes a secondary one; a secondary one is left as it is. */
-  demote(name: string, _request: DemoteRequest): Promise<AnyVolumeView> {
-    if (!this.primaries.has(name) && !this.secondaries.has(name)) return Promise.reject(new ApiError('not_found', `no such volume: ${name}`));
-    return this.order.run([name], async () => {
-      if (this.secondaries.has(name)) return this.secondaries.viewOf(name);
-      throw new ApiError('conflict', `volume ${name} cannot be demoted by this build`);
-    });
-  }
-
-  /** `POST /v1/volumes/:name/resolve`: only for a volume in split brain. */
-  resolve(name: string, _request: ResolveRequest): Promise<AnyVolumeView> {
-    if (!this.primaries.has(name) && !this.secondaries.has(name)) return Promise.reject(new ApiError('not_found', `no such volume: ${name}`));
-    return this.order.run([name], async () => {
-      throw new ApiError('conflict', `volume ${name} is not in split brain: there is nothing to resolve`);
-    });
   }
 
   /** Each set reloads the configured volumes it holds; those neither holds go to the default role's. */
@@ -554,4 +669,11 @@ function failoverApplied(volume: Volume, timeoutMs: number): Promise<void> {
     };
     for (const event of events) volume.on(event, check);
   });
+}
+
+/** The primary role's settings of a volume's config (ack mode, timeouts, resync rate), for a promotion. */
+function primarySettings(wanted: VolumeConfig): Record<string, unknown> {
+  const settings: Record<string, unknown> = {};
+  for (const field of primaryVolumeFields) if (wanted[field] !== undefined) settings[field] = wanted[field];
+  return settings;
 }

@@ -19,7 +19,7 @@ const requestBucketsSeconds = [0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 
 /** `error`: the volume could not be opened and is not served (its exports are absent). */
 const volumeStates = ['replicating', 'failing-over', 'failed-over', 'halted', 'closed', 'error'] as const;
 const bufferNames = ['primary', 'secondary', 'committed'] as const;
-const primaryStates = ['replicating', 'degraded', 'resyncing', 'fenced', 'halted', 'closed'] as const satisfies readonly PrimaryState[];
+const primaryStates = ['replicating', 'degraded', 'resyncing', 'fenced', 'split-brain', 'halted', 'closed'] as const satisfies readonly PrimaryState[];
 
 /**
  * Request counts and bytes, summed in plain Maps on the hot path and handed to prom-client when scraped:
@@ -277,6 +277,17 @@ export class Metrics {
           const current = volume.stats().state;
           for (const state of primaryStates) this.set({ volume: volumeName, state }, state === current ? 1 : 0);
         }
+      },
+    });
+    new Gauge({
+      name: 'gannet_volume_split_brain',
+      help: '1 while the volume and its peer have both written since they split (nothing is resynced until an operator resolves it).',
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [volumeName, volume] of volumes) this.set({ volume: volumeName }, volume.stats().splitBrain !== undefined ? 1 : 0);
+        for (const [volumeName, volume] of primaries) this.set({ volume: volumeName }, volume.stats().state === 'split-brain' ? 1 : 0);
       },
     });
     new Gauge({

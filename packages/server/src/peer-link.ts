@@ -1,7 +1,18 @@
 import { randomUUID } from 'node:crypto';
 import { Agent } from 'node:http';
 import { isIP } from 'node:net';
-import { GannetError, type Peer, type PeerInfo, type PeerSession, type VolumeState } from '@gannet/core';
+import {
+  digestBytes,
+  digestChunkBytes,
+  GannetError,
+  generationSchema,
+  SplitBrainError,
+  type Generation,
+  type Peer,
+  type PeerInfo,
+  type PeerSession,
+  type VolumeState,
+} from '@gannet/core';
 import { NbdClient, type NbdAddress, type TlsClientCredentials } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { z } from 'zod';
@@ -75,11 +86,20 @@ const attachSchema = z.object({
   durableEpoch: z.number().int().nonnegative(),
   tornRanges: z.array(rangeSchema),
   inconsistent: z.boolean(),
+  /** Absent from a peer that keeps no generations: its data counts as unknown (a full digest sync). */
+  generation: generationSchema.nullable().default(null),
   nbd: z.object({ export: z.string().min(1), addresses: z.array(nbdAddressSchema), tls: z.boolean() }),
 });
 const checkpointSchema = z.object({ epoch: z.number().int().nonnegative(), durableEpoch: z.number().int().nonnegative(), instance: z.string().min(1) });
 const volumeSchema = z.object({ durableEpoch: z.number().int().nonnegative(), instance: z.string().min(1) });
 const markSchema = z.object({ instance: z.string().min(1) });
+const splitVolumeSchema = z.object({ generation: generationSchema });
+const digestsSchema = z.object({
+  instance: z.string().min(1),
+  chunkBytes: z.literal(digestChunkBytes),
+  digestBytes: z.literal(digestBytes),
+  digests: z.base64(),
+});
 
 type PeerAttach = z.output<typeof attachSchema>;
 
@@ -206,11 +226,20 @@ export function peerLink(options: PeerLinkOptions): Peer {
 
   return {
     address,
-    async connect(): Promise<PeerSession> {
+    async connect(generation: Generation): Promise<PeerSession> {
       const lifetime = new AbortController();
       const session = lifetime.signal;
       attempts += 1;
-      const attach = await call(session, `attach volume ${volume}`, 'POST', `${volumePath}/peer`, attachSchema, { link: linkId, attempt: attempts });
+      let attach: PeerAttach;
+      try {
+        attach = await call(session, `attach volume ${volume}`, 'POST', `${volumePath}/peer`, attachSchema, { link: linkId, attempt: attempts, generation });
+      } catch (error) {
+        const refused = (error as { cause?: unknown }).cause;
+        if (!(refused instanceof RefusedError) || refused.reason !== 'ESPLITBRAIN') throw error;
+        // The refusal names no generation: the volume's status does, as it recorded the split.
+        const { generation: theirs } = await call(session, `read volume ${volume} after its split-brain refusal`, 'GET', volumePath, splitVolumeSchema);
+        throw new SplitBrainError(`peer ${address}: ${refused.message}`, theirs, generation);
+      }
       const device = await openNbd(attach, session);
       const info: PeerInfo = {
         volumeId: attach.volumeId,
@@ -221,6 +250,7 @@ export function peerLink(options: PeerLinkOptions): Peer {
         durableEpoch: attach.durableEpoch,
         tornRanges: attach.tornRanges,
         inconsistent: attach.inconsistent,
+        generation: attach.generation,
       };
       log.info({ instance: info.instance, epoch: info.epoch, durableEpoch: info.durableEpoch, inconsistent: attach.inconsistent }, 'attached to the peer');
       const sameInstance = (instance: string): void => {
@@ -241,9 +271,15 @@ export function peerLink(options: PeerLinkOptions): Peer {
           sameInstance(instance);
           return durableEpoch;
         },
-        setInconsistent: async (inconsistent) => {
-          const { instance } = await call(session, `mark ${inconsistent ? 'inconsistent' : 'consistent'}`, 'PUT', `${volumePath}/inconsistent`, markSchema, { inconsistent });
+        setInconsistent: async (inconsistent, adopt) => {
+          const body = { inconsistent, ...(adopt !== undefined && { generation: adopt }) };
+          const { instance } = await call(session, `mark ${inconsistent ? 'inconsistent' : 'consistent'}`, 'PUT', `${volumePath}/inconsistent`, markSchema, body);
           sameInstance(instance);
+        },
+        digests: async (offset, length) => {
+          const answer = await call(session, `digests at ${offset}`, 'POST', `${volumePath}/digests`, digestsSchema, { offset, length });
+          sameInstance(answer.instance);
+          return Buffer.from(answer.digests, 'base64');
         },
         abort: () => {
           if (session.aborted) return;

@@ -142,10 +142,7 @@ const notOnPrimary = (what: string, name: string) => new ApiError('conflict', `$
 export function primaryOptions(dir: string, record: PrimaryRecord, wanted: VolumeConfig): PrimaryOptions {
   const limits: Record<string, unknown> = {};
   for (const field of primaryVolumeFields) if (wanted[field] !== undefined) limits[field] = wanted[field];
-  // A promoted volume's disk is the failed-over secondary's: adopted, also when a crash came before the
-  // primary's metadata was made.
-  const adopt = record.promotedAt !== undefined && { adoptBacking: true };
-  return { ...limits, ...adopt, sizeBytes: record.sizeBytes, path: join(dir, backingFileName), dataDir: join(dir, metaDirName) };
+  return { ...limits, sizeBytes: record.sizeBytes, path: join(dir, backingFileName), dataDir: join(dir, metaDirName) };
 }
 
 function refuseSizeChange(name: string, dir: string, record: PrimaryRecord, wanted: VolumeConfig): void {
@@ -271,6 +268,29 @@ export class PrimarySet {
     this.serve({ kind: 'open', name, dir, record, wanted, volume, secondaryExport }, 'promoted');
   }
 
+  /**
+   * The open primary volume `name`, for a demotion (in its order), with the NBD clients on its exports,
+   * or a conflict saying why it cannot be demoted.
+   */
+  demotable(name: string): { dir: string; record: PrimaryRecord; volume: PrimaryVolume; wanted: VolumeConfig; clients: number } {
+    const entry = this.lookup(name);
+    if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot be demoted: it is in error (${entry.error.code}): ${entry.error.message}`);
+    const { nbd } = this.context;
+    const clients = exportNames(entry).reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0);
+    return { dir: entry.dir, record: entry.record, volume: entry.volume, wanted: entry.wanted, clients };
+  }
+
+  /**
+   * Takes a volume out of the set for a demotion (in its order): its exports go, their connections
+   * closed at once (their requests in flight finish or fail). The caller closes the volume.
+   */
+  async release(name: string): Promise<void> {
+    const entry = this.lookup(name);
+    this.entries.delete(name);
+    this.context.metrics.removeVolume(name);
+    if (entry.kind === 'open') await Promise.all(exportNames(entry).map((exportName) => this.context.nbd.removeExport(exportName, { graceMs: 0 })));
+  }
+
   /** A promotion that failed once the volume's record named the primary role: shown in error until a restart opens it. */
   addFailedPromotion(name: string, dir: string, record: PrimaryRecord, wanted: VolumeConfig, error: unknown): void {
     const problem = problemOf(errorCodeOf(error), `promoting volume ${name} failed: ${(error as Error).message}`);
@@ -294,6 +314,7 @@ export class PrimarySet {
     volume.on('durable', forward('durable', 'debug', 'peer durable'));
     volume.on('resync-start', forward('resync-start', 'info', 'resync started'));
     volume.on('resync-done', forward('resync-done', 'info', 'resync done'));
+    volume.on('split-brain', forward('split-brain', 'warn', 'split brain: the peer and this volume both wrote since they split; resolve it'));
     volume.on('error', (error) => {
       const code = errorCodeOf(error);
       log.error({ err: error, code }, 'volume error');
@@ -417,6 +438,10 @@ export class PrimarySet {
 
   setInconsistent(name: string): Promise<never> {
     return Promise.reject(notOnPrimary('marking a volume inconsistent', name));
+  }
+
+  digests(name: string): Promise<never> {
+    return Promise.reject(notOnPrimary('answering digests (a full sync reads them from the secondary)', name));
   }
 
   /** `POST /v1/volumes`: a name, sizeBytes, and the primary role's settings of the config file. */

@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { lstat, mkdir, open, readdir, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { KiB } from '@gannet/block-device';
-import { volumeOptionsSchema, type ResolvedVolumeOptions } from '@gannet/core';
+import { fileStorage, readRole, volumeOptionsSchema, type ResolvedVolumeOptions } from '@gannet/core';
 import { z } from 'zod';
 import {
   ConfigError,
@@ -190,6 +190,32 @@ export async function rewriteRecord(dir: string, record: AnyVolumeRecord): Promi
     throw error;
   }
   await syncDirectory(dir);
+}
+
+/** The record of a volume changed to the secondary role: the engine's defaults for what the primary did not record. */
+export function secondaryRecordOf(record: AnyVolumeRecord): VolumeRecord {
+  if (!isPrimaryRecord(record)) return record;
+  const defaults = volumeOptionsSchema.parse({ path: '-', dataDir: '-', sizeBytes: record.sizeBytes });
+  return { name: record.name, role: 'secondary', sizeBytes: record.sizeBytes, blockBytes: defaults.blockBytes, strategy: 'gannet', createdAt: record.createdAt };
+}
+
+/** The record of a volume promoted to the primary role. */
+export function primaryRecordOf(record: AnyVolumeRecord, promotedAt: string, peer?: string): PrimaryRecord {
+  return { name: record.name, role: 'primary', sizeBytes: record.sizeBytes, createdAt: record.createdAt, promotedAt, ...(peer !== undefined && { peer }) };
+}
+
+/**
+ * A role change commits in the engine (its role file in the volume's meta directory) and is then
+ * recorded in volume.json. After a crash between the two, the engine's role wins: volume.json is
+ * rewritten to it, so the volume opens in the role its files have.
+ */
+export async function reconcileRecord(dir: string, record: AnyVolumeRecord): Promise<AnyVolumeRecord> {
+  const engineRole = await readRole(fileStorage, join(dir, metaDirName));
+  const recorded = record.role ?? 'secondary';
+  if (engineRole === null || engineRole.role === recorded) return record;
+  const next = engineRole.role === 'primary' ? primaryRecordOf(record, engineRole.since) : secondaryRecordOf(record);
+  await rewriteRecord(dir, next);
+  return next;
 }
 
 /**

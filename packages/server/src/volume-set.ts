@@ -1,6 +1,17 @@
 import { access } from 'node:fs/promises';
 import { SwappableDevice } from '@gannet/block-device';
-import { checkpointGroup, openVolume, ReplicatedVolume, type FailoverTarget, type ResolvedVolumeOptions, type Volume } from '@gannet/core';
+import {
+  checkpointGroup,
+  digestBytes,
+  digestChunkBytes,
+  openVolume,
+  ReplicatedVolume,
+  SplitBrainError,
+  type FailoverTarget,
+  type Generation,
+  type ResolvedVolumeOptions,
+  type Volume,
+} from '@gannet/core';
 import { nbdUri, type ListenAddress, type NbdServer } from 'nbd-server-js';
 import type { Logger } from 'pino';
 import { z } from 'zod';
@@ -9,6 +20,7 @@ import {
   ApiError,
   validate,
   type CheckpointResult,
+  type DigestsView,
   type GroupView,
   type PeerAttachRequest,
   type PeerAttachView,
@@ -323,6 +335,9 @@ export class VolumeSet {
     volume.on('failover', forward('failover', 'warn', 'failed over'));
     volume.on('failover-durable', forward('failover-durable', 'info', 'failover durable'));
     volume.on('failover-applied', forward('failover-applied', 'info', 'failover applied to the backing file'));
+    if (volume instanceof ReplicatedVolume) {
+      volume.on('split-brain', forward('split-brain', 'warn', 'split brain: a primary that wrote since it split from this volume attached; resolve it'));
+    }
     volume.on('error', (error) => {
       const code = errorCodeOf(error);
       log.error({ err: error, code }, 'volume error');
@@ -378,7 +393,8 @@ export class VolumeSet {
         secondary: nbdAddresses.map((address) => nbdUri(address, exports.secondary, { tls: this.context.tlsRequired })),
       },
       strategy: stats.strategy,
-      state: stats.state,
+      // A split brain holds whatever the volume was doing (failed over, most often) until it is resolved.
+      state: stats.splitBrain !== undefined ? 'split-brain' : stats.state,
       ...(stats.volumeId !== undefined && { volumeId: stats.volumeId }),
       ...(entry.volume instanceof ReplicatedVolume && { instance: entry.volume.instance }),
       ...(stats.error !== undefined && { error: { ...stats.error } }),
@@ -394,6 +410,8 @@ export class VolumeSet {
       tornRanges: stats.tornRanges.map((range) => ({ offset: range.offset, length: range.length })),
       inconsistent: stats.inconsistent !== undefined,
       ...(stats.inconsistent !== undefined && { inconsistentSince: stats.inconsistent.since }),
+      ...(stats.generation !== undefined && { generation: stats.generation }),
+      ...(stats.splitBrain !== undefined && { splitBrain: stats.splitBrain }),
       clients: nbd.exportConnectionCount(exports.primary) + nbd.exportConnectionCount(exports.secondary),
     };
   }
@@ -493,11 +511,20 @@ export class VolumeSet {
    * of a primary still sends reaches the volume after the state answered here was read. An attach of a
    * link older than the last one of that link is refused, and fences nothing.
    */
-  attachPeer(name: string, from?: PeerAttachRequest): Promise<PeerAttachView> {
+  attachPeer(name: string, from?: PeerAttachRequest, generation: Generation | null = null): Promise<PeerAttachView> {
     this.lookup(name);
     return this.ordered([name], async () => {
       const exportName = `${name}/primary`;
-      this.replicatedOf(name, 'take a primary');
+      // A failed-over volume answers too: the primary compares generations and learns it is stale (or
+      // split from it), then refuses the session itself.
+      const gannet = this.gannetOf(name, 'take a primary');
+      // A split brain is refused before anything else, and fences no connection.
+      try {
+        gannet.acceptPrimary(generation);
+      } catch (error) {
+        if (error instanceof SplitBrainError) this.context.logger.error({ volume: name, local: error.secondary, peer: error.primary }, 'split brain: attach refused');
+        throw error;
+      }
       const last = this.attached.get(name);
       if (from !== undefined && last !== undefined && last.link === from.link && from.attempt <= last.attempt) {
         throw new ApiError('conflict', `volume ${name}: attempt ${from.attempt} of this primary's link is stale: attempt ${last.attempt} has attached since`);
@@ -505,7 +532,7 @@ export class VolumeSet {
       if (from !== undefined) this.attached.set(name, { link: from.link, attempt: from.attempt });
       await this.context.nbd.closeExportConnections(exportName, { graceMs: peerFenceGraceMs });
       // Read after the fence: a failover or a halt meanwhile is seen.
-      const volume = this.replicatedOf(name, 'take a primary');
+      const volume = this.gannetOf(name, 'take a primary');
       const stats = volume.stats();
       this.context.logger.info({ volume: name, instance: volume.instance, epoch: stats.epoch, durableEpoch: stats.durableEpoch }, 'primary attached');
       return {
@@ -517,6 +544,7 @@ export class VolumeSet {
         durableEpoch: stats.durableEpoch,
         tornRanges: stats.tornRanges.map((range) => ({ offset: range.offset, length: range.length })),
         inconsistent: stats.inconsistent !== undefined,
+        generation: stats.generation ?? null,
         nbd: {
           export: exportName,
           addresses: this.context.nbdAddresses.map((address) => ('path' in address ? { path: address.path } : { host: address.host, port: address.port })),
@@ -527,12 +555,15 @@ export class VolumeSet {
   }
 
   /** `PUT /v1/volumes/:name/inconsistent`: a primary's resync began (true) or its last checkpoint is durable (false). */
-  setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {
+  setInconsistent(name: string, inconsistent: boolean, generation?: Generation): Promise<VolumeView> {
     this.lookup(name);
     return this.ordered([name], async () => {
       const volume = this.replicatedOf(name, inconsistent ? 'be marked inconsistent' : 'be marked consistent');
-      await volume.setInconsistent(inconsistent);
-      this.context.logger.info({ volume: name, inconsistent }, inconsistent ? 'marked inconsistent: a resync from the primary began' : 'marked consistent: the resync is durable');
+      await volume.setInconsistent(inconsistent, generation);
+      this.context.logger.info(
+        { volume: name, inconsistent, ...(generation !== undefined && { generation }) },
+        inconsistent ? 'marked inconsistent: a resync from the primary began' : 'marked consistent: the resync is durable',
+      );
       return this.viewOf(name);
     });
   }
@@ -555,13 +586,14 @@ export class VolumeSet {
    * closed (a primary forwarding to it is stale from now on), and NAME/secondary stays served, for the
    * primary role to take over. The caller closes the volume.
    */
-  async release(name: string): Promise<void> {
+  async release(name: string, options: { keepSecondary: boolean } = { keepSecondary: true }): Promise<void> {
     const { nbd, metrics } = this.context;
     this.lookup(name);
     this.entries.delete(name);
     this.attached.delete(name);
     metrics.removeVolume(name);
     await nbd.removeExport(`${name}/primary`, { graceMs: exportCloseGraceMs });
+    if (!options.keepSecondary) await nbd.removeExport(`${name}/secondary`, { graceMs: 0 });
   }
 
   /** Serves again a volume whose promotion failed before its role changed (in its order). */
@@ -569,19 +601,35 @@ export class VolumeSet {
     await this.openExisting(name, dir, record, wanted, 'opened');
   }
 
-  /** A gannet volume that is replicating, or a conflict saying why it cannot `what`. */
-  private replicatedOf(name: string, what: string): ReplicatedVolume {
+  /** `POST /v1/volumes/:name/digests`: digests of the primary view for a primary's full sync. */
+  digests(name: string, offset: number, length: number): Promise<DigestsView> {
+    this.lookup(name);
+    return this.ordered([name], async () => {
+      const volume = this.replicatedOf(name, 'answer digests');
+      const digests = await volume.digests(offset, length);
+      return { instance: volume.instance, chunkBytes: digestChunkBytes, digestBytes, digests: Buffer.from(digests).toString('base64') };
+    });
+  }
+
+  /** An open gannet volume, in any state, or a conflict saying why it cannot `what`. */
+  private gannetOf(name: string, what: string): ReplicatedVolume {
     const entry = this.lookup(name);
     if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot ${what}: it is in error (${entry.error.code}): ${entry.error.message}`);
     if (!(entry.volume instanceof ReplicatedVolume)) {
       throw new ApiError('conflict', `volume ${name} cannot ${what}: its strategy ${entry.volume.stats().strategy} is a baseline with no replication link`);
     }
-    const { state, failoverTarget } = entry.volume.stats();
+    return entry.volume;
+  }
+
+  /** A gannet volume that is replicating, or a conflict saying why it cannot `what`. */
+  private replicatedOf(name: string, what: string): ReplicatedVolume {
+    const volume = this.gannetOf(name, what);
+    const { state, failoverTarget } = volume.stats();
     if (state !== 'replicating') {
       const detail = failoverTarget !== undefined ? ` (to ${failoverTarget})` : '';
       throw new ApiError('conflict', `volume ${name} cannot ${what}: it is ${state}${detail}, not replicating, and takes no forwarded writes`);
     }
-    return entry.volume;
+    return volume;
   }
 
   /** `POST /v1/volumes`: the body has the config file's fields for one volume, plus its name. */
