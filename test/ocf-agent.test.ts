@@ -20,6 +20,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { subscribe, type EventStream } from './helpers/events.js';
 import {
   api,
+  assertQemuOk,
   clientFlags,
   gannet,
   gannetBin,
@@ -204,7 +205,7 @@ describe('ocf:gannet:volume', () => {
       ['demote', 'meta-data', 'monitor:Promoted', 'monitor:Unpromoted', 'notify', 'promote', 'start', 'stop', 'validate-all'].sort(),
     );
     const parameters = [...xml.matchAll(/<parameter name="([^"]+)"/g)].map((match) => match[1]);
-    expect(parameters.sort()).toEqual(['api', 'data_dir', 'failover_to', 'gannet', 'peer', 'token_file', 'volume']);
+    expect(parameters.sort()).toEqual(['api', 'data_dir', 'failover_to', 'force_promote', 'gannet', 'peer', 'token_file', 'volume']);
     expect(xml).toContain('<parameter name="volume" unique="1" required="1">');
   });
 
@@ -225,6 +226,7 @@ describe('ocf:gannet:volume', () => {
       [{ api: 'nowhere' }, ocf.configured, 'api: expected HOST:PORT'],
       [{ failover_to: 'sideways' }, ocf.configured, 'failover_to: expected secondary, checkpoint or primary'],
       [{ peer: 'node1=10.0.0.1:10810 node2=' }, ocf.configured, 'peer: expected HOST:PORT'],
+      [{ force_promote: 'maybe' }, ocf.configured, 'force_promote: expected a boolean'],
       [{ gannet: '/nonexistent/gannet' }, ocf.installed, "Setup problem: couldn't find command: /nonexistent/gannet"],
       [{ api: 'http://127.0.0.1:10810/', peer: 'node1=10.0.0.1:10810 node2=10.0.0.2:10810', failover_to: 'primary' }, ocf.success, ''],
       [{ api: '/run/gannet/control.sock', peer: '10.0.0.2:10810' }, ocf.success, ''],
@@ -342,13 +344,24 @@ describe('ocf:gannet:volume', () => {
     await expectCode(agent, 'promote', ocf.success);
     expect(await statusOf(peer, 'vm')).toMatchObject({ role: 'secondary', state: 'replicating' });
 
+    // Written on the primary and not checkpointed: the peer holds it only in memory until demote
+    // checkpoints it and waits for it to reach the peer's disk.
+    assertQemuOk(await qemuIo(local, 'vm', ['write -P 0x5a 0 1M', 'flush']), 'write on the primary');
     await expectCode(agent, 'demote', ocf.success);
     expect(await statusOf(local, 'vm')).toMatchObject({ role: 'secondary' });
+    const peerDisk = await readFile(join(peer.dataDir, 'volumes', 'vm', 'disk.img'));
+    expect(peerDisk.subarray(0, MiB).every((byte) => byte === 0x5a), "the demoted primary's last write is on the peer's disk").toBe(true);
     await expectCode(agent, 'monitor', ocf.success);
-    expect(await agent.lastScore()).not.toBe(score.disk);
+    // A demoted primary's disk is a stale copy until a primary resyncs it: never chosen, and promoted
+    // again only by force.
+    expect(await agent.lastScore()).toBe('deleted');
     await expectCode(agent, 'demote', ocf.success);
-    await expectCode(agent, 'stop', ocf.success);
-    await expectCode(agent, 'monitor', ocf.notRunning);
+    expect((await expectCode(agent, 'promote', ocf.generic)).stderr).toMatch(/ocf-exit-reason:gannet promote vm --peer \S+ : gannet: refused \(409 conflict\)/);
+    const forced = await agentFor(local, 'vm', { peer: peerAddress, force_promote: 'true' });
+    await expectCode(forced, 'promote', ocf.success);
+    await expectCode(forced, 'monitor', ocf.runningPromoted);
+    await expectCode(forced, 'stop', ocf.success);
+    await expectCode(forced, 'monitor', ocf.notRunning);
     expect(await statusOf(local, 'vm')).toMatchObject({ role: 'secondary' });
     await events.close();
   });
@@ -363,6 +376,8 @@ describe('ocf:gannet:volume', () => {
       data_dir: local.dataDir,
       gannet: gannetBin,
       peer: `${peer.control.host}:${peer.control.port}`,
+      // ocf-tester promotes again right after a demote, which the daemon refuses without force.
+      force_promote: 'true',
     };
     const result = await runCommand(
       ocfTester,
