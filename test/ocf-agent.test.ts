@@ -3,9 +3,11 @@
  * meta-data and the OCF API promise against a real daemon: its meta-data is valid for resource-agents'
  * DTD and schema; validate-all names a bad parameter (6) or a missing gannet (5); monitor answers 7
  * for a volume absent or not started, 0 for a started secondary, 8 for a primary, 9 for a fenced
- * primary and 1 for a volume in error or a daemon gone under a started instance; the promotion score
- * it sets follows the volume (a consistent replica, a resync under way, the disk); `ocf-tester` passes;
- * and the package ships the agent where `gannet ocf-path` says.
+ * primary and 1 for a volume in error or a daemon gone under a started instance; a split brain fails
+ * both sides and no action settles it; the promotion score it sets follows the volume (a consistent
+ * replica, a resync under way, the disk); promote and demote move the volume between the roles, and a
+ * demote loses no acknowledged write; `ocf-tester` passes; and the package ships the agent where
+ * `gannet ocf-path` says.
  *
  * Method: real daemons on free loopback ports (two, replicating, for the primary's codes), the agent run
  * as Pacemaker runs it (an action as its argument, parameters as OCF_RESKEY_* variables), its started
@@ -325,6 +327,42 @@ describe('ocf:gannet:volume', () => {
     expect((await expectCode(onPrimary, 'monitor', ocf.failedPromoted)).stderr).toContain('ocf-exit-reason:volume vm is primary and fenced');
     expect(await onPrimary.lastScore()).toBe('deleted');
     await events.close();
+  });
+
+  it('split brain: monitor fails both sides (9 on the primary, 1 on the secondary); demote, stop and start refuse it', async () => {
+    requireTool('qemu-io');
+    const { primary, secondary } = await startPair();
+    const controlPort = secondary.control.port;
+    const primaryEvents = await subscribe(primary, 'vm');
+    await reachState(primary, primaryEvents, 'replicating');
+    const onPrimary = await agentFor(primary, 'vm');
+    await expectCode(onPrimary, 'start', ocf.success);
+
+    // Both sides write since they split: the primary while its secondary is away, the secondary by
+    // failing over on a control port the primary does not know. Then it comes back where the primary
+    // looks for it.
+    await secondary.stop();
+    await reachState(primary, primaryEvents, 'degraded');
+    assertQemuOk(await qemuIo(primary, 'vm', ['write -P 0x33 0 64k', 'flush']), 'write on the degraded primary');
+    const hidden = await startDaemon({ dataDir: secondary.dataDir, volumes: [`vm:${volumeBytes}`] });
+    const failover = await gannet(['failover', 'vm', '--to', 'secondary', ...clientFlags(hidden)]);
+    expect(failover.status, failover.stderr).toBe(0);
+    await hidden.stop();
+    const back = await startDaemon({ dataDir: secondary.dataDir, volumes: [`vm:${volumeBytes}`], args: ['--control', `127.0.0.1:${controlPort}`] });
+    await reachState(primary, primaryEvents, 'split-brain');
+    const onSecondary = await agentFor(back, 'vm');
+
+    expect((await expectCode(onPrimary, 'monitor', ocf.failedPromoted)).stderr).toContain('ocf-exit-reason:volume vm is in split brain (primary)');
+    expect(await onPrimary.lastScore()).toBe('deleted');
+    expect((await expectCode(onSecondary, 'monitor', ocf.generic, { probe: true })).stderr).toContain('ocf-exit-reason:volume vm is in split brain (secondary)');
+    await expectCode(onSecondary, 'start', ocf.generic);
+    // Neither side is made the one whose writes are dropped: that is the operator's choice.
+    expect((await expectCode(onPrimary, 'demote', ocf.generic)).stderr).toContain('gannet resolve vm --discard-local');
+    await expectCode(onPrimary, 'stop', ocf.generic);
+    await expectCode(onPrimary, 'promote', ocf.generic);
+    expect(await statusOf(primary, 'vm')).toMatchObject({ role: 'primary', state: 'split-brain' });
+    expect(await statusOf(back, 'vm')).toMatchObject({ role: 'secondary', state: 'split-brain' });
+    await primaryEvents.close();
   });
 
   it('promote makes the volume primary and attaches the peer its parameter names for another node; demote makes it secondary again', async () => {
