@@ -50,6 +50,8 @@ const ocfTesterTimeoutMs = 120_000;
 const ocf = { success: 0, generic: 1, installed: 5, configured: 6, notRunning: 7, runningPromoted: 8, failedPromoted: 9 } as const;
 /** The agent's promotion scores (SCORE_* in the agent). */
 const score = { disk: 10000, replica: 100 } as const;
+/** An operation timeout that leaves the agent's wait for the peer (the timeout less 10 s) 3 s. */
+const shortTimeoutMs = 13_000;
 /** Nothing listens on port 1 of loopback. */
 const deadPeer = '127.0.0.1:1';
 /** A recurring monitor's interval; a probe is a monitor with interval 0. */
@@ -299,7 +301,7 @@ describe('ocf:gannet:volume', () => {
     await expectCode(agent, 'monitor', ocf.notRunning, { probe: true });
   });
 
-  it('monitor: 8 for a replicating primary, 9 once its secondary failed over (fenced); the failed-over secondary takes the score of the disk', async () => {
+  it('monitor: 8 for a replicating primary, 9 once its secondary failed over (fenced), then demoted at once; the failed-over secondary takes the score of the disk', async () => {
     requireTool('qemu-io');
     const { primary, secondary } = await startPair();
     const events = await subscribe(primary, 'vm');
@@ -326,6 +328,28 @@ describe('ocf:gannet:volume', () => {
     await reachState(primary, events, 'fenced');
     expect((await expectCode(onPrimary, 'monitor', ocf.failedPromoted)).stderr).toContain('ocf-exit-reason:volume vm is primary and fenced');
     expect(await onPrimary.lastScore()).toBe('deleted');
+    // Pacemaker's recovery of a failed promoted instance: its disk is the stale side, demoted at once.
+    await expectCode(onPrimary, 'demote', ocf.success);
+    expect(await statusOf(primary, 'vm')).toMatchObject({ role: 'secondary' });
+    await events.close();
+  });
+
+  it('demote refuses while the peer lacks writes of the primary, and keeps it primary', async () => {
+    requireTool('qemu-io');
+    const { primary, secondary } = await startPair();
+    const events = await subscribe(primary, 'vm');
+    await reachState(primary, events, 'replicating');
+    await secondary.stop();
+    await reachState(primary, events, 'degraded');
+    assertQemuOk(await qemuIo(primary, 'vm', ['write -P 0x44 0 64k', 'flush']), 'write on the degraded primary');
+    // A short operation timeout: the wait for the peer ends a few seconds in.
+    const agent = await agentFor(primary, 'vm', { CRM_meta_timeout: String(shortTimeoutMs) });
+    await expectCode(agent, 'start', ocf.success);
+    const refused = await expectCode(agent, 'demote', ocf.generic);
+    expect(refused.stderr).toMatch(/ocf-exit-reason:volume vm is degraded and its peer lacks 65536 bytes .*: not demoted, which would discard them/);
+    expect(await statusOf(primary, 'vm')).toMatchObject({ role: 'primary', state: 'degraded' });
+    await expectCode(agent, 'stop', ocf.generic);
+    await expectCode(agent, 'monitor', ocf.runningPromoted);
     await events.close();
   });
 
