@@ -246,8 +246,13 @@ describe('ocf:gannet:volume', () => {
     const dataDir = await makeTempDir();
     // A volume directory without its volume.json: the daemon serves it as an error (ERECORD).
     await mkdir(join(dataDir, 'volumes', 'broken'), { recursive: true });
-    const daemon = await startDaemon({ dataDir, volumes: [`vol0:${volumeBytes}`] });
+    const socket = join(dataDir, 'control.sock');
+    const daemon = await startDaemon({ dataDir, volumes: [`vol0:${volumeBytes}`], args: ['--control-socket', socket] });
     const agent = await agentFor(daemon, 'vol0');
+    const overSocket = await agentFor(daemon, 'vol0', { api: socket });
+    await expectCode(overSocket, 'start', ocf.success);
+    await expectCode(overSocket, 'monitor', ocf.success);
+    await expectCode(overSocket, 'stop', ocf.success);
 
     await expectCode(agent, 'monitor', ocf.notRunning, { probe: true });
     await expectCode(agent, 'monitor', ocf.notRunning);
