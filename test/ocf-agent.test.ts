@@ -62,9 +62,14 @@ interface AgentTarget {
   dataDir: string;
 }
 
+interface RunActionOptions {
+  probe?: boolean;
+  env?: Record<string, string>;
+}
+
 interface Agent {
-  /** Runs one action; `probe` runs monitor as Pacemaker's probe (interval 0). */
-  run(action: string, options?: { probe?: boolean }): Promise<CommandResult>;
+  /** Runs one action; `probe` runs monitor as Pacemaker's probe (interval 0); `env` adds to its environment. */
+  run(action: string, options?: RunActionOptions): Promise<CommandResult>;
   /** The arguments of every crm_attribute call so far, one string each. */
   scoreCalls(): Promise<string[]>;
   /** The last promotion score set: a number, 'deleted', or undefined when none was set. */
@@ -117,7 +122,7 @@ async function agentFor(target: AgentTarget, volume: string, parameters: Record<
   };
   return {
     run: (action, options = {}) =>
-      runCommand(agentPath, [action], { env: { ...env, OCF_RESKEY_CRM_meta_interval: options.probe ? '0' : monitorIntervalMs } }),
+      runCommand(agentPath, [action], { env: { ...env, OCF_RESKEY_CRM_meta_interval: options.probe ? '0' : monitorIntervalMs, ...options.env } }),
     scoreCalls,
     async lastScore() {
       const last = (await scoreCalls()).at(-1);
@@ -131,7 +136,7 @@ async function agentFor(target: AgentTarget, volume: string, parameters: Record<
 }
 
 /** Runs `action` and expects `code`, showing the agent's output when it differs. */
-async function expectCode(agent: Agent, action: string, code: number, options: { probe?: boolean } = {}): Promise<CommandResult> {
+async function expectCode(agent: Agent, action: string, code: number, options: RunActionOptions = {}): Promise<CommandResult> {
   const result = await agent.run(action, options);
   expect(result.status, describeResult(`${action}${options.probe ? ' (probe)' : ''}`, result)).toBe(code);
   return result;
@@ -261,8 +266,16 @@ describe('ocf:gannet:volume', () => {
     await expectCode(agent, 'monitor', ocf.success);
     expect(await agent.lastScore()).toBe(score.replica);
 
-    // A resync under way: the replica is part old, part new, and must not be promoted.
+    // A resync under way: the replica is part old, part new, and must not be promoted. A notification
+    // after a promotion elsewhere says so at once; other notifications leave the score alone.
     expect((await api(daemon, 'PUT', '/v1/volumes/vol0/inconsistent', { inconsistent: true })).status).toBe(200);
+    const notification = (type: string, operation: string) => ({
+      env: { OCF_RESKEY_CRM_meta_notify_type: type, OCF_RESKEY_CRM_meta_notify_operation: operation },
+    });
+    await expectCode(agent, 'notify', ocf.success, notification('pre', 'promote'));
+    expect(await agent.lastScore()).toBe(score.replica);
+    await expectCode(agent, 'notify', ocf.success, notification('post', 'promote'));
+    expect(await agent.lastScore()).toBe('deleted');
     await expectCode(agent, 'monitor', ocf.success);
     expect(await agent.lastScore()).toBe('deleted');
     expect((await api(daemon, 'PUT', '/v1/volumes/vol0/inconsistent', { inconsistent: false })).status).toBe(200);
