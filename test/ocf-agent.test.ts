@@ -149,8 +149,8 @@ async function statusOf(daemon: DaemonHandle, volume: string): Promise<Record<st
 }
 
 /** A primary daemon replicating `vm` to a secondary daemon, as in daemon-replication.test.ts. */
-async function startPair(): Promise<{ primary: DaemonHandle; secondary: DaemonHandle }> {
-  const secondary = await startDaemon({ volumes: [`vm:${volumeBytes}`] });
+async function startPair(secondaryArgs: string[] = []): Promise<{ primary: DaemonHandle; secondary: DaemonHandle }> {
+  const secondary = await startDaemon({ volumes: [`vm:${volumeBytes}`], args: secondaryArgs });
   const dir = await makeTempDir();
   const tokenFile = join(dir, 'peer.token');
   await writeFile(tokenFile, `${secondary.token}\n`, { mode: 0o600 });
@@ -443,6 +443,27 @@ describe('ocf:gannet:volume', () => {
     await expectCode(forced, 'stop', ocf.success);
     await expectCode(forced, 'monitor', ocf.notRunning);
     expect(await statusOf(local, 'vm')).toMatchObject({ role: 'secondary' });
+    await events.close();
+  });
+
+  it('promote with failover_to=primary keeps the primary VM\'s writes since the last checkpoint', async () => {
+    requireTool('qemu-io');
+    // The secondary's own peer, for its volume once promoted, is a dead address: the promotion is what counts here.
+    const tokenFile = join(await makeTempDir(), 'peer.token');
+    await writeFile(tokenFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    const { primary, secondary } = await startPair(['--peer', deadPeer, '--peer-token-file', tokenFile]);
+    const events = await subscribe(primary, 'vm');
+    await reachState(primary, events, 'replicating');
+    // Acknowledged in ack mode peer once in the secondary's buffer: no checkpoint made it durable.
+    assertQemuOk(await qemuIo(primary, 'vm', ['write -P 0x61 0 1M', 'flush']), 'write on the primary');
+    await primary.stop('SIGKILL');
+
+    const agent = await agentFor(secondary, 'vm', { failover_to: 'primary' });
+    await expectCode(agent, 'start', ocf.success);
+    await expectCode(agent, 'promote', ocf.success);
+    await expectCode(agent, 'monitor', ocf.runningPromoted);
+    expect(await statusOf(secondary, 'vm')).toMatchObject({ role: 'primary' });
+    assertQemuOk(await qemuIo(secondary, 'vm', ['read -P 0x61 0 1M']), "the primary VM's write on the promoted disk");
     await events.close();
   });
 
