@@ -11,7 +11,7 @@
  * volume is read from the primary's own counters.
  */
 import { createRequire } from 'node:module';
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -308,7 +308,7 @@ describe('peerLink against a secondary daemon', () => {
     expect(half.json.error).toMatchObject({ code: 'bad_request', field: 'attempt' });
   });
 
-  it('refuses a volume that failed over, a bad inconsistent body, and says when the peer cannot be reached', async () => {
+  it('answers an attach to a failed-over volume with its generation (the primary refuses itself), refuses a bad inconsistent body, and says when the peer cannot be reached', async () => {
     const daemon = await startDaemon({ volumes: ['vol0:8M'] });
     const bad = await api(daemon, 'PUT', '/v1/volumes/vol0/inconsistent', { inconsistent: 'yes' });
     expect(bad.status).toBe(400);
@@ -321,15 +321,75 @@ describe('peerLink against a secondary daemon', () => {
     await expect(link(daemon, { volume: 'nope' }).connect()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringMatching(/404 not_found.*no such volume: nope/) });
 
     expect((await api(daemon, 'POST', '/v1/volumes/vol0/failover', { to: 'secondary' })).status).toBe(200);
+    // A failed-over volume answers an attach with its state and generation: the primary compares them
+    // and fences itself (stale) or reports a split brain; it sends nothing.
     const attach = await api(daemon, 'POST', '/v1/volumes/vol0/peer');
-    expect(attach.status).toBe(409);
-    expect(attach.json.error.message).toMatch(/failed-over/);
-    await expect(link(daemon).connect()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringMatching(/409 conflict.*failed-over/) });
+    expect(attach.status).toBe(200);
+    expect(attach.json).toMatchObject({ state: 'failed-over', generation: { current: expect.stringMatching(/^[0-9a-f]{16}$/), history: [] } });
     expect((await api(daemon, 'PUT', '/v1/volumes/vol0/inconsistent', { inconsistent: true })).status).toBe(409);
+    expect((await api(daemon, 'POST', '/v1/volumes/vol0/digests', { offset: 0, length: 65536 })).status).toBe(409);
 
     const { port } = daemon.control;
     await daemon.stop();
     await expect(link(daemon).connect()).rejects.toMatchObject({ code: 'EPEER', message: expect.stringMatching(new RegExp(`127\\.0\\.0\\.1:${port}.*cannot reach`)) });
+  });
+
+  it('answers digests of the primary view per 64 KiB chunk, bounded and aligned, naming the bad field', async () => {
+    const daemon = await startDaemon({ volumes: ['vol0:8M'] });
+    const { primary } = await openPrimary(daemon);
+    await untilState(primary, 'replicating');
+    expect(primary.stats().lastResync).toMatchObject({ full: true, comparedBytes: volumeBytes });
+    await primary.device.write(pattern(128 * KiB, 1), 64 * KiB);
+    await commit(primary);
+    const answer = await api(daemon, 'POST', '/v1/volumes/vol0/digests', { offset: 0, length: 256 * KiB });
+    expect(answer.status).toBe(200);
+    expect(answer.json).toMatchObject({ chunkBytes: 64 * KiB, digestBytes: 16, instance: expect.any(String) });
+    const digests = Buffer.from(answer.json.digests as string, 'base64');
+    const disk = Buffer.alloc(256 * KiB);
+    await primary.device.read(disk, 0);
+    const expected = Buffer.concat([0, 1, 2, 3].map((i) => createHash('sha256').update(disk.subarray(i * 64 * KiB, (i + 1) * 64 * KiB)).digest().subarray(0, 16)));
+    expect(digests).toEqual(expected);
+    const unaligned = await api(daemon, 'POST', '/v1/volumes/vol0/digests', { offset: 512, length: 64 * KiB });
+    expect(unaligned.status).toBe(400);
+    expect(unaligned.json.error.message).toMatch(/^offset/);
+    const tooLong = await api(daemon, 'POST', '/v1/volumes/vol0/digests', { offset: 0, length: 65 * MiB });
+    expect(tooLong.json.error).toMatchObject({ code: 'bad_request', field: 'length' });
+    const pastEnd = await api(daemon, 'POST', '/v1/volumes/vol0/digests', { offset: 0, length: volumeBytes + 64 * KiB });
+    expect(pastEnd.status).toBe(400);
+    expect((await api(daemon, 'POST', '/v1/volumes/vol0/digests', { offset: 0, length: 64 * KiB, extra: 1 })).json.error).toMatchObject({ field: 'extra' });
+  });
+
+  it('a primary that wrote while away from a peer that failed over meanwhile is refused with ESPLITBRAIN: both report split brain with both generations', async () => {
+    const daemon = await startDaemon({ volumes: ['vol0:8M'] });
+    const dir = await makeTempDir('gannet-primary-');
+    const options: PrimaryOptions = { path: join(dir, 'primary.img'), dataDir: join(dir, 'meta'), sizeBytes: volumeBytes, peerTimeoutMs: 500, peerReconnectMs: 20, peerReconnectMsMax: 200 };
+    let primary = await PrimaryVolume.open(options, link(daemon));
+    primary.on('error', () => undefined);
+    await untilState(primary, 'replicating');
+    await primary.device.write(pattern(64 * KiB, 1), 0);
+    await commit(primary);
+    await primary.close();
+    // Away from its peer (a link to nowhere), the primary's VM writes: a new generation.
+    primary = await PrimaryVolume.open(options, link(daemon, { control: { host: '127.0.0.1', port: 1 } }));
+    primary.on('error', () => undefined);
+    await primary.device.write(pattern(64 * KiB, 2), 1 * MiB);
+    await primary.close();
+    expect((await api(daemon, 'POST', '/v1/volumes/vol0/failover', { to: 'secondary' })).status).toBe(200);
+    const before = await readFile(join(daemon.dataDir, 'volumes', 'vol0', 'disk.img'));
+    primary = await PrimaryVolume.open(options, link(daemon));
+    primary.on('error', () => undefined);
+    primaries.push(primary);
+    await untilState(primary, 'split-brain');
+    const mine = primary.stats();
+    const theirs = (await api(daemon, 'GET', '/v1/volumes/vol0')).json;
+    expect(mine.splitBrain).toMatchObject({ local: mine.generation, peer: theirs.generation });
+    expect(theirs.splitBrain).toMatchObject({ local: theirs.generation, peer: mine.generation });
+    const refused = await api(daemon, 'POST', '/v1/volumes/vol0/peer', { generation: mine.generation });
+    expect(refused.status).toBe(409);
+    expect(refused.json.error).toMatchObject({ code: 'conflict', reason: 'ESPLITBRAIN' });
+    const badGeneration = await api(daemon, 'POST', '/v1/volumes/vol0/peer', { generation: { current: 'xyz', history: [] } });
+    expect(badGeneration.json.error).toMatchObject({ code: 'bad_request', field: 'generation.current' });
+    expect((await readFile(join(daemon.dataDir, 'volumes', 'vol0', 'disk.img'))).equals(before), "the secondary's disk changed").toBe(true);
   });
 
   it('checks its options, naming the field', () => {

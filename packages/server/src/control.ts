@@ -126,6 +126,9 @@ export interface PrimaryVolumeView {
   resyncDataBytesTotal?: number;
   peerEpoch?: number | null;
   peerDurableEpoch?: number | null;
+  /** The volume's lineage; `splitBrain` in state split-brain: both sides' generations, and since when. */
+  generation?: PrimaryStats['generation'];
+  splitBrain?: NonNullable<PrimaryStats['splitBrain']>;
   clients?: number;
 }
 

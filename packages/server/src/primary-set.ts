@@ -383,6 +383,8 @@ export class PrimarySet {
       resyncDataBytesTotal: stats.resyncDataBytesTotal,
       peerEpoch: stats.peerEpoch,
       peerDurableEpoch: stats.peerDurableEpoch,
+      generation: stats.generation,
+      ...(stats.splitBrain !== undefined && { splitBrain: stats.splitBrain }),
       clients: exportNames(entry).reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0),
     };
   }

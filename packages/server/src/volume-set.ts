@@ -574,9 +574,9 @@ export class VolumeSet {
    */
   promotable(name: string): { dir: string; record: VolumeRecord; volume: ReplicatedVolume; secondaryExport: SwappableDevice; wanted: VolumeConfig } {
     const entry = this.lookup(name);
-    if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot be promoted: it is in error (${entry.error.code}): ${entry.error.message}`);
+    if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot change role: it is in error (${entry.error.code}): ${entry.error.message}`);
     if (!(entry.volume instanceof ReplicatedVolume)) {
-      throw new ApiError('conflict', `volume ${name} cannot be promoted: its strategy ${entry.volume.stats().strategy} is a baseline with no replication`);
+      throw new ApiError('conflict', `volume ${name} cannot change role: its strategy ${entry.volume.stats().strategy} is a baseline with no replication`);
     }
     return { dir: entry.dir, record: entry.record, volume: entry.volume, secondaryExport: entry.secondaryExport, wanted: entry.wanted };
   }
