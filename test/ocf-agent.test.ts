@@ -42,7 +42,7 @@ const ocfRoot = '/usr/lib/ocf';
 /** Where resource-agents keeps ra-api-1.dtd and metadata.rng, as ocf-tester validates with them. */
 const raSchemaDir = '/usr/share/resource-agents';
 const MiB = 1024 * 1024;
-const volumeBytes = 64 * MiB;
+const volumeBytes = 16 * MiB;
 const eventWaitMs = 30_000;
 /** ocf-tester runs some forty actions, each a CLI call or two (node starting), and four promotions. */
 const ocfTesterTimeoutMs = 120_000;
