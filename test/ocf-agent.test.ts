@@ -364,7 +364,7 @@ describe('ocf:gannet:volume', () => {
     const agent = await agentFor(primary, 'vm', { CRM_meta_timeout: String(shortTimeoutMs) });
     await expectCode(agent, 'start', ocf.success);
     const refused = await expectCode(agent, 'demote', ocf.generic);
-    expect(refused.stderr).toMatch(/ocf-exit-reason:volume vm is degraded and its peer lacks 65536 bytes .*: not demoted, which would discard them/);
+    expect(refused.stderr).toMatch(/ocf-exit-reason:volume vm is degraded and its peer lacks 65536 bytes \(.*, link: .*cannot reach the gannet daemon.*\): not demoted, which would discard them/);
     expect(await statusOf(primary, 'vm')).toMatchObject({ role: 'primary', state: 'degraded' });
     await expectCode(agent, 'stop', ocf.generic);
     await expectCode(agent, 'monitor', ocf.runningPromoted);
