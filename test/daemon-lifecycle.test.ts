@@ -158,7 +158,8 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     expect({ status: promote.status, stderr: promote.stderr }).toEqual({ status: 0, stderr: '' });
     expect(promote.stdout).toMatch(/^vm: role primary, \S+, peer 127\.0\.0\.1:\d+$/m);
     const changed = await sEvents.next((event) => event.event === 'role-changed', eventWaitMs);
-    expect(changed.data).toMatchObject({ volume: 'vm', role: 'primary', from: 'secondary' });
+    expect(changed.data).toMatchObject({ volume: 'vm', role: 'primary', from: 'secondary', pauseMs: expect.any(Number) });
+    console.log(`promote: the VM's requests were held ${changed.data.pauseMs} ms`);
     const promotedAt = writer.written;
     await writer.reached(promotedAt + writesAfter);
     expect(writer.failures).toEqual([]);
@@ -341,9 +342,10 @@ const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest(
  * the test's by a veth pair whose host end is set down: the primary P goes degraded and its VM writes
  * on; S is failed over (through its control socket, a Unix socket the cut leaves alone) and its VM
  * writes too. Once the link is back, P's attach finds both sides wrote since the split: both report
- * split-brain (status, events, metrics), P retries and is refused, and neither disk changes. `gannet
- * resolve vm --discard-local` on S drops S's side: S is discarded and P's digest sync makes S's disk
- * exactly P's. As root, like the other namespace tests: without it this fails, never skips.
+ * split-brain (status, events, metrics), P retries and is refused, and neither disk changes. Then
+ * `gannet resolve vm --discard-local` on one side: on S, S is discarded and P's digest sync makes S's
+ * disk exactly P's; on P, P is demoted, S promoted with P as its peer (S's VM still attached), and P's
+ * disk becomes exactly S's. As root, like the other namespace tests: without it this fails, never skips.
  */
 describe('a split brain across a cut link, resolved by discarding one side', () => {
   const suffix = `${process.pid % 100_000}`;
@@ -374,15 +376,25 @@ describe('a split brain across a cut link, resolved by discarding one side', () 
     if (listed.stdout.split('\n').some((line) => line.split(' ')[0] === namespace)) await must(ip, ['netns', 'del', namespace]);
   });
 
-  it('both sides report split-brain and keep their disks until resolve; after it the surviving data is exactly the chosen side\'s', async () => {
+  /**
+   * Two daemons in split brain: P (on every address of the host, so that S reaches it once promoted)
+   * and S in the namespace; both sides wrote after the cut, both report split-brain, neither disk
+   * changed while P retried. S's VM is still connected to its vm/secondary (through S's NBD socket).
+   */
+  async function splitBrain() {
     requireTool('qemu-io');
     const socketDir = await makeTempDir();
     const sControl = join(socketDir, 'control.sock');
     const sNbd = join(socketDir, 'nbd.sock');
+    const sTokenFile = join(socketDir, 's-peer.token');
+    await writeFile(sTokenFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
     const secondary = await startDaemon({
       volumes: [`vm:${volumeBytes}`],
       wrapper: [ip, 'netns', 'exec', namespace],
-      args: ['--nbd', `${peerAddress}:0`, '--control', `${peerAddress}:0`, '--nbd-socket', sNbd, '--control-socket', sControl],
+      args: [
+        ...['--nbd', `${peerAddress}:0`, '--control', `${peerAddress}:0`, '--nbd-socket', sNbd, '--control-socket', sControl],
+        ...['--peer', `${hostAddress}:1`, '--peer-token-file', sTokenFile],
+      ],
     });
     const sFlags = ['--control-socket', sControl, '--data-dir', secondary.dataDir];
     const tokenFile = join(socketDir, 'peer.token');
@@ -402,7 +414,8 @@ describe('a split brain across a cut link, resolved by discarding one side', () 
         '',
       ].join('\n'),
     );
-    const primary = await startDaemon({ volumes: [], args: ['--config', config] });
+    const primary = await startDaemon({ volumes: [], args: ['--config', config, '--nbd', '0.0.0.0:0', '--control', '0.0.0.0:0'] });
+    await writeFile(sTokenFile, `${primary.token}\n`);
     const pEvents = await subscribe(primary, 'vm');
     await reachState(primary, pEvents, 'replicating');
     assertQemuOk(await qemuIo(primary, 'vm', ['write -P 0x21 0 16M', 'flush']), 'before the split');
@@ -428,7 +441,7 @@ describe('a split brain across a cut link, resolved by discarding one side', () 
     const sView = async () => JSON.parse((await gannet(['status', 'vm', '--json', ...sFlags])).stdout) as Record<string, any>;
     expect(await sView()).toMatchObject({ role: 'secondary', state: 'split-brain', splitBrain: { local: expect.anything(), peer: expect.anything() } });
     const pView = await view(primary);
-    expect(pView).toMatchObject({ role: 'primary', state: 'split-brain', link: { state: 'refused' } });
+    expect(pView).toMatchObject({ role: 'primary', state: 'split-brain', link: { state: 'refused' }, splitBrain: { local: expect.anything(), peer: expect.anything() } });
     expect((await api(primary, 'GET', '/metrics')).text).toContain('gannet_volume_split_brain{volume="vm"} 1');
     // P keeps trying and is refused, and nothing is written to either disk meanwhile.
     for (let refusals = 0; refusals < 2; refusals++) {
@@ -437,9 +450,12 @@ describe('a split brain across a cut link, resolved by discarding one side', () 
     expect(await sView()).toMatchObject({ state: 'split-brain' });
     expect(sha256(await readFile(pDisk))).toBe(pBefore);
     expect(sha256(await readWhole(sVm))).toBe(sBefore);
-    const checkpointRefused = await api(primary, 'POST', '/v1/volumes/vm/checkpoint');
-    expect(checkpointRefused.status).toBe(409);
+    expect((await api(primary, 'POST', '/v1/volumes/vm/checkpoint')).status).toBe(409);
+    return { primary, secondary, pEvents, sFlags, sNbd, sVm, sView, pDisk, pBefore, sBefore };
+  }
 
+  it('discarding the secondary\'s side: the split brain ends and its disk becomes exactly the primary\'s', async () => {
+    const { primary, pEvents, sFlags, sNbd, sVm, sView, pDisk, pBefore } = await splitBrain();
     // S's side is dropped: its VM is cut off, and P's digest sync makes S's disk P's.
     const resolved = await gannet(['resolve', 'vm', '--discard-local', ...sFlags]);
     expect({ status: resolved.status, stderr: resolved.stderr }).toEqual({ status: 0, stderr: '' });
@@ -447,8 +463,7 @@ describe('a split brain across a cut link, resolved by discarding one side', () 
     const cut = await sVm.read(Buffer.alloc(512), 0).then(() => null, (error: unknown) => error);
     expect(cut).toBeInstanceOf(Error);
     await reachState(primary, pEvents, 'replicating');
-    const resynced = await view(primary);
-    expect(resynced.lastResync).toMatchObject({ full: true, comparedBytes: volumeBytes });
+    expect((await view(primary)).lastResync).toMatchObject({ full: true, comparedBytes: volumeBytes });
     await reachDurable(primary, pEvents, await checkpoint(primary));
     const pAfter = await readFile(pDisk);
     expect(sha256(pAfter)).toBe(pBefore);
@@ -461,6 +476,35 @@ describe('a split brain across a cut link, resolved by discarding one side', () 
     expect(await sView()).toMatchObject({ role: 'secondary', state: 'replicating' });
     expect((await api(primary, 'GET', '/metrics')).text).toContain('gannet_volume_split_brain{volume="vm"} 0');
     await pEvents.close();
+  });
+
+  it('discarding the primary\'s side: it is demoted, the failed-over side is promoted with its VM still attached, and the old primary\'s disk becomes exactly the survivor\'s', async () => {
+    const { primary, secondary, pEvents, sFlags, sVm, sBefore } = await splitBrain();
+    const resolved = await gannet(['resolve', 'vm', '--discard-local', ...clientFlags(primary)]);
+    expect({ status: resolved.status, stderr: resolved.stderr }).toEqual({ status: 0, stderr: '' });
+    expect(resolved.stdout).toMatch(/^vm: role secondary, /m);
+    expect(await listedExports(primary)).toEqual(['vm/primary', 'vm/secondary']);
+    // S is promoted with P as its new secondary; S's VM keeps its connection and writes on.
+    const promote = await gannet(['promote', 'vm', '--peer', `${hostAddress}:${primary.control.port}`, ...sFlags]);
+    expect({ status: promote.status, stderr: promote.stderr }).toEqual({ status: 0, stderr: '' });
+    expect(promote.stdout).toMatch(/^vm: role primary, /m);
+    await sVm.write(Buffer.alloc(MiB, 0x66), 20 * MiB);
+    await sVm.flush();
+    const sEvents = await subscribe(secondary, 'vm');
+    await reachState(secondary, sEvents, 'replicating');
+    await reachDurable(secondary, sEvents, await checkpoint(secondary));
+    const sAfter = await readWhole(sVm);
+    const pAfter = await readFile(join(primary.dataDir, 'volumes', 'vm', 'disk.img'));
+    expect({ firstDifferentMiB: firstDifferentMiB(pAfter, sAfter) }).toEqual({ firstDifferentMiB: null });
+    // The survivor's data: its own write of the split, none of P's, and what its VM wrote since.
+    expect(pAfter.subarray(12 * MiB, 13 * MiB).every((byte) => byte === 0x55)).toBe(true);
+    expect(pAfter.subarray(8 * MiB, 9 * MiB).every((byte) => byte === 0x21)).toBe(true);
+    expect(pAfter.subarray(20 * MiB, 21 * MiB).every((byte) => byte === 0x66)).toBe(true);
+    const before = Buffer.from(sAfter);
+    before.fill(0, 20 * MiB, 21 * MiB);
+    expect(sha256(before)).toBe(sBefore);
+    await Promise.all([pEvents.close(), sEvents.close()]);
+    await sVm.close();
   });
 });
 

@@ -15,9 +15,12 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { FaultDevice, KiB, MiB, type BlockDevice } from '@gannet/block-device';
 import {
+  MetaStore,
   PrimaryVolume,
   ReplicatedVolume,
   demoteToSecondary,
+  fileStorage,
+  metaDirName,
   digestChunkBytes,
   discardSecondary,
   promoteToPrimary,
@@ -26,6 +29,8 @@ import {
   type PrimaryState,
   type PrimaryStats,
 } from '@gannet/core';
+import { Rng } from './model.js';
+import { SimStorage } from './sim-storage.js';
 
 const root = mkdtempSync(join(tmpdir(), 'gannet-lifecycle-test-'));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -219,6 +224,7 @@ describe('split brain', () => {
     expect(ps.link.state).toBe('refused');
     expect(ps.splitBrain).toMatchObject({ local: ps.generation, peer: secondary.stats().generation });
     expect(secondary.stats().splitBrain).toMatchObject({ local: secondary.stats().generation, peer: ps.generation });
+    expect(() => secondary.acceptPrimary(ps.generation)).toThrow(expect.objectContaining({ code: 'ESPLITBRAIN' }));
     await expect(primary.checkpoint()).rejects.toMatchObject({ code: 'ESPLITBRAIN' });
     expectSameDisk(a.file(), primaryDisk, 'primary disk while split');
     expectSameDisk(b.file(), secondaryDisk, 'secondary disk while split');
@@ -323,8 +329,18 @@ describe('role change', () => {
     await until(promoted, 'replicating', rejoined);
     expect(figures.comparedBytes - figures.sameBytes).toBe(expected);
     await commit(promoted, rejoined);
-    expectSameDisk(await readAll(rejoined.secondary), await readAll(promoted.device), 'old primary after rejoining');
+    const protectedDisk = await readAll(promoted.device);
+    expectSameDisk(await readAll(rejoined.secondary), protectedDisk, 'old primary after rejoining');
+
+    // A second failover, the other way: the old primary's host holds the data of both periods.
     await promoted.close();
+    await rejoined.failover({ to: 'secondary' });
+    await rejoined.secondary.flush();
+    const final = await readAll(rejoined.secondary);
+    expectSameDisk(final, protectedDisk, 'after the second failover');
+    expect(final.subarray(0, 128 * KiB)).toEqual(pattern(1 * MiB, 1).subarray(0, 128 * KiB));
+    expect(final.subarray(2 * MiB, 2 * MiB + 96 * KiB)).toEqual(pattern(96 * KiB, 2));
+    expect(final.subarray(3 * MiB, 3 * MiB + 16 * KiB)).toEqual(pattern(16 * KiB, 4));
     await rejoined.close();
   });
 
@@ -340,14 +356,108 @@ describe('role change', () => {
     writeFileSync(join(b.dataDir, 'volume-role.json'), JSON.stringify({ format: 1, role: 'secondary', since: new Date().toISOString() }));
     const reopened = await b.openSecondary();
     expect(reopened.stats().state).toBe('failed-over');
+    // The role file decides between the two roles' files: given to the primary, the secondary's are not opened.
+    await reopened.close();
+    writeFileSync(join(b.dataDir, 'volume-role.json'), JSON.stringify({ format: 1, role: 'primary', since: new Date().toISOString() }));
+    await expect(b.openSecondary()).rejects.toMatchObject({ code: 'EMETA', message: expect.stringMatching(/primary role/) });
+    writeFileSync(join(b.dataDir, 'volume-role.json'), JSON.stringify({ format: 1, role: 'secondary', since: new Date().toISOString() }));
+    const again = await b.openSecondary();
     const link = new Link();
     link.up = false;
-    const promoted = await promoteToPrimary(reopened, link.peer);
+    const promoted = await promoteToPrimary(again, link.peer);
     promoted.on('error', () => undefined);
     const disk = await readAll(promoted.device);
     expect(disk.subarray(0, 8 * KiB)).toEqual(pattern(8 * KiB, 1));
-    expect(promoted.volumeId).toBe(reopened.volumeId);
+    expect(promoted.volumeId).toBe(again.volumeId);
     await promoted.close();
     await expect(ReplicatedVolume.open(b.volumeOptions)).rejects.toMatchObject({ code: 'EMETA' });
+    writeFileSync(join(b.dataDir, 'volume-role.json'), JSON.stringify({ format: 1, role: 'secondary', since: new Date().toISOString() }));
+    await expect(PrimaryVolume.open(b.primaryOptions(), link.peer)).rejects.toMatchObject({ code: 'EMETA', message: expect.stringMatching(/secondary role/) });
+  });
+});
+
+describe('discard', () => {
+  it('a discard that stopped after its commit is finished by the next open; one that stopped before leaves the volume failed over, and runs again', async () => {
+    const host = new Host();
+    const volume = await host.openSecondary();
+    await volume.secondary.write(pattern(8 * KiB, 1), 0);
+    await volume.failover({ to: 'secondary' });
+    const failedOver = volume.stats().generation!;
+    await volume.close();
+
+    // Stopped before the commit: only the intent is in the metadata.
+    const location = join(host.dataDir, metaDirName);
+    let meta = new MetaStore(await fileStorage.openMeta(location, { create: false }), location);
+    await meta.recordDiscardBegun(new Date().toISOString());
+    await meta.close();
+    const intact = await host.openSecondary();
+    expect(intact.stats()).toMatchObject({ state: 'failed-over', generation: failedOver });
+    await intact.close();
+
+    // Stopped right after the commit: the state file says replicating, the metadata still failed over.
+    meta = new MetaStore(await fileStorage.openMeta(location, { create: false }), location);
+    await meta.recordDiscardBegun(new Date().toISOString());
+    await meta.close();
+    const statePath = join(host.dataDir, 'volume-state.json');
+    const { failoverRequestedAt: _at, ...record } = JSON.parse(readFileSync(statePath, 'utf8')) as Record<string, unknown>;
+    writeFileSync(statePath, JSON.stringify({ ...record, lifecycle: 'replicating', target: null, journal: null }));
+    const finished = await host.openSecondary();
+    expect(finished.stats()).toMatchObject({ state: 'replicating', generation: { current: null, history: [failedOver.current, ...failedOver.history] }, inconsistent: expect.anything() });
+    const disk = await readAll(finished.secondary);
+    expect(disk.subarray(0, 8 * KiB)).toEqual(pattern(8 * KiB, 1));
+    await finished.close();
+
+    // Discarding a replicating secondary (an unrelated lineage) only forgets its generation.
+    await discardSecondary(host.volumeOptions);
+    const again = await host.openSecondary();
+    expect(again.stats()).toMatchObject({ state: 'replicating', generation: { current: null } });
+    await again.close();
+  });
+});
+
+describe('generations across a power cut', () => {
+  it("the new generation of the first write while degraded is durable before the write is acknowledged; a lost failover's is undone", async () => {
+    const host = new Host();
+    const storage = new SimStorage();
+    const link = new Link();
+    link.target = await new Host().openSecondary();
+    const primary = await PrimaryVolume.open(host.primaryOptions(), link.peer, { storage });
+    primary.on('error', () => undefined);
+    await until(primary, 'replicating', link.target);
+    const synced = primary.stats().generation;
+    link.cut();
+    await primary.device.write(pattern(4 * KiB, 1), 0);
+    await until(primary, 'degraded');
+    expect(primary.stats().generation).toEqual(synced);
+    await primary.device.write(pattern(4 * KiB, 2), 0);
+    const bumped = primary.stats().generation;
+    expect(bumped.history[0]).toBe(synced.current);
+    await link.target.close();
+    storage.powerCut(new Rng(7));
+    await primary.close().catch(() => undefined);
+    const reopened = await PrimaryVolume.open(host.primaryOptions(), link.peer, { storage });
+    reopened.on('error', () => undefined);
+    expect(reopened.stats().generation).toEqual(bumped);
+    await reopened.close();
+
+    // A failover takes a new generation with its request; one lost to a power cut before it was durable
+    // leaves the volume at its checkpoint and at the generation it had.
+    const other = new Host();
+    const peerStorage = new SimStorage();
+    const volume = await ReplicatedVolume.open(other.volumeOptions, { storage: peerStorage });
+    volume.on('error', () => undefined);
+    await volume.setInconsistent(false, bumped);
+    expect(volume.stats().generation).toEqual(bumped);
+    const failing = volume.failover({ to: 'secondary' });
+    await failing;
+    expect(volume.stats().generation?.history[0]).toBe(bumped.current);
+    peerStorage.powerCut(new Rng(8));
+    await volume.close().catch(() => undefined);
+    const back = await ReplicatedVolume.open(other.volumeOptions, { storage: peerStorage });
+    back.on('error', () => undefined);
+    const s = back.stats();
+    if (s.state === 'failed-over') expect(s.generation?.history[0]).toBe(bumped.current);
+    else expect(s).toMatchObject({ state: 'replicating', lostFailover: { target: 'secondary' }, generation: bumped });
+    await back.close();
   });
 });

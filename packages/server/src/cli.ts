@@ -9,8 +9,8 @@ import type { Daemon } from './daemon.js';
 import { qemuLines } from './qemu.js';
 
 /**
- * `gannet serve` runs the daemon; `gannet status|checkpoint|failover|volume|reload` talk to it over the
- * control API.
+ * `gannet serve` runs the daemon; `gannet status|checkpoint|failover|promote|demote|resolve|volume|reload`
+ * talk to it over the control API.
  * Exit status: 0 success, 1 refused by the daemon (or the daemon unreachable, or a failed start),
  * 2 usage or configuration error. Human output goes to stdout, logs (pino, JSON) to stderr.
  */

@@ -122,13 +122,13 @@ export interface PrimaryVolumeView {
   unsentBytes?: number;
   resync?: NonNullable<PrimaryStats['resync']>;
   lastResync?: NonNullable<PrimaryStats['lastResync']>;
+  /** The volume's lineage, and both histories while it is in split brain with its peer. */
+  generation?: Generation;
+  splitBrain?: NonNullable<PrimaryStats['splitBrain']>;
   resyncBytesTotal?: number;
   resyncDataBytesTotal?: number;
   peerEpoch?: number | null;
   peerDurableEpoch?: number | null;
-  /** The volume's lineage; `splitBrain` in state split-brain: both sides' generations, and since when. */
-  generation?: PrimaryStats['generation'];
-  splitBrain?: NonNullable<PrimaryStats['splitBrain']>;
   clients?: number;
 }
 

@@ -50,7 +50,8 @@ import { VolumeSet, type VolumeReload } from './volume-set.js';
  * The gannet daemon: opens every volume of the data directory in the role its volume.json records,
  * serves NAME/primary and NAME/secondary per secondary volume over NBD (volume-set.ts) and NAME per
  * primary volume, replicated to the peer daemon (primary-set.ts); `role` is the role of the volumes it
- * creates. A promotion moves a volume from one set to the other while its VM stays connected, and the control API over HTTP on a thread of its own (control-thread.ts).
+ * creates, and a promotion or demotion moves a volume from one set to the other. The control API runs
+ * over HTTP on a thread of its own (control-thread.ts).
  * The main thread owns the volumes and answers the control thread's calls, also from inside
  * the NBD data path so that they do not wait behind it (control-lane.ts). Control operations that change
  * a volume run one at a time per volume (ordering.ts), so a failover never races a checkpoint of the
@@ -153,7 +154,7 @@ export class Daemon implements ControlOperations {
   private readonly order = new OperationOrder();
   /**
    * Volumes between the two sets while their role changes: the view from before, with the state
-   * `promoting` or `demoting`, so that a status query in the middle finds the volume.
+   * `promoting`, `demoting` or `resolving`, so that a status query in the middle finds the volume.
    */
   private readonly changing = new Map<string, AnyVolumeView>();
   /** The peer's control token and NBD TLS credentials, when a peer is configured; reread by a promotion. */
@@ -403,10 +404,9 @@ export class Daemon implements ControlOperations {
         throw new ApiError('unavailable', (error as Error).message, undefined, 'ECONFIG');
       }
       const target = this.secondaries.promotable(name);
-      const { state, splitBrain } = target.volume.stats();
-      if (splitBrain !== undefined) {
-        throw new ApiError('conflict', `volume ${name} is in split brain with the primary of generation ${splitBrain.peer.current}: resolve it first (gannet resolve ${name} --discard-local on the side whose changes are dropped)`);
-      }
+      // A secondary in split brain may be promoted: it is the survivor the operator chose, and the
+      // other side, still split from it, stays refused until it is resolved there.
+      const { state } = target.volume.stats();
       if (state === 'replicating') {
         this.logger.warn({ volume: name, force: request.force }, 'promote: failing over to the secondary view first');
         await target.volume.failover({ to: 'secondary', force: request.force });

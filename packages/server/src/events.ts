@@ -18,6 +18,8 @@ export type EventName =
   | 'failover'
   | 'failover-durable'
   | 'failover-applied'
+  // Both sides of a volume wrote since they split (either role): both generations.
+  | 'split-brain'
   | 'error'
   | 'volume-added'
   | 'volume-removed'
@@ -27,9 +29,8 @@ export type EventName =
   | 'durable'
   | 'resync-start'
   | 'resync-done'
-  // A volume changed role (promote, demote), or found its peer diverged (both wrote since they split).
+  // A volume changed role (promote, demote, resolve).
   | 'role-changed'
-  | 'split-brain'
   // Daemon-wide (empty volume, only to subscribers of every volume): NBD connections refused or dropped.
   | 'nbd-limits';
 

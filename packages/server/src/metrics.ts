@@ -215,6 +215,17 @@ export class Metrics {
       },
     });
     new Gauge({
+      name: 'gannet_volume_split_brain',
+      help: '1 while the volume and its peer have both written since they split: the attach is refused, nothing is resynced until an operator resolves it.',
+      labelNames: ['volume'],
+      registers,
+      collect() {
+        this.reset();
+        for (const [volumeName, volume] of volumes) this.set({ volume: volumeName }, volume.stats().splitBrain !== undefined ? 1 : 0);
+        for (const [volumeName, volume] of primaries) this.set({ volume: volumeName }, volume.stats().state === 'split-brain' ? 1 : 0);
+      },
+    });
+    new Gauge({
       name: 'gannet_volume_failover_phase',
       help: '1 for the phase a failover of this run is in: journaling (not durable yet), applying, done.',
       labelNames: ['volume', 'phase'],
@@ -277,17 +288,6 @@ export class Metrics {
           const current = volume.stats().state;
           for (const state of primaryStates) this.set({ volume: volumeName, state }, state === current ? 1 : 0);
         }
-      },
-    });
-    new Gauge({
-      name: 'gannet_volume_split_brain',
-      help: '1 while the volume and its peer have both written since they split (nothing is resynced until an operator resolves it).',
-      labelNames: ['volume'],
-      registers,
-      collect() {
-        this.reset();
-        for (const [volumeName, volume] of volumes) this.set({ volume: volumeName }, volume.stats().splitBrain !== undefined ? 1 : 0);
-        for (const [volumeName, volume] of primaries) this.set({ volume: volumeName }, volume.stats().state === 'split-brain' ? 1 : 0);
       },
     });
     new Gauge({

@@ -314,7 +314,7 @@ export class PrimarySet {
     volume.on('durable', forward('durable', 'debug', 'peer durable'));
     volume.on('resync-start', forward('resync-start', 'info', 'resync started'));
     volume.on('resync-done', forward('resync-done', 'info', 'resync done'));
-    volume.on('split-brain', forward('split-brain', 'warn', 'split brain: the peer and this volume both wrote since they split; resolve it'));
+    volume.on('split-brain', forward('split-brain', 'warn', 'split brain: the peer and this volume both wrote since they split; the link is refused'));
     volume.on('error', (error) => {
       const code = errorCodeOf(error);
       log.error({ err: error, code }, 'volume error');
@@ -381,10 +381,10 @@ export class PrimarySet {
       ...(stats.lastResync !== undefined && { lastResync: { ...stats.lastResync } }),
       resyncBytesTotal: stats.resyncBytesTotal,
       resyncDataBytesTotal: stats.resyncDataBytesTotal,
-      peerEpoch: stats.peerEpoch,
-      peerDurableEpoch: stats.peerDurableEpoch,
       generation: stats.generation,
       ...(stats.splitBrain !== undefined && { splitBrain: stats.splitBrain }),
+      peerEpoch: stats.peerEpoch,
+      peerDurableEpoch: stats.peerDurableEpoch,
       clients: exportNames(entry).reduce((n, exportName) => n + nbd.exportConnectionCount(exportName), 0),
     };
   }

@@ -6,7 +6,6 @@ import {
   digestChunkBytes,
   openVolume,
   ReplicatedVolume,
-  SplitBrainError,
   type FailoverTarget,
   type Generation,
   type ResolvedVolumeOptions,
@@ -335,9 +334,7 @@ export class VolumeSet {
     volume.on('failover', forward('failover', 'warn', 'failed over'));
     volume.on('failover-durable', forward('failover-durable', 'info', 'failover durable'));
     volume.on('failover-applied', forward('failover-applied', 'info', 'failover applied to the backing file'));
-    if (volume instanceof ReplicatedVolume) {
-      volume.on('split-brain', forward('split-brain', 'warn', 'split brain: a primary that wrote since it split from this volume attached; resolve it'));
-    }
+    if (volume instanceof ReplicatedVolume) volume.on('split-brain', forward('split-brain', 'warn', 'split brain: a primary that wrote since it split from this volume was refused'));
     volume.on('error', (error) => {
       const code = errorCodeOf(error);
       log.error({ err: error, code }, 'volume error');
@@ -519,12 +516,7 @@ export class VolumeSet {
       // split from it), then refuses the session itself.
       const gannet = this.gannetOf(name, 'take a primary');
       // A split brain is refused before anything else, and fences no connection.
-      try {
-        gannet.acceptPrimary(generation);
-      } catch (error) {
-        if (error instanceof SplitBrainError) this.context.logger.error({ volume: name, local: error.secondary, peer: error.primary }, 'split brain: attach refused');
-        throw error;
-      }
+      gannet.acceptPrimary(generation);
       const last = this.attached.get(name);
       if (from !== undefined && last !== undefined && last.link === from.link && from.attempt <= last.attempt) {
         throw new ApiError('conflict', `volume ${name}: attempt ${from.attempt} of this primary's link is stale: attempt ${last.attempt} has attached since`);
