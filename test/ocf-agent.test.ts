@@ -4,7 +4,8 @@
  * DTD and schema; validate-all names a bad parameter (6) or a missing gannet (5); monitor answers 7
  * for a volume absent or not started, 0 for a started secondary, 8 for a primary, 9 for a fenced
  * primary and 1 for a volume in error or a daemon gone under a started instance; a split brain fails
- * both sides and no action settles it; the promotion score it sets follows the volume (a consistent
+ * the primary and no action of the cluster demotes it, while the failed-over secondary goes on and is
+ * promoted once the operator has resolved the other side; the promotion score it sets follows the volume (a consistent
  * replica, a resync under way, the disk); promote and demote move the volume between the roles, and a
  * demote loses no acknowledged write; `ocf-tester` passes; and the package ships the agent where
  * `gannet ocf-path` says.
@@ -371,7 +372,7 @@ describe('ocf:gannet:volume', () => {
     await events.close();
   });
 
-  it('split brain: monitor fails both sides (9 on the primary, 1 on the secondary); demote, stop and start refuse it', async () => {
+  it('split brain: the primary fails (9) and no action of the cluster demotes it; the failed-over secondary goes on, and is promoted once the operator resolved the other side', async () => {
     requireTool('qemu-io');
     const { primary, secondary } = await startPair();
     const controlPort = secondary.control.port;
@@ -382,29 +383,52 @@ describe('ocf:gannet:volume', () => {
 
     // Both sides write since they split: the primary while its secondary is away, the secondary by
     // failing over on a control port the primary does not know. Then it comes back where the primary
-    // looks for it.
+    // looks for it, with the primary as its own peer for a promotion.
     await secondary.stop();
     await reachState(primary, primaryEvents, 'degraded');
     assertQemuOk(await qemuIo(primary, 'vm', ['write -P 0x33 0 64k', 'flush']), 'write on the degraded primary');
     const hidden = await startDaemon({ dataDir: secondary.dataDir, volumes: [`vm:${volumeBytes}`] });
     const failover = await gannet(['failover', 'vm', '--to', 'secondary', ...clientFlags(hidden)]);
     expect(failover.status, failover.stderr).toBe(0);
+    assertQemuOk(await qemuIo(hidden, 'vm/secondary', ['write -P 0x77 1M 64k', 'flush']), 'write on the failed-over secondary');
     await hidden.stop();
-    const back = await startDaemon({ dataDir: secondary.dataDir, volumes: [`vm:${volumeBytes}`], args: ['--control', `127.0.0.1:${controlPort}`] });
+    const tokenFile = join(await makeTempDir(), 'primary.token');
+    await writeFile(tokenFile, `${primary.token}\n`, { mode: 0o600 });
+    const primaryAddress = `${primary.control.host}:${primary.control.port}`;
+    const back = await startDaemon({
+      dataDir: secondary.dataDir,
+      volumes: [`vm:${volumeBytes}`],
+      args: ['--control', `127.0.0.1:${controlPort}`, '--peer', primaryAddress, '--peer-token-file', tokenFile],
+    });
     await reachState(primary, primaryEvents, 'split-brain');
-    const onSecondary = await agentFor(back, 'vm');
+    expect(await statusOf(back, 'vm')).toMatchObject({ role: 'secondary', state: 'split-brain', splitBrain: expect.any(Object) });
 
-    expect((await expectCode(onPrimary, 'monitor', ocf.failedPromoted)).stderr).toContain('ocf-exit-reason:volume vm is in split brain (primary)');
+    expect((await expectCode(onPrimary, 'monitor', ocf.failedPromoted)).stderr).toContain('ocf-exit-reason:volume vm is in split brain: choose the survivor');
     expect(await onPrimary.lastScore()).toBe('deleted');
-    expect((await expectCode(onSecondary, 'monitor', ocf.generic, { probe: true })).stderr).toContain('ocf-exit-reason:volume vm is in split brain (secondary)');
-    await expectCode(onSecondary, 'start', ocf.generic);
-    // Neither side is made the one whose writes are dropped: that is the operator's choice.
+    // Neither side is made the one whose writes are dropped by the cluster: that is the operator's choice.
     expect((await expectCode(onPrimary, 'demote', ocf.generic)).stderr).toContain('gannet resolve vm --discard-local');
     await expectCode(onPrimary, 'stop', ocf.generic);
-    await expectCode(onPrimary, 'promote', ocf.generic);
     expect(await statusOf(primary, 'vm')).toMatchObject({ role: 'primary', state: 'split-brain' });
-    expect(await statusOf(back, 'vm')).toMatchObject({ role: 'secondary', state: 'split-brain' });
+    const onSecondary = await agentFor(back, 'vm');
+    await expectCode(onSecondary, 'monitor', ocf.notRunning, { probe: true });
+    await expectCode(onSecondary, 'start', ocf.success);
+    await expectCode(onSecondary, 'monitor', ocf.success);
+    expect(await onSecondary.lastScore()).toBe(score.disk);
+
+    // The operator drops the primary's side; the cluster then promotes the survivor, which resyncs it.
+    const resolved = await gannet(['resolve', 'vm', '--discard-local', ...clientFlags(primary)]);
+    expect(resolved.status, resolved.stderr).toBe(0);
+    await expectCode(onPrimary, 'monitor', ocf.success);
+    expect(await onPrimary.lastScore()).toBe('deleted');
+    const backEvents = await subscribe(back, 'vm');
+    await expectCode(onSecondary, 'promote', ocf.success);
+    await reachState(back, backEvents, 'replicating');
+    await expectCode(onSecondary, 'monitor', ocf.runningPromoted);
+    await expectCode(onPrimary, 'monitor', ocf.success);
+    const survivorDisk = await readFile(join(back.dataDir, 'volumes', 'vm', 'disk.img'));
+    expect(survivorDisk.subarray(MiB, MiB + 64 * 1024).every((byte) => byte === 0x77), "the survivor's write").toBe(true);
     await primaryEvents.close();
+    await backEvents.close();
   });
 
   it('promote makes the volume primary and attaches the peer its parameter names for another node; demote makes it secondary again', async () => {
