@@ -1,19 +1,21 @@
 /**
- * Goal: after a failover the surviving volume is protected again without its VM noticing: `gannet
- * promote` makes the failed-over secondary volume a primary on the same disk while the VM's NBD
- * connection to NAME/secondary keeps working (no request fails), a new secondary daemon is brought up
- * to date by the resync, and a second failover, onto that new secondary, keeps the data of both
- * periods. The role survives kill -9.
+ * Goal: the lifecycle of a replicated volume across roles, through real daemons and real clients.
+ * After a failover the surviving volume is protected again without its VM noticing: `gannet promote`
+ * makes the failed-over secondary volume a primary on the same disk while the VM's NBD connection to
+ * NAME/secondary keeps working (no request fails), a new secondary is brought up to date, and a
+ * second failover onto it keeps the data of both periods. A stale old primary, demoted, rejoins and is
+ * sent only the chunks that differ. A role change killed -9 at any point restarts in one role. (The
+ * split brain made with a network namespace is in the last describe.)
  *
- * Method: three real daemons on loopback: P (role primary) replicating to S (role secondary), and a
- * fresh daemon T. Period 1: qemu-io writes through P. `gannet failover vm` on S; an NbdClient (one
- * connection, the "VM") keeps writing 4 KiB blocks to S's vm/secondary in a bounded loop, recording
- * every acknowledged write and every failure; `gannet promote vm --peer T` runs meanwhile (S's own
- * --peer is a dead address and its token file is filled with T's token only now: the override and the
- * reread are both exercised). Once S's volume is `replicating` (its state event), a checkpoint made
- * durable on T; T's disk.img must equal S's disk, read back through S's export vm. Then `gannet
- * failover vm` on T, and T's vm/secondary must hold period 1's pattern and every block's last write of
- * period 2.
+ * Method for the re-protection: three daemons on loopback: P (role primary) replicating to S (role
+ * secondary), and a fresh daemon T. Period 1: qemu-io writes through P. `gannet failover vm` on S; an
+ * NbdClient (one connection, the "VM") keeps writing 4 KiB blocks to S's vm/secondary in a bounded
+ * loop, recording every acknowledged write and every failure; `gannet promote vm --peer T` runs
+ * meanwhile (S's own --peer is a dead address and its token file is filled with T's token only now:
+ * the override and the reread are both exercised). Once S's volume is `replicating` (its state event),
+ * a checkpoint made durable on T; T's disk.img must equal S's disk, read back through S's NBD. Then
+ * `gannet failover vm` on T, and T's vm/secondary must hold period 1's pattern and every block's last
+ * write of period 2. Resync sizes are read from the primary's `lastResync` (compared, same, data bytes).
  */
 import { createHash } from 'node:crypto';
 import { readFile, writeFile } from 'node:fs/promises';
@@ -265,6 +267,49 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     expect({ status: cli.status, stderr: cli.stderr }).toEqual({ status: 2, stderr: expect.stringContaining('--discard-local is required') });
     const cliRefused = await gannet(['resolve', 'vm', '--discard-local', ...clientFlags(later)]);
     expect({ status: cliRefused.status, stderr: cliRefused.stderr }).toEqual({ status: 1, stderr: expect.stringContaining('refused (409 conflict)') });
+    // A daemon without a peer has nobody for a promoted volume to replicate to: refused, nothing changed.
+    const lone = await startDaemon({ volumes: ['solo:8M'] });
+    const noPeer = await gannet(['promote', 'solo', ...clientFlags(lone)]);
+    expect({ status: noPeer.status, stderr: noPeer.stderr }).toEqual({ status: 1, stderr: expect.stringContaining('no peer token') });
+    expect((await api(lone, 'GET', '/v1/volumes/solo')).json).toMatchObject({ role: 'secondary', state: 'replicating' });
+  });
+
+  it('kill -9 at points spread over a promote and a demote: the volume restarts in one role, with its data', async () => {
+    requireTool('qemu-io');
+    const peerDir = await makeTempDir();
+    const tokenFile = join(peerDir, 'peer.token');
+    await writeFile(tokenFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    const args = ['--peer', deadPeer, '--peer-token-file', tokenFile];
+    const dataDir = await makeTempDir();
+    let daemon = await startDaemon({ dataDir, volumes: ['vm:16M'], args });
+    const failover = await api(daemon, 'POST', '/v1/volumes/vm/failover', { to: 'secondary' });
+    expect(failover.status).toBe(200);
+    assertQemuOk(await qemuIo(daemon, 'vm/secondary', ['write -P 0x77 0 16M', 'flush']), 'the disk');
+    const expectWhole = async (what: string) => assertQemuOk(await qemuIo(daemon, 'vm/secondary', ['read -P 0x77 0 16M']), what);
+    // Where the kill lands: from before the request is read to after it is done.
+    const killAfterMs = [0, 5, 10, 12, 14, 16, 18, 20, 25, 30, 40, 60, 80];
+    const roles: string[] = [];
+    for (const [index, delay] of killAfterMs.entries()) {
+      const before = (await api(daemon, 'GET', '/v1/volumes/vm')).json.role as string;
+      const operation = before === 'secondary' ? 'promote' : 'demote';
+      // force: a demoted volume is a stale copy marked inconsistent, which only a forced failover takes.
+      const request = api(daemon, 'POST', `/v1/volumes/vm/${operation}`, { force: true }).catch(() => undefined);
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      expect((await daemon.stop('SIGKILL')).signal).toBe('SIGKILL');
+      await request;
+      daemon = await startDaemon({ dataDir, volumes: [], args });
+      const after = (await api(daemon, 'GET', '/v1/volumes/vm')).json;
+      expect({ index, delay, operation, role: ['primary', 'secondary'].includes(after.role), error: after.error }).toEqual({ index, delay, operation, role: true, error: undefined });
+      roles.push(`${operation}@${delay}ms:${after.role}`);
+      await expectWhole(`after ${operation} killed at ${delay} ms`);
+    }
+    console.log(`kill -9 during role changes: ${roles.join(', ')}`);
+    // Whatever role it ended in, the volume still changes role on request.
+    const last = (await api(daemon, 'GET', '/v1/volumes/vm')).json.role as string;
+    const change = await api(daemon, 'POST', `/v1/volumes/vm/${last === 'secondary' ? 'promote' : 'demote'}`, { force: true });
+    expect(change.status).toBe(200);
+    expect(change.json.role).toBe(last === 'secondary' ? 'primary' : 'secondary');
+    await expectWhole('after a last role change');
   });
 
   it('a stale old primary, demoted, rejoins as the secondary of the promoted side and is sent only the chunks that differ', async () => {

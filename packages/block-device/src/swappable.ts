@@ -95,21 +95,27 @@ export class SwappableDevice extends AbstractBlockDevice {
   }
 
   /** Runs one request on the target of the moment, after any swap under way. */
-  async #pass<T>(verb: (device: BlockDevice) => Promise<T>): Promise<T> {
-    for (let gate = this.#gate; gate !== null; gate = this.#gate) await gate;
-    const device = this.#current;
+  #pass<T>(verb: (device: BlockDevice) => Promise<T>): Promise<T> {
+    // Without a swap under way (nearly always) a request costs one promise more than the target's.
+    if (this.#gate !== null) return this.#gate.then(() => this.#pass(verb));
     this.#inflight++;
+    let answer: Promise<T>;
     try {
-      return await verb(device);
-    } finally {
-      this.#inflight--;
-      if (this.#inflight === 0 && this.#drained !== null) {
-        const drained = this.#drained;
-        this.#drained = null;
-        drained();
-      }
+      answer = verb(this.#current);
+    } catch (error) {
+      answer = Promise.reject(error);
     }
+    return answer.finally(this.#end);
   }
+
+  readonly #end = (): void => {
+    this.#inflight--;
+    if (this.#inflight === 0 && this.#drained !== null) {
+      const drained = this.#drained;
+      this.#drained = null;
+      drained();
+    }
+  };
 
   protected _read(buf: Uint8Array, offset: number): Promise<void> {
     return this.#pass((device) => device.read(buf, offset));

@@ -41,6 +41,7 @@ export interface EngineInit {
   readonly lostFailover: LostFailover | null;
   readonly inconsistent: Inconsistent | null;
   readonly generation: Generation | null;
+  readonly splitBrain: SplitBrain | null;
 }
 
 /**
@@ -72,7 +73,7 @@ export class Engine {
   /** The volume's lineage (generation.ts); null: none yet (fresh), its first sync is a full one. */
   generation: Generation | null;
   /** The last primary that attached had written since they split: both histories, and since when. */
-  splitBrain: SplitBrain | null = null;
+  splitBrain: SplitBrain | null;
   /** Set once close() has begun. */
   closing = false;
   /** Called after every flush pass (the failover retires its journal once the kept state is applied). */
@@ -100,6 +101,7 @@ export class Engine {
     this.lostFailover = init.lostFailover;
     this.inconsistent = init.inconsistent;
     this.generation = init.generation;
+    this.splitBrain = init.splitBrain;
     this.buffers = new BlockBuffers({
       blockBytes: init.options.blockBytes,
       sizeBytes: init.options.sizeBytes,

@@ -12,7 +12,7 @@ import { mergeRanges } from './ranges.js';
 import { checkRole } from './role-file.js';
 import { VolumeStateFile, type VolumeStateRecord } from './state-file.js';
 import type { Storage } from './storage.js';
-import type { ByteRange } from './types.js';
+import type { ByteRange, SplitBrain } from './types.js';
 
 /** Name of the volume's metadata directory inside dataDir. */
 export const metaDirName = 'gannet-meta';
@@ -30,6 +30,7 @@ export interface Opened {
   readonly lostFailover: LostFailover | null;
   readonly inconsistent: Inconsistent | null;
   readonly generation: Generation | null;
+  readonly splitBrain: SplitBrain | null;
 }
 
 /**
@@ -94,6 +95,7 @@ export async function openFiles(options: ResolvedVolumeOptions, storage: Storage
       lostFailover,
       inconsistent: record.lifecycle === 'replicating' ? inconsistent : null,
       generation,
+      splitBrain: persisted.splitBrain,
     };
   } catch (err) {
     await backing?.close().catch(() => undefined);
@@ -235,6 +237,7 @@ export interface Recovered {
  * file's content, above every epoch it handed out, with the whole disk torn: it needs a full resync.
  */
 export async function recoverFiles(options: ResolvedVolumeOptions, storage: Storage): Promise<Recovered> {
+  await checkRole(storage, options.dataDir, 'secondary');
   const stateFile = new VolumeStateFile(storage, options.dataDir);
   const record = await stateFile.read();
   if (record === null) throw new GannetError('EMETA', `there is no state file ${stateFile.path} to recover the volume from`);

@@ -3,7 +3,7 @@ import { GannetError } from './errors.js';
 import type { KvOp, KvRange, KvStore } from './kv.js';
 import { decodeRanges, encodePairs, encodeRanges, type RangePairs } from './ranges.js';
 import { generationSchema, type Generation } from './generation.js';
-import type { ByteRange, FailoverTarget } from './types.js';
+import type { ByteRange, FailoverTarget, SplitBrain } from './types.js';
 
 /**
  * The volume's replication metadata, in a key-value store (LevelDB, one per volume, in dataDir): the
@@ -17,8 +17,9 @@ import type { ByteRange, FailoverTarget } from './types.js';
  * a failover the process stopped before it was durable); m/inconsistent (JSON: a resync from the primary
  * is under way, since when); m/generation (JSON {current, history}: generation.ts; absent: unknown) and
  * m/generation-before (the one a pending failover replaced, put back if that failover is lost);
- * m/discard (JSON {at}: discardFailedOver has begun turning this failed-over volume back into a
- * replicating one). Earlier versions kept a journal under j/ and
+ * m/discard (JSON {at}: discardSecondary has begun turning this failed-over volume back into a
+ * replicating one); m/split-brain (JSON {local, peer, since}: the last primary that attached had written
+ * since it split from this volume). Earlier versions kept a journal under j/ and
  * spilled blocks under s/; `clearLegacy` drops them.
  */
 
@@ -52,8 +53,9 @@ export interface PersistedMeta {
   /** Null: the volume has none yet (a fresh disk): the primary's first sync is a full one. */
   generation: Generation | null;
   generationBefore: Generation | null;
-  /** A discard of this failed-over volume began (see discardFailedOver). */
+  /** A discard of this failed-over volume began (see discardSecondary). */
   discard: { readonly at: string } | null;
+  splitBrain: SplitBrain | null;
 }
 
 export interface Inconsistent {
@@ -74,6 +76,7 @@ const key = {
   generation: 'm/generation',
   generationBefore: 'm/generation-before',
   discard: 'm/discard',
+  splitBrain: 'm/split-brain',
 } as const;
 const legacyRanges: KvRange[] = [
   { gte: 'j/', lt: 'j0' },
@@ -110,6 +113,7 @@ const lostFailoverSchema = json(z.object({ target, requestedAt: z.string(), lost
 const inconsistentSchema = json(z.object({ since: z.string() }).strict());
 const generationJson = json(generationSchema);
 const discardSchema = json(z.object({ at: z.string() }).strict());
+const splitBrainSchema = json(z.object({ local: generationSchema, peer: generationSchema, since: z.string() }).strict());
 const generationOp = (k: string, g: Generation | null): KvOp => (g === null ? { type: 'del', key: k } : { type: 'put', key: k, value: text(JSON.stringify(g)) });
 
 export class MetaStore {
@@ -155,6 +159,7 @@ export class MetaStore {
       generation: field(key.generation, generationJson),
       generationBefore: field(key.generationBefore, generationJson),
       discard: field(key.discard, discardSchema),
+      splitBrain: field(key.splitBrain, splitBrainSchema),
     };
     if (identity !== null && state === null) throw this.damaged(key.state, 'is missing');
     if (state !== null && identity === null) throw this.damaged(key.identity, 'is missing');
@@ -252,7 +257,13 @@ export class MetaStore {
     );
   }
 
-  /** Step 1 of discardFailedOver (role-change.ts): the intent, before the state file says replicating. */
+  /** A primary split from this volume attached (refused), or one that is not split did (null). */
+  async putSplitBrain(splitBrain: SplitBrain | null): Promise<void> {
+    const op: KvOp = splitBrain === null ? { type: 'del', key: key.splitBrain } : { type: 'put', key: key.splitBrain, value: text(JSON.stringify(splitBrain)) };
+    await this.kv.batch([op], { sync: true });
+  }
+
+  /** Step 1 of discardSecondary (role-change.ts): the intent, before the state file says replicating. */
   async recordDiscardBegun(at: string): Promise<void> {
     await this.kv.batch([{ type: 'put', key: key.discard, value: text(JSON.stringify({ at })) }], { sync: true });
   }
@@ -272,6 +283,7 @@ export class MetaStore {
         { type: 'del', key: key.lostFailover },
         { type: 'del', key: key.discard },
         { type: 'del', key: key.generationBefore },
+        { type: 'del', key: key.splitBrain },
         generationOp(key.generation, generation),
         { type: 'put', key: key.inconsistent, value: text(JSON.stringify(inconsistent)) },
       ],
@@ -282,7 +294,11 @@ export class MetaStore {
   /** A new secondary made from an existing disk (role-change.ts): its generation and inconsistent mark. */
   async putAdopted(generation: Generation, inconsistent: Inconsistent): Promise<void> {
     await this.kv.batch(
-      [generationOp(key.generation, generation), { type: 'put', key: key.inconsistent, value: text(JSON.stringify(inconsistent)) }],
+      [
+        generationOp(key.generation, generation),
+        { type: 'put', key: key.inconsistent, value: text(JSON.stringify(inconsistent)) },
+        { type: 'del', key: key.splitBrain },
+      ],
       { sync: true },
     );
   }

@@ -55,14 +55,16 @@ import type { VolumeError } from './types.js';
  * reaches N the interval is clean. So the dirty set is `unsent` + the open interval + the sealed ones not
  * yet durable + what a resync is sending, and the activity log persists it by extent.
  *
- * Link. A loop connects to the peer (backoff on failure), checks it (size, state), resyncs, and waits for
- * the session to break. A peer that answers nothing for peerTimeoutMs is hung, and is dropped too.
- * Resync sends what may differ: `unsent`, the peer's torn ranges, and, if the peer lost its buffers (a
- * new instance), every interval it had not made durable; a different peer volume gets a full sync (holes
- * as zeroes). The peer is marked inconsistent first (it refuses to fail over onto a half-synced disk);
- * the blocks go in order with the VM's own writes, rate-limited, with a checkpoint every
- * resyncCheckpointBytes and one at the end; once that one is durable on the peer, the mark is cleared
- * and the volume is replicating again.
+ * Link. A loop connects to the peer (backoff on failure), compares generations (generation.ts: a newer
+ * peer fences this side, a split brain is refused and stored), checks it (size, state), resyncs, and
+ * waits for the session to break. A peer that answers nothing for peerTimeoutMs is hung, and is dropped
+ * too. Resync sends what may differ: `unsent`, the peer's torn ranges, and, if the peer lost its buffers
+ * (a new instance), every interval it had not made durable; a different peer volume, or one whose
+ * generation is unknown, gets a full sync that compares digests and sends only the chunks that differ.
+ * The peer is marked inconsistent first (it refuses to fail over onto a half-synced disk); the blocks go
+ * in order with the VM's own writes, rate-limited, with a checkpoint every resyncCheckpointBytes and one
+ * at the end; once that one is durable on the peer, the mark is cleared, the peer adopts this side's
+ * generation, and the volume is replicating again.
  */
 
 /**

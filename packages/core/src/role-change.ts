@@ -32,7 +32,9 @@ export type PromoteOptions = Omit<PrimaryOptions, 'path' | 'sizeBytes' | 'dataDi
  * dataDir with the same volume uuid, its generation moved on from the secondary's (it became primary),
  * connecting to `peer`. Its first peer gets a full digest sync. The secondary's views answer ESHUTDOWN
  * from the close on: whoever serves them holds its clients' requests and sends them to the primary's
- * device once this resolves.
+ * device once this resolves. If it rejects after the close, the dir still holds the secondary (reopen
+ * it, or call this again on the reopened volume) unless the role file already names the primary (then
+ * open the PrimaryVolume).
  */
 export async function promoteToPrimary(volume: ReplicatedVolume, peer: Peer, options: PromoteOptions = {}, context: PrimaryOpenContext = {}): Promise<PrimaryVolume> {
   const storage = context.storage ?? fileStorage;

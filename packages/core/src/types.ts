@@ -68,7 +68,7 @@ export interface VolumeStats {
   /**
    * A primary attached after both it and this volume wrote since they split (gannet): its attach was
    * refused, nothing was overwritten. Cleared when a primary attaches that is not split from it (after
-   * an operator discarded one side).
+   * an operator discarded one side). Stored: a restart still shows it.
    */
   readonly splitBrain?: SplitBrain;
 }

@@ -19,8 +19,9 @@ export function volumePeer(target: () => ReplicatedVolume | null, options: { add
     async connect(generation: Generation): Promise<PeerSession> {
       const volume = target();
       if (volume === null) throw new GannetError('EPEER', `${address}: no volume to connect to`);
+      if (volume.stats().state === 'closed') throw gone();
       // A split brain is refused before anything of the session exists (SplitBrainError).
-      volume.acceptPrimary(generation);
+      await volume.acceptPrimary(generation);
       const s = volume.stats();
       const gate = new Gate(volume.primary);
       const device = new SessionDevice(options.wrap !== undefined ? options.wrap(gate) : gate, gate);

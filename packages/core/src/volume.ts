@@ -99,6 +99,7 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
             lostFailover: opened.lostFailover,
             inconsistent: opened.inconsistent,
             generation: opened.generation,
+            splitBrain: opened.splitBrain,
           },
           events,
         ),
@@ -148,21 +149,26 @@ export class ReplicatedVolume extends EventEmitter<VolumeEvents> implements Volu
    * A primary attaches with its generation: how this volume stands to it (generation.ts). A split brain
    * (both wrote since they split, or unrelated lineages) is recorded in stats().splitBrain, emitted, and
    * refused with SplitBrainError (ESPLITBRAIN): nothing of that primary may reach this disk. Any other
-   * answer clears an earlier split brain (an operator discarded one side). The record is kept in memory:
-   * a restarted volume finds the split again at the primary's next attach.
+   * answer clears an earlier split brain (an operator discarded one side). The record is stored (one
+   * synced batch when it changes), so a restarted volume still shows it.
    */
-  acceptPrimary(generation: Generation | null): GenerationRelation {
+  async acceptPrimary(generation: Generation | null): Promise<GenerationRelation> {
     const { engine } = this;
     if (this.closing !== null || engine.state === 'closed') throw new GannetError('ESTATE', 'attach: the volume is closed');
     const relation = compareGenerations(engine.generation, generation);
     if (relation !== 'split-brain') {
-      engine.splitBrain = null;
+      if (engine.splitBrain !== null) {
+        await engine.meta.putSplitBrain(null);
+        engine.splitBrain = null;
+      }
       return relation;
     }
     const local = copyGeneration(engine.generation!);
     const peer = copyGeneration(generation!);
-    if (engine.splitBrain === null || !sameGeneration(engine.splitBrain.peer, peer)) {
-      engine.splitBrain = { local, peer, since: new Date().toISOString() };
+    if (engine.splitBrain === null || !sameGeneration(engine.splitBrain.peer, peer) || !sameGeneration(engine.splitBrain.local, local)) {
+      const record = { local, peer, since: engine.splitBrain?.since ?? new Date().toISOString() };
+      await engine.meta.putSplitBrain(record);
+      engine.splitBrain = record;
       engine.emit('split-brain', { local, peer });
     }
     throw new SplitBrainError(

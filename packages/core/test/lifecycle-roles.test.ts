@@ -224,7 +224,7 @@ describe('split brain', () => {
     expect(ps.link.state).toBe('refused');
     expect(ps.splitBrain).toMatchObject({ local: ps.generation, peer: secondary.stats().generation });
     expect(secondary.stats().splitBrain).toMatchObject({ local: secondary.stats().generation, peer: ps.generation });
-    expect(() => secondary.acceptPrimary(ps.generation)).toThrow(expect.objectContaining({ code: 'ESPLITBRAIN' }));
+    await expect(secondary.acceptPrimary(ps.generation)).rejects.toMatchObject({ code: 'ESPLITBRAIN', secondary: secondary.stats().generation, primary: ps.generation });
     await expect(primary.checkpoint()).rejects.toMatchObject({ code: 'ESPLITBRAIN' });
     expectSameDisk(a.file(), primaryDisk, 'primary disk while split');
     expectSameDisk(b.file(), secondaryDisk, 'secondary disk while split');
@@ -246,6 +246,10 @@ describe('split brain', () => {
     // sends the chunks that differ and nothing else.
     link.up = false;
     await secondary.close();
+    // The secondary's record of the split survives its restart too.
+    const restarted = await b.openSecondary();
+    expect(restarted.stats()).toMatchObject({ state: 'failed-over', splitBrain: { peer: ps.generation } });
+    await restarted.close();
     await discardSecondary(b.volumeOptions);
     const { bytes: expected, data: expectedData } = differing(survivor, b.file());
     // Chunks only the secondary wrote are zeroes here: they go as zero requests, not as data.
@@ -253,6 +257,7 @@ describe('split brain', () => {
     expect(expectedData).toBeLessThan(expected);
     const discarded = await b.openSecondary();
     expect(discarded.stats()).toMatchObject({ state: 'replicating', generation: { current: null }, inconsistent: expect.anything() });
+    expect(discarded.stats().splitBrain).toBeUndefined();
     await expect(discarded.failover()).rejects.toMatchObject({ code: 'ETORN' });
     const resynced = nextFullResync(primary);
     link.target = discarded;
@@ -373,6 +378,38 @@ describe('role change', () => {
     await expect(ReplicatedVolume.open(b.volumeOptions)).rejects.toMatchObject({ code: 'EMETA' });
     writeFileSync(join(b.dataDir, 'volume-role.json'), JSON.stringify({ format: 1, role: 'secondary', since: new Date().toISOString() }));
     await expect(PrimaryVolume.open(b.primaryOptions(), link.peer)).rejects.toMatchObject({ code: 'EMETA', message: expect.stringMatching(/secondary role/) });
+  });
+});
+
+describe('demote', () => {
+  it('a demotion that stopped before its commit leaves the primary whole, and running it again completes it', async () => {
+    const a = new Host();
+    const link = new Link();
+    link.up = false;
+    const primary = await openPrimary(a, link);
+    await primary.device.write(pattern(8 * KiB, 1), 0);
+    const lineage = primary.stats().generation;
+    await primary.close();
+    // What a crash half-way through building the secondary's files leaves beside the primary's.
+    writeFileSync(join(a.dataDir, 'volume-role.json'), JSON.stringify({ format: 1, role: 'primary', since: new Date().toISOString() }));
+    mkdirSync(join(a.dataDir, metaDirName), { recursive: true });
+    writeFileSync(join(a.dataDir, metaDirName, 'CURRENT'), 'garbage');
+    writeFileSync(join(a.dataDir, 'volume-state.json'), '{"half": ');
+    const reopened = await openPrimary(a, link);
+    expect(reopened.stats().generation).toEqual(lineage);
+    await reopened.close();
+    await expect(a.openSecondary()).rejects.toMatchObject({ code: 'EMETA', message: expect.stringMatching(/primary role/) });
+    await demoteToSecondary(a.volumeOptions);
+    const demoted = await a.openSecondary();
+    expect(demoted.stats()).toMatchObject({ state: 'replicating', generation: { current: null, history: [lineage.current, ...lineage.history] } });
+    const disk = await readAll(demoted.secondary);
+    expect(disk.subarray(0, 8 * KiB)).toEqual(pattern(8 * KiB, 1));
+    await demoted.close();
+    // Called again after it committed, it only tidies up.
+    await demoteToSecondary(a.volumeOptions);
+    const still = await a.openSecondary();
+    expect(still.stats().state).toBe('replicating');
+    await still.close();
   });
 });
 

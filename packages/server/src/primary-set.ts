@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises';
-import { SwappableDevice } from '@gannet/block-device';
 import { join, resolve as resolvePath } from 'node:path';
+import { SwappableDevice } from '@gannet/block-device';
 import { PrimaryVolume, type Peer, type PrimaryOptions } from '@gannet/core';
 import { loadClientX509, nbdUri, parsePskFile, type ListenAddress, type NbdServer, type TlsClientCredentials } from 'nbd-server-js';
 import type { Logger } from 'pino';

@@ -516,7 +516,7 @@ export class VolumeSet {
       // split from it), then refuses the session itself.
       const gannet = this.gannetOf(name, 'take a primary');
       // A split brain is refused before anything else, and fences no connection.
-      gannet.acceptPrimary(generation);
+      await gannet.acceptPrimary(generation);
       const last = this.attached.get(name);
       if (from !== undefined && last !== undefined && last.link === from.link && from.attempt <= last.attempt) {
         throw new ApiError('conflict', `volume ${name}: attempt ${from.attempt} of this primary's link is stale: attempt ${last.attempt} has attached since`);
