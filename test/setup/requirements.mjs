@@ -18,6 +18,9 @@ import { fileURLToPath } from 'node:url';
  */
 const sbinDirs = ['/usr/sbin', '/sbin'];
 
+/** What ocf:gannet:volume sources, as resource-agents' own agents do. */
+export const ocfShellfuncs = '/usr/lib/ocf/lib/heartbeat/ocf-shellfuncs';
+
 /** libnbd's binding is a Debian package, so it lives in the system Python, not a pyenv/venv one. */
 export const systemPython = '/usr/bin/python3';
 
@@ -113,8 +116,12 @@ const requirements = [
     ['fio', ['fio']],
     ['qemu-system-x86', ['qemu-system-x86_64']],
     ['e2fsprogs', ['mkfs.ext4', 'e2fsck', 'debugfs']],
+    ['resource-agents', ['ocf-tester']],
+    ['libxml2-utils', ['xmllint']],
+    ['shellcheck', ['shellcheck']],
   ].flatMap(([pkg, programs]) => programs.map((program) => ({ pkg, what: program, present: (path) => findProgram(program, path) !== undefined }))),
   { pkg: 'python3-libnbd', what: `python3 module nbd (${systemPython})`, present: () => pythonHas('nbd') },
+  { pkg: 'resource-agents', what: `${ocfShellfuncs} (the OCF agents' shell library)`, present: () => existsSync(ocfShellfuncs) },
   { pkg: 'busybox-static', what: 'a statically linked /bin/busybox', present: () => staticBusybox() !== undefined },
   { pkg: 'linux-image-amd64', what: 'a readable /boot/vmlinuz-* with its /lib/modules', present: () => kernelReleases().length > 0 },
 ];

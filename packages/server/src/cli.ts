@@ -1,4 +1,5 @@
 import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
 import { Command, CommanderError, Option } from 'commander';
 import { defaultControlListen, defaultDataDir, formatHostPort, logLevels, parseHostPort } from './defaults.js';
 import type { ServeFlags } from './config.js';
@@ -20,6 +21,9 @@ export const exitUsage = 2;
 export const readyLine = 'gannet ready';
 
 const version = (createRequire(import.meta.url)('../package.json') as { version: string }).version;
+
+/** The OCF resource agent shipped in the package, beside dist/. */
+export const ocfAgentPath = fileURLToPath(new URL('../ocf/volume', import.meta.url));
 
 function fail(message: string, code: number): void {
   process.stderr.write(`gannet: ${message}\n`);
@@ -180,6 +184,7 @@ interface ClientFlags {
   control: string;
   controlSocket?: string;
   dataDir: string;
+  tokenFile?: string;
 }
 
 function endpointOf(flags: ClientFlags): ControlEndpoint {
@@ -195,7 +200,7 @@ type Call = (method: 'GET' | 'POST' | 'DELETE', path: string, body?: unknown) =>
 async function client(flags: ClientFlags, run: (call: Call) => Promise<void>) {
   try {
     const endpoint = endpointOf(flags);
-    const token = await readToken(flags.dataDir);
+    const token = await readToken(flags.dataDir, flags.tokenFile);
     await run((method, path, body) => callControl(endpoint, token, method, path, body));
   } catch (error) {
     if (error instanceof UsageError) return fail(error.message, exitUsage);
@@ -287,7 +292,8 @@ function addClientOptions(command: Command): Command {
   return command
     .option('--control <HOST:PORT>', 'control API address of the daemon', defaultControlListen)
     .option('--control-socket <PATH>', 'control API Unix socket of the daemon (instead of --control)')
-    .option('--data-dir <DIR>', "the daemon's data directory, where control.token is", defaultDataDir);
+    .option('--data-dir <DIR>', "the daemon's data directory, where control.token is", defaultDataDir)
+    .option('--token-file <FILE>', "the daemon's control token, instead of DATA_DIR/control.token");
 }
 
 /**
@@ -523,6 +529,13 @@ export function buildProgram(primaryDefaults?: PrimaryDefaults): Command {
       line('needs a restart', result.restartNeeded);
     }),
   );
+
+  program
+    .command('ocf-path')
+    .description("print the path of the Pacemaker resource agent ocf:gannet:volume (install it as /usr/lib/ocf/resource.d/gannet/volume)")
+    .action(() => {
+      process.stdout.write(`${ocfAgentPath}\n`);
+    });
 
   return program;
 }

@@ -47,12 +47,14 @@ export class UsageError extends Error {
   }
 }
 
-export async function readToken(dataDir: string): Promise<string> {
-  const file = join(dataDir, tokenFileName);
+/** The token in `tokenFile`, or in the data directory's control.token. */
+export async function readToken(dataDir: string, tokenFile?: string): Promise<string> {
+  const file = tokenFile ?? join(dataDir, tokenFileName);
   try {
     return (await readFile(file, 'utf8')).trim();
   } catch (error) {
-    throw new UsageError(`cannot read the control token at ${file} (${(error as Error).message}); pass the daemon's --data-dir`);
+    const hint = tokenFile === undefined ? "pass the daemon's --data-dir" : 'pass the right --token-file';
+    throw new UsageError(`cannot read the control token at ${file} (${(error as Error).message}); ${hint}`);
   }
 }
 
