@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { access } from 'node:fs/promises';
 import { checkpointGroup, openVolume, ReplicatedVolume, type FailoverTarget, type ResolvedVolumeOptions, type Volume } from '@gannet/core';
 import { nbdUri, type ListenAddress, type NbdServer } from 'nbd-server-js';
@@ -121,9 +122,35 @@ export interface VolumeSetContext {
 
 const systemCode = /^E[A-Z0-9]+$/;
 
-/** A checkpoint's answer for one volume; `instance` lets a primary tell a restarted peer from the one it fed. */
+/**
+ * A baseline volume (colo, passthrough) as a primary's peer, so that the benchmark harness can run a
+ * baseline in the deployment's topology: it keeps no identity, so each open is a new instance and a new
+ * disk to the primary (which syncs it whole), and it holds the inconsistent mark in memory without
+ * acting on it (it fails over onto a half-synced disk). Only ReplicatedVolume refuses that.
+ */
+interface BaselineLink {
+  readonly instance: string;
+  inconsistent: boolean;
+}
+const baselineLinks = new WeakMap<Volume, BaselineLink>();
+
+function baselineLink(volume: Volume): BaselineLink {
+  let link = baselineLinks.get(volume);
+  if (link === undefined) {
+    link = { instance: randomUUID(), inconsistent: false };
+    baselineLinks.set(volume, link);
+  }
+  return link;
+}
+
+/** Changes each time the daemon opens the volume: a primary tells a restarted peer from the one it fed by it. */
+function instanceOf(volume: Volume): string {
+  return volume instanceof ReplicatedVolume ? volume.instance : baselineLink(volume).instance;
+}
+
+/** A checkpoint's answer for one volume. */
 function checkpointed(name: string, volume: Volume, epoch: number): CheckpointResult['volumes'][number] {
-  return { name, epoch, durableEpoch: volume.stats().durableEpoch, ...(volume instanceof ReplicatedVolume && { instance: volume.instance }) };
+  return { name, epoch, durableEpoch: volume.stats().durableEpoch, instance: instanceOf(volume) };
 }
 
 /**
@@ -370,7 +397,7 @@ export class VolumeSet {
       strategy: stats.strategy,
       state: stats.state,
       ...(stats.volumeId !== undefined && { volumeId: stats.volumeId }),
-      ...(entry.volume instanceof ReplicatedVolume && { instance: entry.volume.instance }),
+      instance: instanceOf(entry.volume),
       ...(stats.error !== undefined && { error: { ...stats.error } }),
       ...(stats.failoverTarget !== undefined && { failoverTarget: stats.failoverTarget }),
       ...(stats.failover !== undefined && { failover: { ...stats.failover } }),
@@ -487,7 +514,7 @@ export class VolumeSet {
     this.lookup(name);
     return this.ordered([name], async () => {
       const exportName = `${name}/primary`;
-      this.replicatedOf(name, 'take a primary');
+      this.peerTargetOf(name, 'take a primary');
       const last = this.attached.get(name);
       if (from !== undefined && last !== undefined && last.link === from.link && from.attempt <= last.attempt) {
         throw new ApiError('conflict', `volume ${name}: attempt ${from.attempt} of this primary's link is stale: attempt ${last.attempt} has attached since`);
@@ -495,18 +522,19 @@ export class VolumeSet {
       if (from !== undefined) this.attached.set(name, { link: from.link, attempt: from.attempt });
       await this.context.nbd.closeExportConnections(exportName, { graceMs: peerFenceGraceMs });
       // Read after the fence: a failover or a halt meanwhile is seen.
-      const volume = this.replicatedOf(name, 'take a primary');
+      const volume = this.peerTargetOf(name, 'take a primary');
       const stats = volume.stats();
-      this.context.logger.info({ volume: name, instance: volume.instance, epoch: stats.epoch, durableEpoch: stats.durableEpoch }, 'primary attached');
+      const instance = instanceOf(volume);
+      this.context.logger.info({ volume: name, instance, epoch: stats.epoch, durableEpoch: stats.durableEpoch }, 'primary attached');
       return {
-        volumeId: volume.volumeId,
-        instance: volume.instance,
+        volumeId: volume instanceof ReplicatedVolume ? volume.volumeId : instance,
+        instance,
         sizeBytes: stats.sizeBytes,
         state: stats.state,
         epoch: stats.epoch,
         durableEpoch: stats.durableEpoch,
         tornRanges: stats.tornRanges.map((range) => ({ offset: range.offset, length: range.length })),
-        inconsistent: stats.inconsistent !== undefined,
+        inconsistent: volume instanceof ReplicatedVolume ? stats.inconsistent !== undefined : baselineLink(volume).inconsistent,
         nbd: {
           export: exportName,
           addresses: this.context.nbdAddresses.map((address) => ('path' in address ? { path: address.path } : { host: address.host, port: address.port })),
@@ -520,20 +548,21 @@ export class VolumeSet {
   setInconsistent(name: string, inconsistent: boolean): Promise<VolumeView> {
     this.lookup(name);
     return this.ordered([name], async () => {
-      const volume = this.replicatedOf(name, inconsistent ? 'be marked inconsistent' : 'be marked consistent');
-      await volume.setInconsistent(inconsistent);
+      const volume = this.peerTargetOf(name, inconsistent ? 'be marked inconsistent' : 'be marked consistent');
+      if (volume instanceof ReplicatedVolume) await volume.setInconsistent(inconsistent);
+      else baselineLink(volume).inconsistent = inconsistent;
       this.context.logger.info({ volume: name, inconsistent }, inconsistent ? 'marked inconsistent: a resync from the primary began' : 'marked consistent: the resync is durable');
       return this.viewOf(name);
     });
   }
 
-  /** A gannet volume that is replicating, or a conflict saying why it cannot `what`. */
-  private replicatedOf(name: string, what: string): ReplicatedVolume {
+  /**
+   * A volume that takes a primary: replicating, a gannet volume or a baseline (see BaselineLink); or a
+   * conflict saying why it cannot `what`.
+   */
+  private peerTargetOf(name: string, what: string): Volume {
     const entry = this.lookup(name);
     if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot ${what}: it is in error (${entry.error.code}): ${entry.error.message}`);
-    if (!(entry.volume instanceof ReplicatedVolume)) {
-      throw new ApiError('conflict', `volume ${name} cannot ${what}: its strategy ${entry.volume.stats().strategy} is a baseline with no replication link`);
-    }
     const { state, failoverTarget } = entry.volume.stats();
     if (state !== 'replicating') {
       const detail = failoverTarget !== undefined ? ` (to ${failoverTarget})` : '';
