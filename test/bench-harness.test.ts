@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
   LatencyRecorder,
+  Lockstep,
   WorkloadGenerator,
   addRelativeFigures,
   addSustainedFigures,
@@ -179,6 +180,36 @@ describe('bench pieces', () => {
     expect(result.flushes).toBe(log.filter((x) => x === 'f').length);
     expect(result.latency.count).toBe(result.reads + result.writes);
     expect(result.bytes).toBe((result.reads + result.writes) * 4096);
+  });
+
+  it('keeps two streams within the lead of each other, and lets one run out once released', async () => {
+    const pair = new Lockstep(2);
+    const states: string[] = [];
+    const admitted = (side: 0 | 1, issued: number) => {
+      const state = { done: false };
+      void pair.admit(side, issued).then(() => {
+        state.done = true;
+      });
+      return state;
+    };
+    const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
+    // Side 0 may issue 2 requests beyond side 1's completed ones (none yet): the third waits.
+    const first = admitted(0, 2);
+    const third = admitted(0, 3);
+    await settle();
+    states.push(`${first.done} ${third.done}`);
+    pair.completed(1);
+    await settle();
+    states.push(`${third.done}`);
+    // Side 1 is now 1 done; side 0's fifth request waits until side 1 completes two more, or release.
+    const fifth = admitted(0, 5);
+    pair.completed(1);
+    await settle();
+    states.push(`${fifth.done}`);
+    pair.release();
+    await settle();
+    states.push(`${fifth.done}`);
+    expect(states).toEqual(['true false', 'true', 'false', 'true']);
   });
 
   it('computes percentiles and keeps a bounded reservoir', () => {

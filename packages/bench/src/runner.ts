@@ -18,7 +18,7 @@ import {
 import type { Progress } from './progress.js';
 import type { BenchStrategy, ResultRow } from './report.js';
 import { percentile } from './stats.js';
-import { runStream, type StreamProgress, type StreamResult } from './workload.js';
+import { Lockstep, runStream, type StreamProgress, type StreamResult } from './workload.js';
 
 /**
  * Runs every (strategy, profile) pair, with one fresh volume per profile, profile by profile. Native is
@@ -30,7 +30,7 @@ import { runStream, type StreamProgress, type StreamResult } from './workload.js
  * ops/s is the PVM stream's. `one-daemon` sends both streams to one secondary daemon (`<vol>/primary` and
  * `<vol>/secondary`, the PVM's writes arriving as a primary host would forward them, its reads served
  * there too), ops/s the slower stream's. Both streams run the same workload (same seed) at once, with a
- * checkpoint every `checkpointMs`. After a pair the volume is checkpointed and its commit waited for
+ * checkpoint every `checkpointMs`; deployed, they are kept within vmLeadRequestsMax requests of each other. After a pair the volume is checkpointed and its commit waited for
  * (untimed), so the next pair does not share the disk with a previous background flush.
  */
 
@@ -46,6 +46,11 @@ export const eventsSettleMsMax = 60_000;
 export const streamStallMs = 30_000;
 /** Daemon log lines shown when a run fails. */
 const daemonLogTailChars = 4_000;
+/**
+ * Deployed, how far (in requests) one VM's stream may run ahead of the other's: they execute the same
+ * instructions, so the faster waits for the slower (see Lockstep).
+ */
+export const vmLeadRequestsMax = 64;
 /** How long a primary daemon's volumes get to finish their first sync with the secondary. */
 export const firstSyncMsMax = 120_000;
 const firstSyncPollMs = 100;
@@ -311,9 +316,13 @@ async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile:
   let results: StreamResult[];
   try {
     const limits = { durationMs: options.durationMs, opsMax: streamOpsMax };
+    const lockstep = deployed && secondary ? new Lockstep(vmLeadRequestsMax) : undefined;
+    const sideOf = (side: 0 | 1) => (lockstep === undefined ? limits : { ...limits, lockstep: { group: lockstep, side } });
+    // When one stream ends the other runs out alone.
+    const release = () => lockstep?.release();
     results = await Promise.all([
-      runStream(primary, profile, options.seed, limits, progressP),
-      ...(secondary ? [runStream(secondary, profile, options.seed, limits, progressS)] : []),
+      runStream(primary, profile, options.seed, sideOf(0), progressP).finally(release),
+      ...(secondary ? [runStream(secondary, profile, options.seed, sideOf(1), progressS).finally(release)] : []),
     ]);
   } catch (error) {
     if (!stalled) throw error;
