@@ -13,6 +13,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
   LatencyRecorder,
+  Lockstep,
   WorkloadGenerator,
   addRelativeFigures,
   addSustainedFigures,
@@ -26,7 +27,9 @@ import {
   sustainedTable,
   loadProfiles,
   markdownTable,
+  markdownReport,
   medianRun,
+  whereTheTimeGoes,
   parseNbdUri,
   parseProfile,
   percentile,
@@ -70,6 +73,7 @@ function row(profile: string, strategy: ResultRow['strategy'], opsPerSec: number
   return {
     profile,
     strategy,
+    topology: strategy === 'native' ? 'native' : 'deployment',
     opsPerSec,
     mbPerSec: 1,
     p50Us: 10,
@@ -81,6 +85,7 @@ function row(profile: string, strategy: ResultRow['strategy'], opsPerSec: number
     checkpointApiP99Ms: null,
     checkpoints: 0,
     rssMiB: 50,
+    cpuCores: { secondary: 0.5, primary: strategy === 'native' ? null : 0.25 },
     overheadVsNative: null,
     speedupVsColo: null,
     streams: { primaryOpsPerSec: opsPerSec, secondaryOpsPerSec: null },
@@ -177,6 +182,36 @@ describe('bench pieces', () => {
     expect(result.bytes).toBe((result.reads + result.writes) * 4096);
   });
 
+  it('keeps two streams within the lead of each other, and lets one run out once released', async () => {
+    const pair = new Lockstep(2);
+    const states: string[] = [];
+    const admitted = (side: 0 | 1, issued: number) => {
+      const state = { done: false };
+      void pair.admit(side, issued).then(() => {
+        state.done = true;
+      });
+      return state;
+    };
+    const settle = () => new Promise<void>((resolve) => setImmediate(resolve));
+    // Side 0 may issue 2 requests beyond side 1's completed ones (none yet): the third waits.
+    const first = admitted(0, 2);
+    const third = admitted(0, 3);
+    await settle();
+    states.push(`${first.done} ${third.done}`);
+    pair.completed(1);
+    await settle();
+    states.push(`${third.done}`);
+    // Side 1 is now 1 done; side 0's fifth request waits until side 1 completes two more, or release.
+    const fifth = admitted(0, 5);
+    pair.completed(1);
+    await settle();
+    states.push(`${fifth.done}`);
+    pair.release();
+    await settle();
+    states.push(`${fifth.done}`);
+    expect(states).toEqual(['true false', 'true', 'false', 'true']);
+  });
+
   it('computes percentiles and keeps a bounded reservoir', () => {
     expect(percentile([5, 1, 3, 2, 4], 50)).toBe(3);
     expect(percentile([5, 1, 3, 2, 4], 99)).toBe(5);
@@ -219,10 +254,34 @@ describe('bench pieces', () => {
     expect(table).toHaveLength(2 + rows.length);
     expect(table[4]).toContain('| p1 | gannet | 960 |');
     expect(table[4]).toContain('| 4.0% | 2.40x |');
+    expect(table[4]).toContain('| 0.25 + 0.50 |');
     const svg = svgChart(rows);
     expect(svg.match(/<rect [^>]*fill="#(?:7f8c8d|e67e22|2980b9)">/g)).toHaveLength(rows.length);
     expect(svg).toMatch(/^<svg [^>]*xmlns="http:\/\/www\.w3\.org\/2000\/svg"/);
     expect(svg.trim().endsWith('</svg>')).toBe(true);
+  });
+
+  it('says where the time goes for each gannet row more than 5% below native, and only those', () => {
+    const rows = addRelativeFigures([
+      row('miss', 'native', 1000),
+      { ...row('miss', 'gannet', 900), p50Us: 70, p99Us: 900, checkpointApiP99Ms: 12.5, checkpoints: 30 },
+      row('met', 'native', 1000),
+      row('met', 'gannet', 960),
+      row('no-native', 'gannet', 5),
+    ]);
+    const lines = whereTheTimeGoes(rows, 2);
+    expect(lines).toHaveLength(1);
+    expect(lines[0]).toMatch(/^- miss: 10\.0% below native\. A PVM request took p50 70 µs \/ p99 900 µs against native's 10 \/ 100 µs/);
+    expect(lines[0]).toContain('the primary daemon used 0.25 cores and the secondary 0.50 (native\'s 0.50) of the machine\'s 2');
+    expect(lines[0]).toContain('checkpoint call p99 12.50 ms over 30 checkpoints');
+    const report = markdownReport({
+      generatedAt: '2026-12-03T00:00:00.000Z',
+      machine: { nproc: 2, cpuModel: 'cpu', memTotalGiB: 4, node: 'v20', platform: 'linux x64', dataDirFs: 'tmpfs' },
+      settings: { durationS: 1, checkpointMs: 1000, volumeBytes: 2 ** 20, seed: 1, repeat: 1, quick: false, daemon: 'started per strategy', topology: 'deployment', ackMode: 'peer' },
+      rows,
+    });
+    expect(report).toContain('## Where the time goes');
+    expect(report).toContain('ack mode peer');
   });
 });
 
@@ -323,9 +382,14 @@ describe('gannet-bench --quick (built CLI, real daemons)', () => {
           expect(result.checkpoints, `${profile} ${strategy} checkpoints`).toBeGreaterThan(0);
           expect(result.checkpointPauseP99Ms).toBeGreaterThanOrEqual(0);
           expect(result.streams.secondaryOpsPerSec).toBeGreaterThan(0);
+          // Deployed: the PVM stream went to a primary daemon, which forwarded to the secondary.
+          expect(result.topology).toBe('deployment');
+          expect(result.cpuCores.primary, `${profile} ${strategy} primary daemon CPU`).toBeGreaterThan(0);
         } else {
           expect(result.overheadVsNative).toBe(0);
+          expect(result.topology).toBe('native');
         }
+        expect(result.cpuCores.secondary, `${profile} ${strategy} daemon CPU`).toBeGreaterThan(0);
       }
     }
 

@@ -1,5 +1,5 @@
 /**
- * Goal: `pnpm bench:nbd` keeps working: it starts every server (our CLI, a gannet daemon, nbdkit), runs
+ * Goal: `pnpm bench:nbd` keeps working: it starts every server (our CLI, gannet daemons, nbdkit), runs
  * every row, prints the table with a ratio per row and writes the JSON, and leaves no process behind. The numbers are not asserted (they
  * depend on the machine), only that each is a positive measurement.
  * Method: run the built bench with 1 s per row and no ramp on a small disk.
@@ -16,6 +16,7 @@ const expectedRows = ['randread 4k qd32', 'randwrite 4k qd32', 'seqread 1M qd8',
   `file ${w}`,
   `memory ${w}`,
   `gannet ${w}`,
+  `gannet-primary ${w}`,
 ]);
 
 /** Pids whose command line contains `needle` (Linux /proc). */
@@ -45,6 +46,8 @@ describe('pnpm bench:nbd', () => {
     });
     expect(r.status, describeResult('nbd-bench', r)).toBe(0);
     const lines = r.stdout.split('\n');
+    // Figures mean nothing without when and where they were measured.
+    expect(lines[0]).toMatch(/^nbd-bench: \d{4}-\d\d-\d\dT[\d:.]+Z, \d+ CPUs \(.+\), [\d.]+ GiB RAM, Linux \S+, Node v\d+\.\S+, fio-\S+, nbdkit \S+/);
     const header = lines.find((l) => l.startsWith('row '));
     expect(header).toMatch(/ours IOPS\s+ours MB\/s\s+ours p99 us\s+nbdkit IOPS\s+nbdkit MB\/s\s+nbdkit p99 us\s+ratio/);
     for (const row of expectedRows) {
@@ -54,6 +57,13 @@ describe('pnpm bench:nbd', () => {
       expect(cells).toHaveLength(7);
       expect(cells[6]).toMatch(/^\d+\.\d\dx$/);
       for (const c of cells.slice(0, 6)) expect(Number(c), `cell ${c} of ${row}`).toBeGreaterThan(0);
+    }
+
+    // The ratio table: one line per workload, one column per backend.
+    const ratioHeader = lines.findIndex((l) => l.startsWith('workload '));
+    expect(lines[ratioHeader]).toMatch(/NAME\/secondary \/ nbdkit memory\s+NAME\/primary \/ nbdkit memory$/);
+    for (const [i, w] of ['randread 4k qd32', 'randwrite 4k qd32', 'seqread 1M qd8', 'seqwrite 1M qd8'].entries()) {
+      expect(lines[ratioHeader + 2 + i]).toMatch(new RegExp(`^${w}(\\s+\\d+\\.\\d\\dx){4}$`));
     }
 
     const json = JSON.parse(await readFile(jsonPath, 'utf8')) as { rows: { row: string; ratio: number; ours: { iops: number }; nbdkit: { iops: number } }[] };

@@ -6,7 +6,8 @@ import { parseArgs } from 'node:util';
 import { loadProfiles, selectProfiles } from './profiles.js';
 import { Progress } from './progress.js';
 import { addRelativeFigures, markdownTable, strategyOrder, writeReport, type BenchStrategy, type MachineInfo } from './report.js';
-import { runBench } from './runner.js';
+import type { AckMode } from './daemon.js';
+import { runBench, topologies, type Topology } from './runner.js';
 import {
   fioVersion,
   runSustained,
@@ -42,12 +43,17 @@ export const repeatMax = 100;
 const usage = `usage: gannet-bench [options]
 
 Runs every workload profile (fixtures/profiles/*.json) against native (passthrough), colo and gannet
-volumes of a gannet daemon through NBD, and writes results.json, report.md and chart.svg to --out.
+through NBD, and writes results.json, report.md and chart.svg to --out. Colo and gannet run as deployed:
+a primary daemon serves the PVM stream from its own disk and replicates to a secondary daemon with the
+strategy, which serves the SVM stream.
 
   --out DIR             report directory (default ./bench-results)
   --quick               every profile briefly (${quickDurationS} s, ${quickVolumeBytes / MiB} MiB volumes): a smoke test
   --duration S          seconds per profile and strategy (default ${durationSDefault})
   --checkpoint-ms N     checkpoint interval for colo and gannet (default ${checkpointMsDefault})
+  --topology T          deployment (default) or one-daemon: both VM streams into one secondary daemon
+  --ack-mode M          deployment: the primary's ack mode, peer (the PVM hears back once both disks
+                        have the write; the default) or local (once its own disk has)
   --profiles A,B        only these profiles
   --strategies A,B      among native,colo,gannet (default all)
   --size MIB            volume size in MiB (default ${volumeBytesDefault / MiB})
@@ -56,7 +62,7 @@ volumes of a gannet daemon through NBD, and writes results.json, report.md and c
   --profiles-dir DIR    profiles directory (default fixtures/profiles)
   --work-dir DIR        where started daemons keep their data (default: a fresh temporary directory, removed after)
   --gannet PATH         the gannet CLI script (default packages/server/bin/gannet.js)
-  --daemon URL          use a running daemon's control API instead of starting one per strategy
+  --daemon URL          use a running daemon's control API instead of starting them (topology one-daemon)
   --token-file FILE     its bearer token (default: $GANNET_TOKEN)
   --daemon-pid PID      its pid, for RSS samples
   --volume S=NAME       with --daemon: the volume to use for strategy S (default: the first with its strategy)
@@ -73,7 +79,7 @@ volumes of a gannet daemon through NBD, and writes results.json, report.md and c
 `;
 
 /** Options of the profile runs that mean nothing to the sustained suite. */
-const notSustained = ['quick', 'repeat', 'profiles-dir', 'daemon', 'token-file', 'daemon-pid', 'volume'] as const;
+const notSustained = ['quick', 'repeat', 'profiles-dir', 'daemon', 'token-file', 'daemon-pid', 'volume', 'topology', 'ack-mode'] as const;
 
 class UsageError extends Error {}
 
@@ -132,6 +138,8 @@ export async function main(rawArgv: readonly string[]): Promise<number> {
         quick: { type: 'boolean' },
         duration: { type: 'string' },
         'checkpoint-ms': { type: 'string' },
+        topology: { type: 'string' },
+        'ack-mode': { type: 'string' },
         profiles: { type: 'string' },
         strategies: { type: 'string' },
         size: { type: 'string' },
@@ -220,6 +228,14 @@ async function profileSuite(values: SuiteValues, { strategies, seed, out, progre
   const repeat = positiveNumber(text(values, 'repeat'), '--repeat', 1, repeatMax);
   if (!Number.isInteger(repeat)) throw new UsageError('--repeat: expected a whole number');
   const profiles = selectProfiles(await loadProfiles(text(values, 'profiles-dir')), list(text(values, 'profiles')));
+  const topologyText = text(values, 'topology') ?? (text(values, 'daemon') === undefined ? 'deployment' : 'one-daemon');
+  if (!(topologies as readonly string[]).includes(topologyText)) throw new UsageError(`--topology: deployment or one-daemon, not "${topologyText}"`);
+  const topology = topologyText as Topology;
+  if (text(values, 'daemon') !== undefined && topology !== 'one-daemon') throw new UsageError('--daemon measures one running daemon: --topology one-daemon');
+  const ackModeText = text(values, 'ack-mode');
+  if (ackModeText !== undefined && ackModeText !== 'peer' && ackModeText !== 'local') throw new UsageError(`--ack-mode: peer or local, not "${ackModeText}"`);
+  if (ackModeText !== undefined && topology !== 'deployment') throw new UsageError('--ack-mode: only with --topology deployment (it is the primary daemon\'s)');
+  const ackMode: AckMode = ackModeText ?? 'peer';
 
   let daemon: Parameters<typeof runBench>[0]['daemon'];
   const daemonUrl = text(values, 'daemon');
@@ -241,9 +257,11 @@ async function profileSuite(values: SuiteValues, { strategies, seed, out, progre
   return async (workDir, machine) => {
     progress.line(
       `gannet-bench: ${profiles.length} profile(s) x ${strategies.join(', ')}, ${durationS} s each` +
-        `${repeat > 1 ? `, ${repeat} rounds` : ''}, checkpoint every ${checkpointMs} ms`,
+        `${repeat > 1 ? `, ${repeat} rounds` : ''}, checkpoint every ${checkpointMs} ms, topology ${topology}${topology === 'deployment' ? ` (ack mode ${ackMode})` : ''}`,
     );
     const rows = await runBench({
+      topology,
+      ackMode,
       profiles,
       strategies,
       durationMs: durationS * 1000,
@@ -264,7 +282,7 @@ async function profileSuite(values: SuiteValues, { strategies, seed, out, progre
     const files = await writeReport(out, {
       generatedAt: new Date().toISOString(),
       machine,
-      settings: { durationS, checkpointMs, volumeBytes, seed, repeat, quick, daemon: daemon?.url ?? 'started per strategy' },
+      settings: { durationS, checkpointMs, volumeBytes, seed, repeat, quick, daemon: daemon?.url ?? 'started per strategy', topology, ...(topology === 'deployment' && { ackMode }) },
       rows,
     });
     return `${markdownTable(rows)}\n\nreport: ${files.markdown}\nresults: ${files.json}\nchart: ${files.svg}\n`;

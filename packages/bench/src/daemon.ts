@@ -116,8 +116,27 @@ export class ControlClient {
 
 export interface DaemonVolumeSpec {
   readonly name: string;
-  readonly strategy: StrategyName;
+  /** The secondary role's buffering strategy; a primary daemon's volumes have none. */
+  readonly strategy?: StrategyName;
   readonly sizeBytes: number;
+  /** A primary daemon's volumes: when the VM hears back (the daemon's default when left out). */
+  readonly ackMode?: AckMode;
+}
+
+export type AckMode = 'peer' | 'local';
+
+/** A volume of a daemon in the primary role, as GET /v1/volumes shows it. */
+export interface PrimaryVolumeInfo {
+  readonly name: string;
+  readonly state: string;
+  readonly link?: { readonly state: string; readonly error?: string };
+  readonly uris: { readonly disk: readonly string[] };
+}
+
+/** A secondary daemon a primary daemon replicates to: its control API (HOST:PORT) and token file. */
+export interface PeerSpec {
+  readonly control: string;
+  readonly tokenFile: string;
 }
 
 export interface StartedDaemon {
@@ -137,6 +156,8 @@ export async function startDaemon(options: {
   readonly dataDir: string;
   readonly volumes: readonly DaemonVolumeSpec[];
   readonly gannetBin?: string;
+  /** Starts a daemon in the primary role, replicating every volume to this peer. */
+  readonly peer?: PeerSpec;
 }): Promise<StartedDaemon> {
   await mkdir(options.dataDir, { recursive: true });
   const configFile = join(options.dataDir, 'bench-config.json');
@@ -145,7 +166,11 @@ export async function startDaemon(options: {
     logLevel: 'warn',
     nbd: { listen: '127.0.0.1:0' },
     control: { listen: '127.0.0.1:0' },
-    volumes: Object.fromEntries(options.volumes.map((v) => [v.name, { sizeBytes: v.sizeBytes, strategy: v.strategy }])),
+    ...(options.peer !== undefined && { role: 'primary', peer: options.peer }),
+    volumes: Object.fromEntries(options.volumes.map((v) => [
+        v.name,
+        { sizeBytes: v.sizeBytes, ...(v.strategy !== undefined && { strategy: v.strategy }), ...(v.ackMode !== undefined && { ackMode: v.ackMode }) },
+      ])),
   };
   await writeFile(configFile, `${JSON.stringify(config, null, 2)}\n`);
   const child = spawn(process.execPath, [options.gannetBin ?? defaultGannetBin, 'serve', '--config', configFile], {
@@ -211,6 +236,26 @@ export async function startDaemon(options: {
   });
   const token = (await readFile(join(options.dataDir, 'control.token'), 'utf8')).trim();
   return { pid: child.pid!, control: new ControlClient(controlUrl, token), dataDir: options.dataDir, stderr: () => err, stop };
+}
+
+/** The control API's HOST:PORT, as a primary daemon's peer.control wants it. */
+export function controlAddress(control: ControlClient): string {
+  return new URL(control.baseUrl).host;
+}
+
+/** Linux's USER_HZ, the unit of /proc/PID/stat's CPU times (100 on every architecture Node runs on). */
+const clockTicksPerSecond = 100;
+
+/** CPU seconds (user + system) a Linux process has used, or undefined if it cannot be read. */
+export async function cpuSeconds(pid: number): Promise<number | undefined> {
+  try {
+    const stat = await readFile(`/proc/${pid}/stat`, 'utf8');
+    // The command name (field 2) may hold spaces and parentheses: count fields after its closing one.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(fields[11]) + Number(fields[12])) / clockTicksPerSecond;
+  } catch {
+    return undefined;
+  }
 }
 
 /** VmRSS of a Linux process in bytes, or undefined if it cannot be read (not Linux, process gone). */

@@ -4,7 +4,7 @@ export * from './workload.js';
 export * from './stats.js';
 export * from './report.js';
 export * from './daemon.js';
-export { runBench, medianRun, strategyOf, type RunnerOptions } from './runner.js';
+export { runBench, medianRun, strategyOf, topologies, type RunnerOptions, type Topology } from './runner.js';
 export { Progress } from './progress.js';
 export * from './sustained.js';
 export * from './sustained-report.js';

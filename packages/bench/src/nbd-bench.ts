@@ -4,14 +4,16 @@
  * how far our server is from a mature C server on this box.
  *
  * Rows: 4 KiB random read and write at queue depth 32, 1 MiB sequential read and write at depth 8, for
- * the file and the memory backend, and for gannet's buffered path: a `gannet serve` daemon's secondary
- * view of a gannet volume between checkpoints (writes land in memory, reads come from the buffers over
- * the backing file) against nbdkit's memory plugin, the fastest thing nbdkit offers. Each fio run is time-based with a ramp and a bounded runtime, and
+ * the file and the memory backend, and for gannet's buffered path, both exports of a `gannet serve`
+ * daemon's gannet volume between checkpoints (writes land in memory, reads come from the buffers over
+ * the backing file): `gannet` is NAME/secondary (the SVM's disk), `gannet-primary` NAME/primary (where
+ * a primary host forwards every PVM write), each against nbdkit's memory plugin, the fastest thing
+ * nbdkit offers. The table is headed by the date, the machine and the tools' versions. Each fio run is time-based with a ramp and a bounded runtime, and
  * the order alternates (ours, nbdkit) per row so drift hurts both alike. Every process it starts is
  * stopped, also on failure or Ctrl-C.
  *
  * Usage: node packages/bench/dist/nbd-bench.js [--runtime S] [--ramp S] [--size SIZE] [--json FILE]
- *        [--backends file,memory,gannet] [--only REGEXP] [--profile DIR]
+ *        [--backends file,memory,gannet,gannet-primary] [--only REGEXP] [--profile DIR]
  * --profile runs our CLI under `node --cpu-prof` and prints the top functions by self time; with --only
  * and one backend, the profile covers a single workload (plus the ramp and the other server's turn,
  * which shows up as idle).
@@ -21,7 +23,7 @@ import { once } from 'node:events';
 import { existsSync, watch } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, open, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
-import { tmpdir } from 'node:os';
+import { cpus, release, tmpdir, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -56,7 +58,8 @@ export const workloads: readonly Workload[] = [
   { name: 'seqwrite 1M qd8', rw: 'write', bs: '1M', iodepth: 8 },
 ];
 
-export type Backend = 'file' | 'memory' | 'gannet';
+export const backends = ['file', 'memory', 'gannet', 'gannet-primary'] as const;
+export type Backend = (typeof backends)[number];
 
 export interface Measurement {
   readonly iops: number;
@@ -99,7 +102,7 @@ function parseOptions(argv: string[]): Options {
       ramp: { type: 'string' },
       size: { type: 'string', default: '256M' },
       json: { type: 'string' },
-      backends: { type: 'string', default: 'file,memory,gannet' },
+      backends: { type: 'string', default: backends.join(',') },
       profile: { type: 'string' },
       only: { type: 'string' },
       help: { type: 'boolean', default: false },
@@ -108,7 +111,7 @@ function parseOptions(argv: string[]): Options {
   });
   if (values.help) {
     process.stdout.write(
-      'usage: nbd-bench [--runtime S (10)] [--ramp S] [--size SIZE (256M)] [--json FILE] [--backends file,memory,gannet] [--only REGEXP] [--profile DIR]\n',
+      `usage: nbd-bench [--runtime S (10)] [--ramp S] [--size SIZE (256M)] [--json FILE] [--backends ${backends.join(',')}] [--only REGEXP] [--profile DIR]\n`,
     );
     process.exit(0);
   }
@@ -118,8 +121,8 @@ function parseOptions(argv: string[]): Options {
   }
   const rampS = values.ramp === undefined ? Math.min(2, Math.floor(runtimeS / 5)) : Number(values.ramp);
   if (!Number.isInteger(rampS) || rampS < 0 || rampS > runtimeS) throw new Error('--ramp must be an integer in [0, runtime]');
-  const backends = values.backends!.split(',').map((b) => {
-    if (b !== 'file' && b !== 'memory' && b !== 'gannet') throw new Error(`unknown backend ${b}`);
+  const chosen = values.backends!.split(',').map((b) => {
+    if (!(backends as readonly string[]).includes(b)) throw new Error(`unknown backend ${b} (${backends.join(', ')})`);
     return b as Backend;
   });
   const sizeBytes = sizeOf(values.size!);
@@ -129,7 +132,7 @@ function parseOptions(argv: string[]): Options {
     rampS,
     sizeBytes,
     jsonPath: values.json,
-    backends,
+    backends: chosen,
     profileDir: values.profile === undefined ? undefined : resolve(values.profile),
     only: values.only === undefined ? undefined : new RegExp(values.only),
   };
@@ -233,15 +236,15 @@ function processState(child: ChildProcess): string {
   return child.exitCode === null && child.signalCode === null ? 'still running' : `exited (${child.exitCode ?? child.signalCode})`;
 }
 
-/** `gannet serve` with one gannet volume; fio attaches to its secondary view (the buffered path). */
-async function startGannet(sizeBytes: number, dir: string): Promise<Server> {
-  const daemon = await startDaemon({ dataDir: join(dir, 'gannet'), volumes: [{ name: 'bench', strategy: 'gannet', sizeBytes }] });
+/** `gannet serve` with one gannet volume; fio attaches to one of its views (the buffered path). */
+async function startGannet(sizeBytes: number, dir: string, view: 'primary' | 'secondary'): Promise<Server> {
+  const daemon = await startDaemon({ dataDir: join(dir, `gannet-${view}`), volumes: [{ name: 'bench', strategy: 'gannet', sizeBytes }] });
   stoppers.add(daemon.stop);
   const [volume] = await daemon.control.volumes();
-  const uri = volume?.uris.secondary[0];
+  const uri = volume?.uris[view][0];
   if (uri === undefined) {
     await daemon.stop();
-    throw new Error(`gannet serve lists no secondary NBD URI for its volume\n${daemon.stderr()}`);
+    throw new Error(`gannet serve lists no ${view} NBD URI for its volume\n${daemon.stderr()}`);
   }
   let alive = true;
   return {
@@ -414,6 +417,31 @@ export function formatTable(rows: readonly Row[]): string {
   return [line(header), line(widths.map((w) => '-'.repeat(w))), ...body.map(line)].join('\n');
 }
 
+/** What each backend's rows compare, for the ratio table's header. */
+const anchorOf: Record<Backend, string> = {
+  file: 'ours file / nbdkit file',
+  memory: 'ours memory / nbdkit memory',
+  gannet: 'NAME/secondary / nbdkit memory',
+  'gannet-primary': 'NAME/primary / nbdkit memory',
+};
+
+/** The ratios alone: a workload per line, a backend per column. */
+export function formatRatios(rows: readonly Row[]): string {
+  const present = backends.filter((b) => rows.some((r) => r.backend === b));
+  const names = [...new Set(rows.map((r) => r.workload))];
+  const header = ['workload', ...present.map((b) => anchorOf[b])];
+  const body = names.map((w) => [
+    w,
+    ...present.map((b) => {
+      const row = rows.find((r) => r.workload === w && r.backend === b);
+      return row === undefined ? '-' : `${fmt(row.ratio, 2)}x`;
+    }),
+  ]);
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i].length)));
+  const line = (cells: string[]) => cells.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join('  ');
+  return [line(header), line(widths.map((w) => '-'.repeat(w))), ...body.map(line)].join('\n');
+}
+
 interface ProfileNode {
   id: number;
   callFrame: { functionName: string; url: string; lineNumber: number };
@@ -451,6 +479,28 @@ export async function summarizeProfiles(dir: string, topCount = 20): Promise<str
   ].join('\n');
 }
 
+/** The first line a command prints, or `unknown` when it cannot run. */
+function versionOf(command: string, args: string[]): Promise<string> {
+  return new Promise((done) => {
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'ignore'] });
+    let out = '';
+    child.stdout!.setEncoding('utf8').on('data', (chunk: string) => {
+      out += chunk;
+    });
+    child.once('error', () => done('unknown'));
+    child.once('close', () => done(out.split('\n')[0]?.trim() || 'unknown'));
+  });
+}
+
+/** What the figures were measured on: they mean nothing without it. */
+async function machineLine(): Promise<string> {
+  const [fio, nbdkit] = await Promise.all([versionOf('fio', ['--version']), versionOf('nbdkit', ['--version'])]);
+  return (
+    `${cpus().length} CPUs (${cpus()[0]?.model.trim() ?? 'unknown'}), ${(totalmem() / 2 ** 30).toFixed(1)} GiB RAM, ` +
+    `Linux ${release()}, Node ${process.version}, ${fio}, ${nbdkit}`
+  );
+}
+
 export async function main(argv: string[]): Promise<number> {
   const o = parseOptions(argv);
   const dir = await mkdtemp(join(tmpdir(), 'nbd-bench-'));
@@ -478,7 +528,10 @@ export async function main(argv: string[]): Promise<number> {
         ours = await startOurs({ file: oursFile }, o.profileDir);
         theirs = await startNbdkit({ file: theirFile }, dir);
       } else {
-        ours = backend === 'gannet' ? await startGannet(o.sizeBytes, dir) : await startOurs({ memory: o.sizeBytes }, o.profileDir);
+        ours =
+          backend === 'memory'
+            ? await startOurs({ memory: o.sizeBytes }, o.profileDir)
+            : await startGannet(o.sizeBytes, dir, backend === 'gannet' ? 'secondary' : 'primary');
         theirs = await startNbdkit({ memory: o.sizeBytes }, dir);
         await prefill(ours.uri, o, dir);
         await prefill(theirs.uri, o, dir);
@@ -510,12 +563,15 @@ export async function main(argv: string[]): Promise<number> {
     process.removeListener('SIGINT', onSignal);
     process.removeListener('SIGTERM', onSignal);
   }
+  const generatedAt = new Date().toISOString();
+  const machine = await machineLine();
   process.stdout.write(
-    `nbd-bench: fio nbd engine, runtime ${o.runtimeS} s (+${o.rampS} s ramp) per row, size ${o.sizeBytes / MiB} MiB, ratio = ours IOPS / nbdkit IOPS\n`,
+    `nbd-bench: ${generatedAt}, ${machine}\n` +
+      `fio nbd engine, runtime ${o.runtimeS} s (+${o.rampS} s ramp) per row, size ${o.sizeBytes / MiB} MiB, ratio = ours IOPS / nbdkit IOPS\n`,
   );
-  process.stdout.write(`${formatTable(rows)}\n`);
+  process.stdout.write(`${formatTable(rows)}\n\n${formatRatios(rows)}\n`);
   if (o.jsonPath) {
-    await writeFile(o.jsonPath, `${JSON.stringify({ runtimeS: o.runtimeS, rampS: o.rampS, sizeBytes: o.sizeBytes, rows }, null, 2)}\n`);
+    await writeFile(o.jsonPath, `${JSON.stringify({ generatedAt, machine, runtimeS: o.runtimeS, rampS: o.rampS, sizeBytes: o.sizeBytes, rows }, null, 2)}\n`);
   }
   if (o.profileDir) process.stdout.write(`${await summarizeProfiles(o.profileDir)}\n`);
   return 0;

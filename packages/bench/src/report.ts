@@ -16,7 +16,12 @@ export type BenchStrategy = (typeof strategyOrder)[number];
 export interface ResultRow {
   profile: string;
   strategy: BenchStrategy;
-  /** Reads + writes per second of the pair: the slower of the two streams (outputs are compared, so the slower VM paces both). */
+  /** How the streams reached the daemons (runner.ts): native, deployment or one-daemon. */
+  topology: 'native' | 'deployment' | 'one-daemon';
+  /**
+   * Reads + writes per second: deployed, the PVM stream's; on one daemon, the slower of the two streams
+   * (outputs are compared, so the slower VM paces both).
+   */
   opsPerSec: number;
   mbPerSec: number;
   p50Us: number;
@@ -31,8 +36,13 @@ export interface ResultRow {
   /** p99 of the control API's checkpoint round trip. */
   checkpointApiP99Ms: number | null;
   checkpoints: number;
-  /** Peak daemon VmRSS during the run. */
+  /** Peak VmRSS of the run's daemons together. */
   rssMiB: number | null;
+  /**
+   * CPU used during the timed run, in cores (CPU seconds per second): the daemon serving the SVM (native:
+   * the passthrough daemon) and, deployed, the primary daemon.
+   */
+  cpuCores: { secondary: number | null; primary: number | null };
   overheadVsNative: number | null;
   speedupVsColo: number | null;
   streams: { primaryOpsPerSec: number; secondaryOpsPerSec: number | null };
@@ -60,7 +70,13 @@ export interface BenchSettings {
   repeat: number;
   quick: boolean;
   daemon: string;
+  topology: 'deployment' | 'one-daemon';
+  /** Deployment: the primary daemon's ack mode. */
+  ackMode?: 'peer' | 'local';
 }
+
+/** The deployment's goal for the PVM stream: throughput lost against native, at most. */
+export const overheadGoal = 0.05;
 
 export interface BenchReport {
   generatedAt: string;
@@ -96,9 +112,42 @@ export const tableHeader = [
   'ckpt pause p99 ms',
   'commit ms',
   'RSS MiB',
+  'CPU cores',
   'overhead vs native',
   'speedup vs COLO',
 ];
+
+function cpuText(r: ResultRow): string {
+  const { secondary, primary } = r.cpuCores;
+  if (primary === null) return fixed(secondary, 2);
+  return `${fixed(primary, 2)} + ${fixed(secondary, 2)}`;
+}
+
+/**
+ * Per profile whose gannet row misses the overhead goal: what the PVM's requests cost against native's
+ * and where the daemons' CPU went, so a miss names its cause (latency per request, the checkpoint
+ * calls, or a core saturated).
+ */
+export function whereTheTimeGoes(rows: readonly ResultRow[], nproc: number): string[] {
+  const lines: string[] = [];
+  for (const row of rows) {
+    if (row.strategy !== 'gannet' || row.overheadVsNative === null || row.overheadVsNative <= overheadGoal) continue;
+    const native = rows.find((r) => r.profile === row.profile && r.strategy === 'native');
+    if (native === undefined) continue;
+    const cpu = row.cpuCores.primary === null
+      ? `the daemon used ${fixed(row.cpuCores.secondary, 2)} cores`
+      : `the primary daemon used ${fixed(row.cpuCores.primary, 2)} cores and the secondary ${fixed(row.cpuCores.secondary, 2)}`;
+    lines.push(
+      `- ${row.profile}: ${percent(row.overheadVsNative)} below native. A PVM request took p50 ${fixed(row.p50Us, 0)} µs / p99 ` +
+        `${fixed(row.p99Us, 0)} µs against native's ${fixed(native.p50Us, 0)} / ${fixed(native.p99Us, 0)} µs` +
+        `${row.flushMs === null ? '' : `, FLUSH p50 ${fixed(row.flushMs, 2)} ms against ${fixed(native.flushMs, 2)} ms`}; ` +
+        `${cpu} (native's ${fixed(native.cpuCores.secondary, 2)}) of the machine's ${nproc}, beside both VM streams' clients; ` +
+        `checkpoint call p99 ${fixed(row.checkpointApiP99Ms, 2)} ms over ${row.checkpoints} checkpoints` +
+        `${row.streams.secondaryOpsPerSec === null ? '' : `; the SVM stream ran at ${fixed(row.streams.secondaryOpsPerSec, 0)} ops/s`}.`,
+    );
+  }
+  return lines;
+}
 
 export function markdownTable(rows: readonly ResultRow[]): string {
   const lines = [`| ${tableHeader.join(' | ')} |`, `|${tableHeader.map((_, i) => (i < 2 ? ' --- ' : ' ---: ')).join('|')}|`];
@@ -115,6 +164,7 @@ export function markdownTable(rows: readonly ResultRow[]): string {
         fixed(r.checkpointPauseP99Ms, 2),
         fixed(r.commitFlushMs, 1),
         fixed(r.rssMiB, 0),
+        cpuText(r),
         r.strategy === 'native' ? '-' : percent(r.overheadVsNative),
         r.strategy === 'colo' ? '-' : times(r.speedupVsColo),
       ].join(' | ')} |`,
@@ -135,13 +185,25 @@ export function markdownReport(report: BenchReport): string {
     '',
     `Machine: ${m.nproc} CPUs (${m.cpuModel}), ${m.memTotalGiB.toFixed(1)} GiB RAM, ${m.platform}, Node ${m.node}; data dir on ${m.dataDirFs}.`,
     '',
-    'native = passthrough volume, primary stream only. colo, gannet = the same stream into `vol/primary` and ' +
-      '`vol/secondary` at once (active-active); ops/s is the slower stream\'s. Overhead = throughput lost against ' +
-      'native; speedup = ops/s over COLO\'s.',
+    s.topology === 'deployment'
+      ? 'native = one VM stream on a passthrough volume (a local file). colo, gannet = the deployment: a primary ' +
+        'daemon serves the PVM stream from its own backing file and forwards every write to a secondary daemon ' +
+        '(strategy colo or gannet), which serves the SVM stream (the same workload, at once) and takes the ' +
+        `checkpoints the primary calls; ack mode ${s.ackMode ?? 'peer'}; ops/s is the PVM stream's. CPU cores: primary + secondary daemon. ` +
+        `Overhead = PVM throughput lost against native (goal: at most ${overheadGoal * 100}%); speedup = ops/s over COLO-style's.`
+      : 'native = passthrough volume, primary stream only. colo, gannet = the same stream into `vol/primary` and ' +
+        '`vol/secondary` of one daemon at once (active-active); ops/s is the slower stream\'s. Overhead = throughput ' +
+        'lost against native; speedup = ops/s over COLO\'s.',
     '',
     markdownTable(report.rows),
     '',
+    ...whereTheTimeGoesSection(report),
   ].join('\n');
+}
+
+function whereTheTimeGoesSection(report: BenchReport): string[] {
+  const lines = whereTheTimeGoes(report.rows, report.machine.nproc);
+  return lines.length === 0 ? [] : ['## Where the time goes', '', ...lines, ''];
 }
 
 export const escapeXml = (text: string): string =>

@@ -1,20 +1,41 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import { NbdClient } from 'nbd-server-js';
 import type { Profile } from './profiles.js';
-import { ControlClient, parseNbdUri, rssBytes, startDaemon, type StartedDaemon, type StrategyName, type VolumeInfo } from './daemon.js';
+import { join } from 'node:path';
+import {
+  ControlClient,
+  controlAddress,
+  cpuSeconds,
+  parseNbdUri,
+  rssBytes,
+  startDaemon,
+  type AckMode,
+  type PrimaryVolumeInfo,
+  type StartedDaemon,
+  type StrategyName,
+  type VolumeInfo,
+} from './daemon.js';
 import type { Progress } from './progress.js';
 import type { BenchStrategy, ResultRow } from './report.js';
 import { percentile } from './stats.js';
-import { runStream, type StreamProgress, type StreamResult } from './workload.js';
+import { Lockstep, runStream, type StreamProgress, type StreamResult } from './workload.js';
 
 /**
- * Runs every (strategy, profile) pair. Per strategy one daemon (so its RSS is that strategy's), all
- * started up front, with one fresh volume per profile; pairs run profile by profile; per pair: the primary stream into `<vol>/primary` and, for colo and gannet,
- * the same stream (same seed) into `<vol>/secondary` at the same time, with a checkpoint every
- * `checkpointMs` through the control API. Native runs the primary stream alone on a passthrough volume.
- * After a pair the volume is checkpointed and its commit waited for (untimed), so the next pair does
- * not share the disk with a previous background flush.
+ * Runs every (strategy, profile) pair, with one fresh volume per profile, profile by profile. Native is
+ * one VM stream alone on a passthrough volume (a local file behind the same daemon code). For colo and
+ * gannet the topology is the deployment's (`deployment`, the default): a daemon in the secondary role
+ * with the strategy, which serves the SVM stream on `<vol>/secondary`, and a daemon in the primary role
+ * that serves the PVM stream from its own backing file and forwards every write to the secondary's
+ * `<vol>/primary`; checkpoints go to the primary's control API (it checkpoints its peer), and the row's
+ * ops/s is the PVM stream's. `one-daemon` sends both streams to one secondary daemon (`<vol>/primary` and
+ * `<vol>/secondary`, the PVM's writes arriving as a primary host would forward them, its reads served
+ * there too), ops/s the slower stream's. Both streams run the same workload (same seed) at once, with a
+ * checkpoint every `checkpointMs`; deployed, they are kept within vmLeadRequestsMax requests of each other. After a pair the volume is checkpointed and its commit waited for
+ * (untimed), so the next pair does not share the disk with a previous background flush.
  */
+
+export const topologies = ['deployment', 'one-daemon'] as const;
+export type Topology = (typeof topologies)[number];
 
 /** Hard bound on requests per stream, whatever the duration. */
 export const streamOpsMax = 50_000_000;
@@ -25,6 +46,14 @@ export const eventsSettleMsMax = 60_000;
 export const streamStallMs = 30_000;
 /** Daemon log lines shown when a run fails. */
 const daemonLogTailChars = 4_000;
+/**
+ * Deployed, how far (in requests) one VM's stream may run ahead of the other's: they execute the same
+ * instructions, so the faster waits for the slower (see Lockstep).
+ */
+export const vmLeadRequestsMax = 64;
+/** How long a primary daemon's volumes get to finish their first sync with the secondary. */
+export const firstSyncMsMax = 120_000;
+const firstSyncPollMs = 100;
 
 export const strategyOf: Record<BenchStrategy, StrategyName> = { native: 'passthrough', colo: 'colo', gannet: 'gannet' };
 
@@ -38,6 +67,10 @@ export interface RunnerOptions {
   /** Runs per (profile, strategy); the report keeps the median. */
   readonly repeat?: number;
   readonly workDir: string;
+  /** Where the PVM stream goes for colo and gannet (default deployment; a running daemon is one-daemon). */
+  readonly topology?: Topology;
+  /** Deployment: the primary daemon's ack mode (its default when left out). */
+  readonly ackMode?: AckMode;
   readonly progress: Progress;
   readonly gannetBin?: string;
   /** Use a running daemon instead of starting one per strategy. */
@@ -47,10 +80,13 @@ export interface RunnerOptions {
 }
 
 interface Target {
+  /** The secondary role's daemon: the SVM stream, the volume's events, and (one-daemon) everything. */
   readonly control: ControlClient;
   readonly pid: number | undefined;
   readonly volume: VolumeInfo;
   readonly daemon?: StartedDaemon;
+  /** Deployment: the primary role's daemon, serving the PVM stream and taking the checkpoint calls. */
+  readonly primary?: { readonly daemon: StartedDaemon; readonly uri: string | undefined };
 }
 
 /** Waits for a condition re-checked on every event, or fails after `ms`. */
@@ -82,6 +118,8 @@ function pickVolume(volumes: readonly VolumeInfo[], name: string): VolumeInfo {
 
 export async function runBench(options: RunnerOptions): Promise<ResultRow[]> {
   const repeat = options.repeat ?? 1;
+  const topology = options.topology ?? (options.daemon ? 'one-daemon' : 'deployment');
+  if (options.daemon && topology !== 'one-daemon') throw new Error('a running daemon (--daemon) is measured as one-daemon');
   const targets = new Map<BenchStrategy, (profile: Profile) => Target>();
   const daemons: StartedDaemon[] = [];
   try {
@@ -108,7 +146,27 @@ export async function runBench(options: RunnerOptions): Promise<ResultRow[]> {
       daemons.push(daemon);
       options.onStop?.(daemon.stop);
       const volumes = await daemon.control.volumes();
-      targets.set(strategy, (profile) => ({ control: daemon.control, pid: daemon.pid, volume: pickVolume(volumes, profile.name), daemon }));
+      if (strategy === 'native' || topology === 'one-daemon') {
+        targets.set(strategy, (profile) => ({ control: daemon.control, pid: daemon.pid, volume: pickVolume(volumes, profile.name), daemon }));
+        continue;
+      }
+      options.progress.line(`starting gannet serve --role primary replicating to it, and its first sync of ${options.profiles.length} volume(s)`);
+      const primary = await startDaemon({
+        dataDir: `${options.workDir}/${strategy}-primary`,
+        volumes: options.profiles.map((p) => ({ name: p.name, sizeBytes: options.volumeBytes, ...(options.ackMode !== undefined && { ackMode: options.ackMode }) })),
+        gannetBin: options.gannetBin,
+        peer: { control: controlAddress(daemon.control), tokenFile: join(daemon.dataDir, 'control.token') },
+      });
+      daemons.push(primary);
+      options.onStop?.(primary.stop);
+      const disks = await firstSync(primary, options.profiles.map((p) => p.name));
+      targets.set(strategy, (profile) => ({
+        control: daemon.control,
+        pid: daemon.pid,
+        volume: pickVolume(volumes, profile.name),
+        daemon,
+        primary: { daemon: primary, uri: disks.get(profile.name)?.uris.disk[0] },
+      }));
     }
 
     // Profile-major, strategies side by side: load that drifts over minutes hits all strategies of a profile alike.
@@ -142,6 +200,27 @@ export async function runBench(options: RunnerOptions): Promise<ResultRow[]> {
   }
 }
 
+/** Waits until every volume of a primary daemon is replicating (its peer's disk whole). */
+async function firstSync(primary: StartedDaemon, names: readonly string[]): Promise<Map<string, PrimaryVolumeInfo>> {
+  const deadline = performance.now() + firstSyncMsMax;
+  for (;;) {
+    const volumes = (await primary.control.volumes()) as unknown as PrimaryVolumeInfo[];
+    const byName = new Map(volumes.map((v) => [v.name, v]));
+    const waiting = names.filter((name) => byName.get(name)?.state !== 'replicating');
+    if (waiting.length === 0) return byName;
+    if (performance.now() > deadline) {
+      const states = waiting
+        .map((name) => {
+          const volume = byName.get(name);
+          return `${name}: ${volume?.state ?? 'absent'}${volume?.link?.error === undefined ? '' : ` (${volume.link.error})`}`;
+        })
+        .join(', ');
+      throw new Error(`the primary daemon's volumes did not reach replicating within ${firstSyncMsMax} ms (${states})`);
+    }
+    await sleep(firstSyncPollMs);
+  }
+}
+
 /** The run with the median throughput (the lower middle for an even count), with every run's ops/s attached. */
 export function medianRun(rows: readonly ResultRow[]): ResultRow {
   if (rows.length === 0) throw new Error('medianRun: no runs');
@@ -158,6 +237,10 @@ async function connect(uri: string | undefined, what: string): Promise<NbdClient
 async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile: Profile, target: Target, label: string): Promise<ResultRow> {
   const { control, volume } = target;
   const activeActive = strategy !== 'native';
+  const deployed = target.primary !== undefined;
+  /** Where the PVM stream and the checkpoint calls go. */
+  const pvmControl = target.primary?.daemon.control ?? control;
+  const pids = [target.pid, target.primary?.daemon.pid].filter((pid): pid is number => pid !== undefined);
   const durationS = options.durationMs / 1000;
   options.progress.line(`${label} ${strategy} ${profile.name}: ${durationS} s, queue depth ${profile.queueDepth}${activeActive ? ' x 2 streams' : ''}`);
 
@@ -183,19 +266,25 @@ async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile:
       if (!events.signal.aborted) throw error;
     });
 
-  const primary = await connect(volume.uris.primary[0], `${volume.name}/primary`);
+  const primary = deployed
+    ? await connect(target.primary!.uri, `${volume.name} on the primary daemon`)
+    : await connect(volume.uris.primary[0], `${volume.name}/primary`);
   const secondary = activeActive ? await connect(volume.uris.secondary[0], `${volume.name}/secondary`) : undefined;
 
+  // RSS of the daemons together, sampled at the same moments.
+  const rssNow = async () => (await Promise.all(pids.map(rssBytes))).reduce<number>((sum, bytes) => sum + (bytes ?? 0), 0);
   let rssMax = 0;
   const sampler =
-    target.pid === undefined
+    pids.length === 0
       ? undefined
       : setInterval(() => {
-          void rssBytes(target.pid!).then((bytes) => {
-            if (bytes !== undefined) rssMax = Math.max(rssMax, bytes);
+          void rssNow().then((bytes) => {
+            rssMax = Math.max(rssMax, bytes);
           });
         }, rssSampleMs);
-  if (target.pid !== undefined) rssMax = (await rssBytes(target.pid)) ?? 0;
+  if (pids.length > 0) rssMax = await rssNow();
+  const cpuStart = await Promise.all([target.pid, target.primary?.daemon.pid].map((pid) => (pid === undefined ? undefined : cpuSeconds(pid))));
+  const wallStart = performance.now();
 
   const stopCheckpoints = new AbortController();
   const apiMs: number[] = [];
@@ -208,7 +297,7 @@ async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile:
       } catch {
         return;
       }
-      apiMs.push((await control.checkpoint(volume.name)).ms);
+      apiMs.push((await pvmControl.checkpoint(volume.name)).ms);
     }
   })();
 
@@ -227,9 +316,13 @@ async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile:
   let results: StreamResult[];
   try {
     const limits = { durationMs: options.durationMs, opsMax: streamOpsMax };
+    const lockstep = deployed && secondary ? new Lockstep(vmLeadRequestsMax) : undefined;
+    const sideOf = (side: 0 | 1) => (lockstep === undefined ? limits : { ...limits, lockstep: { group: lockstep, side } });
+    // When one stream ends the other runs out alone.
+    const release = () => lockstep?.release();
     results = await Promise.all([
-      runStream(primary, profile, options.seed, limits, progressP),
-      ...(secondary ? [runStream(secondary, profile, options.seed, limits, progressS)] : []),
+      runStream(primary, profile, options.seed, sideOf(0), progressP).finally(release),
+      ...(secondary ? [runStream(secondary, profile, options.seed, sideOf(1), progressS).finally(release)] : []),
     ]);
   } catch (error) {
     if (!stalled) throw error;
@@ -246,12 +339,16 @@ async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile:
     if (sampler) clearInterval(sampler);
     await Promise.all([primary.close(), secondary?.close()]);
   }
+  const wallS = (performance.now() - wallStart) / 1000;
+  const cpuEnd = await Promise.all([target.pid, target.primary?.daemon.pid].map((pid) => (pid === undefined ? undefined : cpuSeconds(pid))));
+  const cores = (i: number): number | null =>
+    cpuStart[i] === undefined || cpuEnd[i] === undefined ? null : (cpuEnd[i]! - cpuStart[i]!) / wallS;
   await checkpointLoop;
   try {
     // The checkpoint events of the timed part, then an untimed final checkpoint and its commit.
     await waiter.until(() => pauses.length >= apiMs.length, eventsSettleMsMax, 'checkpoint events');
     if (activeActive) {
-      const { epoch } = await control.checkpoint(volume.name);
+      const { epoch } = await pvmControl.checkpoint(volume.name);
       const view = (await control.volumes()).find((v) => v.name === volume.name) as (VolumeInfo & { durableEpoch?: number }) | undefined;
       if ((view?.durableEpoch ?? epoch) < epoch) {
         await waiter.until(() => flushedEpoch >= epoch, eventsSettleMsMax, `the commit of epoch ${epoch}`);
@@ -264,10 +361,11 @@ async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile:
 
   const [p, s] = results;
   const rate = (r: StreamResult) => (r.reads + r.writes) / (r.elapsedMs / 1000);
-  const slower = s !== undefined && rate(s) < rate(p) ? s : p;
+  // Deployed, the PVM's stream is the figure (its overhead against native); on one daemon, the slower VM paces both.
+  const slower = deployed || s === undefined || rate(s) >= rate(p) ? p : s;
   const latency = p.latency;
   const flushLatency = p.flushLatency;
-  if (s) {
+  if (s && !deployed) {
     latency.merge(s.latency);
     flushLatency.merge(s.flushLatency);
   }
@@ -285,7 +383,9 @@ async function runPair(options: RunnerOptions, strategy: BenchStrategy, profile:
     checkpointPauseP99Ms: timedPauses.length > 0 ? percentile(timedPauses, 99) : null,
     checkpointApiP99Ms: apiMs.length > 0 ? percentile(apiMs, 99) : null,
     checkpoints: apiMs.length,
-    rssMiB: target.pid === undefined ? null : rssMax / 2 ** 20,
+    rssMiB: pids.length === 0 ? null : rssMax / 2 ** 20,
+    cpuCores: { secondary: cores(0), primary: cores(1) },
+    topology: strategy === 'native' ? 'native' : deployed ? 'deployment' : 'one-daemon',
     overheadVsNative: null,
     speedupVsColo: null,
     streams: { primaryOpsPerSec: rate(p), secondaryOpsPerSec: s ? rate(s) : null },

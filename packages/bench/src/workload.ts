@@ -66,6 +66,8 @@ export interface StreamLimits {
   readonly durationMs: number;
   /** A hard bound on ops, whatever the duration. */
   readonly opsMax: number;
+  /** This stream's side of a pair kept in step (see Lockstep). */
+  readonly lockstep?: { readonly group: Lockstep; readonly side: 0 | 1 };
 }
 
 export interface StreamResult {
@@ -89,6 +91,46 @@ export interface StreamProgress {
  * reads/writes in flight; a flush waits for them to drain and then runs alone (fsync semantics).
  * Any failed request fails the stream.
  */
+/**
+ * Keeps two streams within `aheadOpsMax` requests of each other: the PVM and the SVM execute the same
+ * instructions and their outputs are compared, so neither VM runs far ahead of the other, and the pair
+ * goes at the slower one's pace. Each stream waits, before issuing a request, while it has issued more
+ * than `aheadOpsMax` beyond what the other has completed. `release` (when either stream ends) lets the
+ * other run out alone.
+ */
+export class Lockstep {
+  private readonly done = [0, 0];
+  private readonly waiting: ((() => void) | null)[] = [null, null];
+  private released = false;
+
+  constructor(readonly aheadOpsMax: number) {}
+
+  async admit(side: 0 | 1, issued: number): Promise<void> {
+    while (!this.released && issued - this.done[1 - side] > this.aheadOpsMax) {
+      await new Promise<void>((resolve) => {
+        this.waiting[side] = resolve;
+      });
+    }
+  }
+
+  completed(side: 0 | 1): void {
+    this.done[side]++;
+    this.wake(1 - side);
+  }
+
+  release(): void {
+    this.released = true;
+    this.wake(0);
+    this.wake(1);
+  }
+
+  private wake(side: number): void {
+    const waiter = this.waiting[side];
+    this.waiting[side] = null;
+    waiter?.();
+  }
+}
+
 export async function runStream(
   device: BlockDevice,
   profile: Profile,
@@ -125,6 +167,7 @@ export async function runStream(
         else writes++;
         bytes += op.length;
         progress.ops++;
+        limits.lockstep?.group.completed(limits.lockstep.side);
       },
       (error: unknown) => {
         failure ??= error;
@@ -137,6 +180,7 @@ export async function runStream(
   };
 
   let issued = 0;
+  let dataIssued = 0;
   while (failure === undefined && issued < limits.opsMax && performance.now() < deadline) {
     const op = generator.next();
     issued++;
@@ -150,6 +194,11 @@ export async function runStream(
       continue;
     }
     if (inFlight.size >= profile.queueDepth) await Promise.race(inFlight);
+    if (limits.lockstep !== undefined) {
+      dataIssued++;
+      await limits.lockstep.group.admit(limits.lockstep.side, dataIssued);
+      if (failure !== undefined) break;
+    }
     issue(op);
   }
   await Promise.all(inFlight);

@@ -1,7 +1,9 @@
+import { randomUUID } from 'node:crypto';
 import { access } from 'node:fs/promises';
 import { SwappableDevice } from '@gannet/block-device';
 import {
   checkpointGroup,
+  deviceDigests,
   digestBytes,
   digestChunkBytes,
   openVolume,
@@ -138,9 +140,35 @@ export interface VolumeSetContext {
 
 const systemCode = /^E[A-Z0-9]+$/;
 
-/** A checkpoint's answer for one volume; `instance` lets a primary tell a restarted peer from the one it fed. */
+/**
+ * A baseline volume (colo, passthrough) as a primary's peer, so that the benchmark harness can run a
+ * baseline in the deployment's topology: it keeps no identity, so each open is a new instance and a new
+ * disk to the primary (which syncs it whole), and it holds the inconsistent mark in memory without
+ * acting on it (it fails over onto a half-synced disk). Only ReplicatedVolume refuses that.
+ */
+interface BaselineLink {
+  readonly instance: string;
+  inconsistent: boolean;
+}
+const baselineLinks = new WeakMap<Volume, BaselineLink>();
+
+function baselineLink(volume: Volume): BaselineLink {
+  let link = baselineLinks.get(volume);
+  if (link === undefined) {
+    link = { instance: randomUUID(), inconsistent: false };
+    baselineLinks.set(volume, link);
+  }
+  return link;
+}
+
+/** Changes each time the daemon opens the volume: a primary tells a restarted peer from the one it fed by it. */
+function instanceOf(volume: Volume): string {
+  return volume instanceof ReplicatedVolume ? volume.instance : baselineLink(volume).instance;
+}
+
+/** A checkpoint's answer for one volume. */
 function checkpointed(name: string, volume: Volume, epoch: number): CheckpointResult['volumes'][number] {
-  return { name, epoch, durableEpoch: volume.stats().durableEpoch, ...(volume instanceof ReplicatedVolume && { instance: volume.instance }) };
+  return { name, epoch, durableEpoch: volume.stats().durableEpoch, instance: instanceOf(volume) };
 }
 
 /**
@@ -395,7 +423,7 @@ export class VolumeSet {
       // A split brain holds whatever the volume was doing (failed over, most often) until it is resolved.
       state: stats.splitBrain !== undefined ? 'split-brain' : stats.state,
       ...(stats.volumeId !== undefined && { volumeId: stats.volumeId }),
-      ...(entry.volume instanceof ReplicatedVolume && { instance: entry.volume.instance }),
+      instance: instanceOf(entry.volume),
       ...(stats.error !== undefined && { error: { ...stats.error } }),
       ...(stats.failoverTarget !== undefined && { failoverTarget: stats.failoverTarget }),
       ...(stats.failover !== undefined && { failover: { ...stats.failover } }),
@@ -514,11 +542,11 @@ export class VolumeSet {
     this.lookup(name);
     return this.ordered([name], async () => {
       const exportName = `${name}/primary`;
-      // A failed-over volume answers too: the primary compares generations and learns it is stale (or
-      // split from it), then refuses the session itself.
-      const gannet = this.gannetOf(name, 'take a primary');
+      // A failed-over gannet volume answers too: the primary compares generations and learns it is stale
+      // (or split from it), then refuses the session itself.
+      const target = this.attachTargetOf(name);
       // A split brain is refused before anything else, and fences no connection.
-      await gannet.acceptPrimary(generation);
+      if (target instanceof ReplicatedVolume) await target.acceptPrimary(generation);
       const last = this.attached.get(name);
       if (from !== undefined && last !== undefined && last.link === from.link && from.attempt <= last.attempt) {
         throw new ApiError('conflict', `volume ${name}: attempt ${from.attempt} of this primary's link is stale: attempt ${last.attempt} has attached since`);
@@ -526,18 +554,19 @@ export class VolumeSet {
       if (from !== undefined) this.attached.set(name, { link: from.link, attempt: from.attempt });
       await this.context.nbd.closeExportConnections(exportName, { graceMs: peerFenceGraceMs });
       // Read after the fence: a failover or a halt meanwhile is seen.
-      const volume = this.gannetOf(name, 'take a primary');
+      const volume = this.attachTargetOf(name);
       const stats = volume.stats();
-      this.context.logger.info({ volume: name, instance: volume.instance, epoch: stats.epoch, durableEpoch: stats.durableEpoch }, 'primary attached');
+      const instance = instanceOf(volume);
+      this.context.logger.info({ volume: name, instance, epoch: stats.epoch, durableEpoch: stats.durableEpoch }, 'primary attached');
       return {
-        volumeId: volume.volumeId,
-        instance: volume.instance,
+        volumeId: volume instanceof ReplicatedVolume ? volume.volumeId : instance,
+        instance,
         sizeBytes: stats.sizeBytes,
         state: stats.state,
         epoch: stats.epoch,
         durableEpoch: stats.durableEpoch,
         tornRanges: stats.tornRanges.map((range) => ({ offset: range.offset, length: range.length })),
-        inconsistent: stats.inconsistent !== undefined,
+        inconsistent: volume instanceof ReplicatedVolume ? stats.inconsistent !== undefined : baselineLink(volume).inconsistent,
         generation: stats.generation ?? null,
         nbd: {
           export: exportName,
@@ -552,8 +581,9 @@ export class VolumeSet {
   setInconsistent(name: string, inconsistent: boolean, generation?: Generation): Promise<VolumeView> {
     this.lookup(name);
     return this.ordered([name], async () => {
-      const volume = this.replicatedOf(name, inconsistent ? 'be marked inconsistent' : 'be marked consistent');
-      await volume.setInconsistent(inconsistent, generation);
+      const volume = this.peerTargetOf(name, inconsistent ? 'be marked inconsistent' : 'be marked consistent');
+      if (volume instanceof ReplicatedVolume) await volume.setInconsistent(inconsistent, generation);
+      else baselineLink(volume).inconsistent = inconsistent;
       this.context.logger.info(
         { volume: name, inconsistent, ...(generation !== undefined && { generation }) },
         inconsistent ? 'marked inconsistent: a resync from the primary began' : 'marked consistent: the resync is durable',
@@ -599,9 +629,9 @@ export class VolumeSet {
   digests(name: string, offset: number, length: number): Promise<DigestsView> {
     this.lookup(name);
     return this.ordered([name], async () => {
-      const volume = this.replicatedOf(name, 'answer digests');
-      const digests = await volume.digests(offset, length);
-      return { instance: volume.instance, chunkBytes: digestChunkBytes, digestBytes, digests: Buffer.from(digests).toString('base64') };
+      const volume = this.peerTargetOf(name, 'answer digests');
+      const digests = volume instanceof ReplicatedVolume ? await volume.digests(offset, length) : await deviceDigests(volume.primary, offset, length);
+      return { instance: instanceOf(volume), chunkBytes: digestChunkBytes, digestBytes, digests: Buffer.from(digests).toString('base64') };
     });
   }
 
@@ -612,6 +642,23 @@ export class VolumeSet {
     if (!(entry.volume instanceof ReplicatedVolume)) {
       throw new ApiError('conflict', `volume ${name} cannot ${what}: its strategy ${entry.volume.stats().strategy} is a baseline with no replication link`);
     }
+    return entry.volume;
+  }
+
+  /** What a primary attaches to: a gannet volume in any state (see attachPeer), or a replicating baseline (see BaselineLink). */
+  private attachTargetOf(name: string): Volume {
+    const entry = this.lookup(name);
+    if (entry.kind === 'open' && entry.volume instanceof ReplicatedVolume) return entry.volume;
+    return this.peerTargetOf(name, 'take a primary');
+  }
+
+  /** A replicating volume that takes a primary's calls: gannet, or a baseline (see BaselineLink); or a conflict saying why it cannot `what`. */
+  private peerTargetOf(name: string, what: string): Volume {
+    const entry = this.lookup(name);
+    if (entry.kind !== 'open') throw new ApiError('conflict', `volume ${name} cannot ${what}: it is in error (${entry.error.code}): ${entry.error.message}`);
+    if (entry.volume instanceof ReplicatedVolume) return this.replicatedOf(name, what);
+    const { state } = entry.volume.stats();
+    if (state !== 'replicating') throw new ApiError('conflict', `volume ${name} cannot ${what}: it is ${state}, not replicating, and takes no forwarded writes`);
     return entry.volume;
   }
 
