@@ -136,16 +136,17 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     // P: role primary, replicating to S.
     const pTokenFile = join(peerDir, 'p-peer.token');
     await writeFile(pTokenFile, `${secondary.token}\n`, { mode: 0o600 });
-    const primary = await startDaemon({
-      volumes: [`vm:${volumeBytes}`],
-      args: ['--role', 'primary', '--peer', `${secondary.control.host}:${secondary.control.port}`, '--peer-token-file', pTokenFile],
-    });
+    const pArgs = ['--role', 'primary', '--peer', `${secondary.control.host}:${secondary.control.port}`, '--peer-token-file', pTokenFile];
+    const primary = await startDaemon({ volumes: [`vm:${volumeBytes}`], args: pArgs });
     const pEvents = await subscribe(primary, 'vm');
     await reachState(primary, pEvents, 'replicating');
 
     // Period 1, through the old primary, made durable on S.
     assertQemuOk(await qemuIo(primary, 'vm', [`write -P 0x11 0 ${periodOneBytes}`, 'flush']), 'period 1');
     await reachDurable(primary, pEvents, await checkpoint(primary));
+    // P's host goes down before S takes over; it comes back only once S is a primary (below).
+    await pEvents.close();
+    expect((await primary.stop('SIGKILL')).signal).toBe('SIGKILL');
 
     const failover = await gannet(['failover', 'vm', ...clientFlags(secondary)]);
     expect({ status: failover.status, stderr: failover.stderr }).toEqual({ status: 0, stderr: '' });
@@ -184,6 +185,14 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     const metrics = (await api(secondary, 'GET', '/metrics')).text;
     expect(metrics).toContain('gannet_volume_role{volume="vm",role="primary"} 1');
 
+    // The old primary comes back: its peer is a primary now, a generation ahead of it (it wrote nothing
+    // since they split), so it is stale and fenced rather than left degraded, writing on its own.
+    const oldPrimary = await startDaemon({ dataDir: primary.dataDir, volumes: [], args: pArgs });
+    const oldEvents = await subscribe(oldPrimary, 'vm');
+    await reachState(oldPrimary, oldEvents, 'fenced');
+    expect(await view(oldPrimary)).toMatchObject({ role: 'primary', state: 'fenced', error: { code: 'EFENCED', message: expect.stringContaining('became a primary') } });
+    await oldEvents.close();
+
     // The new secondary's disk equals the new primary's once a checkpoint is durable there.
     await reachDurable(secondary, sEvents, await checkpoint(secondary));
     const disk = await readWhole(vm);
@@ -215,7 +224,7 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
     const again = await NbdClient.connect(restarted.nbd, { exportName: 'vm/secondary' });
     expect({ firstDifferentMiB: firstDifferentMiB(await readWhole(again), disk) }).toEqual({ firstDifferentMiB: null });
     await again.close();
-    await Promise.all([pEvents.close(), sEvents.close()]);
+    await sEvents.close();
   });
 
   it('checks every body naming the field, promotes a volume nobody uses (its role surviving a crash before volume.json followed), answers a promote of a primary and a demote of a secondary as no-ops, and refuses a resolve outside split brain', async () => {

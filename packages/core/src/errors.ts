@@ -54,6 +54,20 @@ export class SplitBrainError extends GannetError {
   }
 }
 
+/**
+ * The peer's volume is a primary too: promoted after a failover (this side then is the old primary), or
+ * two primaries configured as each other's peer. Its generation tells which.
+ */
+export class PeerIsPrimaryError extends GannetError {
+  constructor(
+    message: string,
+    readonly peer: Generation,
+  ) {
+    super('EPEER', message);
+    this.name = 'PeerIsPrimaryError';
+  }
+}
+
 export function isGannetError(err: unknown): err is GannetError {
   return err instanceof GannetError;
 }

@@ -1,6 +1,6 @@
 export * from './types.js';
 export * from './options.js';
-export { GannetError, SplitBrainError, isGannetError, type GannetErrorCode } from './errors.js';
+export { GannetError, PeerIsPrimaryError, SplitBrainError, isGannetError, type GannetErrorCode } from './errors.js';
 export { InvariantError } from './assert.js';
 export { ReplicatedVolume, metaDirName, type OpenContext } from './volume.js';
 export { VolumeView, type ViewRole } from './view.js';

@@ -19,7 +19,7 @@ import { ActivityLog } from './activity-log.js';
 import { InvariantError } from './assert.js';
 import { chunkDigest } from './digest.js';
 import { BlockBitmap } from './dirty.js';
-import { GannetError, SplitBrainError } from './errors.js';
+import { GannetError, PeerIsPrimaryError, SplitBrainError } from './errors.js';
 import {
   compareGenerations,
   copyGeneration,
@@ -435,10 +435,20 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     const remote = this.forward(peerTurn, marked, data, offset, length, first, end, noHole, !awaitPeer && data !== null ? length : 0);
     void Promise.allSettled([local, remote]).then(() => this.inflight.leave(generation));
     if (!awaitPeer) return local;
-    const [done] = await Promise.allSettled([local, remote]);
+    const [done, sent] = await Promise.allSettled([local, remote]);
     if (done.status === 'rejected') throw done.reason;
     // The peer refused this very write because it failed over: the VM must not go on as if it landed.
     if ((this.state as PrimaryState) === 'fenced') throw new BlockDeviceError('EIO', `the volume is fenced: ${this.error?.message}`);
+    // The link broke under this write: it is acknowledged from the local disk alone, a write while
+    // degraded like those after it, so it moves the generation first (a peer that fails over meanwhile
+    // must find a split brain, not a stale primary whose acknowledged write a resync would undo).
+    if (sent.status === 'fulfilled' && !sent.value) {
+      try {
+        await this.bumpGeneration();
+      } catch (err) {
+        throw toBlockDeviceError(err, 'recording a new generation');
+      }
+    }
   }
 
   private bumpGeneration(): Promise<void> {
@@ -495,7 +505,10 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     }
   }
 
-  /** Sends one write to the peer; never rejects: a failure drops the link and leaves the blocks unsent. */
+  /**
+   * Sends one write to the peer; never rejects: a failure drops the link and leaves the blocks unsent.
+   * Resolves whether the peer took it.
+   */
   private async forward(
     turn: Turn,
     marked: Interval,
@@ -506,12 +519,12 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
     end: number,
     noHole: boolean,
     copiedBytes: number,
-  ): Promise<void> {
+  ): Promise<boolean> {
     const session = this.session;
     if (session === null) {
       turn.leave();
       this.unsent.add(first, end);
-      return;
+      return false;
     }
     this.forwardBytes += copiedBytes;
     try {
@@ -520,6 +533,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       // Sent after a checkpoint sealed the interval it was marked in: it may be in the peer's next epoch.
       if (this.current !== marked) this.current.bits.add(first, end);
       await this.call(session, data === null ? session.device.writeZeroes(offset, length, noHole ? { noHole } : undefined) : session.device.write(data, offset));
+      return true;
     } catch (err) {
       this.unsent.add(first, end);
       // Before failover the peer's NAME/primary takes every write into memory; only a failed-over (or
@@ -527,6 +541,7 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       if ((err as { code?: unknown }).code === 'EPERM') this.peerFailedOver(session, 'the peer refused a forwarded write (EPERM): it failed over');
       else this.linkFailed(session, err);
       this.unsentAfterResync(session);
+      return false;
     } finally {
       turn.leave();
       if (copiedBytes > 0) this.releaseRoom(copiedBytes);
@@ -638,7 +653,15 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
       } catch (err) {
         // The peer compared generations first and refused: it moved on as we did.
         if (err instanceof SplitBrainError) await this.enterSplitBrain(err.secondary);
-        this.setLink(err instanceof SplitBrainError ? 'refused' : 'down', err);
+        if (err instanceof PeerIsPrimaryError) {
+          const relation = compareGenerations(this.generation, err.peer);
+          if (relation === 'peer-newer') {
+            this.fence(null, `the peer's volume became a primary (generation ${err.peer.current}) and this one did not write since they split: it is stale`);
+            break;
+          }
+          if (relation === 'split-brain') await this.enterSplitBrain(err.peer);
+        }
+        this.setLink(err instanceof SplitBrainError || err instanceof PeerIsPrimaryError ? 'refused' : 'down', err);
         await this.sleep(delay);
         delay = Math.min(delay * 2, this.options.peerReconnectMsMax);
         continue;
@@ -1150,17 +1173,17 @@ export class PrimaryVolume extends EventEmitter<PrimaryEvents> {
    * This side is stale: the session ends, writes and FLUSH fail with EIO from now on, and the mark is
    * stored, so a restart does not start writing again.
    */
-  private fence(session: PeerSession, reason: string): void {
+  private fence(session: PeerSession | null, reason: string): void {
     if (this.state === 'fenced' || this.state === 'halted' || this.state === 'closed') return;
     const since = new Date().toISOString();
     this.error = { code: 'EFENCED', message: reason, since };
     this.setState('fenced');
-    if (this.session === session) {
+    if (session !== null && this.session === session) {
       this.session = null;
       this.stopWatch();
       this.sessionEnded?.();
     }
-    session.abort();
+    session?.abort();
     this.setLink('refused', new GannetError('EFENCED', reason));
     this.fencing = this.kv
       .batch([{ type: 'put', key: key.fenced, value: Buffer.from(JSON.stringify({ since, reason })) }], { sync: true })

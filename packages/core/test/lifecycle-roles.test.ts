@@ -278,6 +278,35 @@ describe('split brain', () => {
   });
 });
 
+describe('a write caught by the link cut', () => {
+  it('in ack mode peer, a write acknowledged from the local disk alone because the link broke under it moves the generation before the ack: a peer that failed over finds a split brain, not a stale primary', async () => {
+    const a = new Host();
+    const b = new Host();
+    const link = new Link();
+    link.target = await b.openSecondary();
+    const primary = await openPrimary(a, link, { ackMode: 'peer' });
+    await until(primary, 'replicating', link.target);
+    await primary.device.write(pattern(64 * KiB, 1), 0);
+    await commit(primary, link.target);
+    const synced = primary.stats().generation;
+
+    // The forward of this write fails: the VM hears back from the local disk alone, and nothing after it is written.
+    link.cut();
+    await primary.device.write(pattern(64 * KiB, 2), 1 * MiB);
+    expect(primary.stats().generation.history[0]).toBe(synced.current);
+    await until(primary, 'degraded');
+
+    const secondary = link.target;
+    await secondary.failover({ to: 'secondary' });
+    link.up = true;
+    await until(primary, 'split-brain', secondary);
+    expect(secondary.stats().splitBrain).toMatchObject({ peer: primary.stats().generation });
+    expect(a.file().subarray(1 * MiB, 1 * MiB + 64 * KiB)).toEqual(Buffer.from(pattern(64 * KiB, 2)));
+    await primary.close();
+    await secondary.close();
+  });
+});
+
 describe('role change', () => {
   it('a failed-over secondary is promoted on its own disk, protects it again with a fresh secondary, and the old primary, demoted, rejoins with only its differences sent', async () => {
     const a = new Host();

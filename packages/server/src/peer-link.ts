@@ -6,6 +6,7 @@ import {
   digestChunkBytes,
   GannetError,
   generationSchema,
+  PeerIsPrimaryError,
   SplitBrainError,
   type Generation,
   type Peer,
@@ -235,9 +236,10 @@ export function peerLink(options: PeerLinkOptions): Peer {
         attach = await call(session, `attach volume ${volume}`, 'POST', `${volumePath}/peer`, attachSchema, { link: linkId, attempt: attempts, generation });
       } catch (error) {
         const refused = (error as { cause?: unknown }).cause;
-        if (!(refused instanceof RefusedError) || refused.reason !== 'ESPLITBRAIN') throw error;
-        // The refusal names no generation: the volume's status does, as it recorded the split.
-        const { generation: theirs } = await call(session, `read volume ${volume} after its split-brain refusal`, 'GET', volumePath, splitVolumeSchema);
+        if (!(refused instanceof RefusedError) || (refused.reason !== 'ESPLITBRAIN' && refused.reason !== 'EPRIMARY')) throw error;
+        // The refusal names no generation: the volume's status does (the split it recorded, or its own as a primary).
+        const { generation: theirs } = await call(session, `read volume ${volume} after its refusal`, 'GET', volumePath, splitVolumeSchema);
+        if (refused.reason === 'EPRIMARY') throw new PeerIsPrimaryError(`peer ${address}: ${refused.message}`, theirs);
         throw new SplitBrainError(`peer ${address}: ${refused.message}`, theirs, generation);
       }
       const device = await openNbd(attach, session);
