@@ -22,8 +22,9 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NbdClient } from 'nbd-server-js';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { api, assertQemuOk, clientFlags, gannet, listedExports, makeTempDir, qemuIo, requireTool, run, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
+import { api, assertQemuOk, clientFlags, gannet, listedExports, makeTempDir, qemuIo, requireTool, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
 import { subscribe, type EventStream } from './helpers/events.js';
+import { createVethNamespace, deleteVethNamespace, must, vethNamespace } from './helpers/netns.js';
 
 const MiB = 1024 * 1024;
 const volumeBytes = 64 * MiB;
@@ -409,11 +410,6 @@ describe('re-protection: promote a failed-over secondary while its VM writes', (
 });
 
 /** Runs a command that must succeed (ip, to build and cut the test network). */
-async function must(file: string, args: string[]): Promise<void> {
-  const result = await run(file, args);
-  if (result.status !== 0) throw new Error(`${file} ${args.join(' ')}: status ${result.status}\n${result.stderr}`);
-}
-
 const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest('hex');
 
 /**
@@ -427,33 +423,15 @@ const sha256 = (bytes: Uint8Array) => createHash('sha256').update(bytes).digest(
  * disk becomes exactly S's. As root, like the other namespace tests: without it this fails, never skips.
  */
 describe('a split brain across a cut link, resolved by discarding one side', () => {
-  const suffix = `${process.pid % 100_000}`;
-  const namespace = `gannet-sb${suffix}`;
-  /** veth names are at most 15 characters. */
-  const hostEnd = `gsh${suffix}`;
-  const peerEnd = `gsp${suffix}`;
-  const hostAddress = '10.231.9.1';
-  const peerAddress = '10.231.9.2';
+  const net = vethNamespace('sb', 9);
+  const { namespace, hostEnd, hostAddress, peerAddress } = net;
   const ip = requireTool('ip');
 
-  beforeAll(async () => {
-    await must(ip, ['netns', 'add', namespace]);
-    await must(ip, ['link', 'add', hostEnd, 'type', 'veth', 'peer', 'name', peerEnd]);
-    await must(ip, ['link', 'set', peerEnd, 'netns', namespace]);
-    await must(ip, ['addr', 'add', `${hostAddress}/30`, 'dev', hostEnd]);
-    await must(ip, ['link', 'set', hostEnd, 'up']);
-    await must(ip, ['-n', namespace, 'addr', 'add', `${peerAddress}/30`, 'dev', peerEnd]);
-    await must(ip, ['-n', namespace, 'link', 'set', peerEnd, 'up']);
-    await must(ip, ['-n', namespace, 'link', 'set', 'lo', 'up']);
-  });
+  beforeAll(() => createVethNamespace(ip, net));
 
   afterEach(stopAll);
 
-  // Deleting the namespace deletes the veth pair with it.
-  afterAll(async () => {
-    const listed = await run(ip, ['netns', 'list']);
-    if (listed.stdout.split('\n').some((line) => line.split(' ')[0] === namespace)) await must(ip, ['netns', 'del', namespace]);
-  });
+  afterAll(() => deleteVethNamespace(ip, net));
 
   /**
    * Two daemons in split brain: P (on every address of the host, so that S reaches it once promoted)

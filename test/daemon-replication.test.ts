@@ -19,6 +19,7 @@ import { createInterface } from 'node:readline';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { api, assertQemuOk, clientFlags, gannet, makeTempDir, qemuIo, requireTool, run, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
 import { subscribe, type EventStream } from './helpers/events.js';
+import { createVethNamespace, deleteVethNamespace, must, vethNamespace } from './helpers/netns.js';
 import { makePki } from './helpers/pki.js';
 import { systemPython } from './helpers/process.js';
 
@@ -146,11 +147,6 @@ async function trim(daemon: DaemonHandle, offset: number, length: number): Promi
 }
 
 /** Runs a command that must succeed (ip, to build and cut the test network). */
-async function must(file: string, args: string[]): Promise<void> {
-  const result = await run(file, args);
-  if (result.status !== 0) throw new Error(`${file} ${args.join(' ')}: status ${result.status}\n${result.stderr}`);
-}
-
 const diskOf = (daemon: DaemonHandle) => join(daemon.dataDir, 'volumes', 'vm', 'disk.img');
 
 /** A final checkpoint, made durable on the secondary; then both disks must be equal byte for byte. */
@@ -508,36 +504,13 @@ describe('a primary and a secondary daemon on loopback', () => {
  * mount tests: without it this fails, never skips.
  */
 describe('a primary and a secondary in another network namespace', () => {
-  const suffix = `${process.pid % 100_000}`;
-  const namespace = `gannet-t${suffix}`;
-  /** veth names are at most 15 characters. */
-  const hostEnd = `gnh${suffix}`;
-  const peerEnd = `gnp${suffix}`;
-  const hostAddress = '10.231.7.1';
-  const peerAddress = '10.231.7.2';
+  const net = vethNamespace('t', 7);
+  const { namespace, hostEnd, hostAddress, peerAddress } = net;
   const ip = requireTool('ip');
 
-  beforeAll(async () => {
-    await must(ip, ['netns', 'add', namespace]);
-    await must(ip, ['link', 'add', hostEnd, 'type', 'veth', 'peer', 'name', peerEnd]);
-    await must(ip, ['link', 'set', peerEnd, 'netns', namespace]);
-    await must(ip, ['addr', 'add', `${hostAddress}/30`, 'dev', hostEnd]);
-    await must(ip, ['link', 'set', hostEnd, 'up']);
-    await must(ip, ['-n', namespace, 'addr', 'add', `${peerAddress}/30`, 'dev', peerEnd]);
-    await must(ip, ['-n', namespace, 'link', 'set', peerEnd, 'up']);
-    await must(ip, ['-n', namespace, 'link', 'set', 'lo', 'up']);
-  });
+  beforeAll(() => createVethNamespace(ip, net));
 
-  afterEach(async () => {
-    for (const child of writers) child.kill('SIGKILL');
-    await stopAll();
-  });
-
-  // Deleting the namespace deletes the veth pair with it.
-  afterAll(async () => {
-    const listed = await run(ip, ['netns', 'list']);
-    if (listed.stdout.split('\n').some((line) => line.split(' ')[0] === namespace)) await must(ip, ['netns', 'del', namespace]);
-  });
+  afterAll(() => deleteVethNamespace(ip, net));
 
   it('a cut link: the writer sees no error, the primary goes degraded, and resyncs once the link is back', async () => {
     requireTool('python3-nbd');
