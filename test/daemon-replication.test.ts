@@ -146,7 +146,6 @@ async function trim(daemon: DaemonHandle, offset: number, length: number): Promi
   expect({ status: result.status, stdout: result.stdout.trim(), stderr: result.stderr }).toEqual({ status: 0, stdout: 'trimmed', stderr: '' });
 }
 
-/** Runs a command that must succeed (ip, to build and cut the test network). */
 const diskOf = (daemon: DaemonHandle) => join(daemon.dataDir, 'volumes', 'vm', 'disk.img');
 
 /** A final checkpoint, made durable on the secondary; then both disks must be equal byte for byte. */
@@ -509,6 +508,11 @@ describe('a primary and a secondary in another network namespace', () => {
   const ip = requireTool('ip');
 
   beforeAll(() => createVethNamespace(ip, net));
+
+  afterEach(async () => {
+    for (const child of writers) child.kill('SIGKILL');
+    await stopAll();
+  });
 
   afterAll(() => deleteVethNamespace(ip, net));
 
