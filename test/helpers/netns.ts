@@ -31,6 +31,13 @@ export function vethNamespace(tag: string, subnet: number): VethNamespace {
 }
 
 export async function createVethNamespace(ip: string, n: VethNamespace): Promise<void> {
+  // A veth left by a run killed mid-way still holds the subnet: connects would go out through it and be
+  // refused, which reads like a daemon bug. Say what is in the way instead.
+  const subnet = n.hostAddress.slice(0, n.hostAddress.lastIndexOf('.') + 1);
+  const taken = (await run(ip, ['-br', 'addr'])).stdout.split('\n').filter((line) => line.includes(` ${subnet}`));
+  if (taken.length > 0) {
+    throw new Error(`${subnet}0/30 is already in use (${taken.map((line) => line.trim()).join('; ')}): a veth left by an earlier test run? delete it (ip link del NAME) and run again`);
+  }
   await must(ip, ['netns', 'add', n.namespace]);
   await must(ip, ['link', 'add', n.hostEnd, 'type', 'veth', 'peer', 'name', n.peerEnd]);
   await must(ip, ['link', 'set', n.peerEnd, 'netns', n.namespace]);
