@@ -22,7 +22,7 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { NbdClient } from 'nbd-server-js';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { api, assertQemuOk, clientFlags, gannet, listedExports, makeTempDir, qemuIo, requireTool, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
+import { api, assertQemuOk, clientFlags, gannet, listedExports, makeTempDir, primaryConfig, qemuIo, requireTool, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
 import { subscribe, type EventStream } from './helpers/events.js';
 import { createVethNamespace, deleteVethNamespace, must, vethNamespace } from './helpers/netns.js';
 
@@ -454,23 +454,7 @@ describe('a split brain across a cut link, resolved by discarding one side', () 
       ],
     });
     const sFlags = ['--control-socket', sControl, '--data-dir', secondary.dataDir];
-    const tokenFile = join(socketDir, 'peer.token');
-    await writeFile(tokenFile, `${secondary.token}\n`, { mode: 0o600 });
-    const config = join(socketDir, 'primary.yaml');
-    await writeFile(
-      config,
-      [
-        'role: primary',
-        `peer: { control: "${peerAddress}:${secondary.control.port}", tokenFile: ${tokenFile} }`,
-        'volumes:',
-        '  vm:',
-        `    sizeBytes: ${volumeBytes}`,
-        '    peerReconnectMs: 50',
-        '    peerReconnectMsMax: 250',
-        '    peerTimeoutMs: 1000',
-        '',
-      ].join('\n'),
-    );
+    const config = await primaryConfig(secondary, { volumeBytes, peerTimeoutMs: 1000, controlHost: peerAddress });
     const primary = await startDaemon({ volumes: [], args: ['--config', config, '--nbd', '0.0.0.0:0', '--control', '0.0.0.0:0'] });
     await writeFile(sTokenFile, `${primary.token}\n`);
     const pEvents = await subscribe(primary, 'vm');

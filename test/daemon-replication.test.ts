@@ -17,7 +17,20 @@ import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { api, assertQemuOk, clientFlags, gannet, makeTempDir, qemuIo, requireTool, run, startDaemon, stopAll, type DaemonHandle } from './helpers/daemon.js';
+import {
+  api,
+  assertQemuOk,
+  clientFlags,
+  gannet,
+  makeTempDir,
+  primaryConfig as sharedPrimaryConfig,
+  qemuIo,
+  requireTool,
+  run,
+  startDaemon,
+  stopAll,
+  type DaemonHandle,
+} from './helpers/daemon.js';
 import { subscribe, type EventStream } from './helpers/events.js';
 import { createVethNamespace, deleteVethNamespace, must, vethNamespace } from './helpers/netns.js';
 import { makePki } from './helpers/pki.js';
@@ -67,29 +80,9 @@ async function startSecondary(
   });
 }
 
-/** The primary's config: the secondary's control port and a copy of its token, and quick reconnects. */
-async function primaryConfig(secondary: DaemonHandle, peerTimeoutMs = 3000, volumeLines: string[] = []): Promise<string> {
-  const dir = await makeTempDir();
-  const tokenFile = join(dir, 'peer.token');
-  await writeFile(tokenFile, `${secondary.token}\n`, { mode: 0o600 });
-  const file = join(dir, 'primary.yaml');
-  await writeFile(
-    file,
-    [
-      'role: primary',
-      `peer: { control: "${secondary.control.host}:${secondary.control.port}", tokenFile: ${tokenFile} }`,
-      'volumes:',
-      '  vm:',
-      `    sizeBytes: ${volumeBytes}`,
-      // A restarted secondary is found within a fraction of a second instead of the default backoff.
-      '    peerReconnectMs: 50',
-      '    peerReconnectMsMax: 250',
-      `    peerTimeoutMs: ${peerTimeoutMs}`,
-      ...volumeLines,
-      '',
-    ].join('\n'),
-  );
-  return file;
+/** A primary's config for `vm` (helpers/daemon.ts), its peer timeout 3 s unless given. */
+function primaryConfig(secondary: DaemonHandle, peerTimeoutMs = 3000, volumeLines: string[] = []): Promise<string> {
+  return sharedPrimaryConfig(secondary, { volumeBytes, peerTimeoutMs, volumeLines });
 }
 
 function startPrimary(config: string, dataDir?: string, args: string[] = []): Promise<DaemonHandle> {

@@ -28,6 +28,7 @@ import {
   gannet,
   gannetBin,
   makeTempDir,
+  primaryConfig,
   qemuIo,
   repoRoot,
   requireTool,
@@ -152,23 +153,7 @@ async function statusOf(daemon: DaemonHandle, volume: string): Promise<Record<st
 /** A primary daemon replicating `vm` to a secondary daemon, as in daemon-replication.test.ts. */
 async function startPair(secondaryArgs: string[] = []): Promise<{ primary: DaemonHandle; secondary: DaemonHandle }> {
   const secondary = await startDaemon({ volumes: [`vm:${volumeBytes}`], args: secondaryArgs });
-  const dir = await makeTempDir();
-  const tokenFile = join(dir, 'peer.token');
-  await writeFile(tokenFile, `${secondary.token}\n`, { mode: 0o600 });
-  const config = join(dir, 'primary.yaml');
-  await writeFile(
-    config,
-    [
-      'role: primary',
-      `peer: { control: "${secondary.control.host}:${secondary.control.port}", tokenFile: ${tokenFile} }`,
-      'volumes:',
-      '  vm:',
-      `    sizeBytes: ${volumeBytes}`,
-      '    peerReconnectMs: 50',
-      '    peerReconnectMsMax: 250',
-      '',
-    ].join('\n'),
-  );
+  const config = await primaryConfig(secondary, { volumeBytes });
   const primary = await startDaemon({ volumes: [], args: ['--config', config] });
   return { primary, secondary };
 }

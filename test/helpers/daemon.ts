@@ -1,5 +1,5 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
@@ -321,4 +321,35 @@ export function printedQemuLines(daemon: DaemonHandle, volume: string): PrintedQ
     primaryQmp,
     secondaryDrive: lines[secondary + 1].slice('-drive '.length),
   };
+}
+
+/**
+ * The config file of a primary daemon replicating volume `vm` to `secondary`: its control API (at
+ * `controlHost`, by default the address it listens on) and a copy of its token, with quick reconnects,
+ * so that a restarted secondary is found within a fraction of a second instead of the default backoff.
+ */
+export async function primaryConfig(
+  secondary: DaemonHandle,
+  options: { volumeBytes: number; peerTimeoutMs?: number; volumeLines?: string[]; controlHost?: string },
+): Promise<string> {
+  const dir = await makeTempDir();
+  const tokenFile = join(dir, 'peer.token');
+  await writeFile(tokenFile, `${secondary.token}\n`, { mode: 0o600 });
+  const file = join(dir, 'primary.yaml');
+  await writeFile(
+    file,
+    [
+      'role: primary',
+      `peer: { control: "${options.controlHost ?? secondary.control.host}:${secondary.control.port}", tokenFile: ${tokenFile} }`,
+      'volumes:',
+      '  vm:',
+      `    sizeBytes: ${options.volumeBytes}`,
+      '    peerReconnectMs: 50',
+      '    peerReconnectMsMax: 250',
+      ...(options.peerTimeoutMs === undefined ? [] : [`    peerTimeoutMs: ${options.peerTimeoutMs}`]),
+      ...(options.volumeLines ?? []),
+      '',
+    ].join('\n'),
+  );
+  return file;
 }
